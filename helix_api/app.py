@@ -1,0 +1,41 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import meta, schema, sessions, worker
+from .catalog import Catalog
+from .config import load_settings
+from .db import Database
+from .errors import register_error_handlers
+from .scheduler import LeasePolicy
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+    """Build the API: settings from Config, then HELIX_* environment variables, then `overrides`."""
+    app = Flask(__name__)
+    app.config.update(load_settings(overrides=overrides))
+    app.json.sort_keys = False
+
+    database = Database()
+    database.init_app(app)
+    schema.ensure_current(database.engine, app.config["DATABASE_URL"], app.config["AUTO_UPGRADE"])
+    database.listen()
+
+    app.extensions["helix_catalog"] = Catalog.from_setting(app.config["MODELS"])
+    app.extensions["helix_policy"] = LeasePolicy(
+        ttl_seconds=app.config["LEASE_SECONDS"], heartbeat_seconds=app.config["HEARTBEAT_SECONDS"],
+        max_attempts=app.config["MAX_ATTEMPTS"])
+
+    register_error_handlers(app)
+    for blueprint in (sessions.bp, worker.bp, meta.bp):
+        app.register_blueprint(blueprint)
+    logger.info("Helix API on %s (%s)", database.engine.url.render_as_string(), database.dialect)
+    return app

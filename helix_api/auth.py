@@ -1,0 +1,139 @@
+"""Credentials: API keys for users, tokens for runners, and the checks every endpoint makes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from flask import g, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DBSession
+
+from .db import get_db
+from .errors import Forbidden, Unauthorized
+from .models import ApiKey, RunnerToken, User
+
+USER_KEY_PREFIX = "hx_"
+RUNNER_TOKEN_PREFIX = "hxr_"
+# Revoking a credential takes effect within this many seconds on every API process.
+CACHE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: a user (by API key) or a runner (by runner token)."""
+
+    kind: Literal["user", "runner"]
+    id: int
+    name: str
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 hex of a key or token: they are random and long, so a fast hash is enough."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def create_user(db: DBSession, name: str, is_admin: bool = False) -> tuple[User, str]:
+    """A new user with a first API key; returns the user and the key (shown once)."""
+    user = User(name=name, is_admin=is_admin)
+    db.add(user)
+    db.flush()
+    return user, create_api_key(db, user)
+
+
+def create_api_key(db: DBSession, user: User) -> str:
+    """A new API key for `user`; only its hash is stored."""
+    key = _new_secret(USER_KEY_PREFIX)
+    db.add(ApiKey(user_id=user.id, prefix=key[:10], key_hash=hash_secret(key)))
+    return key
+
+
+def create_runner_token(db: DBSession, name: str) -> str:
+    """A new runner token; only its hash is stored."""
+    token = _new_secret(RUNNER_TOKEN_PREFIX)
+    db.add(RunnerToken(name=name, prefix=token[:10], token_hash=hash_secret(token)))
+    return token
+
+
+class _CallerCache:
+    """Hash -> Caller for a few seconds, so a busy runner does not cost a query per request."""
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        self._entries: dict[str, tuple[float, Caller | None]] = {}
+        self._lock = threading.Lock()
+        self._max_size = max_size
+
+    def get(self, key: str) -> tuple[bool, Caller | None]:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: str, caller: Caller | None) -> None:
+        with self._lock:
+            if len(self._entries) >= self._max_size:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + CACHE_SECONDS, caller)
+
+
+_cache = _CallerCache()
+
+
+def _lookup(secret_hash: str) -> Caller | None:
+    hit, caller = _cache.get(secret_hash)
+    if hit:
+        return caller
+    with get_db().read() as db:
+        row = db.execute(
+            select(User.id, User.name).join(ApiKey, ApiKey.user_id == User.id)
+            .where(ApiKey.key_hash == secret_hash, ApiKey.revoked_at.is_(None))).first()
+        if row is not None:
+            caller = Caller("user", row.id, row.name)
+        else:
+            row = db.execute(select(RunnerToken.id, RunnerToken.name).where(
+                RunnerToken.token_hash == secret_hash, RunnerToken.revoked_at.is_(None))).first()
+            caller = Caller("runner", row.id, row.name) if row is not None else None
+    _cache.put(secret_hash, caller)
+    return caller
+
+
+def authenticate() -> Caller:
+    """The caller named by the Authorization header, or 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("Missing credentials: send `Authorization: Bearer <API key or runner token>`.")
+    caller = _lookup(hash_secret(secret.strip()))
+    if caller is None:
+        raise Unauthorized("Unknown or revoked API key or runner token.")
+    return caller
+
+
+def require(kind: Literal["user", "runner"]) -> Callable:
+    """Decorate a view so only a `kind` caller gets in; the caller is in `g.caller`."""
+    def decorator(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            caller = authenticate()
+            if caller.kind != kind:
+                wanted = "an API key" if kind == "user" else "a runner token"
+                raise Forbidden(f"This endpoint needs {wanted}; a {caller.kind} credential was sent.")
+            g.caller = caller
+            return view(*args, **kwargs)
+        return wrapper
+    return decorator
+
+
+require_user = require("user")
+require_runner = require("runner")

@@ -1,0 +1,174 @@
+"""The `helix` command: serve the API, migrate the database, make users and runner tokens, see tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+from sqlalchemy import select
+
+from . import schema
+from .config import load_settings
+from .db import Database
+from .errors import SchemaOutOfDate
+from .models import Task, TaskStatus
+
+logger = logging.getLogger(__name__)
+
+
+def _database(check: bool = True) -> Database:
+    settings = load_settings()
+    database = Database(settings["DATABASE_URL"])
+    if check:
+        try:
+            schema.ensure_current(database.engine, settings["DATABASE_URL"], settings["AUTO_UPGRADE"])
+        except SchemaOutOfDate as exc:
+            raise click.ClickException(exc.message) from None
+    return database
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+def main(log_level: str) -> None:
+    """Helix control plane."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic narrates every connection at INFO; its news is the revision we print ourselves.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", type=int, default=None,
+              help="Processes (default: 1 on SQLite, which serialises writes anyway; 2 x cores on "
+              "PostgreSQL).")
+@click.option("--threads", default=64, show_default=True, type=int,
+              help="Threads per process: each long-poll or event stream holds one while it waits.")
+def serve(host: str, port: int, workers: int | None, threads: int) -> None:
+    """Serve the API with gunicorn."""
+    from gunicorn.app.base import BaseApplication
+
+    database = _database()  # refuse to start on an old schema before forking anything
+    dialect = database.dialect
+    database.dispose()
+    if workers is None:
+        workers = 1 if dialect == "sqlite" else 2 * (os.cpu_count() or 1)
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "timeout": 120, "graceful_timeout": 10,
+                               "keepalive": 75, "accesslog": None, "errorlog": "-"}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            from .app import create_app
+
+            return create_app()
+
+    click.echo(f"Helix API on http://{host}:{port} ({dialect}, {workers} process(es) x {threads} threads)")
+    _Server().run()
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@click.option("--revision", default="head", show_default=True)
+def upgrade(revision: str) -> None:
+    """Apply Alembic revisions up to REVISION."""
+    settings = load_settings()
+    schema.upgrade(settings["DATABASE_URL"], revision)
+    database = Database(settings["DATABASE_URL"])
+    click.echo(f"database at revision {schema.current_revision(database.engine)}")
+    database.dispose()
+
+
+@db.command()
+def current() -> None:
+    """Print the database's revision and the code's head."""
+    database = _database(check=False)
+    click.echo(f"database: {schema.current_revision(database.engine)}  head: {schema.head_revision()}")
+
+
+@main.group()
+def users() -> None:
+    """Users and their API keys."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="May see every user's work in admin views.")
+def users_create(name: str, admin: bool) -> None:
+    """Create user NAME; prints the API key (shown once) as the last line."""
+    from sqlalchemy.exc import IntegrityError
+
+    from .auth import create_user
+
+    database = _database()
+    try:
+        with database.write() as session:
+            user, key = create_user(session, name, is_admin=admin)
+            user_id = user.id
+    except IntegrityError:
+        raise click.ClickException(f"a user called {name!r} exists already") from None
+    click.echo(f"created user {name} (id {user_id}); API key:", err=True)
+    click.echo(key)
+
+
+@main.group("runner-token")
+def runner_token() -> None:
+    """Credentials for runners."""
+
+
+@runner_token.command("create")
+@click.option("--name", default="runner", show_default=True, help="Shown as the runner in task rows.")
+def runner_token_create(name: str) -> None:
+    """Create a runner token; prints it (shown once) as the last line."""
+    from .auth import create_runner_token
+
+    database = _database()
+    with database.write() as session:
+        token = create_runner_token(session, name)
+    click.echo(f"created runner token {name!r}:", err=True)
+    click.echo(token)
+
+
+@main.group()
+def tasks() -> None:
+    """Tasks: the unit of GPU work."""
+
+
+@tasks.command("list")
+@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), default=None)
+@click.option("--limit", default=50, show_default=True)
+def tasks_list(status: str | None, limit: int) -> None:
+    """The newest tasks, one line each."""
+    database = _database()
+    stmt = select(Task).order_by(Task.id.desc()).limit(limit)
+    if status:
+        stmt = stmt.where(Task.status == TaskStatus(status))
+    with database.read() as session:
+        rows = list(session.scalars(stmt))
+    click.echo(f"{'id':>6} {'status':<10} {'mode':<8} {'type':<5} {'try':>3} {'runner':<24} model")
+    for t in rows:
+        click.echo(f"{t.id:>6} {t.status.value:<10} {t.mode.value:<8} {t.type.value:<5} "
+                   f"{t.attempt:>3} {(t.runner or '-')[:24]:<24} {t.model_name}")
+    if not rows:
+        click.echo("(no tasks)", err=True)
+
+
+@tasks.command("reap")
+def tasks_reap() -> None:
+    """Requeue (or kill) tasks whose lease expired now, instead of at the next poll."""
+    from .scheduler import reap
+
+    click.echo(f"reaped {reap(_database())} task(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

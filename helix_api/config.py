@@ -1,0 +1,68 @@
+"""Settings: defaults in `Config`, then `HELIX_`-prefixed environment variables, then overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class Config:
+    """Defaults for every setting; each can be set as `HELIX_<NAME>` in the environment."""
+
+    # Where the embedded SQLite database (and, later, files) live.
+    DATA_DIR = str(Path.home() / ".helix")
+    # Empty means SQLite at DATA_DIR/helix.db; `postgresql+psycopg://...` for production.
+    DATABASE_URL = ""
+    # Only the embedded default upgrades itself; a shared database is upgraded by an operator.
+    AUTO_UPGRADE: bool | None = None
+    MAX_CONTENT_LENGTH = 1024 * 1024
+    LEASE_SECONDS = 30.0
+    HEARTBEAT_SECONDS = 10.0
+    MAX_ATTEMPTS = 3
+    MAX_WAIT_SECONDS = 30.0
+    # How often a long-poll re-reads the queue even without a wake-up (a safety net for work
+    # queued by another process on SQLite, where there is no LISTEN/NOTIFY).
+    RECHECK_SECONDS = 0.5
+    # How often expired leases are swept back to the queue (per API process, lazily).
+    REAP_SECONDS = 1.0
+    SSE_KEEPALIVE_SECONDS = 15.0
+    PAGE_SIZE = 20
+    MAX_PAGE_SIZE = 100
+    # Extra models an operator offers besides the defaults: "text:/models/my-llm,image:org/sdxl-x".
+    MODELS = ""
+
+
+def _coerce(raw: str, default: Any) -> Any:
+    if isinstance(default, bool) or default is None:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Resolve every setting from the defaults, the environment and the overrides."""
+    environ = os.environ if environ is None else environ
+    settings: dict[str, Any] = {}
+    for name in dir(Config):
+        if not name.isupper():
+            continue
+        value = getattr(Config, name)
+        env_value = environ.get(f"HELIX_{name}")
+        if env_value is not None:
+            value = _coerce(env_value, value)
+        settings[name] = value
+    settings.update(overrides or {})
+    if not settings["DATABASE_URL"]:
+        path = Path(settings["DATA_DIR"]) / "helix.db"
+        settings["DATABASE_URL"] = f"sqlite:///{path}"
+        if settings["AUTO_UPGRADE"] is None:
+            settings["AUTO_UPGRADE"] = True
+    if settings["AUTO_UPGRADE"] is None:
+        settings["AUTO_UPGRADE"] = False
+    return settings

@@ -1,0 +1,136 @@
+"""The database: engine set-up for SQLite and PostgreSQL, and read/write unit-of-work helpers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, current_app
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from .notifier import CHANNEL, Notifier, notify_payload, take_published
+
+logger = logging.getLogger(__name__)
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg 3 for any PostgreSQL URL, so `postgresql://...` works as given."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the settings each dialect needs for a many-writer queue."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    if "poolclass" not in kwargs:
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 40)
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:
+        # Let SQLAlchemy, not the driver, issue BEGIN, so writers can take the lock up front.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        # BEGIN IMMEDIATE for writes: a deferred transaction that reads and then writes can fail with
+        # SQLITE_BUSY without waiting, where IMMEDIATE waits its turn for the write lock.
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """Binds an engine to the app and hands out ORM sessions for reads and for writes."""
+
+    def __init__(self, url: str | None = None, notifier: Notifier | None = None) -> None:
+        self.engine: Engine | None = None
+        self.notifier = notifier or Notifier()
+        # On PostgreSQL with a listener running, wake-ups travel by NOTIFY to every process,
+        # this one included; otherwise they are delivered in-process after commit.
+        self.relayed = False
+        if url:
+            self.connect(url)
+
+    def connect(self, url: str) -> None:
+        """Create the engine and session factories for `url`."""
+        self.engine = make_engine(url)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        writer_bind = self.engine
+        if self.engine.dialect.name == "sqlite":
+            writer_bind = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        self._writer = sessionmaker(writer_bind, expire_on_commit=False)
+
+    def init_app(self, app: Flask) -> None:
+        """Connect to the app's DATABASE_URL and register as its extension."""
+        self.connect(app.config["DATABASE_URL"])
+        app.extensions["helix_db"] = self
+
+    @property
+    def dialect(self) -> str:
+        """`sqlite` or `postgresql`."""
+        assert self.engine is not None
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; nothing it changes is committed."""
+        with self._reader() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose changes are committed at the end, or rolled back on error.
+
+        Topics published in it (see notifier.publish) wake their waiters once it has committed.
+        """
+        with self._writer() as session:
+            with session.begin():
+                yield session
+                topics = take_published(session)
+                if topics and self.dialect == "postgresql":
+                    # NOTIFY is transactional: delivered on commit, dropped on rollback.
+                    session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                                    {"channel": CHANNEL, "payload": notify_payload(topics)})
+            if topics and not self.relayed:
+                self.notifier.notify_many(topics)
+
+    def listen(self) -> None:
+        """On PostgreSQL, relay NOTIFY wake-ups from every API process to this one's waiters."""
+        if self.dialect == "postgresql":
+            assert self.engine is not None
+            url = self.engine.url.set(drivername="postgresql")
+            self.notifier.listen(url.render_as_string(hide_password=False))
+            self.relayed = True
+
+    def dispose(self) -> None:
+        """Close all pooled connections and stop listening."""
+        self.notifier.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def get_db() -> Database:
+    """The database of the current app."""
+    return current_app.extensions["helix_db"]

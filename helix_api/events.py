@@ -1,0 +1,89 @@
+"""The event log of a session (tokens, progress, log lines, state changes) and its SSE stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session as DBSession
+
+from .db import Database
+from .models import Session, TaskEvent, utcnow
+from .notifier import publish, session_topic
+
+KINDS = ("token", "progress", "log", "state")
+BATCH = 500
+
+
+def append(db: DBSession, *, session_id: int, task_id: int, interaction_id: int, attempt: int,
+           items: list[tuple[str, dict[str, Any]]]) -> int:
+    """Store events in order with the session's next sequence numbers; returns the last one."""
+    if not items:
+        return 0
+    # Bumping the counter locks the session row until commit, so sequence numbers become visible in
+    # order and without gaps: a reader that has seen N has seen everything before N.
+    last = db.execute(update(Session).where(Session.id == session_id)
+                      .values(event_seq=Session.event_seq + len(items))
+                      .returning(Session.event_seq)).scalar_one()
+    first = last - len(items) + 1
+    now = utcnow()
+    db.execute(insert(TaskEvent), [
+        {"session_id": session_id, "seq": first + i, "task_id": task_id, "interaction_id": interaction_id,
+         "attempt": attempt, "kind": kind, "data": data, "created_at": now}
+        for i, (kind, data) in enumerate(items)])
+    publish(db, session_topic(session_id), 0)
+    return last
+
+
+def state_event(db: DBSession, task, state: str, **data: Any) -> None:
+    """Record that a task's reply changed state (queued, running, complete, error, cancelled)."""
+    append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
+           attempt=task.attempt, items=[("state", {"state": state, **data})])
+
+
+def since(db: DBSession, session_id: int, after_seq: int, limit: int = BATCH) -> list[TaskEvent]:
+    """Events of a session after `after_seq`, oldest first."""
+    return list(db.scalars(select(TaskEvent).where(TaskEvent.session_id == session_id,
+                                                   TaskEvent.seq > after_seq)
+                           .order_by(TaskEvent.seq).limit(limit)))
+
+
+def to_json(event: TaskEvent) -> dict[str, Any]:
+    """An event as clients see it."""
+    return {"seq": event.seq, "kind": event.kind, "task_id": event.task_id,
+            "interaction_id": event.interaction_id, "attempt": event.attempt,
+            "created_at": event.created_at.isoformat(), **event.data}
+
+
+def format_sse(event: TaskEvent) -> str:
+    """One Server-Sent Event; its id is the session sequence number, for Last-Event-ID."""
+    return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(to_json(event))}\n\n"
+
+
+def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
+           keepalive: float, recheck: float) -> Iterator[str]:
+    """Everything after `after_seq`, then (if `follow`) live events as they are stored."""
+    yield "retry: 1000\n\n"
+    quiet_since = time.monotonic()
+    with database.notifier.watch(session_topic(session_id)) as watch:
+        while True:
+            with database.read() as db:
+                batch = since(db, session_id, after_seq)
+            for event in batch:
+                after_seq = event.seq
+                yield format_sse(event)
+            if batch:
+                quiet_since = time.monotonic()
+            if len(batch) == BATCH:
+                continue
+            if not follow:
+                return
+            # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
+            watch.wait(recheck)
+            if time.monotonic() - quiet_since >= keepalive:
+                # A comment line: keeps proxies from closing an idle stream.
+                quiet_since = time.monotonic()
+                yield ": keepalive\n\n"

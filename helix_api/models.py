@@ -1,0 +1,262 @@
+"""The SQL schema, in SQLAlchemy 2.0 typed models. Names are chosen for operators reading plain SQL."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always aware UTC in Python; `timestamptz` on PostgreSQL.
+
+    SQLite has no time zones, so it stores naive UTC text, which still sorts and compares correctly.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Mode(enum.StrEnum):
+    """What a session does: inference (`create`) or training (`finetune`)."""
+
+    CREATE = "create"
+    FINETUNE = "finetune"
+
+
+class SessionType(enum.StrEnum):
+    """What a session makes."""
+
+    TEXT = "text"
+    IMAGE = "image"
+
+
+class Creator(enum.StrEnum):
+    """Who wrote an interaction."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class InteractionState(enum.StrEnum):
+    """The state of a reply, as its user sees it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class TaskStatus(enum.StrEnum):
+    """The state of a task, as the scheduler sees it (see notes.md for the transitions)."""
+
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (TaskStatus.CLAIMED, TaskStatus.RUNNING)
+FINISHED_STATUSES = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
+
+
+def _enum(cls: type[enum.Enum]) -> SAEnum:
+    # VARCHAR plus a CHECK constraint: readable in SQL and the same on SQLite and PostgreSQL.
+    return SAEnum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e],
+                  name=cls.__name__.lower(), create_constraint=True)
+
+
+class Base(DeclarativeBase):
+    """Base of all tables."""
+
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class User(Base):
+    """A person or program that owns sessions."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user")
+
+
+class ApiKey(Base):
+    """A user's credential, stored as a SHA-256 hash; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="api_keys")
+
+
+class RunnerToken(Base):
+    """A runner's credential, stored as a SHA-256 hash; the token itself is shown once."""
+
+    __tablename__ = "runner_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class Session(Base):
+    """A chat or an image thread owned by one user."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_user_id_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    mode: Mapped[Mode] = mapped_column(_enum(Mode))
+    type: Mapped[SessionType] = mapped_column(_enum(SessionType))
+    model_name: Mapped[str] = mapped_column(String(500))
+    # Last sequence number given to an event of this session: event ids are gap-free per session,
+    # so a client resuming with Last-Event-ID misses nothing.
+    event_seq: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    interactions: Mapped[list[Interaction]] = relationship(
+        back_populates="session", order_by="Interaction.id", cascade="all, delete-orphan")
+
+
+class Interaction(Base):
+    """One turn of a session: a user message, or a model reply with its state and output."""
+
+    __tablename__ = "interactions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    creator: Mapped[Creator] = mapped_column(_enum(Creator))
+    message: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[InteractionState] = mapped_column(_enum(InteractionState))
+    output: Mapped[str] = mapped_column(Text, default="")
+    progress: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    session: Mapped[Session] = relationship(back_populates="interactions")
+    task: Mapped[Task | None] = relationship(back_populates="interaction", uselist=False)
+
+
+class Task(Base):
+    """The unit of GPU work behind one reply: queued, leased to one runner at a time, finished once."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        # What runners poll by: the queue of one (mode, type, model), in claim order.
+        Index("ix_tasks_claim", "status", "mode", "type", "model_name", "priority", "id"),
+        Index("ix_tasks_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id", ondelete="CASCADE"),
+                                                unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    mode: Mapped[Mode] = mapped_column(_enum(Mode))
+    type: Mapped[SessionType] = mapped_column(_enum(SessionType))
+    model_name: Mapped[str] = mapped_column(String(500))
+    # Lower goes first: 0 continues a running chat, 1 starts a new session.
+    priority: Mapped[int] = mapped_column(default=1)
+    status: Mapped[TaskStatus] = mapped_column(_enum(TaskStatus), default=TaskStatus.QUEUED)
+    input: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    # Claims so far; doubles as the fencing token of the current lease.
+    attempt: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int] = mapped_column(default=3)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None]
+    runner: Mapped[str | None] = mapped_column(String(200))
+    runner_token_id: Mapped[int | None] = mapped_column(ForeignKey("runner_tokens.id", ondelete="SET NULL"))
+    # Highest runner event seq stored for the current attempt (retried posts are stored once).
+    last_event_seq: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+    interaction: Mapped[Interaction] = relationship(back_populates="task")
+
+
+class TaskEvent(Base):
+    """A token, progress report, log line or state change, in per-session order."""
+
+    __tablename__ = "task_events"
+    __table_args__ = (UniqueConstraint("session_id", "seq", name="uq_task_events_session_seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    seq: Mapped[int]
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(default=0)
+    kind: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class File(Base):
+    """A file that belongs to a session: an upload, a generated output or an adapter."""
+
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(1000))
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    content_type: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,62 @@
+"""Backends by name, imported only when asked for so the runner core needs no model libraries."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from runner.backends.base import Backend
+from runner.errors import BackendNotFound
+
+if TYPE_CHECKING:
+    from runner.config import RunnerConfig
+
+__all__ = ["BACKENDS", "Backend", "load_backend"]
+
+# name -> "package.module:Class". `mistral` and `sdxl` come with the model issues, one line each:
+#   "mistral": "runner.backends.mistral:MistralBackend",
+BACKENDS: dict[str, str] = {}
+
+
+def resolve_backend(name_or_path: str) -> type[Any]:
+    """The backend class for a registered name or a `package.module:Class` import path."""
+    path = BACKENDS.get(name_or_path, name_or_path)
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        known = ", ".join(sorted(BACKENDS)) or "none yet"
+        raise BackendNotFound(
+            f"unknown backend {name_or_path!r}: give a registered name ({known}) "
+            "or an import path such as package.module:Class"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # A missing dependency of the backend (torch, say) is its own error, not a wrong name.
+        if exc.name is None or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise
+        raise BackendNotFound(f"backend {name_or_path!r}: no module named {module_name!r}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise BackendNotFound(f"backend {name_or_path!r}: {module_name!r} has no {attr!r}") from exc
+    if not inspect.isclass(target) or not callable(getattr(target, "predict", None)):
+        raise BackendNotFound(f"backend {name_or_path!r}: {path} is not a class with a predict() method")
+    return target
+
+
+def load_backend(name_or_path: str, config: RunnerConfig | None = None) -> Backend:
+    """Import and construct a backend, passing `config` when its constructor takes an argument.
+
+    The class need not subclass `Backend`: any class with `setup()` and `predict(task, report)` will do.
+    """
+    cls = resolve_backend(name_or_path)
+    try:
+        inspect.signature(cls).bind(config)
+    except TypeError:
+        return cls()  # a backend that needs no configuration
+    except ValueError:
+        pass  # no signature to inspect (a builtin base): assume the documented contract
+    return cls(config)

@@ -1,0 +1,124 @@
+"""`helix-runner`: the entry point that reads configuration, wires the runner up and handles signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+import click
+from click.core import ParameterSource
+
+from runner.backends import load_backend
+from runner.client import ApiClient
+from runner.config import JobFilter, RunnerConfig, default_runner_name, normalize_api_url, parse_job_url
+from runner.errors import ApiError, BackendNotFound
+from runner.loop import Runner
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--backend", envvar="HELIX_RUNNER_BACKEND", show_envvar=True, required=True, metavar="NAME",
+              help="A registered backend name, or an import path package.module:Class.")
+@click.option("--job-url", envvar="HELIX_GET_JOB_URL", show_envvar=True, metavar="URL",
+              help="The full claim URL with its filters, e.g. http://host:8080/api/v1/worker/task"
+                   "?mode=Create&type=Text&model_name=mistralai/Mistral-7B-Instruct-v0.1.")
+@click.option("--api-url", envvar="HELIX_API_URL", show_envvar=True, metavar="URL",
+              help="The API's base URL, e.g. http://host:8080, used with --mode/--type/--model-name.")
+@click.option("--mode", help="Tasks to take: create or finetune (overrides the job URL's).")
+@click.option("--type", "type_", help="Tasks to take: text or image (overrides the job URL's).")
+@click.option("--model-name", help="Tasks to take: the exact model name (overrides the job URL's).")
+@click.option("--token", envvar="HELIX_RUNNER_TOKEN", show_envvar=True, metavar="TOKEN",
+              help="A runner token (hxr_...).")
+@click.option("--runner-name", envvar="HELIX_RUNNER_NAME", show_envvar=True, default=default_runner_name,
+              show_default="hostname-pid", help="The name operators see on the tasks this runner holds.")
+@click.option("--wait", type=click.FloatRange(0, 30), default=None,
+              help="Long-poll seconds per claim. [default: the job URL's wait, else 20]")
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after this many tasks.")
+@click.option("--grace", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="Seconds a stopping runner lets the task in hand finish before handing it back.")
+@click.option("--log-level", envvar="HELIX_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.pass_context
+def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | None, mode: str | None,
+         type_: str | None, model_name: str | None, token: str | None, runner_name: str,
+         wait: float | None, max_tasks: int | None, grace: float, log_level: str) -> None:
+    """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    target = _target(ctx, job_url, api_url, mode, type_, model_name)
+    if not token:
+        raise click.UsageError("no runner token: set HELIX_RUNNER_TOKEN or pass --token "
+                               "(make one with `helix runner-token create`)")
+    if wait is None:
+        wait = target.wait if target.wait is not None else 20.0
+    config = RunnerConfig(
+        api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
+        model_name=target.model_name or "", backend=backend, runner_name=runner_name, wait=wait,
+        grace_seconds=grace, max_tasks=max_tasks,
+    )
+    try:
+        model = load_backend(backend, config)
+    except BackendNotFound as exc:
+        raise click.UsageError(str(exc)) from exc
+    client = ApiClient(config.api_url, config.token, config.runner_name, timeout=config.request_timeout,
+                       retry=config.retry)
+    runner = Runner(config, model, client)
+    previous = _install_signal_handlers(runner)
+    try:
+        runner.run()
+    except ApiError as exc:
+        # Retrying will not help (a bad token, an unknown model): say so plainly and exit.
+        raise click.ClickException(f"the API refused this runner: {exc}") from exc
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _target(ctx: click.Context, job_url: str | None, api_url: str | None, mode: str | None,
+            type_: str | None, model_name: str | None) -> JobFilter:
+    """Where to claim from and by which filters: flags first, then HELIX_GET_JOB_URL, then HELIX_API_URL."""
+    if job_url:
+        try:
+            found = parse_job_url(job_url)
+        except ValueError as exc:
+            raise click.UsageError(f"HELIX_GET_JOB_URL: {exc}") from exc
+    elif api_url:
+        found = JobFilter(api_url=api_url)
+    else:
+        raise click.UsageError("no API to claim from: set HELIX_GET_JOB_URL (or HELIX_API_URL with "
+                               "--mode, --type and --model-name)")
+    # An --api-url typed on the command line beats the job URL's base; HELIX_API_URL in the env does not.
+    if api_url and ctx.get_parameter_source("api_url") is ParameterSource.COMMANDLINE:
+        base = api_url
+    else:
+        base = found.api_url
+    target = JobFilter(
+        api_url=normalize_api_url(base),
+        mode=(mode or found.mode or "").lower() or None,
+        type=(type_ or found.type or "").lower() or None,
+        model_name=model_name or found.model_name,
+        wait=found.wait,
+    )
+    missing = [flag for flag, value in (("--mode", target.mode), ("--type", target.type),
+                                        ("--model-name", target.model_name)) if not value]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)}: pass them, or put them in HELIX_GET_JOB_URL")
+    return target
+
+
+def _install_signal_handlers(runner: Runner) -> dict[int, object]:
+    """SIGTERM and SIGINT stop the runner gracefully; a second one stops it at once."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        runner.stop()
+
+    previous: dict[int, object] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, handle)
+    return previous

@@ -1,0 +1,158 @@
+"""The one HTTP client a runner talks to the API with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import requests
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from runner.config import CLAIM_PATH, RetryPolicy
+from runner.errors import ApiError, ApiUnavailable, LeaseLost, RunnerError, StopReason, TaskCancelled
+from runner.messages import Claim
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+LONG_POLL_MARGIN = 10.0  # a long-poll reply may take `wait` seconds plus the API's own latency
+# Worth another try: the API is restarting, overloaded or throttling us.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class ApiClient:
+    """Worker endpoints of the Helix API, with timeouts always set and transient failures retried."""
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        runner_name: str,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.session = session or requests.Session()
+        self.session.headers.update({"Authorization": f"Bearer {token}", "X-Helix-Runner": runner_name})
+        self._backoff = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.cap)
+
+    def claim(self, mode: str, type: str, model_name: str, wait: float = 0) -> Claim | None:
+        """Take the next matching task, long-polling up to `wait` seconds; None when there is none."""
+        params = {"mode": mode, "type": type, "model_name": model_name}
+        if wait:
+            params["wait"] = str(int(wait))
+        response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN)
+        if response.status_code == 204:
+            return None
+        try:
+            return Claim.from_json(response.json())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApiError(response.status_code, "bad_response", f"unreadable claim reply: {exc!r}") from exc
+
+    def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
+        """Renew the lease; the reply says whether the user cancelled the task."""
+        return self._post(task_id, "heartbeat", {"lease_token": lease_token})
+
+    def post_events(self, task_id: int, lease_token: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """Store events (tokens, progress, logs); resending already stored seq numbers is harmless."""
+        return self._post(task_id, "events", {"lease_token": lease_token, "events": events})
+
+    def complete(self, task_id: int, lease_token: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Finish the task with its result."""
+        return self._post(task_id, "complete", {"lease_token": lease_token, "result": result})
+
+    def fail(self, task_id: int, lease_token: str, error: str, retry: bool) -> dict[str, Any]:
+        """Fail the task; with `retry` the API requeues it while it has attempts left."""
+        return self._post(task_id, "fail", {"lease_token": lease_token, "error": error, "retry": retry})
+
+    def release(self, task_id: int, lease_token: str) -> dict[str, Any]:
+        """Hand the task back to the queue, attempt included (used when shutting down)."""
+        return self._post(task_id, "release", {"lease_token": lease_token})
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def _post(self, task_id: int, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self._request("POST", f"{CLAIM_PATH}/{task_id}/{action}", json=body)
+        try:
+            return response.json()
+        except ValueError:
+            return {}
+
+    def _request(self, method: str, path: str, *, read_timeout: float | None = None,
+                 **kwargs: Any) -> requests.Response:
+        retrying = Retrying(
+            retry=retry_if_exception_type(ApiUnavailable),
+            wait=self._wait,
+            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay),
+            before_sleep=before_sleep_log(logger, logging.WARNING),
+            reraise=True,
+        )
+        timeout = (CONNECT_TIMEOUT, read_timeout or self.timeout)
+        return retrying(self._send, method, self.api_url + path, timeout=timeout, **kwargs)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(method, url, **kwargs)
+        except TRANSIENT_ERRORS as exc:
+            raise ApiUnavailable(f"{method} {url}: {exc}") from exc
+        if response.status_code in TRANSIENT_STATUSES:
+            raise ApiUnavailable(f"{method} {url}: {response.status_code} {_message(response)}",
+                                 status=response.status_code, retry_after=_retry_after(response))
+        if response.status_code >= 400:
+            raise _refusal(response)
+        return response
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, but never sooner than a 429's Retry-After (within the cap)."""
+        delay = self._backoff(state)
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, ApiUnavailable) and error.retry_after:
+            delay = max(delay, min(error.retry_after, self.retry.cap))
+        return delay
+
+
+def _refusal(response: requests.Response) -> RunnerError:
+    """The error a non-transient 4xx stands for."""
+    code, message = _error_body(response)
+    if response.status_code == 409:
+        if code == "task_cancelled":
+            return TaskCancelled(StopReason.CANCELLED, f"409 task_cancelled: {message}")
+        return LeaseLost(409, code or "lease_lost", message)
+    return ApiError(response.status_code, code or "http_error", message)
+
+
+def _error_body(response: requests.Response) -> tuple[str, str]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return str(body.get("error") or ""), str(body.get("message") or response.reason or "")
+    return "", response.text[:200] or str(response.reason or "")
+
+
+def _message(response: requests.Response) -> str:
+    code, message = _error_body(response)
+    return f"{code}: {message}" if code else message
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None  # an HTTP date, or absent: backoff alone decides

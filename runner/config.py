@@ -1,0 +1,89 @@
+"""What a runner is told at start: where the API is, which tasks to take, how patient to be."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+CLAIM_PATH = "/api/v1/worker/task"
+
+
+def default_runner_name() -> str:
+    """`hostname-pid`: unique enough for an operator to tell runners apart."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client retries transient failures: exponential backoff with jitter, capped."""
+
+    attempts: int = 8
+    max_delay: float = 60.0  # seconds spent retrying one call before giving up
+    initial: float = 0.5  # the first backoff is random in [0, initial]
+    cap: float = 10.0  # no single backoff is longer than this
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Everything a runner needs, read once at the edge (the CLI) and passed in."""
+
+    api_url: str
+    token: str
+    mode: str
+    type: str
+    model_name: str
+    backend: str = ""
+    runner_name: str = field(default_factory=default_runner_name)
+    wait: float = 20.0  # long-poll seconds per claim (the API caps it at 30)
+    idle_sleep: float = 1.0  # least time between two claims that found no work
+    error_backoff: float = 5.0  # pause after the API stayed unavailable through all retries
+    grace_seconds: float = 8.0  # how long a stopping runner lets the task in hand finish
+    max_tasks: int | None = None
+    request_timeout: float = 10.0
+    flush_interval: float = 0.05  # events are posted at least this often while a task streams
+    batch_size: int = 32  # ... or as soon as this many are waiting
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """The parts of a claim URL: the API's base URL and the filters a runner claims by."""
+
+    api_url: str
+    mode: str | None = None
+    type: str | None = None
+    model_name: str | None = None
+    wait: float | None = None
+
+
+def normalize_api_url(url: str) -> str:
+    """The API's base URL without a trailing slash or `/api/v1`, so paths can be appended."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/api/v1"):
+        url = url[: -len("/api/v1")]
+    return url
+
+
+def parse_job_url(url: str) -> JobFilter:
+    """Split a claim URL such as HELIX_GET_JOB_URL into the API base URL and its filters."""
+    parts = urlsplit(url.strip())
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"not an absolute URL: {url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith(CLAIM_PATH):
+        raise ValueError(f"a job URL ends in {CLAIM_PATH}?mode=...&type=...&model_name=..., got {url!r}")
+    # Anything before the claim path is a prefix the API is mounted under (a reverse proxy's).
+    base = urlunsplit((parts.scheme, parts.netloc, path[: -len(CLAIM_PATH)], "", ""))
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    mode, type_ = query.get("mode"), query.get("type")
+    wait = query.get("wait")
+    return JobFilter(
+        api_url=base,
+        # The API reads mode and type case-insensitively; model names are exact.
+        mode=mode.lower() if mode else None,
+        type=type_.lower() if type_ else None,
+        model_name=query.get("model_name") or None,
+        wait=float(wait) if wait else None,
+    )

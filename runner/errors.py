@@ -1,0 +1,58 @@
+"""The runner's one error root and what the loop needs to tell apart."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunnerError(Exception):
+    """Something went wrong in the runner."""
+
+    def __init__(self, message: str | None = None) -> None:
+        # The docstring is the default message, so each subclass documents itself.
+        self.message = message or (self.__doc__ or "").strip()
+        super().__init__(self.message)
+
+
+class ApiUnavailable(RunnerError):
+    """The API could not be reached or answered 429/5xx, even after retries."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ApiError(RunnerError):
+    """The API refused a request (a 4xx that retrying will not fix)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.api_message = message
+
+
+class LeaseLost(ApiError):
+    """The lease on this task is stale or expired: another runner may hold the task now."""
+
+
+class StopReason(StrEnum):
+    """Why a task in hand must stop before its backend finished."""
+
+    CANCELLED = "cancelled"  # the user cancelled it; the API already marked it
+    LEASE_LOST = "lease_lost"  # someone else may hold it now; change nothing
+    SHUTDOWN = "shutdown"  # this runner is stopping; hand the task back
+
+
+class TaskCancelled(RunnerError):
+    """The task in hand must stop now; raised inside predict() by the report callback."""
+
+    def __init__(self, reason: StopReason = StopReason.CANCELLED, message: str | None = None) -> None:
+        super().__init__(message or f"task stopped: {reason}")
+        self.reason = reason
+
+
+class BackendNotFound(RunnerError):
+    """No backend by that name or import path."""

@@ -1,0 +1,246 @@
+"""The runner's main loop: set the backend up once, then claim, predict, report, finish; until stopped."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import traceback
+from typing import Any
+
+from runner.backends.base import Backend
+from runner.client import ApiClient
+from runner.config import RunnerConfig
+from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.heartbeat import Heartbeat
+from runner.messages import Claim, Lease, Task
+from runner.reporter import Report
+
+logger = logging.getLogger(__name__)
+
+TRACEBACK_LINES = 20  # enough to see where it broke, small enough for the reply's error field
+
+
+def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> str:
+    """The last lines of an exception's traceback, ending with the exception itself."""
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Runner:
+    """Pulls tasks for one backend and runs them in-process, one at a time, until stopped."""
+
+    def __init__(self, config: RunnerConfig, backend: Backend, client: ApiClient) -> None:
+        self.config = config
+        self.backend = backend
+        self.client = client
+        self.handled = 0  # tasks claimed and finished one way or another
+        self._stopping = threading.Event()
+        self._hurry = threading.Event()  # a second stop(): no more grace
+        # Read by stop(), which may run in a signal handler on the main thread: no locks around it.
+        self._report: Report | None = None
+        self._grace_timer: threading.Timer | None = None
+
+    def run(self, max_tasks: int | None = None) -> int:
+        """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
+        limit = max_tasks if max_tasks is not None else self.config.max_tasks
+        cfg = self.config
+        try:
+            logger.info("runner %s: setting up backend %s", cfg.runner_name, cfg.backend or self.backend)
+            self.backend.setup()
+            logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s", cfg.runner_name,
+                        cfg.mode, cfg.type, cfg.model_name, cfg.api_url)
+            while not self._stopping.is_set() and (limit is None or self.handled < limit):
+                claim = self._next_claim()
+                if claim is not None:
+                    self._work(claim)
+                    self.handled += 1
+        finally:
+            self._teardown()
+        return self.handled
+
+    def stop(self) -> None:
+        """Stop taking work; the task in hand gets `grace_seconds` to finish, then goes back.
+
+        Never blocks, so a signal handler may call it. A second call hands the task back at once.
+        """
+        report = self._report
+        if self._stopping.is_set():
+            logger.warning("runner %s: stopping now", self.config.runner_name)
+            self._hurry.set()
+            if report is not None:
+                report.cancel(StopReason.SHUTDOWN)
+            return
+        self._stopping.set()
+        if report is None:
+            logger.info("runner %s: stopping", self.config.runner_name)
+            return
+        logger.info("task %s: runner stopping; %.1fs to finish before it goes back", report.task_id,
+                    self.config.grace_seconds)
+        self._grace_timer = threading.Timer(self.config.grace_seconds, report.cancel, (StopReason.SHUTDOWN,))
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
+
+    # Claiming.
+
+    def _next_claim(self) -> Claim | None:
+        """The next task, or None after a pause when there is none or the API is unavailable."""
+        started = time.monotonic()
+        try:
+            claim = self._poll()
+        except ApiUnavailable as exc:
+            # The client already backed off; keep polling for as long as it takes the API to return.
+            logger.warning("runner %s: API unavailable, polling again in %.1fs: %s", self.config.runner_name,
+                           self.config.error_backoff, exc)
+            self._stopping.wait(self.config.error_backoff)
+            return None
+        if claim is None:
+            # Keeps an API that answers a long poll at once from being hammered.
+            rest = self.config.idle_sleep - (time.monotonic() - started)
+            if rest > 0:
+                self._stopping.wait(rest)
+        return claim
+
+    def _poll(self) -> Claim | None:
+        """Claim on a helper thread, so a stop() need not wait out a long poll."""
+        cfg = self.config
+        done, guard = threading.Event(), threading.Lock()
+        box: dict[str, Any] = {"abandoned": False}
+
+        def poll() -> None:
+            try:
+                box["claim"] = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait)
+            except BaseException as exc:  # handed to the main thread, which decides
+                box["error"] = exc
+            with guard:
+                done.set()
+                orphan = box["abandoned"] and box.get("claim")
+            if orphan:
+                self._release(orphan.task, orphan.lease, "the runner stopped while claiming")
+
+        threading.Thread(target=poll, name="helix-claim", daemon=True).start()
+        deadline: float | None = None
+        while not done.wait(0.05):
+            if not self._stopping.is_set():
+                continue
+            # Give a poll in flight the grace period to return, so what it claims goes back at once.
+            deadline = deadline or time.monotonic() + cfg.grace_seconds
+            if self._hurry.is_set() or time.monotonic() >= deadline:
+                with guard:
+                    box["abandoned"] = not done.is_set()
+                if box["abandoned"]:
+                    return None
+        if "error" in box:
+            raise box["error"]
+        claim: Claim | None = box.get("claim")
+        if claim is not None and self._stopping.is_set():
+            self._release(claim.task, claim.lease, "the runner is stopping")
+            return None
+        return claim
+
+    # Working.
+
+    def _work(self, claim: Claim) -> None:
+        """Run one claimed task to its end: complete, fail, release, or drop."""
+        task, lease = claim.task, claim.lease
+        logger.info("task %s: claimed (attempt %s, session %s, interaction %s)", task.id, task.attempt,
+                    task.session_id, task.interaction_id)
+        report = Report(task.id, functools.partial(self.client.post_events, task.id, lease.token),
+                        flush_interval=self.config.flush_interval, batch_size=self.config.batch_size)
+        self._report = report
+        if self._stopping.is_set():  # stop() came between the claim and now
+            self._report = None
+            self._release(task, lease, "the runner is stopping")
+            return
+        heartbeat = Heartbeat(self.client, task.id, lease, on_stop=report.cancel)
+        report.start()
+        heartbeat.start()
+        started = time.monotonic()
+        try:
+            try:
+                result = self.backend.predict(task, report)
+            finally:
+                # Before complete/fail: a renewal in flight must not race the task's end.
+                heartbeat.stop()
+                self._report = None
+        except TaskCancelled as exc:
+            self._stopped(task, lease, report, report.stop_reason or exc.reason)
+        except Exception as exc:
+            if report.stop_reason is not None:
+                # Most likely the backend tripping over its own cancellation: not a crash of the task.
+                logger.info("task %s: predict() raised %r while stopping", task.id, exc)
+                self._stopped(task, lease, report, report.stop_reason)
+            else:
+                logger.exception("task %s: predict() failed", task.id)
+                self._fail(task, lease, report, traceback_tail(exc), retry=True)
+        else:
+            if report.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
+                self._stopped(task, lease, report, report.stop_reason)
+            elif not isinstance(result, dict):
+                logger.error("task %s: predict() returned %s, not a dict", task.id, type(result).__name__)
+                error = f"backend returned {type(result).__name__}, not a JSON object"
+                self._fail(task, lease, report, error, retry=False)
+            else:
+                # A task that finished inside the grace period (or despite it) is worth keeping.
+                self._complete(task, lease, report, result, time.monotonic() - started)
+
+    def _complete(self, task: Task, lease: Lease, report: Report, result: dict[str, Any],
+                  elapsed: float) -> None:
+        if not report.close(flush=True):
+            logger.warning("task %s: completing with some events unsent", task.id)
+        try:
+            self.client.complete(task.id, lease.token, result)
+        except ApiError as exc:
+            if isinstance(exc, LeaseLost):
+                logger.warning("task %s: lease lost before completing; result dropped", task.id)
+                return
+            logger.error("task %s: result refused: %s", task.id, exc)
+            self._send(task, "fail", self.client.fail, task.id, lease.token,
+                       f"the API refused the result: {exc.api_message}", False)
+            return
+        except (TaskCancelled, ApiUnavailable) as exc:
+            logger.warning("task %s: not completed: %s", task.id, exc)
+            return
+        logger.info("task %s: complete in %.2fs (%d events)", task.id, elapsed, report.last_seq)
+
+    def _fail(self, task: Task, lease: Lease, report: Report, error: str, retry: bool) -> None:
+        report.close(flush=True)  # the tokens streamed so far help whoever reads the error
+        self._send(task, "fail", self.client.fail, task.id, lease.token, error, retry)
+
+    def _stopped(self, task: Task, lease: Lease, report: Report, reason: StopReason) -> None:
+        """The task stopped before its end; the reason says what the API must be told."""
+        # Nothing more can be stored once cancelled or lost, and a released attempt starts afresh.
+        report.close(flush=False)
+        if reason == StopReason.CANCELLED:
+            logger.info("task %s: cancelled by the user", task.id)
+        elif reason == StopReason.LEASE_LOST:
+            logger.warning("task %s: lease lost; dropped", task.id)
+        else:
+            self._release(task, lease, "the runner is stopping")
+
+    def _release(self, task: Task, lease: Lease, why: str) -> None:
+        logger.info("task %s: handing back: %s", task.id, why)
+        self._send(task, "release", self.client.release, task.id, lease.token)
+
+    def _send(self, task: Task, action: str, call: Any, *args: Any) -> None:
+        """Tell the API how a task ended; whatever goes wrong, the loop carries on."""
+        try:
+            reply = call(*args)
+        except LeaseLost:
+            logger.warning("task %s: lease lost before %s", task.id, action)
+        except TaskCancelled:
+            logger.info("task %s: cancelled by the user before %s", task.id, action)
+        except ApiUnavailable:
+            # The lease runs out and the API requeues the task: nothing is lost but time.
+            logger.exception("task %s: %s not sent, API unavailable", task.id, action)
+        except ApiError:
+            logger.exception("task %s: %s refused", task.id, action)
+        else:
+            logger.info("task %s: %s -> %s", task.id, action, reply.get("status", "ok"))
+
+    def _teardown(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        self.client.close()
+        logger.info("runner %s: stopped after %d tasks", self.config.runner_name, self.handled)

@@ -1,0 +1,71 @@
+"""Fixtures for the runner's unit tests: a fake API with `responses` and tiny retry waits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import responses
+
+from runner.client import ApiClient
+from runner.config import RetryPolicy, RunnerConfig
+
+API = "http://helix.test:8080"
+TASK_URL = f"{API}/api/v1/worker/task"
+FAST_RETRY = RetryPolicy(attempts=3, max_delay=5.0, initial=0.001, cap=0.002)
+
+
+@pytest.fixture
+def api() -> Iterator[responses.RequestsMock]:
+    """A fake API; unmatched requests raise ConnectionError, as a missing server would."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def client() -> Iterator[ApiClient]:
+    """A client with tiny retry waits."""
+    client = ApiClient(API, "hxr_test", "test-runner", timeout=2.0, retry=FAST_RETRY)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def config() -> RunnerConfig:
+    """A config for fast loop tests: no long poll, tiny pauses."""
+    return RunnerConfig(api_url=API, token="hxr_test", mode="create", type="text",
+                        model_name="mistralai/Mistral-7B-Instruct-v0.1", backend="tests.doubles:EchoBackend",
+                        runner_name="test-runner", wait=0, idle_sleep=0.01, error_backoff=0.01,
+                        grace_seconds=0.2, flush_interval=0.01, retry=FAST_RETRY)
+
+
+@pytest.fixture
+def claim_json() -> Callable[..., dict[str, Any]]:
+    """A claim reply; keyword overrides go into the task, `lease` overrides into the lease."""
+
+    def make(task_id: int = 42, lease: dict[str, Any] | None = None, **task: Any) -> dict[str, Any]:
+        body = {
+            "id": task_id, "session_id": 7, "interaction_id": 19, "mode": "create", "type": "text",
+            "model_name": "mistralai/Mistral-7B-Instruct-v0.1", "attempt": 1,
+            "input": {"messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "hello!"},
+                                   {"role": "user", "content": "how are you today?"}]},
+            "params": {"max_new_tokens": 64}, "adapter": None, "files": [],
+        }
+        body.update(task)
+        return {"task": body, "lease": {"token": f"l_{task_id}", "expires_at": "2026-11-22T04:00:30+00:00",
+                                         "ttl_seconds": 30, "heartbeat_seconds": 10, **(lease or {})}}
+
+    return make
+
+
+def bodies(api: responses.RequestsMock, suffix: str) -> list[dict[str, Any]]:
+    """The JSON bodies posted to URLs ending in `suffix`, in order."""
+    return [json.loads(call.request.body) for call in api.calls if call.request.url.endswith(suffix)]
+
+
+def posted_events(api: responses.RequestsMock, task_id: int = 42) -> list[dict[str, Any]]:
+    """Every event posted for a task, in posting order."""
+    return [event for body in bodies(api, f"/{task_id}/events") for event in body["events"]]

@@ -1,0 +1,106 @@
+"""`helix-runner`: configuration from flags and environment, clear errors, a real run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import main
+
+from .conftest import API, TASK_URL, bodies
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED_URL = f"{TASK_URL}?mode=Create&type=Text&model_name=mistralai/Mistral-7B-Instruct-v0.1"
+ENV = {"HELIX_GET_JOB_URL": SEED_URL, "HELIX_RUNNER_TOKEN": "hxr_test",
+       "HELIX_RUNNER_BACKEND": "tests.doubles:EchoBackend", "HELIX_API_URL": None}
+
+
+def invoke(*args: str, **env: str | None):
+    return CliRunner().invoke(main, list(args), env={**ENV, **env})
+
+
+def test_missing_token_exits_nonzero_with_a_clear_message():
+    result = invoke(HELIX_RUNNER_TOKEN=None)
+    assert result.exit_code != 0
+    assert "HELIX_RUNNER_TOKEN" in result.output
+
+
+def test_missing_url_exits_nonzero_with_a_clear_message():
+    result = invoke(HELIX_GET_JOB_URL=None)
+    assert result.exit_code != 0
+    assert "HELIX_GET_JOB_URL" in result.output
+
+
+def test_api_url_needs_the_filters():
+    result = invoke("--mode", "create", HELIX_GET_JOB_URL=None, HELIX_API_URL=API)
+    assert result.exit_code != 0
+    assert "--type, --model-name" in result.output
+
+
+def test_unknown_backend_exits_nonzero_naming_the_import_path_form():
+    result = invoke("--backend", "nope")
+    assert result.exit_code != 0
+    assert "unknown backend 'nope'" in result.output and "package.module:Class" in result.output
+
+
+def test_bad_job_url_is_reported():
+    result = invoke(HELIX_GET_JOB_URL="http://h/api/v1/sessions")
+    assert result.exit_code != 0 and "HELIX_GET_JOB_URL" in result.output
+
+
+def test_runs_a_task_from_the_seed_job_url(api, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    api.post(f"{TASK_URL}/42/events", json={"stored": 1, "cancelled": False})
+    api.post(f"{TASK_URL}/42/complete", json={"status": "complete"})
+    result = invoke("--max-tasks", "1", "--wait", "0", "--runner-name", "r1")
+    assert result.exit_code == 0, result.output
+    claim = api.calls[0].request
+    assert claim.params == {"mode": "create", "type": "text", "model_name": "mistralai/Mistral-7B-Instruct-v0.1"}
+    assert claim.headers["Authorization"] == "Bearer hxr_test" and claim.headers["X-Helix-Runner"] == "r1"
+    assert bodies(api, "/42/complete")[0]["result"]["text"] == "how are you today?"
+
+
+def test_flags_override_the_job_url(api):
+    api.get(f"http://other:1{'/api/v1/worker/task'}", status=401,
+            json={"error": "unauthorized", "message": "bad token"})
+    result = invoke("--api-url", "http://other:1/api/v1", "--model-name", "tiny", "--wait", "0")
+    assert result.exit_code == 1
+    assert "the API refused this runner: 401 unauthorized: bad token" in result.output
+    assert api.calls[0].request.params["model_name"] == "tiny"
+
+
+def test_python_dash_m_runner_works():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "runner", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "helix-runner" in done.stdout and "--backend" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_an_idle_runner_process():
+    # Nothing listens on port 9: the runner keeps retrying, and SIGTERM must still end it cleanly.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **{k: v for k, v in ENV.items() if v},
+           "HELIX_GET_JOB_URL": SEED_URL.replace(API, "http://127.0.0.1:9")}
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "--wait", "0"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "claiming mode=create" in _read_until(proc, "claiming mode=create")
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def _read_until(proc: subprocess.Popen, needle: str) -> str:
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if needle in line:
+            break
+    return seen

@@ -1,0 +1,58 @@
+"""The heartbeat thread: renews the lease, hears cancellation, survives transient errors."""
+
+from __future__ import annotations
+
+import threading
+
+from runner.errors import StopReason
+from runner.heartbeat import Heartbeat
+from runner.messages import Lease
+
+from .conftest import TASK_URL
+
+HEARTBEAT = f"{TASK_URL}/42/heartbeat"
+LEASE = Lease(token="l_42", expires_at=None, ttl_seconds=1, heartbeat_seconds=0.01)
+
+
+def run_until_stopped(client) -> list[StopReason]:
+    stopped: list[StopReason] = []
+    done = threading.Event()
+
+    def on_stop(reason: StopReason) -> None:
+        stopped.append(reason)
+        done.set()
+
+    beat = Heartbeat(client, 42, LEASE, on_stop=on_stop)
+    beat.start()
+    assert done.wait(5), "the heartbeat never stopped the task"
+    beat.stop()
+    return stopped
+
+
+def test_cancelled_reply_stops_the_task(api, client):
+    api.post(HEARTBEAT, json={"cancelled": False, "lease_expires_at": "later"})
+    api.post(HEARTBEAT, json={"cancelled": True, "lease_expires_at": None})
+    assert run_until_stopped(client) == [StopReason.CANCELLED]
+    assert [call.request.body for call in api.calls] == [b'{"lease_token": "l_42"}'] * 2
+
+
+def test_lease_lost_stops_the_task(api, client):
+    api.post(HEARTBEAT, status=409, json={"error": "lease_lost", "message": "expired"})
+    assert run_until_stopped(client) == [StopReason.LEASE_LOST]
+
+
+def test_survives_the_api_being_down(api, client):
+    # FAST_RETRY gives up after 3 attempts: two whole failed beats, then a cancel gets through.
+    for _ in range(6):
+        api.post(HEARTBEAT, status=503)
+    api.post(HEARTBEAT, json={"cancelled": True})
+    assert run_until_stopped(client) == [StopReason.CANCELLED]
+    assert len(api.calls) == 7
+
+
+def test_stop_ends_the_thread(api, client):
+    api.post(HEARTBEAT, json={"cancelled": False})
+    beat = Heartbeat(client, 42, LEASE, on_stop=lambda reason: None)
+    beat.start()
+    beat.stop()
+    assert not beat._thread.is_alive()

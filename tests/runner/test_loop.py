@@ -1,0 +1,252 @@
+"""The main loop against a fake API: claim, stream, finish; crashes, cancels, lost leases, shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import requests
+
+from runner.errors import ApiError
+from runner.loop import Runner, traceback_tail
+from tests.doubles import CrashOnceBackend, EchoBackend, StubbornBackend
+
+from .conftest import TASK_URL, bodies, posted_events
+
+pytestmark = pytest.mark.timeout(20)
+
+ANY = re.compile(rf"{re.escape(TASK_URL)}/\d+/(heartbeat|events|complete|fail|release)$")
+
+
+def fake_worker_api(api, *, heartbeat: dict[str, Any] | None = None) -> None:
+    """Accept every worker call; the heartbeat replies with `heartbeat`."""
+    api.post(re.compile(r".*/heartbeat$"), json=heartbeat or {"cancelled": False, "lease_expires_at": "x"})
+    api.post(re.compile(r".*/events$"), json={"stored": 1, "last_seq": 1, "cancelled": False})
+    api.post(re.compile(r".*/complete$"), json={"status": "complete"})
+    api.post(re.compile(r".*/fail$"), json={"status": "queued"})
+    api.post(re.compile(r".*/release$"), json={"status": "queued"})
+
+
+def actions(api) -> list[str]:
+    """What the runner asked, in order, with runs of events/heartbeats collapsed."""
+    seen: list[str] = []
+    for call in api.calls:
+        url = call.request.url
+        name = "claim" if "/task?" in url or url.endswith("/task") else url.rsplit("/", 2)[-2] + "/" + url.rsplit("/", 1)[-1]
+        if name.endswith("/heartbeat") or (seen and seen[-1] == name and name.endswith("/events")):
+            continue
+        seen.append(name)
+    return seen
+
+
+class StartedEcho(EchoBackend):
+    """An echo backend that says when predict() has started."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.started = threading.Event()
+
+    def predict(self, task, report):
+        self.started.set()
+        return super().predict(task, report)
+
+
+def stop_when_started(runner: Runner, backend: StartedEcho, times: int = 1) -> threading.Thread:
+    def stop() -> None:
+        assert backend.started.wait(10)
+        for _ in range(times):
+            runner.stop()
+
+    thread = threading.Thread(target=stop)
+    thread.start()
+    return thread
+
+
+def test_claim_stream_complete(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(params={"token_delay": 0.002}))
+    fake_worker_api(api)
+    backend = EchoBackend(config)
+    assert Runner(config, backend, client).run(max_tasks=1) == 1
+
+    assert actions(api) == ["claim", "42/events", "42/complete"]
+    events = posted_events(api)
+    tokens = [event for event in events if event["kind"] == "token"]
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    assert [event["text"] for event in tokens] == ["how ", "are ", "you ", "today?"]
+    (complete,) = bodies(api, "/42/complete")
+    assert complete["lease_token"] == "l_42"
+    assert complete["result"]["text"] == "".join(event["text"] for event in tokens) == "how are you today?"
+
+
+def test_setup_runs_once_for_many_tasks(api, client, config, claim_json):
+    class Counted(EchoBackend):
+        setup_calls = 0
+
+    api.get(TASK_URL, json=claim_json(task_id=1))
+    api.get(TASK_URL, json=claim_json(task_id=2))
+    fake_worker_api(api)
+    assert Runner(config, Counted(config), client).run(max_tasks=2) == 2
+    assert Counted.setup_calls == 1
+    assert [body["result"]["setup_calls"] for body in bodies(api, "/complete")] == [1, 1]
+
+
+def test_crash_fails_with_retry_and_traceback_then_carries_on(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1, attempt=1))
+    api.get(TASK_URL, json=claim_json(task_id=2, attempt=2))
+    fake_worker_api(api)
+    assert Runner(config, CrashOnceBackend(config), client).run(max_tasks=2) == 2
+
+    (fail,) = bodies(api, "/1/fail")
+    assert fail["retry"] is True and fail["lease_token"] == "l_1"
+    assert fail["error"].splitlines()[-1] == "RuntimeError: boom: attempt 1 crashed"
+    assert "in predict" in fail["error"]
+    assert bodies(api, "/2/complete")[0]["result"]["text"] == "how are you today?"
+
+
+def test_non_dict_result_fails_for_good(api, client, config, claim_json):
+    class NoResult(EchoBackend):
+        def predict(self, task, report):
+            return None
+
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    Runner(config, NoResult(config), client).run(max_tasks=1)
+    (fail,) = bodies(api, "/42/fail")
+    assert fail["retry"] is False and "NoneType" in fail["error"]
+
+
+def test_cancelled_heartbeat_stops_predict_and_posts_nothing_more(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(params={"sleep": 30}, lease={"heartbeat_seconds": 0.01}))
+    fake_worker_api(api, heartbeat={"cancelled": True, "lease_expires_at": None})
+    started = time.monotonic()
+    Runner(config, EchoBackend(config), client).run(max_tasks=1)
+    assert time.monotonic() - started < 10  # not the 30 s the task would take
+    assert actions(api) == ["claim"]  # no events, no complete, no fail, no release
+    assert bodies(api, "/42/heartbeat")
+
+
+def test_lease_lost_on_events_drops_the_task_and_carries_on(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1, params={"token_delay": 0.05}))
+    api.get(TASK_URL, json=claim_json(task_id=2))
+    api.post(f"{TASK_URL}/1/events", status=409, json={"error": "lease_lost", "message": "expired"})
+    fake_worker_api(api)
+    Runner(config, EchoBackend(config), client).run(max_tasks=2)
+    assert not bodies(api, "/1/complete") and not bodies(api, "/1/fail")
+    assert len(bodies(api, "/1/events")) == 1  # not resent: nothing can be stored any more
+    assert bodies(api, "/2/complete")
+
+
+def test_stop_past_grace_releases_the_task(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(params={"sleep": 30}))
+    fake_worker_api(api)
+    backend = StartedEcho(config)
+    runner = Runner(replace(config, grace_seconds=0.1), backend, client)
+    stopper = stop_when_started(runner, backend)
+    assert runner.run() == 1  # returns, though no max_tasks
+    stopper.join()
+    assert actions(api) == ["claim", "42/release"]
+    assert bodies(api, "/42/release") == [{"lease_token": "l_42"}]
+
+
+def test_second_stop_releases_at_once(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(params={"sleep": 30}))
+    fake_worker_api(api)
+    backend = StartedEcho(config)
+    runner = Runner(replace(config, grace_seconds=60), backend, client)
+    stopper = stop_when_started(runner, backend, times=2)
+    runner.run()
+    stopper.join()
+    assert actions(api) == ["claim", "42/release"]
+
+
+def test_stop_within_grace_lets_the_task_finish(api, client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(params={"token_delay": 0.02}))
+    api.get(TASK_URL, json=claim_json(task_id=2))
+    fake_worker_api(api)
+    backend = StartedEcho(config)
+    runner = Runner(replace(config, grace_seconds=10), backend, client)
+    stopper = stop_when_started(runner, backend)
+    assert runner.run() == 1
+    stopper.join()
+    assert actions(api) == ["claim", "42/events", "42/complete"]  # and no second claim
+
+
+def test_backend_ignoring_shutdown_still_completes(api, client, config, claim_json):
+    class Slow(StubbornBackend):
+        started = threading.Event()
+
+        def predict(self, task, report):
+            self.started.set()
+            return super().predict(task, report)
+
+    api.get(TASK_URL, json=claim_json(params={"sleep": 0.3}))
+    fake_worker_api(api)
+    backend = Slow()
+    runner = Runner(replace(config, grace_seconds=0.01), backend, client)
+    stopper = stop_when_started(runner, backend)
+    runner.run()
+    stopper.join()
+    assert actions(api) == ["claim", "42/complete"]
+
+
+def test_stop_during_a_long_poll_hands_back_what_it_claims(api, client, config, claim_json):
+    polling = threading.Event()
+
+    def slow_claim(request):
+        polling.set()
+        time.sleep(0.3)  # the long poll is in flight when stop() comes
+        return 200, {}, json.dumps(claim_json())
+
+    api.add_callback("GET", TASK_URL, callback=slow_claim)
+    fake_worker_api(api)
+    runner = Runner(replace(config, grace_seconds=10), EchoBackend(config), client)
+    threading.Thread(target=lambda: polling.wait(10) and runner.stop()).start()
+    assert runner.run() == 0
+    assert actions(api) == ["claim", "42/release"]
+
+
+def test_transient_claim_failures_never_kill_the_loop(api, client, config, claim_json):
+    for _ in range(4):
+        api.get(TASK_URL, status=503)
+    for _ in range(3):
+        api.get(TASK_URL, body=requests.ConnectionError("refused"))
+    api.get(TASK_URL, status=429)
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    assert Runner(config, EchoBackend(config), client).run(max_tasks=1) == 1
+    assert bodies(api, "/42/complete")
+
+
+def test_claim_refused_for_good_ends_run_with_the_api_message(api, client, config):
+    api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
+    with pytest.raises(ApiError, match="unknown runner token"):
+        Runner(config, EchoBackend(config), client).run()
+    assert len(api.calls) == 1
+
+
+def test_idle_runner_stops_promptly(api, client, config):
+    api.get(TASK_URL, status=204)
+    runner = Runner(config, EchoBackend(config), client)
+    timer = threading.Timer(0.1, runner.stop)
+    timer.start()
+    assert runner.run() == 0
+    assert len(api.calls) >= 1
+
+
+def test_traceback_tail_keeps_the_last_lines():
+    def deep(n: int) -> None:
+        if n == 0:
+            raise ValueError("bottom")
+        deep(n - 1)
+
+    try:
+        deep(30)
+    except ValueError as exc:
+        tail = traceback_tail(exc, lines=5)
+    assert len(tail.splitlines()) == 5
+    assert tail.splitlines()[-1] == "ValueError: bottom"
