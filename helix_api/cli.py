@@ -42,7 +42,7 @@ def main(log_level: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--workers", type=int, default=None,
-              help="Processes (default: 1 on SQLite, which serialises writes anyway; 2 x cores on "
+              help="Processes (default: 1 on SQLite, which serialises writes anyway; one per core on "
               "PostgreSQL).")
 @click.option("--threads", default=64, show_default=True, type=int,
               help="Threads per process: each long-poll or event stream holds one while it waits.")
@@ -54,13 +54,15 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     dialect = database.dialect
     database.dispose()
     if workers is None:
-        workers = 1 if dialect == "sqlite" else 2 * (os.cpu_count() or 1)
+        workers = 1 if dialect == "sqlite" else (os.cpu_count() or 1)
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
             for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
                                "worker_class": "gthread", "timeout": 120, "graceful_timeout": 10,
-                               "keepalive": 75, "accesslog": None, "errorlog": "-"}.items():
+                               "keepalive": 75, "accesslog": None, "errorlog": "-",
+                               # Several servers on one machine would fight over one socket path.
+                               "control_socket_disable": True}.items():
                 self.cfg.set(key, value)
 
         def load(self):

@@ -36,8 +36,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         _configure_sqlite(engine)
         return engine
     if "poolclass" not in kwargs:
-        kwargs.setdefault("pool_size", 10)
-        kwargs.setdefault("max_overflow", 40)
+        kwargs.setdefault("pool_size", 5)
+        kwargs.setdefault("max_overflow", 15)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import requests
@@ -13,6 +15,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
+    stop_when_event_set,
     wait_random_exponential,
 )
 
@@ -49,12 +52,18 @@ class ApiClient:
         self.session.headers.update({"Authorization": f"Bearer {token}", "X-Helix-Runner": runner_name})
         self._backoff = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.cap)
 
-    def claim(self, mode: str, type: str, model_name: str, wait: float = 0) -> Claim | None:
-        """Take the next matching task, long-polling up to `wait` seconds; None when there is none."""
+    def claim(self, mode: str, type: str, model_name: str, wait: float = 0,
+              interrupt: threading.Event | None = None) -> Claim | None:
+        """Take the next matching task, long-polling up to `wait` seconds; None when there is none.
+
+        Setting `interrupt` ends the retries at once (with ApiUnavailable): a stopping runner has no
+        reason to wait for the API to come back just to claim a task it would hand back.
+        """
         params = {"mode": mode, "type": type, "model_name": model_name}
         if wait:
             params["wait"] = str(int(wait))
-        response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN)
+        response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN,
+                                 interrupt=interrupt)
         if response.status_code == 204:
             return None
         try:
@@ -94,11 +103,15 @@ class ApiClient:
             return {}
 
     def _request(self, method: str, path: str, *, read_timeout: float | None = None,
-                 **kwargs: Any) -> requests.Response:
+                 interrupt: threading.Event | None = None, **kwargs: Any) -> requests.Response:
+        stop = stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay)
+        if interrupt is not None:
+            stop = stop | stop_when_event_set(interrupt)
         retrying = Retrying(
             retry=retry_if_exception_type(ApiUnavailable),
             wait=self._wait,
-            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay),
+            stop=stop,
+            sleep=interrupt.wait if interrupt else time.sleep,
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
         )

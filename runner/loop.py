@@ -110,7 +110,8 @@ class Runner:
 
         def poll() -> None:
             try:
-                box["claim"] = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait)
+                box["claim"] = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait,
+                                                 interrupt=self._stopping)
             except BaseException as exc:  # handed to the main thread, which decides
                 box["error"] = exc
             with guard:
@@ -217,7 +218,7 @@ class Runner:
         elif reason == StopReason.LEASE_LOST:
             logger.warning("task %s: lease lost; dropped", task.id)
         else:
-            self._release(task, lease, "the runner is stopping")
+            pass
 
     def _release(self, task: Task, lease: Lease, why: str) -> None:
         logger.info("task %s: handing back: %s", task.id, why)

@@ -60,13 +60,14 @@ def test_runs_a_task_from_the_seed_job_url(api, claim_json):
     result = invoke("--max-tasks", "1", "--wait", "0", "--runner-name", "r1")
     assert result.exit_code == 0, result.output
     claim = api.calls[0].request
-    assert claim.params == {"mode": "create", "type": "text", "model_name": "mistralai/Mistral-7B-Instruct-v0.1"}
+    assert claim.params == {"mode": "create", "type": "text",
+                            "model_name": "mistralai/Mistral-7B-Instruct-v0.1"}
     assert claim.headers["Authorization"] == "Bearer hxr_test" and claim.headers["X-Helix-Runner"] == "r1"
     assert bodies(api, "/42/complete")[0]["result"]["text"] == "how are you today?"
 
 
 def test_flags_override_the_job_url(api):
-    api.get(f"http://other:1{'/api/v1/worker/task'}", status=401,
+    api.get("http://other:1/api/v1/worker/task", status=401,
             json={"error": "unauthorized", "message": "bad token"})
     result = invoke("--api-url", "http://other:1/api/v1", "--model-name", "tiny", "--wait", "0")
     assert result.exit_code == 1

@@ -20,9 +20,6 @@ from .conftest import TASK_URL, bodies, posted_events
 
 pytestmark = pytest.mark.timeout(20)
 
-ANY = re.compile(rf"{re.escape(TASK_URL)}/\d+/(heartbeat|events|complete|fail|release)$")
-
-
 def fake_worker_api(api, *, heartbeat: dict[str, Any] | None = None) -> None:
     """Accept every worker call; the heartbeat replies with `heartbeat`."""
     api.post(re.compile(r".*/heartbeat$"), json=heartbeat or {"cancelled": False, "lease_expires_at": "x"})
@@ -37,7 +34,7 @@ def actions(api) -> list[str]:
     seen: list[str] = []
     for call in api.calls:
         url = call.request.url
-        name = "claim" if "/task?" in url or url.endswith("/task") else url.rsplit("/", 2)[-2] + "/" + url.rsplit("/", 1)[-1]
+        name = "claim" if "/task?" in url or url.endswith("/task") else "/".join(url.rsplit("/", 2)[-2:])
         if name.endswith("/heartbeat") or (seen and seen[-1] == name and name.endswith("/events")):
             continue
         seen.append(name)

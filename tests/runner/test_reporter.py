@@ -39,7 +39,8 @@ def test_events_numbered_from_one_and_posted_in_batches():
     assert report.close() is True
     events = [event for batch in post.attempts for event in batch]
     assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
-    assert events[2] == {"seq": 3, "kind": "progress", "step": 3, "total": 10, "message": "denoising", "eta": 2}
+    assert events[2] == {"seq": 3, "kind": "progress", "step": 3, "total": 10, "message": "denoising",
+                         "eta": 2}
     assert events[3] == {"seq": 4, "kind": "log", "level": "debug", "message": "loaded adapter"}
     assert all(len(batch) <= 3 for batch in post.attempts)
 
