@@ -141,6 +141,8 @@ class Notifier:
                         for note in conn.notifies(timeout=1.0):
                             self._relay(note.payload.splitlines())
             except Exception:
+                if self._stopping.is_set():
+                    return
                 logger.exception("LISTEN connection failed; reconnecting in %.1fs", delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 PRIORITY_CONTINUE = 0
 PRIORITY_NEW = 1
 MAX_ERROR_CHARS = 20_000
+# Where a task can be right after its lease holder's `fail`; a new claim changes the lease token.
+_AFTER_FAIL = (TaskStatus.QUEUED, TaskStatus.FAILED, TaskStatus.DEAD)
 
 
 @dataclass(frozen=True)
@@ -142,24 +144,33 @@ def claim_waiting(database: Database, filt: QueueFilter, *, wait: float, recheck
             watch.wait(min(recheck, remaining))
 
 
-def _held_task(db: DBSession, database: Database, task_id: int, token: str, now: datetime) -> Task:
-    """The task, locked, if `token` is its live lease; otherwise the 404/409 that explains why not."""
+def _locked(db: DBSession, database: Database, task_id: int) -> Task:
     stmt = select(Task).where(Task.id == task_id)
     if database.dialect == "postgresql":
         stmt = stmt.with_for_update()
     task = db.scalar(stmt)
     if task is None:
         raise TaskNotFound(f"No task {task_id}.")
+    return task
+
+
+def _check_lease(task: Task, token: str, now: datetime) -> Task:
+    """`task` if `token` is its live lease; otherwise the 409 that explains why not."""
     if task.lease_token != token:
-        raise LeaseLost(f"Task {task_id} is no longer leased with this token (it is at attempt "
+        raise LeaseLost(f"Task {task.id} is no longer leased with this token (it is at attempt "
                         f"{task.attempt}, status {task.status.value}).")
     if task.status == TaskStatus.CANCELLED:
-        raise TaskCancelled(f"Task {task_id} was cancelled by its user.")
+        raise TaskCancelled(f"Task {task.id} was cancelled by its user.")
     if task.status not in ACTIVE_STATUSES:
-        raise LeaseLost(f"Task {task_id} is {task.status.value}; this lease no longer holds it.")
+        raise LeaseLost(f"Task {task.id} is {task.status.value}; this lease no longer holds it.")
     if task.lease_expires_at is None or task.lease_expires_at < now:
-        raise LeaseLost(f"The lease on task {task_id} expired at {task.lease_expires_at}.")
+        raise LeaseLost(f"The lease on task {task.id} expired at {task.lease_expires_at}.")
     return task
+
+
+def _held_task(db: DBSession, database: Database, task_id: int, token: str, now: datetime) -> Task:
+    """The task, locked, if `token` is its live lease; otherwise the 404/409 that explains why not."""
+    return _check_lease(_locked(db, database, task_id), token, now)
 
 
 def _renew(task: Task, now: datetime, policy: LeasePolicy) -> datetime:
@@ -209,7 +220,10 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
     """Store the result of a task whose lease `token` still holds."""
     now = utcnow()
     with database.write() as db:
-        task = _held_task(db, database, task_id, token, now)
+        task = _locked(db, database, task_id)
+        if task.lease_token == token and task.status == TaskStatus.COMPLETE:
+            return  # a retry of a call whose answer was lost: it already took effect
+        _check_lease(task, token, now)
         task.status, task.result, task.finished_at = TaskStatus.COMPLETE, result, now
         task.lease_expires_at = None
         interaction = task.interaction
@@ -225,7 +239,10 @@ def fail(database: Database, task_id: int, token: str, error: str, retry: bool) 
     """Record a failure: requeue if `retry` and attempts are left, else fail for good."""
     now = utcnow()
     with database.write() as db:
-        task = _held_task(db, database, task_id, token, now)
+        task = _locked(db, database, task_id)
+        if task.lease_token == token and task.status in _AFTER_FAIL:
+            return task.status  # a retry of a call whose answer was lost: it already took effect
+        _check_lease(task, token, now)
         error = error[-MAX_ERROR_CHARS:]
         if retry and task.attempt < task.max_attempts:
             _requeue(db, task, now, f"attempt {task.attempt} failed: {error}")
@@ -243,7 +260,10 @@ def release(database: Database, task_id: int, token: str) -> None:
     """Hand a task back to the queue (its runner is shutting down) without spending an attempt."""
     now = utcnow()
     with database.write() as db:
-        task = _held_task(db, database, task_id, token, now)
+        task = _locked(db, database, task_id)
+        if task.lease_token == token and task.status == TaskStatus.QUEUED:
+            return  # a retry of a call whose answer was lost: it already took effect
+        _check_lease(task, token, now)
         task.attempt -= 1
         _requeue(db, task, now, f"runner {task.runner} handed the task back")
     logger.info("task %s: released by its runner", task_id)

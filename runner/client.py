@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -61,7 +62,7 @@ class ApiClient:
         """
         params = {"mode": mode, "type": type, "model_name": model_name}
         if wait:
-            params["wait"] = str(int(wait))
+            params["wait"] = str(math.ceil(wait))  # the API takes whole seconds
         response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN,
                                  interrupt=interrupt)
         if response.status_code == 204:

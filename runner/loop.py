@@ -37,7 +37,6 @@ class Runner:
         self.client = client
         self.handled = 0  # tasks claimed and finished one way or another
         self._stopping = threading.Event()
-        self._hurry = threading.Event()  # a second stop(): no more grace
         # Read by stop(), which may run in a signal handler on the main thread: no locks around it.
         self._report: Report | None = None
         self._grace_timer: threading.Timer | None = None
@@ -68,7 +67,6 @@ class Runner:
         report = self._report
         if self._stopping.is_set():
             logger.warning("runner %s: stopping now", self.config.runner_name)
-            self._hurry.set()
             if report is not None:
                 report.cancel(StopReason.SHUTDOWN)
             return
@@ -121,16 +119,13 @@ class Runner:
                 self._release(orphan.task, orphan.lease, "the runner stopped while claiming")
 
         threading.Thread(target=poll, name="helix-claim", daemon=True).start()
-        deadline: float | None = None
         while not done.wait(0.05):
-            if not self._stopping.is_set():
-                continue
-            # Give a poll in flight the grace period to return, so what it claims goes back at once.
-            deadline = deadline or time.monotonic() + cfg.grace_seconds
-            if self._hurry.is_set() or time.monotonic() >= deadline:
+            if self._stopping.is_set():
                 with guard:
                     box["abandoned"] = not done.is_set()
                 if box["abandoned"]:
+                    # An idle runner holds nothing, so it exits at once. Should the poll still bring a
+                    # task, the helper hands it back; if the process is gone by then, its lease runs out.
                     return None
         if "error" in box:
             raise box["error"]
@@ -189,6 +184,9 @@ class Runner:
     def _complete(self, task: Task, lease: Lease, report: Report, result: dict[str, Any],
                   elapsed: float) -> None:
         if not report.close(flush=True):
+            if report.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
+                self._stopped(task, lease, report, report.stop_reason)  # found out while flushing
+                return
             logger.warning("task %s: completing with some events unsent", task.id)
         try:
             self.client.complete(task.id, lease.token, result)
@@ -218,7 +216,7 @@ class Runner:
         elif reason == StopReason.LEASE_LOST:
             logger.warning("task %s: lease lost; dropped", task.id)
         else:
-            pass
+            self._release(task, lease, "the runner is stopping")
 
     def _release(self, task: Task, lease: Lease, why: str) -> None:
         logger.info("task %s: handing back: %s", task.id, why)

@@ -25,11 +25,11 @@ def api() -> Iterator[responses.RequestsMock]:
 
 
 @pytest.fixture
-def client() -> Iterator[ApiClient]:
-    """A client with tiny retry waits."""
-    client = ApiClient(API, "hxr_test", "test-runner", timeout=2.0, retry=FAST_RETRY)
-    yield client
-    client.close()
+def api_client() -> Iterator[ApiClient]:
+    """An API client with tiny retry waits."""
+    api_client = ApiClient(API, "hxr_test", "test-runner", timeout=2.0, retry=FAST_RETRY)
+    yield api_client
+    api_client.close()
 
 
 @pytest.fixture

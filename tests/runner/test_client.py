@@ -1,4 +1,4 @@
-"""The API client: timeouts always, retries only on transient failures, clear errors otherwise."""
+"""The API api_client: timeouts always, retries only on transient failures, clear errors otherwise."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from .conftest import API, TASK_URL
 HEARTBEAT = f"{TASK_URL}/42/heartbeat"
 
 
-def test_claim_returns_none_on_204(api, client):
+def test_claim_returns_none_on_204(api, api_client):
     api.get(TASK_URL, status=204)
-    assert client.claim("create", "text", "m", wait=0) is None
+    assert api_client.claim("create", "text", "m", wait=0) is None
 
 
-def test_claim_parses_task_and_lease(api, client, claim_json):
+def test_claim_parses_task_and_lease(api, api_client, claim_json):
     api.get(TASK_URL, json=claim_json())
-    claim = client.claim("create", "text", "mistralai/Mistral-7B-Instruct-v0.1", wait=5)
+    claim = api_client.claim("create", "text", "mistralai/Mistral-7B-Instruct-v0.1", wait=5)
     assert claim is not None
     assert claim.task.id == 42 and claim.task.attempt == 1
     assert claim.task.input["messages"][-1]["content"] == "how are you today?"
@@ -34,120 +34,120 @@ def test_claim_parses_task_and_lease(api, client, claim_json):
                            "model_name": "mistralai/Mistral-7B-Instruct-v0.1", "wait": "5"}
 
 
-def test_sends_runner_token_and_name(api, client):
+def test_sends_runner_token_and_name(api, api_client):
     api.get(TASK_URL, status=204)
-    client.claim("create", "text", "m")
+    api_client.claim("create", "text", "m")
     headers = api.calls[0].request.headers
     assert headers["Authorization"] == "Bearer hxr_test"
     assert headers["X-Helix-Runner"] == "test-runner"
 
 
-def test_timeouts_always_passed_and_long_poll_outlasts_wait(api, client):
+def test_timeouts_always_passed_and_long_poll_outlasts_wait(api, api_client):
     api.get(TASK_URL, status=204)
     api.post(HEARTBEAT, json={"cancelled": False})
-    client.claim("create", "text", "m", wait=20)
-    client.heartbeat(42, "l_42")
+    api_client.claim("create", "text", "m", wait=20)
+    api_client.heartbeat(42, "l_42")
     claim_timeout = api.calls[0].request.req_kwargs["timeout"]
     beat_timeout = api.calls[1].request.req_kwargs["timeout"]
     assert claim_timeout[0] == CONNECT_TIMEOUT and claim_timeout[1] > 20
     assert beat_timeout == (CONNECT_TIMEOUT, 2.0)
 
 
-def test_retries_503_then_succeeds(api, client):
+def test_retries_503_then_succeeds(api, api_client):
     api.post(HEARTBEAT, status=503, json={"error": "unavailable", "message": "restarting"})
     api.post(HEARTBEAT, status=503)
     api.post(HEARTBEAT, json={"cancelled": False, "lease_expires_at": "later"})
-    assert client.heartbeat(42, "l_42") == {"cancelled": False, "lease_expires_at": "later"}
+    assert api_client.heartbeat(42, "l_42") == {"cancelled": False, "lease_expires_at": "later"}
     assert len(api.calls) == 3
 
 
-def test_retries_connection_error(api, client):
+def test_retries_connection_error(api, api_client):
     api.post(HEARTBEAT, body=requests.ConnectionError("connection refused"))
     api.post(HEARTBEAT, json={"cancelled": False})
-    assert client.heartbeat(42, "l_42") == {"cancelled": False}
+    assert api_client.heartbeat(42, "l_42") == {"cancelled": False}
     assert len(api.calls) == 2
 
 
-def test_retries_timeout(api, client):
+def test_retries_timeout(api, api_client):
     api.get(TASK_URL, body=requests.ReadTimeout("slow"))
     api.get(TASK_URL, status=204)
-    assert client.claim("create", "text", "m") is None
+    assert api_client.claim("create", "text", "m") is None
     assert len(api.calls) == 2
 
 
-def test_retries_429(api, client):
+def test_retries_429(api, api_client):
     api.post(HEARTBEAT, status=429, json={"error": "too_many_requests", "message": "slow down"})
     api.post(HEARTBEAT, json={"cancelled": False})
-    assert client.heartbeat(42, "l_42") == {"cancelled": False}
+    assert api_client.heartbeat(42, "l_42") == {"cancelled": False}
     assert len(api.calls) == 2
 
 
-def test_gives_up_after_max_attempts(api, client):
+def test_gives_up_after_max_attempts(api, api_client):
     api.post(HEARTBEAT, status=502)
     with pytest.raises(ApiUnavailable) as caught:
-        client.heartbeat(42, "l_42")
+        api_client.heartbeat(42, "l_42")
     assert caught.value.status == 502
     assert len(api.calls) == 3  # FAST_RETRY.attempts
 
 
 def test_backoff_is_capped_and_honours_retry_after_within_cap():
-    client = ApiClient(API, "t", "r", retry=RetryPolicy(attempts=10, initial=1, cap=4))
+    api_client = ApiClient(API, "t", "r", retry=RetryPolicy(attempts=10, initial=1, cap=4))
     slept: list[float] = []
     with responses.RequestsMock() as api:
         api.post(HEARTBEAT, status=429, headers={"Retry-After": "3"})
         api.post(HEARTBEAT, status=503)
         api.post(HEARTBEAT, json={})
-        original = client._wait
+        original = api_client._wait
 
         def record(state):
             delay = original(state)
             slept.append(delay)
             return 0  # the test need not actually wait
 
-        client._wait = record
-        client.heartbeat(42, "l")
+        api_client._wait = record
+        api_client.heartbeat(42, "l")
     assert slept[0] >= 3  # Retry-After respected
     assert all(0 <= delay <= 4 for delay in slept)
 
 
-def test_no_retry_on_400_and_message_kept(api, client):
+def test_no_retry_on_400_and_message_kept(api, api_client):
     api.get(TASK_URL, status=400, json={"error": "unknown_model", "message": "no model named 'x'"})
     with pytest.raises(ApiError) as caught:
-        client.claim("create", "text", "x")
+        api_client.claim("create", "text", "x")
     assert caught.value.status == 400
     assert caught.value.code == "unknown_model"
     assert "no model named 'x'" in str(caught.value)
     assert len(api.calls) == 1
 
 
-def test_no_retry_on_401(api, client):
+def test_no_retry_on_401(api, api_client):
     api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
     with pytest.raises(ApiError, match="unknown runner token"):
-        client.claim("create", "text", "m")
+        api_client.claim("create", "text", "m")
     assert len(api.calls) == 1
 
 
-def test_409_lease_lost_raises_lease_lost(api, client):
+def test_409_lease_lost_raises_lease_lost(api, api_client):
     api.post(f"{TASK_URL}/42/complete", status=409, json={"error": "lease_lost", "message": "stale lease"})
     with pytest.raises(LeaseLost):
-        client.complete(42, "l_old", {"text": "x"})
+        api_client.complete(42, "l_old", {"text": "x"})
     assert len(api.calls) == 1
 
 
-def test_409_task_cancelled_raises_task_cancelled(api, client):
+def test_409_task_cancelled_raises_task_cancelled(api, api_client):
     api.post(f"{TASK_URL}/42/events", status=409, json={"error": "task_cancelled", "message": "cancelled"})
     with pytest.raises(TaskCancelled) as caught:
-        client.post_events(42, "l_42", [{"seq": 1, "kind": "token", "text": "x"}])
+        api_client.post_events(42, "l_42", [{"seq": 1, "kind": "token", "text": "x"}])
     assert caught.value.reason == StopReason.CANCELLED
 
 
-def test_worker_bodies_follow_the_protocol(api, client):
+def test_worker_bodies_follow_the_protocol(api, api_client):
     for action in ("events", "complete", "fail", "release"):
         api.post(f"{TASK_URL}/42/{action}", json={"status": "ok"})
-    client.post_events(42, "l", [{"seq": 1, "kind": "token", "text": "a"}])
-    client.complete(42, "l", {"text": "a"})
-    client.fail(42, "l", "trace", retry=True)
-    client.release(42, "l")
+    api_client.post_events(42, "l", [{"seq": 1, "kind": "token", "text": "a"}])
+    api_client.complete(42, "l", {"text": "a"})
+    api_client.fail(42, "l", "trace", retry=True)
+    api_client.release(42, "l")
     sent = [json.loads(call.request.body) for call in api.calls]
     assert sent == [
         {"lease_token": "l", "events": [{"seq": 1, "kind": "token", "text": "a"}]},

@@ -14,7 +14,7 @@ HEARTBEAT = f"{TASK_URL}/42/heartbeat"
 LEASE = Lease(token="l_42", expires_at=None, ttl_seconds=1, heartbeat_seconds=0.01)
 
 
-def run_until_stopped(client) -> list[StopReason]:
+def run_until_stopped(api_client) -> list[StopReason]:
     stopped: list[StopReason] = []
     done = threading.Event()
 
@@ -22,37 +22,37 @@ def run_until_stopped(client) -> list[StopReason]:
         stopped.append(reason)
         done.set()
 
-    beat = Heartbeat(client, 42, LEASE, on_stop=on_stop)
+    beat = Heartbeat(api_client, 42, LEASE, on_stop=on_stop)
     beat.start()
     assert done.wait(5), "the heartbeat never stopped the task"
     beat.stop()
     return stopped
 
 
-def test_cancelled_reply_stops_the_task(api, client):
+def test_cancelled_reply_stops_the_task(api, api_client):
     api.post(HEARTBEAT, json={"cancelled": False, "lease_expires_at": "later"})
     api.post(HEARTBEAT, json={"cancelled": True, "lease_expires_at": None})
-    assert run_until_stopped(client) == [StopReason.CANCELLED]
+    assert run_until_stopped(api_client) == [StopReason.CANCELLED]
     assert [call.request.body for call in api.calls] == [b'{"lease_token": "l_42"}'] * 2
 
 
-def test_lease_lost_stops_the_task(api, client):
+def test_lease_lost_stops_the_task(api, api_client):
     api.post(HEARTBEAT, status=409, json={"error": "lease_lost", "message": "expired"})
-    assert run_until_stopped(client) == [StopReason.LEASE_LOST]
+    assert run_until_stopped(api_client) == [StopReason.LEASE_LOST]
 
 
-def test_survives_the_api_being_down(api, client):
+def test_survives_the_api_being_down(api, api_client):
     # FAST_RETRY gives up after 3 attempts: two whole failed beats, then a cancel gets through.
     for _ in range(6):
         api.post(HEARTBEAT, status=503)
     api.post(HEARTBEAT, json={"cancelled": True})
-    assert run_until_stopped(client) == [StopReason.CANCELLED]
+    assert run_until_stopped(api_client) == [StopReason.CANCELLED]
     assert len(api.calls) == 7
 
 
-def test_stop_ends_the_thread(api, client):
+def test_stop_ends_the_thread(api, api_client):
     api.post(HEARTBEAT, json={"cancelled": False})
-    beat = Heartbeat(client, 42, LEASE, on_stop=lambda reason: None)
+    beat = Heartbeat(api_client, 42, LEASE, on_stop=lambda reason: None)
     beat.start()
     beat.stop()
     assert not beat._thread.is_alive()

@@ -64,11 +64,11 @@ def stop_when_started(runner: Runner, backend: StartedEcho, times: int = 1) -> t
     return thread
 
 
-def test_claim_stream_complete(api, client, config, claim_json):
+def test_claim_stream_complete(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(params={"token_delay": 0.002}))
     fake_worker_api(api)
     backend = EchoBackend(config)
-    assert Runner(config, backend, client).run(max_tasks=1) == 1
+    assert Runner(config, backend, api_client).run(max_tasks=1) == 1
 
     assert actions(api) == ["claim", "42/events", "42/complete"]
     events = posted_events(api)
@@ -80,23 +80,23 @@ def test_claim_stream_complete(api, client, config, claim_json):
     assert complete["result"]["text"] == "".join(event["text"] for event in tokens) == "how are you today?"
 
 
-def test_setup_runs_once_for_many_tasks(api, client, config, claim_json):
+def test_setup_runs_once_for_many_tasks(api, api_client, config, claim_json):
     class Counted(EchoBackend):
         setup_calls = 0
 
     api.get(TASK_URL, json=claim_json(task_id=1))
     api.get(TASK_URL, json=claim_json(task_id=2))
     fake_worker_api(api)
-    assert Runner(config, Counted(config), client).run(max_tasks=2) == 2
+    assert Runner(config, Counted(config), api_client).run(max_tasks=2) == 2
     assert Counted.setup_calls == 1
     assert [body["result"]["setup_calls"] for body in bodies(api, "/complete")] == [1, 1]
 
 
-def test_crash_fails_with_retry_and_traceback_then_carries_on(api, client, config, claim_json):
+def test_crash_fails_with_retry_and_traceback_then_carries_on(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(task_id=1, attempt=1))
     api.get(TASK_URL, json=claim_json(task_id=2, attempt=2))
     fake_worker_api(api)
-    assert Runner(config, CrashOnceBackend(config), client).run(max_tasks=2) == 2
+    assert Runner(config, CrashOnceBackend(config), api_client).run(max_tasks=2) == 2
 
     (fail,) = bodies(api, "/1/fail")
     assert fail["retry"] is True and fail["lease_token"] == "l_1"
@@ -105,44 +105,44 @@ def test_crash_fails_with_retry_and_traceback_then_carries_on(api, client, confi
     assert bodies(api, "/2/complete")[0]["result"]["text"] == "how are you today?"
 
 
-def test_non_dict_result_fails_for_good(api, client, config, claim_json):
+def test_non_dict_result_fails_for_good(api, api_client, config, claim_json):
     class NoResult(EchoBackend):
         def predict(self, task, report):
             return None
 
     api.get(TASK_URL, json=claim_json())
     fake_worker_api(api)
-    Runner(config, NoResult(config), client).run(max_tasks=1)
+    Runner(config, NoResult(config), api_client).run(max_tasks=1)
     (fail,) = bodies(api, "/42/fail")
     assert fail["retry"] is False and "NoneType" in fail["error"]
 
 
-def test_cancelled_heartbeat_stops_predict_and_posts_nothing_more(api, client, config, claim_json):
+def test_cancelled_heartbeat_stops_predict_and_posts_nothing_more(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(params={"sleep": 30}, lease={"heartbeat_seconds": 0.01}))
     fake_worker_api(api, heartbeat={"cancelled": True, "lease_expires_at": None})
     started = time.monotonic()
-    Runner(config, EchoBackend(config), client).run(max_tasks=1)
+    Runner(config, EchoBackend(config), api_client).run(max_tasks=1)
     assert time.monotonic() - started < 10  # not the 30 s the task would take
     assert actions(api) == ["claim"]  # no events, no complete, no fail, no release
     assert bodies(api, "/42/heartbeat")
 
 
-def test_lease_lost_on_events_drops_the_task_and_carries_on(api, client, config, claim_json):
+def test_lease_lost_on_events_drops_the_task_and_carries_on(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(task_id=1, params={"token_delay": 0.05}))
     api.get(TASK_URL, json=claim_json(task_id=2))
     api.post(f"{TASK_URL}/1/events", status=409, json={"error": "lease_lost", "message": "expired"})
     fake_worker_api(api)
-    Runner(config, EchoBackend(config), client).run(max_tasks=2)
+    Runner(config, EchoBackend(config), api_client).run(max_tasks=2)
     assert not bodies(api, "/1/complete") and not bodies(api, "/1/fail")
     assert len(bodies(api, "/1/events")) == 1  # not resent: nothing can be stored any more
     assert bodies(api, "/2/complete")
 
 
-def test_stop_past_grace_releases_the_task(api, client, config, claim_json):
+def test_stop_past_grace_releases_the_task(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(params={"sleep": 30}))
     fake_worker_api(api)
     backend = StartedEcho(config)
-    runner = Runner(replace(config, grace_seconds=0.1), backend, client)
+    runner = Runner(replace(config, grace_seconds=0.1), backend, api_client)
     stopper = stop_when_started(runner, backend)
     assert runner.run() == 1  # returns, though no max_tasks
     stopper.join()
@@ -150,30 +150,30 @@ def test_stop_past_grace_releases_the_task(api, client, config, claim_json):
     assert bodies(api, "/42/release") == [{"lease_token": "l_42"}]
 
 
-def test_second_stop_releases_at_once(api, client, config, claim_json):
+def test_second_stop_releases_at_once(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(params={"sleep": 30}))
     fake_worker_api(api)
     backend = StartedEcho(config)
-    runner = Runner(replace(config, grace_seconds=60), backend, client)
+    runner = Runner(replace(config, grace_seconds=60), backend, api_client)
     stopper = stop_when_started(runner, backend, times=2)
     runner.run()
     stopper.join()
     assert actions(api) == ["claim", "42/release"]
 
 
-def test_stop_within_grace_lets_the_task_finish(api, client, config, claim_json):
+def test_stop_within_grace_lets_the_task_finish(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(params={"token_delay": 0.02}))
     api.get(TASK_URL, json=claim_json(task_id=2))
     fake_worker_api(api)
     backend = StartedEcho(config)
-    runner = Runner(replace(config, grace_seconds=10), backend, client)
+    runner = Runner(replace(config, grace_seconds=10), backend, api_client)
     stopper = stop_when_started(runner, backend)
     assert runner.run() == 1
     stopper.join()
     assert actions(api) == ["claim", "42/events", "42/complete"]  # and no second claim
 
 
-def test_backend_ignoring_shutdown_still_completes(api, client, config, claim_json):
+def test_backend_ignoring_shutdown_still_completes(api, api_client, config, claim_json):
     class Slow(StubbornBackend):
         started = threading.Event()
 
@@ -184,30 +184,35 @@ def test_backend_ignoring_shutdown_still_completes(api, client, config, claim_js
     api.get(TASK_URL, json=claim_json(params={"sleep": 0.3}))
     fake_worker_api(api)
     backend = Slow()
-    runner = Runner(replace(config, grace_seconds=0.01), backend, client)
+    runner = Runner(replace(config, grace_seconds=0.01), backend, api_client)
     stopper = stop_when_started(runner, backend)
     runner.run()
     stopper.join()
     assert actions(api) == ["claim", "42/complete"]
 
 
-def test_stop_during_a_long_poll_hands_back_what_it_claims(api, client, config, claim_json):
-    polling = threading.Event()
+def test_stop_during_a_long_poll_returns_at_once_and_hands_back_a_late_claim(api, api_client, config,
+                                                                              claim_json):
+    polling, answer = threading.Event(), threading.Event()
 
     def slow_claim(request):
         polling.set()
-        time.sleep(0.3)  # the long poll is in flight when stop() comes
+        answer.wait(10)  # the long poll is in flight until the runner has stopped
         return 200, {}, json.dumps(claim_json())
 
     api.add_callback("GET", TASK_URL, callback=slow_claim)
     fake_worker_api(api)
-    runner = Runner(replace(config, grace_seconds=10), EchoBackend(config), client)
+    runner = Runner(replace(config, grace_seconds=60), EchoBackend(config), api_client)
     threading.Thread(target=lambda: polling.wait(10) and runner.stop()).start()
-    assert runner.run() == 0
+    assert runner.run() == 0  # did not wait for the poll
+    answer.set()
+    deadline = time.monotonic() + 10
+    while "42/release" not in actions(api) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert actions(api) == ["claim", "42/release"]
 
 
-def test_transient_claim_failures_never_kill_the_loop(api, client, config, claim_json):
+def test_transient_claim_failures_never_kill_the_loop(api, api_client, config, claim_json):
     for _ in range(4):
         api.get(TASK_URL, status=503)
     for _ in range(3):
@@ -215,20 +220,20 @@ def test_transient_claim_failures_never_kill_the_loop(api, client, config, claim
     api.get(TASK_URL, status=429)
     api.get(TASK_URL, json=claim_json())
     fake_worker_api(api)
-    assert Runner(config, EchoBackend(config), client).run(max_tasks=1) == 1
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=1) == 1
     assert bodies(api, "/42/complete")
 
 
-def test_claim_refused_for_good_ends_run_with_the_api_message(api, client, config):
+def test_claim_refused_for_good_ends_run_with_the_api_message(api, api_client, config):
     api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
     with pytest.raises(ApiError, match="unknown runner token"):
-        Runner(config, EchoBackend(config), client).run()
+        Runner(config, EchoBackend(config), api_client).run()
     assert len(api.calls) == 1
 
 
-def test_idle_runner_stops_promptly(api, client, config):
+def test_idle_runner_stops_promptly(api, api_client, config):
     api.get(TASK_URL, status=204)
-    runner = Runner(config, EchoBackend(config), client)
+    runner = Runner(config, EchoBackend(config), api_client)
     timer = threading.Timer(0.1, runner.stop)
     timer.start()
     assert runner.run() == 0

@@ -1,0 +1,66 @@
+"""The `helix` command."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from helix_api.cli import main
+
+
+@pytest.fixture
+def cli(database_url, monkeypatch, tmp_path):
+    monkeypatch.setenv("HELIX_DATABASE_URL", database_url)
+    monkeypatch.setenv("HELIX_DATA_DIR", str(tmp_path))
+
+    def run(*args: str, ok: bool = True):
+        result = CliRunner().invoke(main, list(args))
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+    return run
+
+
+def test_users_create_prints_key_last(cli, app, client):
+    result = cli("users", "create", "erin")
+    key = result.stdout.strip().splitlines()[-1]
+    assert key.startswith("hx_")
+    assert client.get("/api/v1/sessions", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_duplicate_user_is_a_clear_error(cli):
+    cli("users", "create", "erin")
+    result = cli("users", "create", "erin", ok=False)
+    assert result.exit_code != 0 and "exists already" in result.output
+
+
+def test_runner_token_create_prints_token_last(cli, client, task_factory):
+    token = cli("runner-token", "create", "--name", "gpu1").stdout.strip().splitlines()[-1]
+    assert token.startswith("hxr_")
+    task_factory()
+    response = client.get("/api/v1/worker/task", query_string={"model_name": task_factory()["model_name"]},
+                          headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+
+
+def test_tasks_list_filters_by_status(cli, task_factory, client, runner):
+    task_factory()
+    task_factory()
+    client.get("/api/v1/worker/task", query_string={"model_name": task_factory()["model_name"]}, headers=runner)
+    everything = cli("tasks", "list").stdout
+    assert everything.count("queued") == 2 and everything.count("claimed") == 1
+    only = cli("tasks", "list", "--status", "claimed").stdout
+    assert "claimed" in only and "queued" not in only
+
+
+def test_commands_refuse_an_old_schema(monkeypatch, tmp_path):
+    monkeypatch.setenv("HELIX_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    result = CliRunner().invoke(main, ["users", "create", "x"])
+    assert result.exit_code != 0 and "helix db upgrade" in result.output
+
+
+def test_db_upgrade_brings_a_fresh_database_to_head(monkeypatch, tmp_path):
+    monkeypatch.setenv("HELIX_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    result = CliRunner().invoke(main, ["db", "upgrade"])
+    assert result.exit_code == 0 and "revision 0001" in result.stdout
+    assert CliRunner().invoke(main, ["users", "create", "x"]).exit_code == 0

@@ -1,0 +1,49 @@
+"""Migrations: the schema comes from Alembic, and an old schema stops the server with advice."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from helix_api import schema
+from helix_api.app import create_app
+from helix_api.db import make_engine
+from helix_api.errors import SchemaOutOfDate
+from helix_api.models import Base
+
+
+def test_migrations_match_the_models(database_url):
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_server_refuses_a_schema_behind_head(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with pytest.raises(SchemaOutOfDate, match="helix db upgrade"):
+        create_app({"DATABASE_URL": url, "AUTO_UPGRADE": False})
+
+
+def test_server_refuses_unmigrated_postgres(postgres_database):
+    with pytest.raises(SchemaOutOfDate, match="revision none"):
+        create_app({"DATABASE_URL": postgres_database(), "AUTO_UPGRADE": False})
+
+
+def test_embedded_default_upgrades_itself(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELIX_DATABASE_URL", raising=False)
+    app = create_app({"DATA_DIR": str(tmp_path)})
+    engine = app.extensions["helix_db"].engine
+    assert schema.current_revision(engine) == schema.head_revision()
+    assert (tmp_path / "helix.db").exists()
+    app.extensions["helix_db"].dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'wal.db'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    engine.dispose()

@@ -1,0 +1,265 @@
+"""The worker API: claim, heartbeat, events, complete, fail, release, and lease fencing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from helix_api.models import Task, TaskEvent, TaskStatus, utcnow
+from tests.conftest import IMAGE_MODEL, SEED_CLAIM_URL, TEXT_MODEL, claim
+
+
+def _claimed(client, runner, task_factory, **overrides):
+    session = task_factory(**overrides)
+    response = claim(client, runner)
+    assert response.status_code == 200, response.json
+    return session, response.json["task"], response.json["lease"]["token"]
+
+
+def _post(client, runner, task_id, action, **body):
+    return client.post(f"/api/v1/worker/task/{task_id}/{action}", json=body, headers=runner)
+
+
+def test_seed_url_claims_verbatim(client, runner, task_factory):
+    session = task_factory(message="hello")
+    response = client.get(SEED_CLAIM_URL, headers=runner)
+    assert response.status_code == 200
+    task = response.json["task"]
+    assert task["session_id"] == session["id"]
+    assert task["mode"] == "create" and task["type"] == "text" and task["model_name"] == TEXT_MODEL
+    assert task["input"]["messages"] == [{"role": "user", "content": "hello"}]
+    assert task["attempt"] == 1
+    assert response.json["lease"]["token"]
+
+
+@pytest.mark.parametrize("mode,type_", [("CREATE", "TEXT"), ("inference", "text"), ("Create", "tExt")])
+def test_mode_and_type_are_case_insensitive(client, runner, task_factory, mode, type_):
+    task_factory()
+    response = client.get("/api/v1/worker/task", headers=runner,
+                          query_string={"mode": mode, "type": type_, "model_name": TEXT_MODEL})
+    assert response.status_code == 200
+
+
+def test_no_matching_work_is_204(client, runner, task_factory):
+    task_factory()
+    assert claim(client, runner, model=IMAGE_MODEL, type="image").status_code == 204
+    response = client.get("/api/v1/worker/task", headers=runner,
+                          query_string={"mode": "finetune", "type": "text", "model_name": TEXT_MODEL})
+    assert response.status_code == 204 and response.data == b""
+
+
+def test_a_task_is_claimed_once(client, runner, task_factory):
+    task_factory()
+    assert claim(client, runner).status_code == 200
+    assert claim(client, runner).status_code == 204
+
+
+def test_claim_records_runner_and_timestamps(client, runner, task_factory, db):
+    _, task, _ = _claimed(client, runner, task_factory)
+    with db.read() as s:
+        row = s.get(Task, task["id"])
+    assert row.status == TaskStatus.CLAIMED
+    assert row.runner == "test-runner" and row.runner_token_id is not None
+    assert row.claimed_at is not None and row.started_at is None and row.lease_expires_at > utcnow()
+
+
+def test_runner_header_names_the_runner(client, runner, task_factory, db):
+    task_factory()
+    response = client.get(SEED_CLAIM_URL, headers={**runner, "X-Helix-Runner": "gpu7-1234"})
+    with db.read() as s:
+        assert s.get(Task, response.json["task"]["id"]).runner == "gpu7-1234"
+
+
+def test_heartbeat_renews_lease_and_marks_started(client, runner, task_factory, db):
+    _, task, token = _claimed(client, runner, task_factory)
+    with db.read() as s:
+        before = s.get(Task, task["id"]).lease_expires_at
+    response = _post(client, runner, task["id"], "heartbeat", lease_token=token)
+    assert response.status_code == 200
+    assert response.json["cancelled"] is False
+    with db.read() as s:
+        row = s.get(Task, task["id"])
+    assert row.lease_expires_at >= before
+    assert row.status == TaskStatus.RUNNING and row.started_at is not None
+
+
+def test_events_are_stored_once_by_seq(client, runner, task_factory, db, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    first = [{"seq": 1, "kind": "token", "text": "Hel"}, {"seq": 2, "kind": "token", "text": "lo"}]
+    assert _post(client, runner, task["id"], "events", lease_token=token, events=first).json["stored"] == 2
+    # A retried post (same seqs) plus one new event: only the new one is stored.
+    again = [*first, {"seq": 3, "kind": "progress", "step": 1, "total": 4, "message": "going"}]
+    response = _post(client, runner, task["id"], "events", lease_token=token, events=again)
+    assert response.json == {"stored": 1, "last_seq": 3, "cancelled": False}
+    with db.read() as s:
+        kinds = list(s.scalars(select(TaskEvent.kind).where(TaskEvent.task_id == task["id"])
+                               .order_by(TaskEvent.seq)))
+    assert kinds == ["state", "state", "token", "token", "progress"]
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["output"] == "Hello"
+    assert reply["state"] == "running"
+    assert reply["progress"] == {"step": 1, "total": 4, "message": "going"}
+
+
+def test_complete_stores_result_and_reply(client, runner, task_factory, db, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    result = {"text": "Hi there", "finish_reason": "stop",
+              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    response = _post(client, runner, task["id"], "complete", lease_token=token, result=result)
+    assert response.status_code == 200 and response.json == {"status": "complete"}
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "complete" and reply["output"] == "Hi there" and reply["result"] == result
+    with db.read() as s:
+        row = s.get(Task, task["id"])
+    assert row.status == TaskStatus.COMPLETE and row.finished_at is not None and row.result == result
+
+
+def test_fail_with_retry_requeues_until_attempts_run_out(client, runner, task_factory, db, user):
+    session = task_factory()
+    statuses = []
+    for _ in range(3):
+        claimed = claim(client, runner).json
+        response = _post(client, runner, claimed["task"]["id"], "fail",
+                         lease_token=claimed["lease"]["token"], error="Traceback...\nRuntimeError: boom",
+                         retry=True)
+        statuses.append(response.json["status"])
+    assert statuses == ["queued", "queued", "dead"]
+    assert claim(client, runner).status_code == 204
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "error" and "boom" in reply["error"] and "3 attempts" in reply["error"]
+    assert reply["task"]["attempt"] == 3
+
+
+def test_fail_without_retry_fails_for_good(client, runner, task_factory, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    response = _post(client, runner, task["id"], "fail", lease_token=token, error="bad params", retry=False)
+    assert response.json["status"] == "failed"
+    assert claim(client, runner).status_code == 204
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "error" and reply["error"] == "bad params"
+
+
+def test_release_requeues_without_spending_an_attempt(client, runner, task_factory):
+    _, task, token = _claimed(client, runner, task_factory)
+    assert _post(client, runner, task["id"], "release", lease_token=token).json == {"status": "queued"}
+    again = claim(client, runner).json["task"]
+    assert again["id"] == task["id"] and again["attempt"] == 1
+
+
+def test_requeued_attempt_restarts_the_reply(client, runner, task_factory, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    _post(client, runner, task["id"], "events", lease_token=token,
+          events=[{"seq": 1, "kind": "token", "text": "partial"}])
+    _post(client, runner, task["id"], "fail", lease_token=token, error="oom", retry=True)
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "queued" and reply["output"] == ""
+    second = claim(client, runner).json
+    assert second["task"]["attempt"] == 2
+    # seq starts again at 1 for the new attempt and is stored.
+    response = _post(client, runner, task["id"], "events", lease_token=second["lease"]["token"],
+                     events=[{"seq": 1, "kind": "token", "text": "fresh"}])
+    assert response.json["stored"] == 1
+
+
+@pytest.mark.parametrize("action,body", [
+    ("heartbeat", {}), ("events", {"events": [{"seq": 1, "kind": "token", "text": "x"}]}),
+    ("complete", {"result": {"text": "late"}}), ("fail", {"error": "x", "retry": True}), ("release", {}),
+])
+def test_wrong_lease_token_is_409_and_changes_nothing(client, runner, task_factory, db, action, body):
+    _, task, token = _claimed(client, runner, task_factory)
+    response = _post(client, runner, task["id"], action, lease_token="not-the-token", **body)
+    assert response.status_code == 409 and response.json["error"] == "lease_lost"
+    with db.read() as s:
+        row = s.get(Task, task["id"])
+        events = s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task["id"]))
+    assert row.status == TaskStatus.CLAIMED and row.result is None and row.attempt == 1
+    assert events == 2  # queued and claimed, nothing from the bad post
+
+
+def test_expired_lease_is_409_even_before_reaping(client, runner, task_factory, db, app):
+    _, task, token = _claimed(client, runner, task_factory)
+    with db.write() as s:
+        s.execute(update(Task).where(Task.id == task["id"])
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "late"})
+    assert response.status_code == 409 and "expired" in response.json["message"]
+
+
+def test_stale_runner_after_requeue_cannot_store_its_result(client, runner, task_factory, db, user):
+    session, task, old_token = _claimed(client, runner, task_factory)
+    with db.write() as s:
+        s.execute(update(Task).where(Task.id == task["id"])
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    second = claim(client, runner).json  # the claim path reaps the expired lease first
+    assert second["task"]["id"] == task["id"] and second["task"]["attempt"] == 2
+    late = _post(client, runner, task["id"], "complete", lease_token=old_token, result={"text": "stale"})
+    assert late.status_code == 409
+    _post(client, runner, task["id"], "complete", lease_token=second["lease"]["token"],
+          result={"text": "fresh"})
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["output"] == "fresh"
+
+
+def test_cancelled_task_tells_runner_and_refuses_results(client, runner, task_factory, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    assert client.post(f"/api/v1/sessions/{session['id']}/cancel", headers=user).status_code == 200
+    beat = _post(client, runner, task["id"], "heartbeat", lease_token=token)
+    assert beat.status_code == 200 and beat.json == {"cancelled": True, "lease_expires_at": None}
+    for action, body in [("events", {"events": [{"seq": 1, "kind": "token", "text": "x"}]}),
+                         ("complete", {"result": {"text": "too late"}})]:
+        response = _post(client, runner, task["id"], action, lease_token=token, **body)
+        assert response.status_code == 409 and response.json["error"] == "task_cancelled"
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "cancelled" and reply["output"] == ""
+
+
+def test_unknown_task_is_404(client, runner):
+    response = _post(client, runner, 999999, "heartbeat", lease_token="x")
+    assert response.status_code == 404 and response.json["error"] == "not_found"
+
+
+@pytest.mark.parametrize("events,needle", [
+    ([{"seq": 0, "kind": "token", "text": "x"}], "seq"),
+    ([{"seq": 1, "kind": "state", "state": "complete"}], "kind"),
+    ([{"seq": 1, "kind": "token"}], "text"),
+    ([{"seq": 1, "kind": "progress", "step": "three"}], "step"),
+    (["not an object"], "object"),
+])
+def test_malformed_events_are_400_and_store_nothing(client, runner, task_factory, events, needle):
+    _, task, token = _claimed(client, runner, task_factory)
+    response = _post(client, runner, task["id"], "events", lease_token=token, events=events)
+    assert response.status_code == 400 and needle in response.json["message"]
+    ok = _post(client, runner, task["id"], "events", lease_token=token,
+               events=[{"seq": 1, "kind": "token", "text": "x"}])
+    assert ok.json["stored"] == 1
+
+
+def test_claim_needs_model_name_and_valid_wait(client, runner):
+    response = client.get("/api/v1/worker/task?mode=create&type=text", headers=runner)
+    assert response.status_code == 400 and response.json["field"] == "model_name"
+    response = claim(client, runner, wait="45")
+    assert response.status_code == 400 and "wait" in response.json["message"]
+    response = claim(client, runner, mode="train")
+    assert response.status_code == 400 and "create" in response.json["message"]
+
+
+def test_retried_finishing_calls_are_idempotent(client, runner, task_factory):
+    # A runner whose first `complete` succeeded but whose answer was lost retries it: same answer.
+    _, task, token = _claimed(client, runner, task_factory)
+    for _ in range(2):
+        response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "x"})
+        assert response.status_code == 200 and response.json == {"status": "complete"}
+    task_factory()
+    claimed = claim(client, runner).json
+    for _ in range(2):
+        response = _post(client, runner, claimed["task"]["id"], "fail", lease_token=claimed["lease"]["token"],
+                         error="x", retry=False)
+        assert response.status_code == 200 and response.json == {"status": "failed"}
+    task_factory()
+    claimed = claim(client, runner).json
+    for _ in range(2):
+        response = _post(client, runner, claimed["task"]["id"], "release", lease_token=claimed["lease"]["token"])
+        assert response.status_code == 200
+    assert claim(client, runner).json["task"]["attempt"] == 1

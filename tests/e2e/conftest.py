@@ -1,0 +1,345 @@
+"""End-to-end fixtures: `helix serve` and `helix-runner` as real processes talking real HTTP.
+
+Every process logs to a file under the test's tmp_path; a failing test shows those logs in its report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import Engine, create_engine, text
+
+from tests.conftest import TEXT_MODEL, bearer
+
+REPO = Path(__file__).resolve().parents[2]
+LOGS = pytest.StashKey[list[Path]]()
+CLAIM_PATH = "/api/v1/worker/task"
+TERMINAL_TASK_STATUSES = ("complete", "failed", "dead", "cancelled")
+
+
+# Logs of the processes a test started, attached to its report when it fails.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for path in item.stash.get(LOGS, []):
+            try:
+                content = path.read_text(errors="replace")
+            except OSError as exc:
+                content = f"(unreadable: {exc})"
+            report.sections.append((f"{report.when}: {path.name}", content[-20_000:] or "(empty)"))
+
+
+def _track_log(request: pytest.FixtureRequest, path: Path) -> None:
+    request.node.stash.setdefault(LOGS, []).append(path)
+
+
+def _executable(name: str) -> str:
+    """A console script of the interpreter running the tests (the project's virtualenv)."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIX_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Signal a process we started (continuing it first if it was stopped), kill it if it lingers."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(sig)
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    return proc.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# The API.
+
+
+class ApiServer:
+    """`helix serve` on one database; stop() and start() again keep the database."""
+
+    def __init__(self, database_url: str, data_dir: Path, log_dir: Path, settings: dict[str, Any],
+                 workers: int | None, on_log: Callable[[Path], None]) -> None:
+        self.database_url = database_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
+        self.env = _base_env()
+        self.env.update({"HELIX_DATABASE_URL": database_url, "HELIX_DATA_DIR": str(data_dir),
+                         "HELIX_AUTO_UPGRADE": "false"})
+        self.env.update({f"HELIX_{k.upper()}": str(v) for k, v in settings.items()})
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._log_dir = log_dir
+        self._on_log = on_log
+        self._engine: Engine | None = None
+
+    def helix(self, *args: str) -> str:
+        """Run a `helix` command on this server's database; its stdout."""
+        done = subprocess.run([_executable("helix"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=60, cwd=REPO)
+        assert done.returncode == 0, f"helix {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def migrate(self) -> None:
+        """`helix db upgrade`."""
+        self.helix("db", "upgrade")
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving and wait until /healthz answers."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        log = self._log_dir / f"api-{self.port}-{self.starts}.log"
+        self._on_log(log)
+        command = [_executable("helix"), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.workers is not None:
+            command += ["--workers", str(self.workers)]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=REPO)
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"helix serve exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(healthy, timeout, f"helix serve on {self.url}", interval=0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop serving (SIGTERM lets gunicorn finish requests in flight); the exit status."""
+        if self.proc is None:
+            return 0
+        return _stop_process(self.proc, sig)
+
+    def create_user(self, name: str) -> str:
+        """`helix users create NAME`: the API key."""
+        return self.helix("users", "create", name).strip().splitlines()[-1]
+
+    def user_headers(self, name: str = "alice") -> dict[str, str]:
+        """Authorization headers of a new user."""
+        return bearer(self.create_user(name))
+
+    def create_runner_token(self, name: str = "e2e") -> str:
+        """`helix runner-token create --name NAME`: the token."""
+        return self.helix("runner-token", "create", "--name", name).strip().splitlines()[-1]
+
+    @property
+    def engine(self) -> Engine:
+        """An engine on the same database, for the SQL an operator would run."""
+        if self._engine is None:
+            self._engine = create_engine(self.database_url)
+        return self._engine
+
+    def sql(self, statement: str, **params: Any) -> list[Any]:
+        """Rows of a query on the server's database."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(text(statement), params))
+
+    def dispose(self) -> None:
+        """Kill the process and close the engine."""
+        if self.proc is not None:
+            _stop_process(self.proc, signal.SIGKILL)
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def e2e_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty (unmigrated) database: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'helix.db'}"
+    return request.getfixturevalue("postgres_database")()
+
+
+@pytest.fixture
+def api_server(e2e_database: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[..., ApiServer]]:
+    """Start `helix serve` on the test's database: `api_server(lease_seconds=3, ...)`.
+
+    Keyword arguments become HELIX_<NAME> settings; `workers=` is passed to `helix serve`.
+    """
+    servers: list[ApiServer] = []
+    defaults = {"lease_seconds": 3, "heartbeat_seconds": 1, "reap_seconds": 0.2, "recheck_seconds": 0.2}
+
+    def start(workers: int | None = None, **settings: Any) -> ApiServer:
+        server = ApiServer(e2e_database, tmp_path / "data", tmp_path, {**defaults, **settings}, workers,
+                           lambda path: _track_log(request, path))
+        servers.append(server)
+        server.migrate()
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.dispose()
+
+
+# Runners.
+
+
+class RunnerProcess:
+    """One `helix-runner` process."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        """Everything it logged so far."""
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the runner."""
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the runner to exit; its status."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"runner {self.name} still running after {timeout}s:\n{self.log_text()[-5000:]}")
+
+    def stop(self) -> None:
+        """Stop it for good."""
+        _stop_process(self.proc, signal.SIGKILL)
+
+
+@pytest.fixture
+def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
+    """Start `helix-runner` against a server: `runner_process(server, token, "runner-a", ...)`."""
+    runners: list[RunnerProcess] = []
+
+    def start(server: ApiServer, token: str, name: str, *, backend: str = "tests.doubles:EchoBackend",
+              wait: float = 2, max_tasks: int | None = None, log_level: str = "INFO",
+              model_name: str = TEXT_MODEL) -> RunnerProcess:
+        log = tmp_path / f"runner-{name}.log"
+        _track_log(request, log)
+        env = _base_env()
+        # The seed's claim URL, verbatim: mixed-case filters in the query string.
+        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode=Create&type=Text&model_name={model_name}"
+        env["HELIX_RUNNER_TOKEN"] = token
+        command = [sys.executable, "-m", "runner", "--backend", backend, "--runner-name", name,
+                   "--wait", str(wait), "--log-level", log_level]
+        if max_tasks is not None:
+            command += ["--max-tasks", str(max_tasks)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        runner = RunnerProcess(name, proc, log)
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.stop()
+
+
+# Helpers the tests share.
+
+
+def create_session(server: ApiServer, headers: dict[str, str], message: str, *,
+                   http: requests.Session | None = None, **params: Any) -> dict[str, Any]:
+    """POST /api/v1/sessions; the new session."""
+    response = (http or requests).post(f"{server.url}/api/v1/sessions", headers=headers, timeout=30,
+                                       json={"mode": "create", "type": "text", "model_name": TEXT_MODEL,
+                                             "message": message, "params": params})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def get_session(server: ApiServer, headers: dict[str, str], session_id: int) -> dict[str, Any]:
+    """GET one session."""
+    response = requests.get(f"{server.url}/api/v1/sessions/{session_id}", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def reply_of(session: dict[str, Any]) -> dict[str, Any]:
+    """The session's last interaction (the reply)."""
+    return session["interactions"][-1]
+
+
+def wait_for_reply(server: ApiServer, headers: dict[str, str], session_id: int, timeout: float,
+                   states: tuple[str, ...] = ("complete", "error", "cancelled")) -> dict[str, Any]:
+    """The last reply of a session once it reaches one of `states`."""
+    def done() -> dict[str, Any] | None:
+        reply = reply_of(get_session(server, headers, session_id))
+        return reply if reply["state"] in states else None
+    return wait_for(done, timeout, f"session {session_id} to reach {states}", interval=0.1)
+
+
+def echo_of(message: str) -> str:
+    """What EchoBackend answers to `message`."""
+    return " ".join(message.split())
+
+
+def read_sse(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """Parse a Server-Sent Events stream into {"id", "event", "data"} dicts as they arrive."""
+    event: dict[str, Any] = {}
+    for raw in response.iter_lines(chunk_size=None, decode_unicode=True):
+        line = raw.rstrip("\r") if raw is not None else ""
+        if not line:
+            if "data" in event:
+                event["data"] = json.loads(event["data"])
+                yield event
+            event = {}
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if key == "data" and "data" in event:
+            event["data"] += "\n" + value
+        elif key in ("id", "event", "data"):
+            event[key] = int(value) if key == "id" else value
