@@ -57,16 +57,16 @@ def conversation(session: Session) -> list[dict[str, str]]:
 
 
 def _add_turn(db: DBSession, session: Session, user_id: int, message: str, params: dict[str, Any],
-              priority: int, policy: scheduler.LeasePolicy) -> Task:
-    history = conversation(session)
+              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]]) -> Task:
     now = utcnow()
+    # task=None: known to have none, so showing it later costs no query.
     db.add(Interaction(session=session, creator=Creator.USER, message=message, params=params,
-                       state=InteractionState.COMPLETE, created_at=now, finished_at=now))
+                       state=InteractionState.COMPLETE, created_at=now, finished_at=now, task=None))
     reply = Interaction(session=session, creator=Creator.ASSISTANT, params=params,
-                        state=InteractionState.QUEUED, created_at=now)
+                        state=InteractionState.QUEUED, created_at=now, task=None)
     db.add(reply)
     session.updated_at = now
-    db.flush()
+    db.flush()  # ids for the task
     task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
     if session.type == SessionType.IMAGE:
         task_input["prompt"] = message
@@ -76,15 +76,16 @@ def _add_turn(db: DBSession, session: Session, user_id: int, message: str, param
 
 def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, model_name: str,
            message: str, params: dict[str, Any], name: str | None,
-           policy: scheduler.LeasePolicy) -> int:
-    """Start a session with its first message and queue the task that answers it."""
+           policy: scheduler.LeasePolicy) -> dict[str, Any]:
+    """Start a session with its first message and queue the task that answers it; returns its JSON."""
     with database.write() as db:
         session = Session(user_id=user_id, mode=mode, type=type_, model_name=model_name,
-                          name=(name or message.strip().splitlines()[0] if message.strip() else "")[:200])
+                          name=(name or message.strip().splitlines()[0])[:200], interactions=[],
+                          created_at=utcnow())
         db.add(session)
-        db.flush()
-        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_NEW, policy)
-        return session.id
+        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
+        # Shown from what is in hand: a new session has no files and nothing more to read back.
+        return session_json(db, session, files=[])
 
 
 def add_message(database: Database, *, user_id: int, session_id: int, message: str,
@@ -95,7 +96,8 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
         if any(i.task is not None and i.task.status in _OPEN_TASK for i in session.interactions):
             raise SessionBusy(f"Session {session_id} is still answering its previous message: "
                               "wait for it (GET the session or follow its events) or cancel it.")
-        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy)
+        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy,
+                  history=conversation(session))
 
 
 def _interaction_json(db: DBSession, item: Interaction, files: list[File]) -> dict[str, Any]:
@@ -117,8 +119,9 @@ def _interaction_json(db: DBSession, item: Interaction, files: list[File]) -> di
     return body
 
 
-def session_json(db: DBSession, session: Session, *, detail: bool = True) -> dict[str, Any]:
-    """A session as its owner sees it; with `detail`, every interaction too."""
+def session_json(db: DBSession, session: Session, *, detail: bool = True,
+                 files: list[File] | None = None) -> dict[str, Any]:
+    """A session as its owner sees it; with `detail`, every interaction too (and `files`, if known)."""
     last = session.interactions[-1] if session.interactions else None
     body: dict[str, Any] = {
         "id": session.id, "name": session.name, "mode": session.mode.value, "type": session.type.value,
@@ -127,10 +130,13 @@ def session_json(db: DBSession, session: Session, *, detail: bool = True) -> dic
         "last_event_seq": session.event_seq,
     }
     if detail:
-        files: dict[int | None, list[File]] = {}
-        for f in db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)):
-            files.setdefault(f.interaction_id, []).append(f)
-        body["interactions"] = [_interaction_json(db, i, files.get(i.id, [])) for i in session.interactions]
+        if files is None:
+            files = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
+        by_interaction: dict[int | None, list[File]] = {}
+        for f in files:
+            by_interaction.setdefault(f.interaction_id, []).append(f)
+        body["interactions"] = [_interaction_json(db, i, by_interaction.get(i.id, []))
+                                for i in session.interactions]
     return body
 
 

@@ -85,7 +85,7 @@ def enqueue(db: DBSession, *, interaction: Interaction, user_id: int, input: dic
             params: dict[str, Any], priority: int, max_attempts: int) -> Task:
     """Queue the task that will produce `interaction`."""
     session = interaction.session
-    task = Task(session_id=session.id, interaction_id=interaction.id, user_id=user_id, mode=session.mode,
+    task = Task(session_id=session.id, interaction=interaction, user_id=user_id, mode=session.mode,
                 type=session.type, model_name=session.model_name, priority=priority, input=input,
                 params=params, max_attempts=max_attempts)
     db.add(task)
@@ -123,8 +123,7 @@ def claim(database: Database, filt: QueueFilter, *, runner: str, runner_token_id
             .returning(Task).execution_options(synchronize_session=False)).one_or_none()
         if task is None:
             return None
-        db.execute(update(Interaction).where(Interaction.id == task.interaction_id)
-                   .values(state=InteractionState.RUNNING))
+        _update_reply(db, task, state=InteractionState.RUNNING)
         events.state_event(db, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
     logger.info("task %s: claimed by %s (attempt %s)", task.id, runner, task.attempt)
     return task, lease
@@ -208,7 +207,7 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
             if progress:
                 values["progress"] = {k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}
             if values:
-                db.execute(update(Interaction).where(Interaction.id == task.interaction_id).values(**values))
+                _update_reply(db, task, **values)
             events.append(db, session_id=task.session_id, task_id=task.id,
                           interaction_id=task.interaction_id, attempt=task.attempt,
                           items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
@@ -226,11 +225,10 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
         _check_lease(task, token, now)
         task.status, task.result, task.finished_at = TaskStatus.COMPLETE, result, now
         task.lease_expires_at = None
-        interaction = task.interaction
-        interaction.state, interaction.result = InteractionState.COMPLETE, result
-        interaction.finished_at = now
+        reply: dict[str, Any] = {"state": InteractionState.COMPLETE, "result": result, "finished_at": now}
         if isinstance(result.get("text"), str):
-            interaction.output = result["text"]
+            reply["output"] = result["text"]
+        _update_reply(db, task, **reply)
         events.state_event(db, task, InteractionState.COMPLETE.value)
     logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
 
@@ -269,20 +267,23 @@ def release(database: Database, task_id: int, token: str) -> None:
     logger.info("task %s: released by its runner", task_id)
 
 
+def _update_reply(db: DBSession, task: Task, **values: Any) -> None:
+    """Change the reply interaction of `task` without loading it."""
+    db.execute(update(Interaction).where(Interaction.id == task.interaction_id).values(**values))
+
+
 def _requeue(db: DBSession, task: Task, now: datetime, reason: str) -> None:
     # Keeps its id and priority, so it goes back to its old place in line, not to the end.
     task.status, task.error, task.queued_at, task.lease_expires_at = TaskStatus.QUEUED, reason, now, None
-    interaction = task.interaction
     # The next attempt streams the reply from the start; clients drop the partial text on this event.
-    interaction.state, interaction.output, interaction.progress = InteractionState.QUEUED, "", None
+    _update_reply(db, task, state=InteractionState.QUEUED, output="", progress=None)
     events.state_event(db, task, InteractionState.QUEUED.value, reason=reason, attempts_used=task.attempt)
     publish(db, queue_topic(task.mode.value, task.type.value, task.model_name), 1)
 
 
 def _finish_error(db: DBSession, task: Task, now: datetime, status: TaskStatus, error: str) -> None:
     task.status, task.error, task.finished_at, task.lease_expires_at = status, error, now, None
-    interaction = task.interaction
-    interaction.state, interaction.error, interaction.finished_at = InteractionState.ERROR, error, now
+    _update_reply(db, task, state=InteractionState.ERROR, error=error, finished_at=now)
     events.state_event(db, task, InteractionState.ERROR.value, error=error, task_status=status.value)
 
 
@@ -343,8 +344,7 @@ def cancel(database: Database, session_id: int) -> Task:
         if task is None:
             raise NotCancellable(f"Session {session_id} has nothing queued or running to cancel.")
         task.status, task.cancelled_at, task.finished_at = TaskStatus.CANCELLED, now, now
-        interaction = task.interaction
-        interaction.state, interaction.finished_at = InteractionState.CANCELLED, now
+        _update_reply(db, task, state=InteractionState.CANCELLED, finished_at=now)
         events.state_event(db, task, InteractionState.CANCELLED.value)
     logger.info("task %s: cancelled by its user", task.id)
     return task

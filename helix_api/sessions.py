@@ -44,11 +44,10 @@ def create_session():
     type_ = parse_type(field(body, "type", str, required=False, default="text"))
     catalog: Catalog = current_app.extensions["helix_catalog"]
     model = catalog.get(field(body, "model_name", str), type_.value)
-    session_id = conversations.create(
+    return conversations.create(
         get_db(), user_id=g.caller.id, mode=mode, type_=type_, model_name=model.name,
         message=_message(body), params=_params(body), name=field(body, "name", str, required=False),
-        policy=_policy())
-    return _show(session_id, 201)
+        policy=_policy()), 201
 
 
 @bp.get("")
