@@ -36,6 +36,7 @@ import os
 import platform
 import queue
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -169,11 +170,13 @@ class Latency:
     lost: int = 0  # samples whose claim never came back in time
     errors: int = 0
     seconds: float = 0.0
+    idle_cpu_pct: float | None = None  # API CPU while the runners wait and nothing is queued
 
     def summary(self) -> dict[str, Any]:
         """p50/p99 of both measures, and the counts."""
         out: dict[str, Any] = {"label": self.label, "samples": len(self.sent_ms), "lost": self.lost,
-                               "errors": self.errors, "seconds": round(self.seconds, 1)}
+                               "errors": self.errors, "seconds": round(self.seconds, 1),
+                               "idle_cpu_pct": self.idle_cpu_pct}
         for name, values in (("sent", self.sent_ms), ("acked", self.acked_ms)):
             if values:
                 out[f"{name}_p50_ms"] = percentile(values, 50)
@@ -187,11 +190,15 @@ class Throughput:
     """A full-cycle throughput run."""
 
     tasks: int
+    created: int = 0
     completed: int = 0
     seconds: float = 0.0
     create_seconds: float = 0.0  # first create sent -> last create acknowledged
     errors: int = 0
     note: str = ""
+    server_cpu_ms: float | None = None  # API (or Celery worker) CPU per completed task
+    client_cpu_ms: float | None = None  # this benchmark's producers and runners, per completed task
+    producer_messages: list = field(default_factory=list, repr=False)
 
     @property
     def per_second(self) -> float:
@@ -213,6 +220,7 @@ class TreeMemory:
         self.every = every
         self.peak_sum = 0
         self.peak_worker = 0
+        self.peak_master = 0
         self.peak_pss = 0
         self.processes = 0
         self.phases: dict[str, dict[str, float]] = {}
@@ -242,11 +250,24 @@ class TreeMemory:
             total += info.rss
             if proc.pid != self.root.pid:
                 worker = max(worker, info.rss)
+            else:
+                self.peak_master = max(self.peak_master, info.rss)
         self.peak_sum = max(self.peak_sum, total)
         self.peak_worker = max(self.peak_worker, worker)
         self.peak_pss = max(self.peak_pss, pss)
         self.processes = max(self.processes, len(tree))
         return {"rss_sum_mb": total / 2**20, "worker_rss_mb": worker / 2**20, "pss_sum_mb": pss / 2**20}
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the live processes of the tree."""
+        total = 0.0
+        for proc in self._tree():
+            try:
+                times = proc.cpu_times()
+            except self._psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
     def phase_end(self, label: str) -> None:
         """Record a full sample at the end of a phase."""
@@ -262,6 +283,7 @@ class TreeMemory:
         self._stop.set()
         self._thread.join(timeout=2)
         return {"rss_sum_mb": self.peak_sum / 2**20, "worker_rss_mb": self.peak_worker / 2**20,
+                "master_rss_mb": self.peak_master / 2**20,
                 "pss_sum_mb": self.peak_pss / 2**20, "processes": self.processes, "phases": self.phases}
 
 
@@ -302,7 +324,7 @@ def _runner_thread(cfg: dict[str, Any], index: int, stop: Any, out: Any, counter
         poll_now = False
         try:
             status, body = client.request("GET", path)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             errors += 1
             logger.debug("%s: claim failed: %r", name, exc)
             if stop.is_set():
@@ -324,7 +346,7 @@ def _runner_thread(cfg: dict[str, Any], index: int, stop: Any, out: Any, counter
             done_status, _ = client.request(
                 "POST", f"{CLAIM_PATH}/{task['id']}/complete",
                 {"lease_token": body["lease"]["token"], "result": {"text": "ok"}}, parse=False)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             done_status = 0
         t2 = time.monotonic()
         if done_status != 200:
@@ -350,12 +372,19 @@ def runner_process(cfg: dict[str, Any], threads: int, stop: Any, out: Any, count
                for i in range(threads)]
     for w in workers:
         w.start()
+    ready = _cpu()
     out.put(("ready", os.getpid()))
     for w in workers:
         w.join()
+    out.put(("cpu", _cpu() - ready))  # the load's CPU, not the interpreter's start-up
 
 
-def _producer_thread(cfg: dict[str, Any], count: int, go: Any, out: Any) -> None:
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _producer_thread(cfg: dict[str, Any], count: int, go: Any, halt: Any, out: Any) -> None:
     client = Http(cfg["host"], cfg["port"], cfg["key"])
     body = _session_body(cfg["model"])
     ok = errors = 0
@@ -363,9 +392,11 @@ def _producer_thread(cfg: dict[str, Any], count: int, go: Any, out: Any) -> None
     go.wait()
     first = time.monotonic()
     for _ in range(count):
+        if halt.is_set():  # the time cap: stop creating, the runners drain what is queued
+            break
         try:
             status, _ = client.request("POST", SESSIONS_PATH, body, parse=False)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             status = 0
         if status == 201:
             ok += 1
@@ -375,14 +406,17 @@ def _producer_thread(cfg: dict[str, Any], count: int, go: Any, out: Any) -> None
     client.close()
 
 
-def producer_process(cfg: dict[str, Any], counts: list[int], go: Any, out: Any) -> None:
+def producer_process(cfg: dict[str, Any], counts: list[int], go: Any, halt: Any, out: Any) -> None:
     """A process with one producer thread per entry of `counts` (sessions each creates)."""
-    workers = [threading.Thread(target=_producer_thread, args=(cfg, n, go, out), daemon=True) for n in counts]
+    workers = [threading.Thread(target=_producer_thread, args=(cfg, n, go, halt, out), daemon=True)
+               for n in counts]
     for w in workers:
         w.start()
+    ready = _cpu()
     out.put(("ready", os.getpid()))
     for w in workers:
         w.join()
+    out.put(("cpu", _cpu() - ready))  # the load's CPU, not the interpreter's start-up
 
 
 def _spread(total: int, parts: int) -> list[int]:
@@ -444,6 +478,8 @@ class HelixApi:
         env["HELIX_DATA_DIR"] = str(self.workdir / "data")
         self.env = env
         self.key = self.token = ""
+        self.threads_note = ""
+        self.workers = self.threads = 0
 
     # database and credentials
 
@@ -488,10 +524,12 @@ class HelixApi:
 
     # server
 
-    def start(self) -> None:
+    def start(self, threads: int | None = None) -> None:
         """Start `helix serve` and wait for /healthz."""
         cmd = [*_console_script("helix"), "--log-level", self.args.api_log_level, "serve",
-               "--host", self.host, "--port", str(self.port), "--threads", str(self.args.api_threads)]
+               "--host", self.host, "--port", str(self.port)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         if self.args.api_workers:
             cmd += ["--workers", str(self.args.api_workers)]
         self.command = shlex.join(cmd)
@@ -516,6 +554,22 @@ class HelixApi:
             if line.startswith("Helix API on"):
                 self.banner = line.strip()
         logger.info("started: %s  [%s]", self.command, self.banner or "?")
+        match = re.search(r"(\d+) process\(es\) x (\d+) threads", self.banner)
+        self.workers, self.threads = (int(match[1]), int(match[2])) if match else (0, 0)
+
+    def start_with_threads(self, needed: int) -> None:
+        """Start with helix's defaults, or with more threads if a process has fewer than `needed`.
+
+        Every waiting long-poll holds a gunicorn thread; with fewer threads than waiting runners a
+        create request queues behind the long-polls until one times out (up to 30 s).
+        """
+        self.start(self.args.api_threads)
+        if not self.args.api_threads and self.threads and self.threads < needed:
+            logger.warning("helix serve defaults to %d threads per process, fewer than the %d this run "
+                           "keeps busy; restarting it with --threads %d", self.threads, needed, needed)
+            self.threads_note = f"--threads raised from the default {self.threads} to {needed}"
+            self.stop()
+            self.start(needed)
 
     def stop(self) -> None:
         """Stop the server (gracefully, then by force)."""
@@ -588,7 +642,7 @@ def _stop_runners(api: HelixApi, procs: list[Any], runners: int, model: str, sto
 
 
 def measure_latency(ctx: Any, api: HelixApi, *, model: str, runners: int, mode: str, samples: int,
-                    warmup: int) -> Latency:
+                    warmup: int, monitor: TreeMemory | None = None) -> Latency:
     """Create one task at a time while `runners` wait; time create sent -> claim received."""
     label = f"{'long' if mode == 'long' else 'short'}-poll, {runners} runner(s)"
     result = Latency(label)
@@ -596,7 +650,11 @@ def measure_latency(ctx: Any, api: HelixApi, *, model: str, runners: int, mode: 
     counter = ctx.Value("q", 0)
     cfg = api.runner_cfg(model=model, mode=mode, wait=30, period=SHORT_POLL_PERIOD, purpose="latency")
     procs = _start_runners(ctx, cfg, runners, out, stop, counter)
-    time.sleep(1.0 if mode == "long" else 0.2)  # let every long-poll reach the server
+    time.sleep(0.5)  # let every long-poll reach the server
+    if monitor is not None:  # what waiting runners cost the API while nothing is queued
+        cpu0, t0 = monitor.cpu_seconds(), time.monotonic()
+        time.sleep(1.5)
+        result.idle_cpu_pct = 100 * (monitor.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     client = api.user_client()
     client.connect()
     body = _session_body(model)
@@ -611,7 +669,7 @@ def measure_latency(ctx: Any, api: HelixApi, *, model: str, runners: int, mode: 
         t0 = time.monotonic()
         try:
             status, created = client.request("POST", SESSIONS_PATH, body)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             logger.warning("create failed: %r", exc)
             result.errors += 1
             continue
@@ -647,10 +705,14 @@ def measure_latency(ctx: Any, api: HelixApi, *, model: str, runners: int, mode: 
 
 
 def measure_throughput(ctx: Any, api: HelixApi, *, model: str, tasks: int, runners: int,
-                       producers: int) -> Throughput:
-    """`producers` create `tasks` sessions flat out while `runners` long-poll, claim and complete."""
+                       producers: int, cap: float, monitor: TreeMemory | None = None) -> Throughput:
+    """`producers` create `tasks` sessions flat out while `runners` long-poll, claim and complete.
+
+    Creating stops after `cap` seconds if the tasks are not all created by then; the runners still
+    complete every task that was created, and the rate counts those.
+    """
     result = Throughput(tasks)
-    out, stop, go = ctx.Queue(), ctx.Event(), ctx.Event()
+    out, stop, go, halt = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event()
     counter = ctx.Value("q", 0)
     cfg = api.runner_cfg(model=model, mode="long", wait=30, purpose="count")
     runner_procs = _start_runners(ctx, cfg, runners, out, stop, counter)
@@ -658,7 +720,7 @@ def measure_throughput(ctx: Any, api: HelixApi, *, model: str, tasks: int, runne
     per_thread = _spread(tasks, producers)
     split = (producers + 3) // 4  # up to 4 producer threads per process
     for chunk in (per_thread[i::split] for i in range(split)):
-        proc = ctx.Process(target=producer_process, args=(cfg, chunk, go, out), daemon=True)
+        proc = ctx.Process(target=producer_process, args=(cfg, chunk, go, halt, out), daemon=True)
         proc.start()
         producer_procs.append(proc)
     ready = 0
@@ -666,39 +728,70 @@ def measure_throughput(ctx: Any, api: HelixApi, *, model: str, tasks: int, runne
         msg = out.get(timeout=60)
         ready += msg[0] == "ready"
     time.sleep(1.0)  # runners are in their long-polls
+    cpu0 = monitor.cpu_seconds() if monitor else 0.0
     go.set()
     started = time.monotonic()
-    timeout = max(120.0, tasks / 20.0)
+    timeout = cap + 60.0
     last_report, last_value = started, 0
-    while counter.value < tasks and time.monotonic() - started < timeout:
+    created: int | None = None
+    while counter.value < (created if created is not None else tasks) and time.monotonic() - started < timeout:
         time.sleep(0.05)
+        if created is None and time.monotonic() - started >= cap:
+            halt.set()
+            created = _created_after_halt(out, producer_procs, result)
+            logger.info("  time cap of %.0fs: %d of %d sessions were created; draining them", cap,
+                        created, tasks)
         if time.monotonic() - last_report >= 5:
             value = counter.value
             logger.info("  ... %d/%d complete (%.0f/s over the last 5 s)", value, tasks,
                         (value - last_value) / (time.monotonic() - last_report))
             last_report, last_value = time.monotonic(), value
-    if counter.value < tasks:
-        result.note = f"timed out after {timeout:.0f}s with {counter.value} complete"
+    cpu1 = monitor.cpu_seconds() if monitor else 0.0
+    expected = created if created is not None else tasks
+    if created is not None:
+        result.note = f"capped at {cap:.0f}s: {created} of {tasks} created"
+    if counter.value < expected:
+        result.note += f"; timed out with {counter.value} of {expected} complete"
         logger.warning("throughput: %s", result.note)
     for proc in producer_procs:
         proc.join(timeout=30)
-    messages = _drain(out, timeout=0.2)
+    messages = result.producer_messages + _drain(out, timeout=0.2)
     messages += _stop_runners(api, runner_procs, runners, model, stop, out, long_poll=True)
     firsts, last_creates, last_dones = [], [], []
+    client_cpu = 0.0
     for msg in messages:
         if msg[0] == "producer_done":
             firsts.append(msg[1])
             last_creates.append(msg[2])
+            result.created += msg[3]
             result.errors += msg[4]
         elif msg[0] == "runner_done":
             result.completed += msg[1]
             if msg[1]:
                 last_dones.append(msg[2])
             result.errors += msg[3]
+        elif msg[0] == "cpu":
+            client_cpu += msg[1]
     if firsts and last_dones:
         result.seconds = max(last_dones) - min(firsts)
         result.create_seconds = max(last_creates) - min(firsts)
+    if result.completed:
+        if monitor:
+            result.server_cpu_ms = 1000 * (cpu1 - cpu0) / result.completed
+        result.client_cpu_ms = 1000 * client_cpu / result.completed
     return result
+
+
+def _created_after_halt(out: Any, producer_procs: list[Any], result: Throughput) -> int:
+    """Wait for every producer thread to stop and say how many sessions they created in all."""
+    for proc in producer_procs:
+        proc.join(timeout=60)
+    created = 0
+    for msg in _drain(out, timeout=0.2):
+        if msg[0] == "producer_done":
+            created += msg[3]
+        result.producer_messages.append(msg)
+    return created
 
 
 def run_helix(backend: str, ctx: Any, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -709,9 +802,10 @@ def run_helix(backend: str, ctx: Any, workdir: Path, args: argparse.Namespace) -
     memory = None
     try:
         api.setup()
-        api.start()
+        # every waiting runner holds a thread; on PostgreSQL they spread (unevenly) over the workers
+        api.start_with_threads(max(args.runners) + 16)
         memory = TreeMemory(api.proc.pid)
-        out["server"] = api.banner
+        out["server"] = api.banner + (f"; {api.threads_note}" if api.threads_note else "")
         out["command"] = api.command
         memory.phase_end("start")
         for mode in [m for m in ("long", "short") if m in args.phases]:
@@ -719,7 +813,7 @@ def run_helix(backend: str, ctx: Any, workdir: Path, args: argparse.Namespace) -
                 samples = args.samples if mode == "long" else args.short_samples
                 logger.info("%s: %s-poll latency, %d runner(s), %d samples", backend, mode, n, samples)
                 lat = measure_latency(ctx, api, model=f"bench/{mode}-{n}", runners=n, mode=mode,
-                                      samples=samples, warmup=args.warmup)
+                                      samples=samples, warmup=args.warmup, monitor=memory)
                 out[mode][n] = lat.summary()
                 logger.info("  %s", _fmt_summary(out[mode][n]))
                 memory.phase_end(f"{mode}-poll x{n}")
@@ -728,10 +822,14 @@ def run_helix(backend: str, ctx: Any, workdir: Path, args: argparse.Namespace) -
         logger.info("%s: throughput, %d tasks, %d runners, %d producers", backend, args.tasks,
                     THROUGHPUT_RUNNERS, args.producers)
         tput = measure_throughput(ctx, api, model="bench/throughput", tasks=args.tasks,
-                                  runners=THROUGHPUT_RUNNERS, producers=args.producers)
+                                  runners=THROUGHPUT_RUNNERS, producers=args.producers,
+                                  cap=args.max_seconds, monitor=memory)
+        tput.producer_messages = []
         out["throughput"] = {**asdict(tput), "per_second": tput.per_second}
-        logger.info("  %d/%d cycles in %.2fs = %.0f/s (creates done after %.2fs), %d errors",
-                    tput.completed, tput.tasks, tput.seconds, tput.per_second, tput.create_seconds, tput.errors)
+        logger.info("  %d/%d cycles in %.2fs = %.0f/s (creates done after %.2fs), %d errors; CPU per cycle: "
+                    "API %.2f ms, benchmark clients %.2f ms", tput.completed, tput.tasks, tput.seconds,
+                    tput.per_second, tput.create_seconds, tput.errors, tput.server_cpu_ms or 0,
+                    tput.client_cpu_ms or 0)
         memory.phase_end("throughput")
     except Exception:
         logger.error("%s run failed; API log tail:\n%s", backend, api.log_tail())
@@ -749,7 +847,8 @@ def _fmt_summary(s: dict[str, Any]) -> str:
         return f"{s['label']}: no samples (lost {s['lost']}, errors {s['errors']})"
     return (f"{s['label']}: sent->claim p50 {s['sent_p50_ms']:.2f} ms p99 {s['sent_p99_ms']:.2f} ms "
             f"max {s['sent_max_ms']:.1f} ms; acked->claim p50 {s['acked_p50_ms']:.2f} ms; "
-            f"n={s['samples']} lost={s['lost']} errors={s['errors']} in {s['seconds']}s")
+            f"n={s['samples']} lost={s['lost']} errors={s['errors']} in {s['seconds']}s; idle API CPU "
+            f"{s['idle_cpu_pct'] if s.get('idle_cpu_pct') is not None else float('nan'):.1f}%")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -842,9 +941,11 @@ def run_celery(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
         logger.info("celery: throughput, %d tasks", args.tasks)
         tput = Throughput(args.tasks)
+        cpu0, own0 = memory.cpu_seconds(), os.times()
         t_first = time.time()
         results = [noop.apply_async() for _ in range(args.tasks)]
         t_sent = time.time()
+        tput.created = len(results)
         keys = [f"celery-task-meta-{r.id}" for r in results]
         deadline = time.monotonic() + max(120.0, args.tasks / 20.0)
         done = 0
@@ -853,6 +954,7 @@ def run_celery(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             if done >= len(keys):
                 break
             time.sleep(0.05)
+        cpu1, own1 = memory.cpu_seconds(), os.times()
         last_done = 0.0
         for i in range(0, len(keys), 1000):
             for raw in rds.mget(keys[i:i + 1000]):
@@ -865,6 +967,9 @@ def run_celery(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 tput.completed += 1
                 last_done = max(last_done, datetime.fromisoformat(meta["date_done"]).timestamp())
         tput.seconds = last_done - t_first if last_done else 0.0
+        if tput.completed:
+            tput.server_cpu_ms = 1000 * (cpu1 - cpu0) / tput.completed
+            tput.client_cpu_ms = 1000 * ((own1.user + own1.system) - (own0.user + own0.system)) / tput.completed
         tput.create_seconds = t_sent - t_first
         if done < len(keys):
             tput.note = f"timed out with {done} complete"
@@ -932,6 +1037,17 @@ def _versions(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "helix_api", "migrations"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"git {rev}" + (" + uncommitted changes under helix_api/ or migrations/" if dirty else "")
+
+
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
@@ -969,6 +1085,7 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
                f"Linux {machine['kernel']}, Python {machine['python']}, SQLite {machine['sqlite']}; "
                f"load avg at start {machine['loadavg']}, at end {[round(x, 2) for x in os.getloadavg()]}")
     out.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    out.append(f"code: {_git_revision()}")
     for name, res in (("SQLite", sq), ("PostgreSQL", pg)):
         if res:
             out.append(f"Helix {name}: {res.get('command', '?')}  [{res.get('server', '')}]")
@@ -991,7 +1108,8 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
     out.append(f"  throughput: {args.tasks} sessions created flat out by {args.producers} producer threads "
                f"in {(args.producers + 3) // 4} process(es), while {THROUGHPUT_RUNNERS} runner threads "
                f"({tput_layout} per process) long-poll, claim and complete; cycles/s = completed / "
-               "(first create sent -> last complete acknowledged).")
+               "(first create sent -> last complete acknowledged); Helix producers stop creating after "
+               f"{args.max_seconds:g} s and the runners drain what was created.")
     out.append(f"  Celery: prefork worker, --concurrency {THROUGHPUT_RUNNERS}, broker and result backend "
                f"{args.redis_url}, default acks (early) and prefetch (4); latency = .apply_async() called "
                "-> task body started (time.time() in the body); throughput = apply_async x N from one "
@@ -1042,9 +1160,27 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
         return res["throughput"]["per_second"] if res and "throughput" in res else None
 
     s, p, c = tput(sq), tput(pg), tput(ce)
-    rows.append([f"full cycles/s ({args.tasks} tasks, 8 runners)", _num(s), _num(p), _num(c), _ratio(s, c),
+    rows.append([f"full cycles/s (8 runners; {args.tasks} tasks, Helix capped at {args.max_seconds:g} s)",
+                 _num(s), _num(p), _num(c), _ratio(s, c),
                  _ratio(p, c), f">= {TARGETS['sqlite_cycles']:g}/s (SQLite)",
                  verdict(TARGETS["sqlite_cycles"], [("SQLite", s)], higher_better=True)])
+
+    def tput_cpu(res: dict | None, key: str) -> float | None:
+        return res["throughput"].get(key) if res and "throughput" in res else None
+
+    s, p, c = (tput_cpu(r, "server_cpu_ms") for r in (sq, pg, ce))
+    rows.append(["  API CPU ms per cycle (Celery: worker; DB/Redis excluded)", _ms(s), _ms(p), _ms(c),
+                 _ratio(s, c), _ratio(p, c), "", ""])
+    s, p, c = (tput_cpu(r, "client_cpu_ms") for r in (sq, pg, ce))
+    rows.append(["  benchmark client CPU ms per cycle", _ms(s), _ms(p), _ms(c), "", "", "", ""])
+    for mode, title in (("long", "long-poll"), ("short", "short-poll")):
+        def idle(res: dict | None, mode: str = mode) -> str:
+            if not res or not res.get(mode):
+                return "-"
+            return "/".join(_num(res[mode][n].get("idle_cpu_pct")) if n in res[mode] else "-"
+                            for n in args.runners)
+        rows.append([f"idle API CPU %, {title}, {'/'.join(map(str, args.runners))} runners", idle(sq),
+                     idle(pg), "", "", "", "", ""])
 
     def mem(res: dict | None, key: str) -> float | None:
         return res["memory"][key] if res and "memory" in res else None
@@ -1054,6 +1190,8 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
                  f"<= {TARGETS['rss_mb']:g} MB", verdict(TARGETS["rss_mb"], [("SQLite", s), ("PG", p)], False)])
     s, p, c = mem(sq, "worker_rss_mb"), mem(pg, "worker_rss_mb"), mem(ce, "worker_rss_mb")
     rows.append(["  largest worker RSS MB", _num(s), _num(p), _num(c), "", "", "", ""])
+    s, p, c = mem(sq, "master_rss_mb"), mem(pg, "master_rss_mb"), mem(ce, "master_rss_mb")
+    rows.append(["  master (arbiter) RSS MB", _num(s), _num(p), _num(c), "", "", "", ""])
     s, p, c = mem(sq, "pss_sum_mb"), mem(pg, "pss_sum_mb"), mem(ce, "pss_sum_mb")
     rows.append(["  PSS MB, master+workers (shared pages split)", _num(s), _num(p), _num(c), "", "", "", ""])
     s, p, c = mem(sq, "processes"), mem(pg, "processes"), mem(ce, "processes")
@@ -1068,20 +1206,21 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
         if not res:
             continue
         for mode in ("long", "short"):
-            for n, summ in res.get(mode, {}).items():
+            for summ in res.get(mode, {}).values():
                 if summ.get("lost") or summ.get("errors"):
                     problems.append(f"{name} {summ['label']}: lost {summ['lost']}, errors {summ['errors']}")
         if res.get("latency", {}).get("lost"):
             problems.append(f"{name} latency: lost {res['latency']['lost']}")
         t = res.get("throughput")
-        if t and (t["errors"] or t["completed"] != t["tasks"] or t.get("note")):
-            problems.append(f"{name} throughput: {t['completed']}/{t['tasks']} completed, {t['errors']} "
-                            f"errors {t.get('note', '')}")
+        if t and (t["errors"] or t["completed"] != t["created"] or "timed out" in t.get("note", "")):
+            problems.append(f"{name} throughput: {t['completed']} of {t['created']} created completed, "
+                            f"{t['errors']} errors {t.get('note', '')}")
     for name, res in backends + [("Celery", ce)]:
         if res and "throughput" in res:
             t = res["throughput"]
-            out.append(f"{name} throughput detail: {t['completed']}/{t['tasks']} in {t['seconds']:.2f} s; "
-                       f"all creates/sends done after {t['create_seconds']:.2f} s")
+            out.append(f"{name} throughput detail: {t['completed']} completed of {t['created']} created "
+                       f"({t['tasks']} asked{'; ' + t['note'] if t.get('note') else ''}) in {t['seconds']:.2f} s; "
+                       f"the last create/send was done after {t['create_seconds']:.2f} s")
     out.append("problems: " + ("; ".join(problems) if problems else "none (every task claimed once and "
                                                                       "completed, no HTTP errors)"))
     out.append(f"total benchmark time: {elapsed:.0f} s")
@@ -1091,6 +1230,8 @@ def build_report(results: dict[str, Any], args: argparse.Namespace, machine: dic
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return str(value)
     return f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
 
 
@@ -1112,12 +1253,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runners", default="1,10,100", help="idle runner counts for the latency rows")
     p.add_argument("--samples", type=int, default=None, help="long-poll latency samples per row (200; 50)")
     p.add_argument("--short-samples", type=int, default=None,
-                   help="short-poll latency samples per row (30; 10): each costs up to a second with 1 runner")
+                   help="short-poll latency samples per row (15; 10): each costs up to a second with 1 runner")
     p.add_argument("--warmup", type=int, default=None, help="discarded warm-up samples per row (10; 5)")
     p.add_argument("--producers", type=int, default=8, help="producer threads in the throughput run")
+    p.add_argument("--max-seconds", type=float, default=15.0,
+                   help="stop creating after this long in a Helix throughput run (the runners still "
+                        "complete what was created); keeps a slow API from running for minutes")
     p.add_argument("--api-threads", type=int, default=None,
-                   help="helix serve --threads (default: max(64, most runners + 32), as every long-poll "
-                        "holds a thread)")
+                   help="helix serve --threads (default: helix's own, raised to most runners + 16 when it "
+                        "is lower, as every waiting long-poll holds a thread)")
     p.add_argument("--api-workers", type=int, default=None, help="helix serve --workers (default: helix's)")
     p.add_argument("--api-log-level", default="INFO", help="helix --log-level for the server")
     p.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL,
@@ -1138,9 +1282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--runners: positive integers")
     args.tasks = args.tasks or (1000 if args.quick else 5000)
     args.samples = args.samples or (50 if args.quick else 200)
-    args.short_samples = args.short_samples or (10 if args.quick else 30)
+    args.short_samples = args.short_samples or (10 if args.quick else 15)
     args.warmup = args.warmup if args.warmup is not None else (5 if args.quick else 10)
-    args.api_threads = args.api_threads or max(64, max(args.runners) + 32)
     return args
 
 

@@ -44,8 +44,8 @@ def main(log_level: str) -> None:
 @click.option("--workers", type=int, default=None,
               help="Processes (default: 1 on SQLite, which serialises writes anyway; one per core on "
               "PostgreSQL).")
-@click.option("--threads", default=64, show_default=True, type=int,
-              help="Threads per process: each long-poll or event stream holds one while it waits.")
+@click.option("--threads", default=256, show_default=True, type=int,
+              help="Threads per process: each waiting runner (long-poll) or event stream holds one.")
 def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     """Serve the API with gunicorn."""
     from gunicorn.app.base import BaseApplication

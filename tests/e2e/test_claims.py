@@ -31,8 +31,8 @@ CLAIMERS = 16
 @pytest.mark.timeout(240)
 def test_16_concurrent_claimers_claim_each_of_2000_tasks_exactly_once(api_server):
     server = api_server(lease_seconds=120)
-    user = server.user_headers()
-    runner = bearer(server.create_runner_token())
+    user = server.user
+    runner = bearer(server.runner_token)
 
     started = time.monotonic()
     local = threading.local()
@@ -50,6 +50,7 @@ def test_16_concurrent_claimers_claim_each_of_2000_tasks_exactly_once(api_server
     assert server.sql("SELECT count(*) FROM tasks WHERE status = 'queued'") == [(TASKS,)]
 
     claimed: list[tuple[int, int]] = []  # (claimer, task id)
+    empty_polls = Counter()
     lock = threading.Lock()
     errors: list[str] = []
     go = threading.Barrier(CLAIMERS)
@@ -64,6 +65,7 @@ def test_16_concurrent_claimers_claim_each_of_2000_tasks_exactly_once(api_server
                 response = http.get(f"{server.url}{CLAIM_PATH}", params=CLAIM_PARAMS, timeout=30)
                 if response.status_code == 204:
                     with lock:
+                        empty_polls[number] += 1
                         if len(claimed) >= TASKS:
                             return
                     # On PostgreSQL a claimer skips rows others are locking: 204 need not mean empty.
@@ -99,15 +101,16 @@ def test_16_concurrent_claimers_claim_each_of_2000_tasks_exactly_once(api_server
     assert len({number for number, _ in claimed}) == CLAIMERS, "every claimer should have won some tasks"
     rows = server.sql("SELECT status, count(*), min(attempt), max(attempt) FROM tasks GROUP BY status")
     assert rows == [("complete", TASKS, 1, 1)]
-    print(f"created {TASKS} sessions in {created_in:.1f}s; claimed and completed them in {claimed_in:.1f}s")
+    print(f"created {TASKS} sessions in {created_in:.1f}s; claimed and completed them in {claimed_in:.1f}s "
+          f"({sum(empty_polls.values())} empty polls)")
 
 
 @pytest.mark.timeout(60)
 def test_long_polling_runner_gets_a_new_task_at_once(api_server, runner_process):
     # Slow re-checks: only a wake-up, not the safety-net timer, can make the claim this fast.
     server = api_server(recheck_seconds=5)
-    user = server.user_headers()
-    token = server.create_runner_token()
+    user = server.user
+    token = server.runner_token
     runner = bearer(token)
 
     box: dict = {}
@@ -152,10 +155,10 @@ def _as_datetime(value):
 @pytest.mark.timeout(60)
 def test_follow_up_in_an_existing_session_is_claimed_before_a_new_session(api_server, runner_process):
     server = api_server()
-    user = server.user_headers()
-    token = server.create_runner_token()
+    user = server.user
+    token = server.runner_token
     existing = create_session(server, user, "first turn")
-    runner_process(server, token, "warm-up", max_tasks=1).wait(30)
+    assert runner_process(server, token, "warm-up", max_tasks=1).wait(30) == 0
     assert wait_for_reply(server, user, existing["id"], 10)["state"] == "complete"
 
     new = create_session(server, user, "a brand new session")
@@ -167,7 +170,7 @@ def test_follow_up_in_an_existing_session_is_claimed_before_a_new_session(api_se
     assert new_task < follow_up_task  # first in, so only priority puts the follow-up ahead
     assert reply_of(follow_up.json())["queue_position"] == 1
 
-    runner_process(server, token, "worker", max_tasks=2).wait(30)
+    assert runner_process(server, token, "worker", max_tasks=2).wait(30) == 0
     order = [row[0] for row in server.sql(
         "SELECT id FROM tasks WHERE runner = 'worker' ORDER BY claimed_at, id")]
     assert order == [follow_up_task, new_task]
