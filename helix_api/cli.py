@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 
 import click
-from sqlalchemy import select
 
-from . import schema
 from .config import load_settings
-from .db import Database
-from .errors import SchemaOutOfDate
-from .models import Task, TaskStatus
 
+# Only click and the settings at import time: `helix serve`'s process becomes gunicorn's master,
+# which should not carry SQLAlchemy and Alembic in memory for its whole life.
 logger = logging.getLogger(__name__)
+TASK_STATUSES = ("queued", "claimed", "running", "complete", "failed", "dead", "cancelled")
 
 
-def _database(check: bool = True) -> Database:
+def _database(check: bool = True):
+    from . import schema
+    from .db import Database
+    from .errors import SchemaOutOfDate
+
     settings = load_settings()
     database = Database(settings["DATABASE_URL"])
     if check:
@@ -50,9 +53,10 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     """Serve the API with gunicorn."""
     from gunicorn.app.base import BaseApplication
 
-    database = _database()  # refuse to start on an old schema before forking anything
-    dialect = database.dialect
-    database.dispose()
+    # Refuse to start on an old schema before forking anything; a child process does the checking.
+    if subprocess.run([sys.executable, "-m", "helix_api.cli", "db", "check"]).returncode != 0:
+        raise SystemExit(1)
+    dialect = "sqlite" if load_settings()["DATABASE_URL"].startswith("sqlite") else "postgresql"
     if workers is None:
         workers = 1 if dialect == "sqlite" else (os.cpu_count() or 1)
 
@@ -80,9 +84,18 @@ def db() -> None:
 
 
 @db.command()
+def check() -> None:
+    """Exit non-zero, saying what to run, if the schema is behind (or upgrade the embedded default)."""
+    _database().dispose()
+
+
+@db.command()
 @click.option("--revision", default="head", show_default=True)
 def upgrade(revision: str) -> None:
     """Apply Alembic revisions up to REVISION."""
+    from . import schema
+    from .db import Database
+
     settings = load_settings()
     schema.upgrade(settings["DATABASE_URL"], revision)
     database = Database(settings["DATABASE_URL"])
@@ -93,6 +106,8 @@ def upgrade(revision: str) -> None:
 @db.command()
 def current() -> None:
     """Print the database's revision and the code's head."""
+    from . import schema
+
     database = _database(check=False)
     click.echo(f"database: {schema.current_revision(database.engine)}  head: {schema.head_revision()}")
 
@@ -146,10 +161,14 @@ def tasks() -> None:
 
 
 @tasks.command("list")
-@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), default=None)
+@click.option("--status", type=click.Choice(TASK_STATUSES), default=None)
 @click.option("--limit", default=50, show_default=True)
 def tasks_list(status: str | None, limit: int) -> None:
     """The newest tasks, one line each."""
+    from sqlalchemy import select
+
+    from .models import Task, TaskStatus
+
     database = _database()
     stmt = select(Task).order_by(Task.id.desc()).limit(limit)
     if status:

@@ -22,9 +22,10 @@ class Config:
     HEARTBEAT_SECONDS = 10.0
     MAX_ATTEMPTS = 3
     MAX_WAIT_SECONDS = 30.0
-    # How often a long-poll re-reads the queue even without a wake-up (a safety net for work
-    # queued by another process on SQLite, where there is no LISTEN/NOTIFY).
-    RECHECK_SECONDS = 0.5
+    # How often a long-poll or event stream re-reads even without a wake-up: a safety net, as wake-ups
+    # are immediate within a process and across processes on PostgreSQL (LISTEN/NOTIFY). Lower it
+    # when running several API processes on one SQLite file, which have no way to wake each other.
+    RECHECK_SECONDS = 2.0
     # How often expired leases are swept back to the queue (per API process, lazily).
     REAP_SECONDS = 1.0
     SSE_KEEPALIVE_SECONDS = 15.0

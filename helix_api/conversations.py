@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
@@ -19,12 +19,13 @@ from .models import (
     Mode,
     Session,
     SessionType,
-    Task,
     TaskStatus,
     utcnow,
 )
 
 _OPEN_TASK = (TaskStatus.QUEUED, TaskStatus.CLAIMED, TaskStatus.RUNNING)
+_INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
+_INSERT_INTERACTION = insert(Interaction.__table__).returning(*Interaction.__table__.c)
 
 
 def owned(db: DBSession, user_id: int, session_id: int, *, load: bool = False) -> Session:
@@ -56,36 +57,39 @@ def conversation(session: Session) -> list[dict[str, str]]:
     return messages
 
 
-def _add_turn(db: DBSession, session: Session, user_id: int, message: str, params: dict[str, Any],
-              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]]) -> Task:
+def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str, params: dict[str, Any],
+              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]]) -> list[tuple]:
+    """Store the user's message and a queued reply with its task; returns (interaction, task) pairs."""
     now = utcnow()
-    # task=None: known to have none, so showing it later costs no query.
-    db.add(Interaction(session=session, creator=Creator.USER, message=message, params=params,
-                       state=InteractionState.COMPLETE, created_at=now, finished_at=now, task=None))
-    reply = Interaction(session=session, creator=Creator.ASSISTANT, params=params,
-                        state=InteractionState.QUEUED, created_at=now, task=None)
-    db.add(reply)
-    session.updated_at = now
-    db.flush()  # ids for the task
+    asked = db.execute(_INSERT_INTERACTION, {
+        "session_id": session.id, "creator": Creator.USER, "message": message, "params": params,
+        "state": InteractionState.COMPLETE, "output": "", "created_at": now, "finished_at": now}).one()
+    reply = db.execute(_INSERT_INTERACTION, {
+        "session_id": session.id, "creator": Creator.ASSISTANT, "message": "", "params": params,
+        "state": InteractionState.QUEUED, "output": "", "created_at": now, "finished_at": None}).one()
     task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
     if session.type == SessionType.IMAGE:
         task_input["prompt"] = message
-    return scheduler.enqueue(db, interaction=reply, user_id=user_id, input=task_input, params=params,
-                             priority=priority, max_attempts=policy.max_attempts)
+    task = scheduler.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
+                             mode=session.mode, type_=session.type, model_name=session.model_name,
+                             input=task_input, params=params, priority=priority,
+                             max_attempts=policy.max_attempts)
+    return [(asked, None), (reply, task)]
 
 
 def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, model_name: str,
            message: str, params: dict[str, Any], name: str | None,
            policy: scheduler.LeasePolicy) -> dict[str, Any]:
     """Start a session with its first message and queue the task that answers it; returns its JSON."""
-    with database.write() as db:
-        session = Session(user_id=user_id, mode=mode, type=type_, model_name=model_name,
-                          name=(name or message.strip().splitlines()[0])[:200], interactions=[],
-                          created_at=utcnow())
-        db.add(session)
-        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
-        # Shown from what is in hand: a new session has no files and nothing more to read back.
-        return session_json(db, session, files=[])
+    now = utcnow()
+    with database.transaction() as conn:
+        session = conn.execute(_INSERT_SESSION, {
+            "user_id": user_id, "name": (name or message.strip().splitlines()[0])[:200], "mode": mode,
+            "type": type_, "model_name": model_name, "event_seq": 0, "created_at": now,
+            "updated_at": now}).one()
+        turns = _add_turn(conn, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
+        # Shown from what is in hand: a new session has no files, and its one event is "queued".
+        return _session_body(conn, session, turns, files=[], event_seq=1)
 
 
 def add_message(database: Database, *, user_id: int, session_id: int, message: str,
@@ -98,9 +102,10 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
                               "wait for it (GET the session or follow its events) or cancel it.")
         _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy,
                   history=conversation(session))
+        session.updated_at = utcnow()
 
 
-def _interaction_json(db: DBSession, item: Interaction, files: list[File]) -> dict[str, Any]:
+def _interaction_json(db: DBSession | Connection, item: Any, task: Any, files: list[File]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": item.id, "creator": item.creator.value, "state": item.state.value,
         "message": item.message, "params": item.params, "output": item.output, "progress": item.progress,
@@ -109,7 +114,6 @@ def _interaction_json(db: DBSession, item: Interaction, files: list[File]) -> di
         "error": item.error, "created_at": item.created_at.isoformat(),
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
     }
-    task = item.task
     if task is not None:
         body["result"] = item.result
         body["task"] = {"id": task.id, "status": task.status.value, "attempt": task.attempt,
@@ -119,24 +123,35 @@ def _interaction_json(db: DBSession, item: Interaction, files: list[File]) -> di
     return body
 
 
-def session_json(db: DBSession, session: Session, *, detail: bool = True,
-                 files: list[File] | None = None) -> dict[str, Any]:
-    """A session as its owner sees it; with `detail`, every interaction too (and `files`, if known)."""
-    last = session.interactions[-1] if session.interactions else None
+def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] | None, *,
+                  files: list[File] | None, event_seq: int) -> dict[str, Any]:
+    """A session as JSON, from ORM objects or Core rows; `turns` are (interaction, task) pairs."""
     body: dict[str, Any] = {
         "id": session.id, "name": session.name, "mode": session.mode.value, "type": session.type.value,
-        "model_name": session.model_name, "state": last.state.value if last else None,
+        "model_name": session.model_name, "state": None,
         "created_at": session.created_at.isoformat(), "updated_at": session.updated_at.isoformat(),
-        "last_event_seq": session.event_seq,
+        "last_event_seq": event_seq,
     }
+    if turns is None:
+        return body
+    if turns:
+        body["state"] = turns[-1][0].state.value
+    if files is None:
+        files = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
+    by_interaction: dict[int | None, list[File]] = {}
+    for f in files:
+        by_interaction.setdefault(f.interaction_id, []).append(f)
+    body["interactions"] = [_interaction_json(db, i, t, by_interaction.get(i.id, [])) for i, t in turns]
+    return body
+
+
+def session_json(db: DBSession, session: Session, *, detail: bool = True) -> dict[str, Any]:
+    """A session as its owner sees it; with `detail`, every interaction too."""
     if detail:
-        if files is None:
-            files = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
-        by_interaction: dict[int | None, list[File]] = {}
-        for f in files:
-            by_interaction.setdefault(f.interaction_id, []).append(f)
-        body["interactions"] = [_interaction_json(db, i, by_interaction.get(i.id, []))
-                                for i in session.interactions]
+        return _session_body(db, session, [(i, i.task) for i in session.interactions], files=None,
+                             event_seq=session.event_seq)
+    body = _session_body(db, session, None, files=None, event_seq=session.event_seq)
+    body["state"] = session.interactions[-1].state.value if session.interactions else None
     return body
 
 

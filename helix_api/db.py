@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .notifier import CHANNEL, Notifier, notify_payload, take_published
 
 logger = logging.getLogger(__name__)
+
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 def normalize_url(url: str) -> str:
@@ -38,7 +40,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 5)
         kwargs.setdefault("max_overflow", 15)
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # No pool_pre_ping: it costs a round trip per checkout on every request. A connection that died
+    # with a database restart fails one request (a 5xx, which runners retry) and is then replaced.
+    return create_engine(url, pool_recycle=1800, **kwargs)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -81,6 +85,7 @@ class Database:
         if self.engine.dialect.name == "sqlite":
             writer_bind = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._writer = sessionmaker(writer_bind, expire_on_commit=False)
+        self._write_engine = writer_bind
 
     def init_app(self, app: Flask) -> None:
         """Connect to the app's DATABASE_URL and register as its extension."""
@@ -108,13 +113,39 @@ class Database:
         with self._writer() as session:
             with session.begin():
                 yield session
-                topics = take_published(session)
-                if topics and self.dialect == "postgresql":
-                    # NOTIFY is transactional: delivered on commit, dropped on rollback.
-                    session.execute(text("SELECT pg_notify(:channel, :payload)"),
-                                    {"channel": CHANNEL, "payload": notify_payload(topics)})
-            if topics and not self.relayed:
-                self.notifier.notify_many(topics)
+                topics = self._send_topics(session)
+            self._wake(topics)
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A plain connection for reading, cheaper than a session on hot paths."""
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """Like `write()`, on a plain connection: for the hot paths, which use Core statements."""
+        with self._write_engine.connect() as conn:
+            take_published(conn)  # the info dict outlives a checkout: start clean
+            try:
+                with conn.begin():
+                    yield conn
+                    topics = self._send_topics(conn)
+            finally:
+                take_published(conn)
+            self._wake(topics)
+
+    def _send_topics(self, db: Session | Connection) -> dict[str, int]:
+        topics = take_published(db)
+        if topics and self.dialect == "postgresql":
+            # NOTIFY is transactional: delivered on commit, dropped on rollback.
+            db.execute(_NOTIFY, {"channel": CHANNEL, "payload": notify_payload(topics)})
+        return topics
+
+    def _wake(self, topics: dict[str, int]) -> None:
+        if topics and not self.relayed:
+            self.notifier.notify_many(topics)
 
     def listen(self) -> None:
         """On PostgreSQL, relay NOTIFY wake-ups from every API process to this one's waiters."""

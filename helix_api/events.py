@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .db import Database
@@ -17,20 +17,27 @@ from .notifier import publish, session_topic
 KINDS = ("token", "progress", "log", "state")
 BATCH = 500
 
+_SESSIONS, _EVENTS = Session.__table__, TaskEvent.__table__
+# Built once: on the hot paths, building a statement costs more than running it.
+_BUMP_SEQ = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("p_session"))
+             .values(event_seq=_SESSIONS.c.event_seq + bindparam("p_count")).returning(_SESSIONS.c.event_seq))
+_INSERT = insert(_EVENTS)
+_SINCE = (select(_EVENTS).where(_EVENTS.c.session_id == bindparam("p_session"),
+                                _EVENTS.c.seq > bindparam("p_after"))
+          .order_by(_EVENTS.c.seq).limit(bindparam("p_limit")))
 
-def append(db: DBSession, *, session_id: int, task_id: int, interaction_id: int, attempt: int,
+
+def append(db: DBSession | Connection, *, session_id: int, task_id: int, interaction_id: int, attempt: int,
            items: list[tuple[str, dict[str, Any]]]) -> int:
     """Store events in order with the session's next sequence numbers; returns the last one."""
     if not items:
         return 0
     # Bumping the counter locks the session row until commit, so sequence numbers become visible in
     # order and without gaps: a reader that has seen N has seen everything before N.
-    last = db.execute(update(Session).where(Session.id == session_id)
-                      .values(event_seq=Session.event_seq + len(items))
-                      .returning(Session.event_seq)).scalar_one()
+    last = db.execute(_BUMP_SEQ, {"p_session": session_id, "p_count": len(items)}).scalar_one()
     first = last - len(items) + 1
     now = utcnow()
-    db.execute(insert(TaskEvent), [
+    db.execute(_INSERT, [
         {"session_id": session_id, "seq": first + i, "task_id": task_id, "interaction_id": interaction_id,
          "attempt": attempt, "kind": kind, "data": data, "created_at": now}
         for i, (kind, data) in enumerate(items)])
@@ -38,27 +45,25 @@ def append(db: DBSession, *, session_id: int, task_id: int, interaction_id: int,
     return last
 
 
-def state_event(db: DBSession, task, state: str, **data: Any) -> None:
+def state_event(db: DBSession | Connection, task: Any, state: str, **data: Any) -> None:
     """Record that a task's reply changed state (queued, running, complete, error, cancelled)."""
     append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
            attempt=task.attempt, items=[("state", {"state": state, **data})])
 
 
-def since(db: DBSession, session_id: int, after_seq: int, limit: int = BATCH) -> list[TaskEvent]:
+def since(db: DBSession | Connection, session_id: int, after_seq: int, limit: int = BATCH) -> list[Any]:
     """Events of a session after `after_seq`, oldest first."""
-    return list(db.scalars(select(TaskEvent).where(TaskEvent.session_id == session_id,
-                                                   TaskEvent.seq > after_seq)
-                           .order_by(TaskEvent.seq).limit(limit)))
+    return list(db.execute(_SINCE, {"p_session": session_id, "p_after": after_seq, "p_limit": limit}))
 
 
-def to_json(event: TaskEvent) -> dict[str, Any]:
+def to_json(event: Any) -> dict[str, Any]:
     """An event as clients see it."""
     return {"seq": event.seq, "kind": event.kind, "task_id": event.task_id,
             "interaction_id": event.interaction_id, "attempt": event.attempt,
             "created_at": event.created_at.isoformat(), **event.data}
 
 
-def format_sse(event: TaskEvent) -> str:
+def format_sse(event: Any) -> str:
     """One Server-Sent Event; its id is the session sequence number, for Last-Event-ID."""
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(to_json(event))}\n\n"
 
@@ -70,8 +75,8 @@ def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
     quiet_since = time.monotonic()
     with database.notifier.watch(session_topic(session_id)) as watch:
         while True:
-            with database.read() as db:
-                batch = since(db, session_id, after_seq)
+            with database.reading() as conn:
+                batch = since(conn, session_id, after_seq)
             for event in batch:
                 after_seq = event.seq
                 yield format_sse(event)

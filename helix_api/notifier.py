@@ -13,8 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-
-from sqlalchemy.orm import Session as DBSession
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +21,17 @@ CHANNEL = "helix"
 _INFO_KEY = "helix_topics"
 
 
-def publish(db: DBSession, topic: str, count: int = 1) -> None:
-    """Wake `count` waiters on `topic` (0 means all) once this transaction commits."""
+def publish(db: Any, topic: str, count: int = 1) -> None:
+    """Wake `count` waiters on `topic` (0 means all) once `db`'s transaction commits.
+
+    `db` is an ORM session or a Connection of `Database.write()`/`transaction()`.
+    """
     topics: dict[str, int] = db.info.setdefault(_INFO_KEY, {})
     previous = topics.get(topic)
     topics[topic] = 0 if count == 0 or previous == 0 else (previous or 0) + count
 
 
-def take_published(db: DBSession) -> dict[str, int]:
+def take_published(db: Any) -> dict[str, int]:
     """The topics published in this transaction, forgetting them."""
     return db.info.pop(_INFO_KEY, None) or {}
 

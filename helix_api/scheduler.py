@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import JSON, Connection, String, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from . import events
@@ -81,79 +81,120 @@ class LeasePolicy:
     max_attempts: int = 3
 
 
-def enqueue(db: DBSession, *, interaction: Interaction, user_id: int, input: dict[str, Any],
-            params: dict[str, Any], priority: int, max_attempts: int) -> Task:
-    """Queue the task that will produce `interaction`."""
-    session = interaction.session
-    task = Task(session_id=session.id, interaction=interaction, user_id=user_id, mode=session.mode,
-                type=session.type, model_name=session.model_name, priority=priority, input=input,
-                params=params, max_attempts=max_attempts)
-    db.add(task)
-    db.flush()
+_TASKS, _REPLIES = Task.__table__, Interaction.__table__
+_ACTIVE = [s.value for s in ACTIVE_STATUSES]
+
+# Statements built once: on the hot paths, building a statement costs more than running it.
+_QUEUED = and_(_TASKS.c.status == TaskStatus.QUEUED, _TASKS.c.mode == bindparam("p_mode"),
+               _TASKS.c.type == bindparam("p_type"), _TASKS.c.model_name == bindparam("p_model"))
+_HAS_WORK = select(exists().where(_QUEUED))
+
+
+def _claim_statement(skip_locked: bool):
+    candidate = select(_TASKS.c.id).where(_QUEUED).order_by(_TASKS.c.priority, _TASKS.c.id).limit(1)
+    if skip_locked:
+        # Concurrent claimers skip a row another transaction is taking instead of queueing on it.
+        candidate = candidate.with_for_update(skip_locked=True)
+    return (update(_TASKS)
+            .where(_TASKS.c.id == candidate.scalar_subquery(), _TASKS.c.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.CLAIMED, attempt=_TASKS.c.attempt + 1, lease_token=bindparam("p_token"),
+                    lease_expires_at=bindparam("p_expires"), claimed_at=bindparam("p_now"), started_at=None,
+                    runner=bindparam("p_runner"), runner_token_id=bindparam("p_runner_token"), last_event_seq=0)
+            .returning(*_TASKS.c))
+
+
+_CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
+_TASK = {lock: (select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id")).with_for_update() if lock
+                else select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))) for lock in (False, True)}
+_RENEW = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
+          .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
+                  started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
+_SET_SEQ = update(_TASKS).where(_TASKS.c.id == bindparam("p_id")).values(last_event_seq=bindparam("p_seq"))
+_COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
+             .values(status=TaskStatus.COMPLETE, result=bindparam("p_result"), finished_at=bindparam("p_now"),
+                     lease_expires_at=None))
+_REPLY_RUNNING = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                  .values(state=InteractionState.RUNNING))
+_REPLY_DONE = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+               .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
+                       finished_at=bindparam("p_now"), output=bindparam("p_output")))
+_REPLY_DONE_KEEP_OUTPUT = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                           .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
+                                   finished_at=bindparam("p_now")))
+_REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                 .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
+_REPLY_PROGRESS = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                   .values(progress=bindparam("p_progress", type_=JSON)))
+
+
+def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int, user_id: int, mode: Mode,
+            type_: SessionType, model_name: str, input: dict[str, Any], params: dict[str, Any],
+            priority: int, max_attempts: int) -> Any:
+    """Queue the task that will produce reply `interaction_id`; returns its row."""
+    now = utcnow()
+    task = db.execute(insert(_TASKS).returning(*_TASKS.c), {
+        "session_id": session_id, "interaction_id": interaction_id, "user_id": user_id, "mode": mode,
+        "type": type_, "model_name": model_name, "priority": priority, "status": TaskStatus.QUEUED,
+        "input": input, "params": params, "attempt": 0, "max_attempts": max_attempts, "last_event_seq": 0,
+        "created_at": now, "queued_at": now}).one()
     events.state_event(db, task, InteractionState.QUEUED.value)
-    publish(db, queue_topic(session.mode.value, session.type.value, session.model_name), 1)
+    publish(db, queue_topic(mode.value, type_.value, model_name), 1)
     return task
 
 
-def _queued(filt: QueueFilter):
-    return and_(Task.status == TaskStatus.QUEUED, Task.mode == filt.mode, Task.type == filt.type,
-                Task.model_name == filt.model_name)
+def _filter_params(filt: QueueFilter) -> dict[str, Any]:
+    return {"p_mode": filt.mode, "p_type": filt.type, "p_model": filt.model_name}
 
 
 def claim(database: Database, filt: QueueFilter, *, runner: str, runner_token_id: int | None,
-          policy: LeasePolicy) -> tuple[Task, Lease] | None:
-    """Lease the first queued task matching `filt` to `runner`, or None when there is none."""
-    with database.read() as db:
-        # A read first: an empty queue costs no write lock (idle runners poll all the time).
-        if not db.scalar(select(exists().where(_queued(filt)))):
-            return None
+          policy: LeasePolicy, look_first: bool = True) -> tuple[Any, Lease] | None:
+    """Lease the first queued task matching `filt` to `runner`, or None when there is none.
+
+    `look_first` reads before writing, so that an empty queue costs no write lock: idle runners
+    poll all the time. A runner woken because work was queued skips the look.
+    """
+    if look_first:
+        with database.reading() as conn:
+            if not conn.execute(_HAS_WORK, _filter_params(filt)).scalar():
+                return None
     now = utcnow()
     lease = Lease(secrets.token_urlsafe(24), now + timedelta(seconds=policy.ttl_seconds),
                   policy.ttl_seconds, policy.heartbeat_seconds)
-    with database.write() as db:
-        candidate = select(Task.id).where(_queued(filt)).order_by(Task.priority, Task.id).limit(1)
-        if database.dialect == "postgresql":
-            # Concurrent claimers skip a row another transaction is taking instead of queueing on it.
-            candidate = candidate.with_for_update(skip_locked=True)
-        task = db.scalars(
-            update(Task).where(Task.id == candidate.scalar_subquery(), Task.status == TaskStatus.QUEUED)
-            .values(status=TaskStatus.CLAIMED, attempt=Task.attempt + 1, lease_token=lease.token,
-                    lease_expires_at=lease.expires_at, claimed_at=now, started_at=None, runner=runner,
-                    runner_token_id=runner_token_id, last_event_seq=0)
-            .returning(Task).execution_options(synchronize_session=False)).one_or_none()
+    with database.transaction() as conn:
+        task = conn.execute(_CLAIM[database.dialect == "postgresql"], {
+            **_filter_params(filt), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
+            "p_runner": runner, "p_runner_token": runner_token_id}).one_or_none()
         if task is None:
             return None
-        _update_reply(db, task, state=InteractionState.RUNNING)
-        events.state_event(db, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
+        conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
+        events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
     logger.info("task %s: claimed by %s (attempt %s)", task.id, runner, task.attempt)
     return task, lease
 
 
 def claim_waiting(database: Database, filt: QueueFilter, *, wait: float, recheck: float,
-                  reap_every: float, **claim_args: Any) -> tuple[Task, Lease] | None:
+                  reap_every: float, **claim_args: Any) -> tuple[Any, Lease] | None:
     """Claim, long-polling up to `wait` seconds for a matching task to be queued."""
     deadline = time.monotonic() + wait
+    woken = False
     with database.notifier.watch(filt.topic) as watch:
         while True:
             reap_if_due(database, reap_every)
-            claimed = claim(database, filt, **claim_args)
+            claimed = claim(database, filt, look_first=not woken, **claim_args)
             remaining = deadline - time.monotonic()
             if claimed is not None or remaining <= 0:
                 return claimed
-            watch.wait(min(recheck, remaining))
+            woken = watch.wait(min(recheck, remaining))
 
 
-def _locked(db: DBSession, database: Database, task_id: int) -> Task:
-    stmt = select(Task).where(Task.id == task_id)
-    if database.dialect == "postgresql":
-        stmt = stmt.with_for_update()
-    task = db.scalar(stmt)
+def _locked(conn: Connection, database: Database, task_id: int) -> Any:
+    task = conn.execute(_TASK[database.dialect == "postgresql"], {"p_id": task_id}).one_or_none()
     if task is None:
         raise TaskNotFound(f"No task {task_id}.")
     return task
 
 
-def _check_lease(task: Task, token: str, now: datetime) -> Task:
+def _check_lease(task: Any, token: str, now: datetime) -> Any:
     """`task` if `token` is its live lease; otherwise the 409 that explains why not."""
     if task.lease_token != token:
         raise LeaseLost(f"Task {task.id} is no longer leased with this token (it is at attempt "
@@ -167,24 +208,23 @@ def _check_lease(task: Task, token: str, now: datetime) -> Task:
     return task
 
 
-def _held_task(db: DBSession, database: Database, task_id: int, token: str, now: datetime) -> Task:
+def _held_task(conn: Connection, database: Database, task_id: int, token: str, now: datetime) -> Any:
     """The task, locked, if `token` is its live lease; otherwise the 404/409 that explains why not."""
-    return _check_lease(_locked(db, database, task_id), token, now)
+    return _check_lease(_locked(conn, database, task_id), token, now)
 
 
-def _renew(task: Task, now: datetime, policy: LeasePolicy) -> datetime:
-    task.status = TaskStatus.RUNNING
-    task.started_at = task.started_at or now
-    task.lease_expires_at = now + timedelta(seconds=policy.ttl_seconds)
-    return task.lease_expires_at
+def _renew(conn: Connection, task: Any, now: datetime, policy: LeasePolicy) -> datetime:
+    expires = now + timedelta(seconds=policy.ttl_seconds)
+    conn.execute(_RENEW, {"p_id": task.id, "p_expires": expires, "p_now": now})
+    return expires
 
 
 def heartbeat(database: Database, task_id: int, token: str, policy: LeasePolicy) -> datetime | None:
     """Renew the lease; None when the user cancelled the task (the runner should stop)."""
     now = utcnow()
-    with database.write() as db:
+    with database.transaction() as conn:
         try:
-            return _renew(_held_task(db, database, task_id, token, now), now, policy)
+            return _renew(conn, _held_task(conn, database, task_id, token, now), now, policy)
         except TaskCancelled:
             return None
 
@@ -193,63 +233,62 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
                policy: LeasePolicy) -> dict[str, Any]:
     """Store a runner's events once each (by seq), append tokens to the reply, renew the lease."""
     now = utcnow()
-    with database.write() as db:
-        task = _held_task(db, database, task_id, token, now)
+    with database.transaction() as conn:
+        task = _held_task(conn, database, task_id, token, now)
         fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
-        _renew(task, now, policy)
+        _renew(conn, task, now, policy)
+        last_seq = task.last_event_seq
         if fresh:
-            task.last_event_seq = fresh[-1]["seq"]
+            last_seq = fresh[-1]["seq"]
+            conn.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
             text = "".join(e["text"] for e in fresh if e["kind"] == "token")
-            progress = [e for e in fresh if e["kind"] == "progress"]
-            values: dict[str, Any] = {}
             if text:
-                values["output"] = Interaction.output + text
+                conn.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
+            progress = [e for e in fresh if e["kind"] == "progress"]
             if progress:
-                values["progress"] = {k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}
-            if values:
-                _update_reply(db, task, **values)
-            events.append(db, session_id=task.session_id, task_id=task.id,
+                conn.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
+                    k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
+            events.append(conn, session_id=task.session_id, task_id=task.id,
                           interaction_id=task.interaction_id, attempt=task.attempt,
                           items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
                                  for e in fresh])
-        return {"stored": len(fresh), "last_seq": task.last_event_seq, "cancelled": False}
+        return {"stored": len(fresh), "last_seq": last_seq, "cancelled": False}
 
 
 def complete(database: Database, task_id: int, token: str, result: dict[str, Any]) -> None:
     """Store the result of a task whose lease `token` still holds."""
     now = utcnow()
-    with database.write() as db:
-        task = _locked(db, database, task_id)
+    with database.transaction() as conn:
+        task = _locked(conn, database, task_id)
         if task.lease_token == token and task.status == TaskStatus.COMPLETE:
             return  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
-        task.status, task.result, task.finished_at = TaskStatus.COMPLETE, result, now
-        task.lease_expires_at = None
-        reply: dict[str, Any] = {"state": InteractionState.COMPLETE, "result": result, "finished_at": now}
+        conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
+        reply = {"p_id": task.interaction_id, "p_result": result, "p_now": now}
         if isinstance(result.get("text"), str):
-            reply["output"] = result["text"]
-        _update_reply(db, task, **reply)
-        events.state_event(db, task, InteractionState.COMPLETE.value)
+            conn.execute(_REPLY_DONE, {**reply, "p_output": result["text"]})
+        else:
+            conn.execute(_REPLY_DONE_KEEP_OUTPUT, reply)
+        events.state_event(conn, task, InteractionState.COMPLETE.value)
     logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
 
 
 def fail(database: Database, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:
     """Record a failure: requeue if `retry` and attempts are left, else fail for good."""
     now = utcnow()
-    with database.write() as db:
-        task = _locked(db, database, task_id)
+    with database.transaction() as conn:
+        task = _locked(conn, database, task_id)
         if task.lease_token == token and task.status in _AFTER_FAIL:
             return task.status  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
         error = error[-MAX_ERROR_CHARS:]
         if retry and task.attempt < task.max_attempts:
-            _requeue(db, task, now, f"attempt {task.attempt} failed: {error}")
+            status = _requeue(conn, task, now, f"attempt {task.attempt} failed: {error}")
         elif retry:
-            _finish_error(db, task, now, TaskStatus.DEAD,
-                          f"gave up after {task.attempt} attempts; last error: {error}")
+            status = _finish_error(conn, task, now, TaskStatus.DEAD,
+                                   f"gave up after {task.attempt} attempts; last error: {error}")
         else:
-            _finish_error(db, task, now, TaskStatus.FAILED, error)
-        status = task.status
+            status = _finish_error(conn, task, now, TaskStatus.FAILED, error)
     logger.info("task %s: runner reported failure (retry=%s) -> %s", task_id, retry, status.value)
     return status
 
@@ -257,58 +296,65 @@ def fail(database: Database, task_id: int, token: str, error: str, retry: bool) 
 def release(database: Database, task_id: int, token: str) -> None:
     """Hand a task back to the queue (its runner is shutting down) without spending an attempt."""
     now = utcnow()
-    with database.write() as db:
-        task = _locked(db, database, task_id)
+    with database.transaction() as conn:
+        task = _locked(conn, database, task_id)
         if task.lease_token == token and task.status == TaskStatus.QUEUED:
             return  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
-        task.attempt -= 1
-        _requeue(db, task, now, f"runner {task.runner} handed the task back")
+        _requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
     logger.info("task %s: released by its runner", task_id)
 
 
-def _update_reply(db: DBSession, task: Task, **values: Any) -> None:
+def _update_task(conn: Connection, task: Any, **values: Any) -> None:
+    conn.execute(update(_TASKS).where(_TASKS.c.id == task.id).values(**values))
+
+
+def _update_reply(conn: Connection, task: Any, **values: Any) -> None:
     """Change the reply interaction of `task` without loading it."""
-    db.execute(update(Interaction).where(Interaction.id == task.interaction_id).values(**values))
+    conn.execute(update(_REPLIES).where(_REPLIES.c.id == task.interaction_id).values(**values))
 
 
-def _requeue(db: DBSession, task: Task, now: datetime, reason: str) -> None:
+def _requeue(conn: Connection, task: Any, now: datetime, reason: str, give_back: bool = False) -> TaskStatus:
     # Keeps its id and priority, so it goes back to its old place in line, not to the end.
-    task.status, task.error, task.queued_at, task.lease_expires_at = TaskStatus.QUEUED, reason, now, None
+    attempt = task.attempt - 1 if give_back else task.attempt
+    _update_task(conn, task, status=TaskStatus.QUEUED, error=reason, queued_at=now, lease_expires_at=None,
+                 attempt=attempt)
     # The next attempt streams the reply from the start; clients drop the partial text on this event.
-    _update_reply(db, task, state=InteractionState.QUEUED, output="", progress=None)
-    events.state_event(db, task, InteractionState.QUEUED.value, reason=reason, attempts_used=task.attempt)
-    publish(db, queue_topic(task.mode.value, task.type.value, task.model_name), 1)
+    _update_reply(conn, task, state=InteractionState.QUEUED, output="", progress=None)
+    events.state_event(conn, task, InteractionState.QUEUED.value, reason=reason, attempts_used=attempt)
+    publish(conn, queue_topic(task.mode.value, task.type.value, task.model_name), 1)
+    return TaskStatus.QUEUED
 
 
-def _finish_error(db: DBSession, task: Task, now: datetime, status: TaskStatus, error: str) -> None:
-    task.status, task.error, task.finished_at, task.lease_expires_at = status, error, now, None
-    _update_reply(db, task, state=InteractionState.ERROR, error=error, finished_at=now)
-    events.state_event(db, task, InteractionState.ERROR.value, error=error, task_status=status.value)
+def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus, error: str) -> TaskStatus:
+    _update_task(conn, task, status=status, error=error, finished_at=now, lease_expires_at=None)
+    _update_reply(conn, task, state=InteractionState.ERROR, error=error, finished_at=now)
+    events.state_event(conn, task, InteractionState.ERROR.value, error=error, task_status=status.value)
+    return status
 
 
 def reap(database: Database, now: datetime | None = None) -> int:
     """Requeue tasks whose lease expired (their runner died or hung), or mark them dead."""
     now = now or utcnow()
-    with database.read() as db:
-        expired = db.execute(select(Task.id, Task.lease_token).where(
-            Task.status.in_(ACTIVE_STATUSES), Task.lease_expires_at < now).limit(500)).all()
+    with database.reading() as conn:
+        expired = conn.execute(select(_TASKS.c.id, _TASKS.c.lease_token).where(
+            _TASKS.c.status.in_(_ACTIVE), _TASKS.c.lease_expires_at < now).limit(500)).all()
     reaped = 0
     for task_id, token in expired:
-        with database.write() as db:
-            stmt = select(Task).where(Task.id == task_id, Task.lease_token == token,
-                                      Task.status.in_(ACTIVE_STATUSES), Task.lease_expires_at < now)
+        with database.transaction() as conn:
+            stmt = select(*_TASKS.c).where(_TASKS.c.id == task_id, _TASKS.c.lease_token == token,
+                                           _TASKS.c.status.in_(_ACTIVE), _TASKS.c.lease_expires_at < now)
             if database.dialect == "postgresql":
                 stmt = stmt.with_for_update(skip_locked=True)
-            task = db.scalar(stmt)
+            task = conn.execute(stmt).one_or_none()
             if task is None:  # renewed, finished or reaped by someone else meanwhile
                 continue
             reason = (f"lease expired: runner {task.runner} stopped heartbeating during attempt "
                       f"{task.attempt} of {task.max_attempts}")
             if task.attempt >= task.max_attempts:
-                _finish_error(db, task, now, TaskStatus.DEAD, f"{reason}; gave up")
+                _finish_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up")
             else:
-                _requeue(db, task, now, reason)
+                _requeue(conn, task, now, reason)
             reaped += 1
             logger.warning("task %s: %s", task_id, reason)
     return reaped
@@ -331,35 +377,38 @@ def reap_if_due(database: Database, every: float) -> None:
         _reap_lock.release()
 
 
-def cancel(database: Database, session_id: int) -> Task:
+def cancel(database: Database, session_id: int) -> None:
     """Cancel the queued or running task of a session; its runner hears of it at its next heartbeat."""
     now = utcnow()
-    with database.write() as db:
-        stmt = (select(Task).where(Task.session_id == session_id,
-                                   Task.status.in_((TaskStatus.QUEUED, *ACTIVE_STATUSES)))
-                .order_by(Task.id.desc()).limit(1))
+    with database.transaction() as conn:
+        stmt = (select(*_TASKS.c).where(_TASKS.c.session_id == session_id,
+                                        _TASKS.c.status.in_([TaskStatus.QUEUED.value, *_ACTIVE]))
+                .order_by(_TASKS.c.id.desc()).limit(1))
         if database.dialect == "postgresql":
             stmt = stmt.with_for_update()
-        task = db.scalar(stmt)
+        task = conn.execute(stmt).one_or_none()
         if task is None:
             raise NotCancellable(f"Session {session_id} has nothing queued or running to cancel.")
-        task.status, task.cancelled_at, task.finished_at = TaskStatus.CANCELLED, now, now
-        _update_reply(db, task, state=InteractionState.CANCELLED, finished_at=now)
-        events.state_event(db, task, InteractionState.CANCELLED.value)
+        # The lease token stays, so the runner's next heartbeat is told "cancelled", not "lost".
+        _update_task(conn, task, status=TaskStatus.CANCELLED, cancelled_at=now, finished_at=now)
+        _update_reply(conn, task, state=InteractionState.CANCELLED, finished_at=now)
+        events.state_event(conn, task, InteractionState.CANCELLED.value)
     logger.info("task %s: cancelled by its user", task.id)
-    return task
 
 
-def queue_position(db: DBSession, task: Task) -> int:
+_AHEAD = select(func.count(_TASKS.c.id)).where(
+    _QUEUED, or_(_TASKS.c.priority < bindparam("p_priority"),
+                 and_(_TASKS.c.priority == bindparam("p_priority"), _TASKS.c.id < bindparam("p_id"))))
+
+
+def queue_position(db: DBSession | Connection, task: Any) -> int:
     """1 for the task that the next matching runner gets, 2 for the one after it, and so on."""
-    ahead = db.scalar(select(func.count(Task.id)).where(
-        Task.status == TaskStatus.QUEUED, Task.mode == task.mode, Task.type == task.type,
-        Task.model_name == task.model_name,
-        or_(Task.priority < task.priority, and_(Task.priority == task.priority, Task.id < task.id))))
+    ahead = db.execute(_AHEAD, {"p_mode": task.mode, "p_type": task.type, "p_model": task.model_name,
+                                "p_priority": task.priority, "p_id": task.id}).scalar()
     return int(ahead or 0) + 1
 
 
-def task_payload(task: Task) -> dict[str, Any]:
+def task_payload(task: Any) -> dict[str, Any]:
     """A task as the worker API hands it to a runner."""
     return {"id": task.id, "session_id": task.session_id, "interaction_id": task.interaction_id,
             "mode": task.mode.value, "type": task.type.value, "model_name": task.model_name,

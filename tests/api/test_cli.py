@@ -64,3 +64,16 @@ def test_db_upgrade_brings_a_fresh_database_to_head(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["db", "upgrade"])
     assert result.exit_code == 0 and "revision 0001" in result.stdout
     assert CliRunner().invoke(main, ["users", "create", "x"]).exit_code == 0
+
+
+def test_task_statuses_match_the_model():
+    from helix_api.cli import TASK_STATUSES
+    from helix_api.models import TaskStatus
+
+    assert TASK_STATUSES == tuple(s.value for s in TaskStatus)
+
+
+def test_db_check_says_what_to_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("HELIX_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    result = CliRunner().invoke(main, ["db", "check"])
+    assert result.exit_code != 0 and "helix db upgrade" in result.output
