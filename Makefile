@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	$(BIN)/python bench/dispatch.py
+	$(BIN)/python -m bench.dispatch
 
 clean:
 	rm -rf $(VENV) .helix-data .pytest_cache
