@@ -172,8 +172,12 @@ def _runner_thread(cfg: dict[str, Any], index: int, stop: Any, out: Any, counter
 
 def runner_process(cfg: dict[str, Any], threads: int, stop: Any, out: Any, counter: Any) -> None:
     """A process with `threads` runner threads."""
-    workers = [threading.Thread(target=_runner_thread, args=(cfg, i, stop, out, counter), daemon=True)
-               for i in range(threads)]
+    _run_threads([(cfg, i, stop, out, counter) for i in range(threads)], _runner_thread, out)
+
+
+def _run_threads(args: list[tuple], target: Any, out: Any) -> None:
+    """Run `target` on a thread per args tuple; report readiness, then the CPU the load used."""
+    workers = [threading.Thread(target=target, args=a, daemon=True) for a in args]
     for w in workers:
         w.start()
     ready = _cpu()
@@ -212,15 +216,7 @@ def _producer_thread(cfg: dict[str, Any], count: int, go: Any, halt: Any, out: A
 
 def producer_process(cfg: dict[str, Any], counts: list[int], go: Any, halt: Any, out: Any) -> None:
     """A process with one producer thread per entry of `counts` (sessions each creates)."""
-    workers = [threading.Thread(target=_producer_thread, args=(cfg, n, go, halt, out), daemon=True)
-               for n in counts]
-    for w in workers:
-        w.start()
-    ready = _cpu()
-    out.put(("ready", os.getpid()))
-    for w in workers:
-        w.join()
-    out.put(("cpu", _cpu() - ready))  # the load's CPU, not the interpreter's start-up
+    _run_threads([(cfg, n, go, halt, out) for n in counts], _producer_thread, out)
 
 
 def spread(total: int, parts: int) -> list[int]:
