@@ -14,7 +14,6 @@ from .db import Database
 from .models import Session, TaskEvent, utcnow
 from .notifier import publish, session_topic
 
-KINDS = ("token", "progress", "log", "state")
 BATCH = 500
 
 _SESSIONS, _EVENTS = Session.__table__, TaskEvent.__table__

@@ -83,7 +83,6 @@ class TaskStatus(enum.StrEnum):
 
 
 ACTIVE_STATUSES = (TaskStatus.CLAIMED, TaskStatus.RUNNING)
-FINISHED_STATUSES = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 
 
 def _enum(cls: type[enum.Enum]) -> SAEnum:
