@@ -115,12 +115,11 @@ _COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
                      lease_expires_at=None))
 _REPLY_RUNNING = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                   .values(state=InteractionState.RUNNING))
+# A result without `text` (an image, say) keeps the output streamed so far.
 _REPLY_DONE = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
-                       finished_at=bindparam("p_now"), output=bindparam("p_output")))
-_REPLY_DONE_KEEP_OUTPUT = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-                           .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
-                                   finished_at=bindparam("p_now")))
+                       finished_at=bindparam("p_now"),
+                       output=func.coalesce(bindparam("p_output", type_=String), _REPLIES.c.output)))
 _REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                  .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
 _REPLY_PROGRESS = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
@@ -264,11 +263,9 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
             return  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
         conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
-        reply = {"p_id": task.interaction_id, "p_result": result, "p_now": now}
-        if isinstance(result.get("text"), str):
-            conn.execute(_REPLY_DONE, {**reply, "p_output": result["text"]})
-        else:
-            conn.execute(_REPLY_DONE_KEEP_OUTPUT, reply)
+        text = result.get("text")
+        conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
+                                   "p_output": text if isinstance(text, str) else None})
         events.state_event(conn, task, InteractionState.COMPLETE.value)
     logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
 

@@ -263,3 +263,12 @@ def test_retried_finishing_calls_are_idempotent(client, runner, task_factory):
         response = _post(client, runner, claimed["task"]["id"], "release", lease_token=claimed["lease"]["token"])
         assert response.status_code == 200
     assert claim(client, runner).json["task"]["attempt"] == 1
+
+
+def test_result_without_text_keeps_the_streamed_output(client, runner, task_factory, user):
+    session, task, token = _claimed(client, runner, task_factory)
+    _post(client, runner, task["id"], "events", lease_token=token,
+          events=[{"seq": 1, "kind": "token", "text": "so far"}])
+    _post(client, runner, task["id"], "complete", lease_token=token, result={"files": []})
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "complete" and reply["output"] == "so far"
