@@ -1,0 +1,1 @@
+"""Tiny models built from configs, offline, for tests, the demo and benchmarks."""
