@@ -177,3 +177,19 @@ def claim(client, runner_headers: dict[str, str], model: str = TEXT_MODEL, **que
     """GET the worker claim endpoint; returns the response."""
     params = {"mode": "create", "type": "text", "model_name": model, **query}
     return client.get("/api/v1/worker/task", query_string=params, headers=runner_headers)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Mistral with random weights and a locally trained tokenizer, built once per test run."""
+    from runner.tiny.mistral import build_tiny_mistral
+
+    return build_tiny_mistral(tmp_path_factory.mktemp("models") / "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline (random weights, about 11 MB) built from configs once per test run."""
+    from runner.tiny.sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "pipeline")
