@@ -1,0 +1,233 @@
+"""SDXL with diffusers: load the pipeline once, make images per task, LoRA adapters on and off per task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.backends.base import Backend
+from runner.placement import PlacementError, plan_placement
+
+if TYPE_CHECKING:
+    from runner.messages import Task
+    from runner.reporter import Report
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 5.0
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+ADAPTER_NAME = "helix"
+
+
+class PipelineLoadError(PlacementError):
+    """The pipeline cannot be loaded: the runner must not claim work."""
+
+
+def safetensors_params(path: Path) -> int:
+    """The number of parameters in a .safetensors file, read from its header alone."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")
+
+
+def local_params(model_dir: Path) -> int | None:
+    """Parameters of a pipeline saved on disk, or None when its weights are not all safetensors."""
+    total = 0
+    for component in COMPONENTS:
+        folder = model_dir / component
+        if not folder.is_dir():
+            continue
+        files = sorted(folder.glob("*.safetensors"))
+        plain = [f for f in files if len(f.name.split(".")) == 2]  # without a variant such as .fp16.
+        chosen = plain or [f for f in files if ".fp16." in f.name]
+        if not chosen:
+            return None
+        total += sum(safetensors_params(f) for f in chosen)
+    return total or None
+
+
+def pipeline_params(pipe: Any) -> int:
+    """Parameters of the pipeline's models, as loaded."""
+    return sum(p.numel() for name in COMPONENTS if (m := getattr(pipe, name, None)) is not None
+               for p in m.parameters())
+
+
+# The backend.
+
+
+class SDXLBackend(Backend):
+    """A StableDiffusionXLPipeline loaded once; `create` makes images, `finetune` trains a LoRA on the UNet."""
+
+    max_parallel = 1  # one pipeline, and adapters are loaded onto it per task
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.pipe: Any = None
+        self.device = "cpu"
+        self.dtype = "float32"
+        self._lock = threading.Lock()  # guards the pipeline should a caller ever ignore max_parallel
+
+    # Loading.
+
+    def setup(self) -> None:
+        """Load the pipeline named by `config.model_name` (a hub id or a path) onto the configured device.
+
+        Raises a PlacementError (before any work is claimed) when it cannot load or would not fit.
+        """
+        import torch
+        from diffusers import StableDiffusionXLPipeline
+
+        cfg = self.config
+        model = getattr(cfg, "model_name", None)
+        if not model:
+            raise PipelineLoadError("no model_name: give the SDXL pipeline's hub id or path")
+        if getattr(cfg, "quantize", None):
+            raise PipelineLoadError("the sdxl backend does not quantize: drop --load-in-8bit/--load-in-4bit")
+        placement = plan_placement(cfg)
+        self.device, self.dtype = placement.input_device, placement.dtype
+        counted = local_params(Path(model)) if Path(model).is_dir() else None
+        if counted:
+            placement.check_fits(counted, model)  # before reading gigabytes
+        started = time.monotonic()
+        try:
+            pipe = self._from_pretrained(StableDiffusionXLPipeline, model, getattr(torch, self.dtype))
+        except Exception as exc:
+            raise PipelineLoadError(f"cannot load SDXL pipeline {model!r}: {exc}") from exc
+        if self.device != "cpu":
+            if not counted:
+                placement.check_fits(pipeline_params(pipe), model)  # a hub id: counted on the CPU first
+            try:
+                pipe.to(self.device)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise PipelineLoadError(f"{model} does not fit on {self.device}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        logger.info("loaded %s on %s in %s in %.1fs", model, self.device, self.dtype, time.monotonic() - started)
+
+    def generate(self, **kwargs: Any) -> list[Any]:
+        """The bare pipeline call: PIL images."""
+        import torch
+
+        with torch.inference_mode():
+            return self.pipe(**kwargs).images
+
+    def _from_pretrained(self, cls: Any, model: str, torch_dtype: Any) -> Any:
+        if self.dtype == "float16":
+            try:  # half the download when the repo has fp16 weights
+                return cls.from_pretrained(model, torch_dtype=torch_dtype, variant="fp16", use_safetensors=True)
+            except (OSError, ValueError) as exc:
+                logger.info("%s: no fp16 variant (%s); loading the full weights", model, exc)
+        return cls.from_pretrained(model, torch_dtype=torch_dtype)
+
+    # Tasks.
+
+    def predict(self, task: Task, report: Report) -> dict[str, Any]:
+        """Make images for a `create` task, or train a LoRA for a `finetune` task."""
+        if self.pipe is None:
+            raise RuntimeError("predict() called before setup()")
+        with self._lock:
+            if task.mode == "finetune":
+                from runner.backends.sdxl_finetune import train_lora
+
+                return train_lora(task, report, pipeline=self.pipe, config=self.config)
+            if task.mode != "create":
+                raise ValueError(f"task {task.id}: the sdxl backend does not do mode {task.mode!r}")
+            return self._create(task, report)
+
+    def _create(self, task: Task, report: Report) -> dict[str, Any]:
+        import torch
+
+        pipe, params = self.pipe, task.params
+        report.check()
+        native = pipe.default_sample_size * pipe.vae_scale_factor
+        width = int(params.get("width") or native)
+        height = int(params.get("height") or native)
+        steps = int(params.get("num_inference_steps") or DEFAULT_STEPS)
+        count = int(params.get("num_images") or 1)
+        seed = int(params["seed"]) if params.get("seed") is not None else secrets.randbelow(2**31)
+        # One CPU generator per image: image i is the one a single-image task with seed + i makes, on any device.
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            # progress() raises TaskCancelled once the task must stop; it leaves the pipeline call from here.
+            report.progress(step + 1, pipeline.num_timesteps, message="denoising")
+            return tensors
+
+        with LoadedAdapter(pipe, task, report):
+            images = self.generate(
+                prompt=prompt_of(task), negative_prompt=params.get("negative_prompt") or None,
+                width=width, height=height, num_inference_steps=steps,
+                guidance_scale=float(params.get("guidance_scale", DEFAULT_GUIDANCE)),
+                generator=generators, num_images_per_prompt=count, callback_on_step_end=on_step_end,
+            )
+        report.check()
+        ids = []
+        out_dir = Path(tempfile.mkdtemp(prefix=f"helix-sdxl-{task.id}-"))
+        try:
+            for index, image in enumerate(images):
+                path = out_dir / f"image-{task.id}-{index + 1}.png"
+                image.save(path, format="PNG")
+                ref = report.files.upload(path, kind="output", content_type="image/png")
+                ids.append(ref["id"])
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return {"text": "", "files": ids, "width": width, "height": height, "seed": seed}
+
+
+class LoadedAdapter:
+    """Loads the task's LoRA onto the pipeline for the duration of a `with`, and always unloads it."""
+
+    def __init__(self, pipe: Any, task: Task, report: Report) -> None:
+        self.pipe, self.task, self.report = pipe, task, report
+        self.loaded = False
+
+    def __enter__(self) -> LoadedAdapter:
+        ref = self.task.adapter
+        if not ref:
+            return self
+        path = self.report.files.fetch_dir(ref)
+        name = ref.get("name", "adapter") if isinstance(ref, dict) else str(ref)
+        started = time.monotonic()
+        self.pipe.load_lora_weights(str(adapter_weights_dir(path)), adapter_name=ADAPTER_NAME)
+        self.loaded = True
+        logger.info("task %s: loaded adapter %s in %.2fs", self.task.id, name, time.monotonic() - started)
+        self.report.log(f"loaded adapter {name}")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.loaded:
+            # Removes the LoRA layers altogether: the next task gets the bare base weights back.
+            self.pipe.unload_lora_weights()
+            logger.info("task %s: unloaded adapter", self.task.id)
+
+
+def adapter_weights_dir(path: Path) -> Path:
+    """The directory holding the LoRA weights: the unpacked one itself, or its single subdirectory."""
+    if any(path.glob("*.safetensors")):
+        return path
+    inner = [p for p in path.iterdir() if p.is_dir()]
+    if len(inner) == 1 and any(inner[0].glob("*.safetensors")):
+        return inner[0]
+    raise ValueError(f"no LoRA weights (.safetensors) in adapter directory {path}")
+
+
+def prompt_of(task: Task) -> str:
+    """The task's prompt, or the last user message when only messages came."""
+    prompt = task.input.get("prompt")
+    if prompt:
+        return str(prompt)
+    for message in reversed(task.input.get("messages") or []):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    return ""
