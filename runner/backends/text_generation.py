@@ -1,0 +1,407 @@
+"""A decode loop for causal LMs that serves several requests as one batch, each row on its own terms.
+
+Every row has its own sampling params, seed (a torch.Generator), stop strings, token budget, stream and
+cancellation, and leaves the batch as soon as it is done; so a request gets the same text whether it
+runs alone or beside others. Prompts are left-padded, with an attention mask and position ids that
+skip the padding, and the KV cache carries the batch from one step to the next.
+
+With `max_batch` > 1 an engine thread gathers the requests that predict() threads submit (waiting a
+few milliseconds for the others in flight) and decodes them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.errors import TaskCancelled
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+GATHER_SECONDS = 0.02  # how long the engine waits for requests still on their way into a batch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Sampling is on when `do_sample` says so, or when only a temperature > 0 is given."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+                    ) -> SamplingParams:
+        """Read a task's params (already range-checked by the API); a missing seed gets a random one."""
+        temperature = float(params.get("temperature", 1.0))
+        do_sample = bool(params.get("do_sample", "temperature" in params and temperature > 0))
+        stop = params.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        seed = params.get("seed")
+        return cls(
+            max_new_tokens=int(params.get("max_new_tokens", default_max_new_tokens)),
+            do_sample=do_sample and temperature > 0,
+            temperature=temperature,
+            top_k=int(params.get("top_k", 0)),
+            top_p=float(params.get("top_p", 1.0)),
+            repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+            seed=int(seed) if seed is not None else secrets.randbelow(2**31),
+            stop=tuple(s for s in stop if s),
+        )
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to continue, with callbacks into its task; the outcome is filled in when `done` is set."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_text: Callable[[str], None] = lambda text: None  # may raise TaskCancelled: the row stops
+    cancelled: Callable[[], bool] = lambda: False
+    adapter: str | None = None  # which adapter the batch must run with (None: the bare base model)
+    adapter_path: str | None = None
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    completion_tokens: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class IncrementalDecoder:
+    """Turns tokens into text pieces whose concatenation is the decoded text, whole characters only."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        # Decoding a window that starts a few tokens back keeps the spacing a tokenizer derives from context.
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        """Add a token; the new text it completes (may be empty while a character is unfinished)."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever text is still held back, e.g. an incomplete character at the end."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        before = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before):]
+        return ""
+
+
+class _Row:
+    """A request's decoding state inside a batch."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any, vocab_size: int, device: Any) -> None:
+        import torch
+
+        self.request = request
+        self.params = request.params
+        self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ""
+        self.streamed = 0  # characters of `text` already handed to on_text
+        self.generated = 0
+        self.position = len(request.prompt_ids)  # position id of the next token
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(request.prompt_ids, device=device)] = True
+
+    def choose(self, logits: Any) -> int:
+        """The next token from this row's logits (1-D, float32), with its own params and generator."""
+        import torch
+
+        p = self.params
+        if self.seen is not None:
+            penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if not p.do_sample:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if 0 < p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            # Drop a token when the ones before it already reach top_p; the most likely always stays.
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token_id: int, eos_ids: frozenset[int]) -> bool:
+        """Take a chosen token; True when the row is finished."""
+        self.generated += 1
+        self.position += 1
+        if self.seen is not None:
+            self.seen[token_id] = True
+        if token_id in eos_ids:
+            return self.finish("stop")
+        self.text += self.decoder.push(token_id)
+        if self._cut_at_stop():
+            return self.finish("stop")
+        if self.generated >= self.params.max_new_tokens:
+            return self.finish("length")
+        if self._stream(final=False):
+            return self.finish("cancelled")
+        return False
+
+    def finish(self, reason: str) -> bool:
+        """End the row: flush held text (unless cancelled) and record why."""
+        if reason != "cancelled":
+            self.text += self.decoder.flush()
+            if self._cut_at_stop():
+                reason = "stop"
+            if self._stream(final=True):
+                reason = "cancelled"
+        self.request.finish_reason = reason
+        self.request.text = self.text[: self.streamed] if reason == "cancelled" else self.text
+        self.request.completion_tokens = self.generated
+        return True
+
+    def _cut_at_stop(self) -> bool:
+        """Cut the text at the first stop string in it; True if there was one."""
+        longest = max((len(s) for s in self.params.stop), default=0)
+        start = max(0, self.streamed - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def _stream(self, final: bool) -> bool:
+        """Hand on the text that can no longer turn into a stop string; True if the task was cancelled."""
+        end = len(self.text)
+        if not final:
+            # Hold back a tail that may be the start of a stop string.
+            for stop in self.params.stop:
+                for size in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text.endswith(stop[:size]):
+                        end = min(end, len(self.text) - size)
+                        break
+        if end > self.streamed:
+            piece = self.text[self.streamed:end]
+            try:
+                self.request.on_text(piece)
+            except TaskCancelled:
+                return True
+            self.streamed = end
+        return False
+
+
+class TextGenerator:
+    """Runs generation requests on one loaded model, batching up to `max_batch` of them together."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: Any, max_batch: int = 1,
+                 eos_ids: set[int] | None = None, adapters: Any = None,
+                 gather_seconds: float = GATHER_SECONDS) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_batch = max(1, max_batch)
+        self.adapters = adapters  # an AdapterCache, or None when adapters are not supported
+        self.gather_seconds = gather_seconds
+        self.pad_id = _pad_id(tokenizer)
+        self.eos_ids = frozenset(eos_ids if eos_ids is not None else _eos_ids(model, tokenizer))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._model_lock = threading.Lock()
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._held: list[GenerationRequest] = []  # taken from the queue, waiting for their adapter's turn
+        self._arriving = 0  # predict() calls about to submit: worth waiting for
+        self._arriving_lock = threading.Lock()
+        self._engine: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    def arriving(self) -> AbstractContextManager[None]:
+        """Wrap the preparation of a request, so the engine waits for it when gathering a batch."""
+        return _Arriving(self) if self.max_batch > 1 else nullcontext()
+
+    def generate(self, request: GenerationRequest) -> GenerationRequest:
+        """Run a request to its end (alone, or in a batch with others); its outcome is on it."""
+        self.submit(request)
+        return self.wait(request)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request for the engine (with max_batch 1, wait() runs it on the caller's thread)."""
+        if self.max_batch > 1:
+            self._start_engine()
+            self._queue.put(request)
+
+    def wait(self, request: GenerationRequest) -> GenerationRequest:
+        """Block until a submitted request is done; raises what its batch raised."""
+        if self.max_batch == 1:
+            with self._model_lock:
+                self.run_batch([request])
+        else:
+            request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request
+
+    def close(self) -> None:
+        """Stop the engine thread (requests in a batch finish first)."""
+        self._closing.set()
+        if self._engine is not None:
+            self._engine.join(timeout=10)
+
+    def run_batch(self, requests: list[GenerationRequest]) -> None:
+        """Decode `requests` together (they share one adapter) until every row is done."""
+        try:
+            if self.adapters is not None:
+                self.adapters.activate(requests[0].adapter, requests[0].adapter_path)
+            self._decode(requests)
+        except BaseException as exc:
+            for request in requests:
+                if request.finish_reason is None:
+                    request.error = exc
+            if not isinstance(exc, Exception):
+                raise
+            logger.exception("generation failed for a batch of %d", len(requests))
+        finally:
+            for request in requests:
+                request.done.set()
+
+    # The decode loop.
+
+    def _decode(self, requests: list[GenerationRequest]) -> None:
+        import torch
+
+        rows = [_Row(request, self.tokenizer, self.vocab_size, self.device) for request in requests]
+        width = max(len(request.prompt_ids) for request in requests)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, request in enumerate(requests):
+            length = len(request.prompt_ids)
+            input_ids[index, width - length:] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[index, width - length:] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        active = rows
+        cache = None
+        with torch.inference_mode():
+            while True:
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                keep, tokens = [], []
+                for index, row in enumerate(active):
+                    if row.request.cancelled():
+                        row.finish("cancelled")
+                        continue
+                    token = row.choose(logits[index])
+                    if not row.accept(token, self.eos_ids):
+                        keep.append(index)
+                        tokens.append(token)
+                if not keep:
+                    return
+                if len(keep) < len(active):
+                    # Finished rows leave the batch, cache included, so they cost nothing more.
+                    chosen = torch.tensor(keep, device=mask.device)
+                    cache.batch_select_indices(chosen)
+                    mask = mask.index_select(0, chosen)
+                    active = [active[index] for index in keep]
+                input_ids = torch.tensor(tokens, dtype=torch.long, device=mask.device).unsqueeze(-1)
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+                positions = torch.tensor([[row.position - 1] for row in active], device=mask.device)
+
+    # The engine thread (max_batch > 1).
+
+    def _start_engine(self) -> None:
+        with self._arriving_lock:
+            if self._engine is None:
+                self._engine = threading.Thread(target=self._serve, name="helix-text-engine", daemon=True)
+                self._engine.start()
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            batch = self._gather()
+            if batch:
+                with self._model_lock:
+                    self.run_batch(batch)
+
+    def _gather(self) -> list[GenerationRequest]:
+        """The next batch: the oldest request and those after it with the same adapter, up to max_batch."""
+        if not self._held:
+            try:
+                self._held.append(self._queue.get(timeout=0.5))
+            except queue.Empty:
+                return []
+        deadline = time.monotonic() + self.gather_seconds
+        while True:
+            self._drain()
+            same = [r for r in self._held if r.adapter == self._held[0].adapter]
+            waiting = time.monotonic() < deadline and self._arriving > 0
+            if len(same) >= self.max_batch or not waiting:
+                break
+            time.sleep(0.001)
+        batch = same[: self.max_batch]
+        self._held = [r for r in self._held if r not in batch]
+        return batch
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._held.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+
+class _Arriving:
+    """Counts a predict() call that is preparing a request, until it has submitted it."""
+
+    def __init__(self, generator: TextGenerator) -> None:
+        self._generator = generator
+
+    def __enter__(self) -> None:
+        with self._generator._arriving_lock:
+            self._generator._arriving += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._generator._arriving_lock:
+            self._generator._arriving -= 1
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The pad token, or a stand-in (Mistral has none): padded positions are masked anyway."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    found: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        found.add(eos)
+    elif eos:
+        found.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        found.add(int(tokenizer.eos_token_id))
+    return found
