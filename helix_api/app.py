@@ -13,7 +13,9 @@ from .catalog import Catalog
 from .config import load_settings
 from .db import Database
 from .errors import register_error_handlers
+from .params import Limits
 from .scheduler import LeasePolicy
+from .storage import LocalFileStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     database.listen()
 
     app.extensions["helix_catalog"] = Catalog.from_setting(app.config["MODELS"])
+    app.extensions["helix_limits"] = Limits.from_settings(app.config)
+    app.extensions["helix_store"] = LocalFileStore(app.config["FILES_DIR"])
     app.extensions["helix_policy"] = LeasePolicy(
         ttl_seconds=app.config["LEASE_SECONDS"], heartbeat_seconds=app.config["HEARTBEAT_SECONDS"],
         max_attempts=app.config["MAX_ATTEMPTS"])

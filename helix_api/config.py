@@ -33,6 +33,24 @@ class Config:
     MAX_PAGE_SIZE = 100
     # Extra models an operator offers besides the defaults: "text:/models/my-llm,image:org/sdxl-x".
     MODELS = ""
+    # Caps on what a task may ask for (400 naming the param beyond them).
+    MAX_NEW_TOKENS = 4096
+    MAX_IMAGE_SIDE = 2048
+    MAX_STEPS = 150
+    MAX_IMAGES = 4
+    MAX_TRAIN_STEPS = 100_000
+    # Params a custom backend takes beyond the built-in ones, comma-separated (passed through unchecked).
+    EXTRA_PARAMS = ""
+    # Files: where they live (empty: DATA_DIR/files), and how big they may be. Uploads and adapters
+    # are far larger than JSON bodies, so their requests get their own limit.
+    FILES_DIR = ""
+    MAX_FILE_BYTES = 2 * 1024**3
+    MAX_UPLOAD_BYTES = 4 * 1024**3
+    # Training data checked before anything is queued.
+    MIN_TEXT_EXAMPLES = 10
+    MIN_TRAINING_IMAGES = 3
+    MAX_TRAINING_IMAGE_BYTES = 20 * 1024**2
+    MAX_TRAINING_IMAGE_SIDE = 4096
 
 
 def _coerce(raw: str, default: Any) -> Any:
@@ -66,4 +84,6 @@ def load_settings(environ: Mapping[str, str] | None = None,
             settings["AUTO_UPGRADE"] = True
     if settings["AUTO_UPGRADE"] is None:
         settings["AUTO_UPGRADE"] = False
+    if not settings["FILES_DIR"]:
+        settings["FILES_DIR"] = str(Path(settings["DATA_DIR"]) / "files")
     return settings

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
-from . import scheduler
+from . import files, scheduler
 from .db import Database
-from .errors import SessionBusy, SessionNotFound
+from .errors import NotReady, SessionBusy, SessionNotFound
+from .files import FileKind
 from .models import (
     Creator,
     File,
@@ -22,6 +23,9 @@ from .models import (
     TaskStatus,
     utcnow,
 )
+from .params import Limits, check_params
+from .storage import FileStore, safe_name
+from .training_data import ImageSet, TextSet
 
 _OPEN_TASK = (TaskStatus.QUEUED, TaskStatus.CLAIMED, TaskStatus.RUNNING)
 _INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
@@ -58,7 +62,8 @@ def conversation(session: Session) -> list[dict[str, str]]:
 
 
 def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str, params: dict[str, Any],
-              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]]) -> list[tuple]:
+              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]],
+              extra_input: dict[str, Any] | None = None, adapter: Any | None = None) -> list[tuple]:
     """Store the user's message and a queued reply with its task; returns (interaction, task) pairs."""
     now = utcnow()
     asked = db.execute(_INSERT_INTERACTION, {
@@ -70,6 +75,10 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
     task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
     if session.type == SessionType.IMAGE:
         task_input["prompt"] = message
+    if session.mode == Mode.CREATE:
+        # Always set, so a runner can tell "no adapter" from "forgot to say": it never keeps one by accident.
+        task_input["adapter"] = files.file_ref(adapter) if adapter is not None else None
+    task_input.update(extra_input or {})
     task = scheduler.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
                              mode=session.mode, type_=session.type, model_name=session.model_name,
                              input=task_input, params=params, priority=priority,
@@ -89,28 +98,75 @@ def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, 
             "updated_at": now}).one()
         turns = _add_turn(conn, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
         # Shown from what is in hand: a new session has no files, and its one event is "queued".
-        return _session_body(conn, session, turns, files=[], event_seq=1)
+        return _session_body(conn, session, turns, file_rows=[], event_seq=1)
+
+
+def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
+                    model_name: str, message: str | None, params: dict[str, Any], name: str | None,
+                    data: TextSet | ImageSet, uploads: list[Any], policy: scheduler.LeasePolicy,
+                    max_file_bytes: int) -> dict[str, Any]:
+    """Store checked training data and start a fine-tune session with its training task queued."""
+    saved: list[tuple[FileKind, str, Any, str]] = []  # (kind, name, blob, content type)
+    try:
+        for upload in uploads:
+            upload.stream.seek(0)
+            saved.append((FileKind.UPLOAD, safe_name(upload.filename or "upload"),
+                          store.save(upload.stream, "uploads", upload.filename or "upload", max_file_bytes),
+                          upload.mimetype or "application/octet-stream"))
+        if isinstance(data, TextSet):
+            saved.append((FileKind.DATASET, "train.jsonl", store.save(data.jsonl, "uploads", "train.jsonl",
+                                                                      max_file_bytes), "application/jsonl"))
+            summary = f"Fine-tune {model_name} on {data.examples} examples"
+        else:
+            summary = f"Fine-tune {model_name} on {len(data.images)} captioned images"
+        now = utcnow()
+        with database.transaction() as conn:
+            session = conn.execute(_INSERT_SESSION, {
+                "user_id": user_id, "name": (name or summary)[:200], "mode": Mode.FINETUNE, "type": type_,
+                "model_name": model_name, "event_seq": 0, "created_at": now, "updated_at": now}).one()
+            rows = [files.add(conn, session_id=session.id, user_id=user_id, interaction_id=None, kind=kind,
+                              name=file_name, blob=blob, content_type=content_type)
+                    for kind, file_name, blob, content_type in saved]
+            if isinstance(data, TextSet):
+                extra = {"files": [files.file_ref(r) for r in rows if r.kind == FileKind.DATASET],
+                         "examples": data.examples}
+            else:
+                extra = {"files": [files.file_ref(r) for r in rows if r.name in data.images],
+                         "captions": data.captions}
+            turns = _add_turn(conn, session, user_id, message or summary, params, scheduler.PRIORITY_NEW, policy,
+                              history=[], extra_input=extra)
+            conn.execute(update(File.__table__).where(File.id.in_([r.id for r in rows]))
+                         .values(interaction_id=turns[0][0].id))
+            stored = list(conn.execute(select(File.__table__).where(File.session_id == session.id)))
+            return _session_body(conn, session, turns, file_rows=stored, event_seq=1)
+    except BaseException:
+        for _, _, blob, _ in saved:
+            store.delete(blob.key)  # nothing half-stored: the rows rolled back, the bytes go too
+        raise
 
 
 def add_message(database: Database, *, user_id: int, session_id: int, message: str,
-                params: dict[str, Any], policy: scheduler.LeasePolicy) -> None:
+                params: dict[str, Any], policy: scheduler.LeasePolicy, limits: Limits) -> None:
     """Continue a session; its task goes ahead of tasks that start new sessions."""
     with database.write() as db:
         session = owned(db, user_id, session_id, load=True)
+        if session.mode == Mode.FINETUNE:
+            raise NotReady(f"Session {session_id} is a fine-tune that has not completed: once training is done "
+                           "it switches to inference with the new adapter and takes messages.")
+        check_params(params, session.mode, session.type, limits)
         if any(i.task is not None and i.task.status in _OPEN_TASK for i in session.interactions):
             raise SessionBusy(f"Session {session_id} is still answering its previous message: "
                               "wait for it (GET the session or follow its events) or cancel it.")
         _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy,
-                  history=conversation(session))
+                  history=conversation(session), adapter=files.session_adapter(db, session.id))
         session.updated_at = utcnow()
 
 
-def _interaction_json(db: DBSession | Connection, item: Any, task: Any, files: list[File]) -> dict[str, Any]:
+def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached: list[Any]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": item.id, "creator": item.creator.value, "state": item.state.value,
         "message": item.message, "params": item.params, "output": item.output, "progress": item.progress,
-        "files": [{"id": f.id, "name": f.name, "kind": f.kind, "size": f.size,
-                   "content_type": f.content_type} for f in files],
+        "files": [files.file_json(f) for f in attached],
         "error": item.error, "created_at": item.created_at.isoformat(),
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
     }
@@ -124,7 +180,7 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, files: l
 
 
 def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] | None, *,
-                  files: list[File] | None, event_seq: int) -> dict[str, Any]:
+                  file_rows: list[Any] | None, event_seq: int) -> dict[str, Any]:
     """A session as JSON, from ORM objects or Core rows; `turns` are (interaction, task) pairs."""
     body: dict[str, Any] = {
         "id": session.id, "name": session.name, "mode": session.mode.value, "type": session.type.value,
@@ -136,10 +192,10 @@ def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] |
         return body
     if turns:
         body["state"] = turns[-1][0].state.value
-    if files is None:
-        files = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
+    if file_rows is None:
+        file_rows = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
     by_interaction: dict[int | None, list[File]] = {}
-    for f in files:
+    for f in file_rows:
         by_interaction.setdefault(f.interaction_id, []).append(f)
     body["interactions"] = [_interaction_json(db, i, t, by_interaction.get(i.id, [])) for i, t in turns]
     return body
@@ -148,9 +204,9 @@ def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] |
 def session_json(db: DBSession, session: Session, *, detail: bool = True) -> dict[str, Any]:
     """A session as its owner sees it; with `detail`, every interaction too."""
     if detail:
-        return _session_body(db, session, [(i, i.task) for i in session.interactions], files=None,
+        return _session_body(db, session, [(i, i.task) for i in session.interactions], file_rows=None,
                              event_seq=session.event_seq)
-    body = _session_body(db, session, None, files=None, event_seq=session.event_seq)
+    body = _session_body(db, session, None, file_rows=None, event_seq=session.event_seq)
     body["state"] = session.interactions[-1].state.value if session.interactions else None
     return body
 

@@ -64,6 +64,12 @@ class UnknownModel(BadRequest):
     code = "unknown_model"
 
 
+class InvalidTrainingData(BadRequest):
+    """The training data has problems; `problems` names each file and line."""
+
+    code = "invalid_training_data"
+
+
 class Unauthorized(HelixError):
     """Missing or unknown credentials: send `Authorization: Bearer <key>`."""
 
@@ -93,6 +99,10 @@ class TaskNotFound(NotFound):
     """No such task."""
 
 
+class FileNotFound(NotFound):
+    """No such file."""
+
+
 class Conflict(HelixError):
     """The request conflicts with the current state."""
 
@@ -116,6 +126,12 @@ class SessionBusy(Conflict):
     """The previous message is still being answered: wait for it or cancel it."""
 
     code = "session_busy"
+
+
+class NotReady(Conflict):
+    """This session is not ready for that yet."""
+
+    code = "not_ready"
 
 
 class NotCancellable(Conflict):

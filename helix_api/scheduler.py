@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, String, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session as DBSession
 
-from . import events
+from . import events, files
 from .db import Database
 from .errors import LeaseLost, NotCancellable, TaskCancelled, TaskNotFound
 from .models import (
@@ -32,6 +32,7 @@ from .models import (
     utcnow,
 )
 from .notifier import publish, queue_topic
+from .storage import StoredBlob
 
 logger = logging.getLogger(__name__)
 
@@ -254,20 +255,38 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
         return {"stored": len(fresh), "last_seq": last_seq, "cancelled": False}
 
 
-def complete(database: Database, task_id: int, token: str, result: dict[str, Any]) -> None:
-    """Store the result of a task whose lease `token` still holds."""
+def leased(database: Database, task_id: int, token: str) -> Any:
+    """The task, if `token` is its live lease (a runner reading the task's files)."""
+    with database.transaction() as conn:
+        return _held_task(conn, database, task_id, token, utcnow())
+
+
+def add_file(database: Database, task_id: int, token: str, *, kind: files.FileKind, name: str,
+             blob: StoredBlob, content_type: str) -> Any:
+    """Record a file a runner made for the task's reply, if its lease still holds."""
+    with database.transaction() as conn:
+        task = _held_task(conn, database, task_id, token, utcnow())
+        return files.add(conn, session_id=task.session_id, user_id=task.user_id,
+                         interaction_id=task.interaction_id, kind=kind, name=name, blob=blob,
+                         content_type=content_type)
+
+
+def complete(database: Database, task_id: int, token: str, result: dict[str, Any]) -> list[str]:
+    """Store the result of a task whose lease `token` still holds; the store keys of files it dropped."""
     now = utcnow()
     with database.transaction() as conn:
         task = _locked(conn, database, task_id)
         if task.lease_token == token and task.status == TaskStatus.COMPLETE:
-            return  # a retry of a call whose answer was lost: it already took effect
+            return []  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
+        dropped = files.settle_result(conn, task, result)
         conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
         text = result.get("text")
         conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
                                    "p_output": text if isinstance(text, str) else None})
         events.state_event(conn, task, InteractionState.COMPLETE.value)
     logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
+    return dropped
 
 
 def fail(database: Database, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:

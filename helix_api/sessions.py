@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, request, stream_with_context
+import json
 
-from . import conversations, events, scheduler
+from flask import Blueprint, Response, current_app, g, request, send_file, stream_with_context
+from sqlalchemy import select
+
+from . import conversations, events, files, scheduler, training_data
 from .auth import require_user
 from .catalog import Catalog
 from .db import get_db
 from .errors import InvalidField
+from .models import File, Mode, SessionType
+from .params import Limits, check_params
+from .storage import get_store
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
@@ -16,6 +22,14 @@ bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
 
 def _policy() -> scheduler.LeasePolicy:
     return current_app.extensions["helix_policy"]
+
+
+def _catalog() -> Catalog:
+    return current_app.extensions["helix_catalog"]
+
+
+def _limits() -> Limits:
+    return current_app.extensions["helix_limits"]
 
 
 def _params(body: dict) -> dict:
@@ -38,16 +52,59 @@ def _show(session_id: int, status: int = 200):
 @bp.post("")
 @require_user
 def create_session():
-    """Start a session with its first message."""
+    """Start a session with its first message, or (multipart, with training files) a fine-tune."""
+    if request.mimetype == "multipart/form-data":
+        return _create_finetune()
     body = json_body({"mode", "type", "model_name", "message", "params", "name"})
     mode = parse_mode(field(body, "mode", str, required=False, default="create"))
     type_ = parse_type(field(body, "type", str, required=False, default="text"))
-    catalog: Catalog = current_app.extensions["helix_catalog"]
-    model = catalog.get(field(body, "model_name", str), type_.value)
+    if mode == Mode.FINETUNE:
+        raise InvalidField("A fine-tune needs training files: send multipart/form-data with the files in "
+                           "'files' and mode, type, model_name and params as form fields.", field="mode")
+    model = _catalog().get(field(body, "model_name", str), type_.value)
+    params = check_params(_params(body), mode, type_, _limits())
     return conversations.create(
         get_db(), user_id=g.caller.id, mode=mode, type_=type_, model_name=model.name,
-        message=_message(body), params=_params(body), name=field(body, "name", str, required=False),
+        message=_message(body), params=params, name=field(body, "name", str, required=False),
         policy=_policy()), 201
+
+
+def _create_finetune():
+    settings = current_app.config
+    # Training data is far bigger than a JSON body: this request gets the upload limit.
+    request.max_content_length = settings["MAX_UPLOAD_BYTES"]
+    allowed = {"mode", "type", "model_name", "message", "params", "name"}
+    unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"files"})
+    if unknown:
+        raise InvalidField(f"Unknown form field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))} and files.",
+                           field=unknown[0])
+    form = request.form
+    mode = parse_mode(form.get("mode", "finetune"))
+    if mode != Mode.FINETUNE:
+        raise InvalidField("Multipart uploads start fine-tunes: set mode=finetune, or send JSON for a chat.",
+                           field="mode")
+    type_ = parse_type(form.get("type", "text"))
+    if not form.get("model_name"):
+        raise InvalidField("Field 'model_name' is required.", field="model_name")
+    model = _catalog().get(form["model_name"], type_.value)
+    try:
+        params = json.loads(form.get("params") or "{}")
+    except ValueError as exc:
+        raise InvalidField(f"Field 'params' must be a JSON object: {exc}", field="params") from None
+    if not isinstance(params, dict):
+        raise InvalidField("Field 'params' must be a JSON object.", field="params")
+    check_params(params, mode, type_, _limits())
+    uploads = request.files.getlist("files")
+    if type_ == SessionType.TEXT:
+        data = training_data.check_text(uploads, settings["MIN_TEXT_EXAMPLES"])
+    else:
+        data = training_data.check_images(uploads, min_images=settings["MIN_TRAINING_IMAGES"],
+                                          max_bytes=settings["MAX_TRAINING_IMAGE_BYTES"],
+                                          max_side=settings["MAX_TRAINING_IMAGE_SIDE"])
+    return conversations.create_finetune(
+        get_db(), get_store(), user_id=g.caller.id, type_=type_, model_name=model.name,
+        message=form.get("message") or None, params=params, name=form.get("name") or None, data=data,
+        uploads=uploads, policy=_policy(), max_file_bytes=settings["MAX_FILE_BYTES"]), 201
 
 
 @bp.get("")
@@ -75,7 +132,7 @@ def add_message(session_id: int):
     """Continue a session."""
     body = json_body({"message", "params"})
     conversations.add_message(get_db(), user_id=g.caller.id, session_id=session_id,
-                              message=_message(body), params=_params(body), policy=_policy())
+                              message=_message(body), params=_params(body), policy=_policy(), limits=_limits())
     return _show(session_id, 201)
 
 
@@ -107,3 +164,24 @@ def session_events(session_id: int):
                          keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
     return Response(stream_with_context(body), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.get("/<int:session_id>/files")
+@require_user
+def list_files(session_id: int):
+    """Every file of the session: uploads, outputs, adapters."""
+    with get_db().read() as db:
+        conversations.owned(db, g.caller.id, session_id)
+        rows = db.scalars(select(File).where(File.session_id == session_id).order_by(File.id))
+        return {"files": [files.file_json(row) for row in rows]}
+
+
+@bp.get("/<int:session_id>/files/<int:file_id>")
+@require_user
+def download_file(session_id: int, file_id: int):
+    """A file's bytes, for its owner only."""
+    with get_db().read() as db:
+        row = files.owned(db, g.caller.id, session_id, file_id)
+    inline = row.content_type.startswith("image/")  # images show in a browser; the rest download
+    return send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
+                     as_attachment=not inline, max_age=0)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request, send_file
 
-from . import scheduler
+from . import files, scheduler
 from .auth import require_runner
 from .db import get_db
 from .errors import InvalidField
+from .storage import get_store, safe_name
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
@@ -97,8 +98,63 @@ def complete(task_id: int):
     """Store the result."""
     body = json_body({"lease_token", "result"})
     result = field(body, "result", dict)
-    scheduler.complete(get_db(), task_id, _lease_token(body), result)
+    store = get_store()
+    for key in scheduler.complete(get_db(), task_id, _lease_token(body), result):
+        store.delete(key)  # files of lost attempts, or not named in the result
     return {"status": "complete"}
+
+
+@bp.get("/task/<int:task_id>/files/<int:file_id>")
+@require_runner
+def download_file(task_id: int, file_id: int):
+    """A file of the task's session (its training data), or the adapter it runs with."""
+    token = request.headers.get("X-Helix-Lease", "")
+    if not token:
+        raise InvalidField("Send the task's lease token in the X-Helix-Lease header.", field="X-Helix-Lease")
+    database = get_db()
+    task = scheduler.leased(database, task_id, token)
+    with database.read() as db:
+        row = files.for_task(db, task, file_id)
+    response = send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
+                         as_attachment=True, max_age=0)
+    response.headers["X-Helix-SHA256"] = row.sha256
+    return response
+
+
+@bp.post("/task/<int:task_id>/files")
+@require_runner
+def upload_file(task_id: int):
+    """Store a file the task made for its reply: an output image, or a fine-tune's adapter."""
+    settings = current_app.config
+    request.max_content_length = settings["MAX_FILE_BYTES"] + 1024 * 1024  # the form around the file
+    allowed = {"lease_token", "kind"}
+    unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"file"})
+    if unknown:
+        raise InvalidField(f"Unknown form field {unknown[0]!r}; send lease_token, kind and file.", field=unknown[0])
+    token = request.form.get("lease_token", "")
+    if not token:
+        raise InvalidField("Form field 'lease_token' is required.", field="lease_token")
+    try:
+        kind = files.FileKind(request.form.get("kind", ""))
+    except ValueError:
+        kind = None
+    if kind not in files.RUNNER_KINDS:
+        raise InvalidField("Form field 'kind' must be output or adapter.", field="kind")
+    upload = request.files.get("file")
+    if upload is None:
+        raise InvalidField("Form field 'file' (the file) is required.", field="file")
+    database = get_db()
+    task = scheduler.leased(database, task_id, token)  # refuse a stale runner before taking its bytes
+    store = get_store()
+    name = safe_name(upload.filename or "file")
+    blob = store.save(upload.stream, f"sessions/{task.session_id}", name, settings["MAX_FILE_BYTES"])
+    try:
+        row = scheduler.add_file(database, task_id, token, kind=kind, name=name, blob=blob,
+                                 content_type=upload.mimetype or "application/octet-stream")
+    except BaseException:
+        store.delete(blob.key)
+        raise
+    return {"file": files.file_ref(row)}, 201
 
 
 @bp.post("/task/<int:task_id>/fail")

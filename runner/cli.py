@@ -12,9 +12,18 @@ from click.core import ParameterSource
 
 from runner.backends import load_backend
 from runner.client import ApiClient
-from runner.config import JobFilter, RunnerConfig, default_runner_name, normalize_api_url, parse_job_url
+from runner.config import (
+    JobFilter,
+    RunnerConfig,
+    default_cache_dir,
+    default_runner_name,
+    normalize_api_url,
+    parse_gpu_memory,
+    parse_job_url,
+)
 from runner.errors import ApiError, BackendNotFound
 from runner.loop import Runner
+from runner.placement import PlacementError
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +50,31 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after this many tasks.")
 @click.option("--grace", type=click.FloatRange(min=0), default=8.0, show_default=True,
               help="Seconds a stopping runner lets the task in hand finish before handing it back.")
+@click.option("--device", envvar="HELIX_RUNNER_DEVICE", show_envvar=True, default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs (auto: cuda when present).")
+@click.option("--dtype", envvar="HELIX_RUNNER_DTYPE", show_envvar=True, default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Weights' dtype (auto: bfloat16 or float16 on a GPU, float32 on CPU).")
+@click.option("--gpu-memory", envvar="HELIX_RUNNER_GPU_MEMORY", show_envvar=True, multiple=True,
+              metavar="GPU:AMOUNT", help="Most memory per GPU, e.g. --gpu-memory 0:20GiB --gpu-memory 1:20GiB.")
+@click.option("--cpu-memory", envvar="HELIX_RUNNER_CPU_MEMORY", show_envvar=True, metavar="AMOUNT",
+              help="Offload what does not fit on the GPUs to this much CPU memory, e.g. 32GiB.")
+@click.option("--load-in-8bit", "quantize", flag_value="8bit", default=None,
+              help="Load weights in 8 bits (bitsandbytes; needs a GPU).")
+@click.option("--load-in-4bit", "quantize", flag_value="4bit",
+              help="Load weights in 4 bits (bitsandbytes; needs a GPU).")
+@click.option("--max-parallel", envvar="HELIX_RUNNER_MAX_PARALLEL", show_envvar=True, default=1, show_default=True,
+              type=click.IntRange(1, 256), help="Tasks held at once and generated together on the loaded model.")
+@click.option("--cache-dir", envvar="HELIX_RUNNER_CACHE", show_envvar=True, default=default_cache_dir,
+              show_default="~/.cache/helix-runner", help="Where fetched files and adapters are kept.")
 @click.option("--log-level", envvar="HELIX_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.pass_context
 def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | None, mode: str | None,
          type_: str | None, model_name: str | None, token: str | None, runner_name: str,
-         wait: float | None, max_tasks: int | None, grace: float, log_level: str) -> None:
+         wait: float | None, max_tasks: int | None, grace: float, device: str, dtype: str,
+         gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int,
+         cache_dir: str, log_level: str) -> None:
     """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     target = _target(ctx, job_url, api_url, mode, type_, model_name)
@@ -58,7 +86,9 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
     config = RunnerConfig(
         api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
         model_name=target.model_name or "", backend=backend, runner_name=runner_name, wait=wait,
-        grace_seconds=grace, max_tasks=max_tasks,
+        grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
+        gpu_memory=_gpu_memory(gpu_memory), cpu_memory=cpu_memory or None, quantize=quantize,
+        max_parallel=max_parallel, cache_dir=cache_dir,
     )
     try:
         model = load_backend(backend, config)
@@ -73,9 +103,19 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
     except ApiError as exc:
         # Retrying will not help (a bad token, an unknown model): say so plainly and exit.
         raise click.ClickException(f"the API refused this runner: {exc}") from exc
+    except PlacementError as exc:
+        # The model cannot be loaded as configured (it does not fit, no GPU for 8-bit...): before any claim.
+        raise click.ClickException(str(exc)) from exc
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _gpu_memory(entries: tuple[str, ...]) -> dict[int, str]:
+    try:
+        return parse_gpu_memory(entries)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpu-memory") from exc
 
 
 def _target(ctx: click.Context, job_url: str | None, api_url: str | None, mode: str | None,

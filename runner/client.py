@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -30,6 +31,8 @@ CONNECT_TIMEOUT = 5.0
 LONG_POLL_MARGIN = 10.0  # a long-poll reply may take `wait` seconds plus the API's own latency
 # Worth another try: the API is restarting, overloaded or throttling us.
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+FILE_TIMEOUT = 300.0  # between two chunks of a file: adapters and images are large, but never silent this long
+CHUNK_BYTES = 1 << 20
 TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
@@ -92,6 +95,37 @@ class ApiClient:
         """Hand the task back to the queue, attempt included (used when shutting down)."""
         return self._post(task_id, "release", {"lease_token": lease_token})
 
+    def download(self, task_id: int, lease_token: str, file_id: int, dest: Path) -> str:
+        """Stream a file of the task's session to `dest`; returns the SHA-256 the API stored for it."""
+        path = f"{CLAIM_PATH}/{task_id}/files/{file_id}"
+
+        def fetch() -> str:
+            response = self._request("GET", path, headers={"X-Helix-Lease": lease_token}, stream=True,
+                                     read_timeout=FILE_TIMEOUT)
+            with response, dest.open("wb") as out:
+                try:
+                    for chunk in response.iter_content(CHUNK_BYTES):
+                        out.write(chunk)
+                except TRANSIENT_ERRORS as exc:
+                    raise ApiUnavailable(f"GET {path}: cut off: {exc}") from exc
+            return response.headers.get("X-Helix-SHA256", "")
+
+        # A download cut off half-way starts again from the first byte.
+        return self._retrying(None)(fetch)
+
+    def upload(self, task_id: int, lease_token: str, source: Path, *, kind: str, name: str,
+               content_type: str) -> dict[str, Any]:
+        """Store a file the task produced (an output or an adapter); returns its file ref."""
+
+        def send() -> requests.Response:
+            with source.open("rb") as handle:  # reopened for every attempt: a retry resends it whole
+                return self._send("POST", self.api_url + f"{CLAIM_PATH}/{task_id}/files",
+                                  data={"lease_token": lease_token, "kind": kind},
+                                  files={"file": (name, handle, content_type)},
+                                  timeout=(CONNECT_TIMEOUT, FILE_TIMEOUT))
+
+        return self._retrying(None)(send).json()["file"]
+
     def close(self) -> None:
         """Close the pooled connections."""
         self.session.close()
@@ -105,10 +139,14 @@ class ApiClient:
 
     def _request(self, method: str, path: str, *, read_timeout: float | None = None,
                  interrupt: threading.Event | None = None, **kwargs: Any) -> requests.Response:
+        timeout = (CONNECT_TIMEOUT, read_timeout or self.timeout)
+        return self._retrying(interrupt)(self._send, method, self.api_url + path, timeout=timeout, **kwargs)
+
+    def _retrying(self, interrupt: threading.Event | None) -> Retrying:
         stop = stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay)
         if interrupt is not None:
             stop = stop | stop_when_event_set(interrupt)
-        retrying = Retrying(
+        return Retrying(
             retry=retry_if_exception_type(ApiUnavailable),
             wait=self._wait,
             stop=stop,
@@ -116,8 +154,6 @@ class ApiClient:
             before_sleep=before_sleep_log(logger, logging.WARNING),
             reraise=True,
         )
-        timeout = (CONNECT_TIMEOUT, read_timeout or self.timeout)
-        return retrying(self._send, method, self.api_url + path, timeout=timeout, **kwargs)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:

@@ -15,6 +15,25 @@ def default_runner_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def default_cache_dir() -> str:
+    """~/.cache/helix-runner (the CLI lets HELIX_RUNNER_CACHE or --cache-dir say otherwise)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "helix-runner")
+
+
+def parse_gpu_memory(entries: tuple[str, ...] | list[str]) -> dict[int, str]:
+    """`("0:20GiB", "1:20GiB")` -> `{0: "20GiB", 1: "20GiB"}`; a bare `20GiB` means GPU 0."""
+    limits: dict[int, str] = {}
+    for entry in entries:
+        for part in filter(None, entry.replace(",", " ").split()):
+            index, sep, amount = part.rpartition(":")
+            if not sep:
+                index, amount = "0", part
+            if not index.isdigit() or not amount:
+                raise ValueError(f"not GPU:AMOUNT (like 0:20GiB): {part!r}")
+            limits[int(index)] = amount
+    return limits
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How the client retries transient failures: exponential backoff with jitter, capped."""
@@ -45,6 +64,21 @@ class RunnerConfig:
     flush_interval: float = 0.05  # events are posted at least this often while a task streams
     batch_size: int = 32  # ... or as soon as this many are waiting
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Where the model goes and how much memory it may take (seed 001's flags, as runner options).
+    device: str = "auto"  # auto (cuda when there is one), cpu or cuda
+    dtype: str = "auto"  # auto (bfloat16/float16 on a GPU, float32 on CPU), float32, float16, bfloat16
+    gpu_memory: dict[int, str] = field(default_factory=dict)  # GPU index -> "20GiB": accelerate's max_memory
+    cpu_memory: str | None = None  # offload what does not fit on the GPUs to this much CPU memory
+    quantize: str | None = None  # None, "8bit" or "4bit" (bitsandbytes, GPU only)
+    max_parallel: int = 1  # tasks held and run together on one loaded model
+    # Fetched files and unpacked adapters (by checksum), and scratch space for training.
+    cache_dir: str = field(default_factory=default_cache_dir)
+    work_dir: str = ""  # default: cache_dir/work
+
+    @property
+    def work_path(self) -> str:
+        """Scratch space for training runs."""
+        return self.work_dir or os.path.join(self.cache_dir, "work")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ class Task:
     attempt: int
     input: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
-    adapter: str | None = None
+    # A zipped PEFT adapter's file ref ({id, name, sha256, size}); None means the bare base model.
+    adapter: dict[str, Any] | None = None
     files: list[Any] = field(default_factory=list)
 
     @classmethod

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+
+if TYPE_CHECKING:
+    from runner.files import TaskFiles
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +21,10 @@ class Report:
     """Handed to `predict(task, report)`: stream tokens, progress and logs; raises once told to stop."""
 
     def __init__(self, task_id: int, post: PostEvents, *, flush_interval: float = 0.05,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, files: TaskFiles | None = None) -> None:
         self.task_id = task_id
+        # The task's inputs to fetch and outputs to upload, under the same lease as the events.
+        self.files = files
         self._post = post
         self._flush_interval = flush_interval
         self._batch_size = batch_size

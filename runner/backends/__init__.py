@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKENDS", "Backend", "load_backend"]
 
-# name -> "package.module:Class". `mistral` and `sdxl` come with the model issues, one line each:
-#   "mistral": "runner.backends.mistral:MistralBackend",
-BACKENDS: dict[str, str] = {}
+# name -> "package.module:Class"; imported on demand, so the Mistral image never imports diffusers.
+BACKENDS: dict[str, str] = {
+    "mistral": "runner.backends.mistral:MistralBackend",
+    "sdxl": "runner.backends.sdxl:SDXLBackend",
+}
 
 
 def resolve_backend(name_or_path: str) -> type[Any]:

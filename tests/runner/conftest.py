@@ -17,10 +17,25 @@ TASK_URL = f"{API}/api/v1/worker/task"
 FAST_RETRY = RetryPolicy(attempts=3, max_delay=5.0, initial=0.001, cap=0.002)
 
 
+class FakeApi(responses.RequestsMock):
+    """`responses` with the `get`/`post` shortcuts of its newer releases.
+
+    axolotl pins evaluate 0.4.1, which holds `responses` below 0.19, before those shortcuts existed.
+    """
+
+    def get(self, url: str, **kwargs: Any) -> Any:
+        """Answer GET `url`."""
+        return self.add(responses.GET, url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        """Answer POST `url`."""
+        return self.add(responses.POST, url, **kwargs)
+
+
 @pytest.fixture
-def api() -> Iterator[responses.RequestsMock]:
+def api() -> Iterator[FakeApi]:
     """A fake API; unmatched requests raise ConnectionError, as a missing server would."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+    with FakeApi(assert_all_requests_are_fired=False) as mock:
         yield mock
 
 

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import requests
-import responses
 
 from runner.client import CONNECT_TIMEOUT, ApiClient
 from runner.config import RetryPolicy
 from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
 
-from .conftest import API, TASK_URL
+from .conftest import API, TASK_URL, FakeApi
 
 HEARTBEAT = f"{TASK_URL}/42/heartbeat"
 
@@ -93,7 +92,7 @@ def test_gives_up_after_max_attempts(api, api_client):
 def test_backoff_is_capped_and_honours_retry_after_within_cap():
     api_client = ApiClient(API, "t", "r", retry=RetryPolicy(attempts=10, initial=1, cap=4))
     slept: list[float] = []
-    with responses.RequestsMock() as api:
+    with FakeApi() as api:
         api.post(HEARTBEAT, status=429, headers={"Retry-After": "3"})
         api.post(HEARTBEAT, status=503)
         api.post(HEARTBEAT, json={})

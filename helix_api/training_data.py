@@ -1,0 +1,239 @@
+"""Training data checked up front: every problem named by file and line, before anything is stored.
+
+Text: JSONL of chats (`{"messages": [{"role", "content"}, ...]}`) or question/answer pairs
+(`question`/`answer`, or `prompt`/`completion`), normalised to one `train.jsonl` of chats.
+Images: each image with a caption: `x.png` + `x.txt`, or one `captions.json` of `{"x.png": "..."}`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO, Protocol
+
+from .errors import InvalidTrainingData
+from .storage import safe_name
+
+ROLES = ("system", "user", "assistant")
+IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+MAX_PROBLEMS = 20  # enough to fix a file by, short enough to read
+
+
+class Upload(Protocol):
+    """An uploaded file: werkzeug's FileStorage fits."""
+
+    filename: str | None
+    stream: IO[bytes]
+
+
+@dataclass
+class TextSet:
+    """Chats ready for training, as one JSONL file of `{"messages": [...]}` lines."""
+
+    examples: int
+    jsonl: BinaryIO
+
+
+@dataclass
+class ImageSet:
+    """Images (by safe name) with their captions."""
+
+    images: dict[str, tuple[Upload, str]] = field(default_factory=dict)  # name -> (upload, content type)
+    captions: dict[str, str] = field(default_factory=dict)  # image name -> caption
+    caption_files: list[Upload] = field(default_factory=list)
+
+
+class Problems:
+    """Problems found so far, each naming its file (and line)."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def add(self, file: str, message: str, line: int | None = None) -> None:
+        item: dict[str, Any] = {"file": file, "message": message}
+        if line is not None:
+            item["line"] = line
+        self.items.append(item)
+
+    def raise_if_any(self, summary: str) -> None:
+        if not self.items:
+            return
+        shown = self.items[:MAX_PROBLEMS]
+        lines = "; ".join(f"{p['file']}{':' + str(p['line']) if 'line' in p else ''}: {p['message']}"
+                          for p in shown)
+        more = f" (and {len(self.items) - len(shown)} more)" if len(self.items) > len(shown) else ""
+        raise InvalidTrainingData(f"{summary}: {lines}{more}", field="files", problems=shown)
+
+
+def _chat_of(record: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    """The chat a JSONL record stands for, or why it is not one."""
+    if not isinstance(record, dict):
+        return None, "each line must be a JSON object"
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return None, "'messages' must be a non-empty array"
+        chat = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                return None, f"messages[{i}] must be an object"
+            role, content = message.get("role"), message.get("content")
+            if role not in ROLES:
+                return None, f"messages[{i}] has unknown role {role!r} (allowed: {', '.join(ROLES)})"
+            if not isinstance(content, str) or not content.strip():
+                return None, f"messages[{i}] needs a non-empty string 'content'"
+            chat.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in chat) or not any(m["role"] == "user" for m in chat):
+            return None, "a chat needs at least one user and one assistant message"
+        return chat, None
+    for ask, answer in (("question", "answer"), ("prompt", "completion")):
+        if ask in record or answer in record:
+            q, a = record.get(ask), record.get(answer)
+            if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+                return None, f"'{ask}' and '{answer}' must both be non-empty strings"
+            return [{"role": "user", "content": q}, {"role": "assistant", "content": a}], None
+    return None, "expected 'messages', or 'question' and 'answer' (or 'prompt' and 'completion')"
+
+
+def check_text(uploads: list[Upload], min_examples: int) -> TextSet:
+    """Every line of every file checked; normalised chats, or InvalidTrainingData naming each bad line."""
+    problems = Problems()
+    out = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+    examples = 0
+    if not uploads:
+        problems.add("files", "no training files were uploaded (send JSONL files in the 'files' field)")
+    for upload in uploads:
+        name = upload.filename or "upload"
+        if not name.lower().endswith(TEXT_SUFFIXES):
+            problems.add(name, "not a JSONL file (expected a .jsonl file of chats or question/answer pairs)")
+            continue
+        upload.stream.seek(0)
+        for number, raw in enumerate(upload.stream, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                problems.add(name, "not UTF-8 text", number)
+                break
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                problems.add(name, f"not valid JSON ({exc.msg})", number)
+                continue
+            chat, why = _chat_of(record)
+            if chat is None:
+                problems.add(name, why or "not a training example", number)
+                continue
+            examples += 1
+            out.write(json.dumps({"messages": chat}, ensure_ascii=False).encode() + b"\n")
+        upload.stream.seek(0)
+    problems.raise_if_any("The training data has problems")
+    if examples < min_examples:
+        problems.add("files", f"only {examples} training examples; at least {min_examples} are needed")
+        problems.raise_if_any("Too few training examples")
+    out.seek(0)
+    return TextSet(examples=examples, jsonl=out)
+
+
+def _image_problem(upload: Upload, max_bytes: int, max_side: int) -> str | None:
+    """Why an upload is not a usable training image, or None."""
+    from PIL import Image, UnidentifiedImageError  # the API's one use of Pillow: keep start-up light
+
+    stream = upload.stream
+    stream.seek(0, io.SEEK_END)
+    size = stream.tell()
+    stream.seek(0)
+    if size > max_bytes:
+        return f"the image is {size} bytes; the limit is {max_bytes}"
+    try:
+        with Image.open(stream) as image:
+            width, height = image.size
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a readable image ({exc.__class__.__name__})"
+    finally:
+        stream.seek(0)
+    if width > max_side or height > max_side:
+        return f"the image is {width}x{height}; at most {max_side} pixels a side"
+    return None
+
+
+def check_images(uploads: list[Upload], *, min_images: int, max_bytes: int, max_side: int) -> ImageSet:
+    """Images and captions paired and checked; InvalidTrainingData naming each bad or unpaired file."""
+    problems = Problems()
+    found = ImageSet()
+    texts: dict[str, str] = {}  # stem -> caption from x.txt
+    json_captions: dict[str, str] = {}
+    for upload in uploads:
+        raw_name = upload.filename or "upload"
+        name = safe_name(raw_name)
+        stem, _, suffix = name.rpartition(".")
+        suffix = suffix.lower()
+        if suffix in IMAGE_TYPES:
+            if name in found.images:
+                problems.add(raw_name, "two images with the same name")
+                continue
+            why = _image_problem(upload, max_bytes, max_side)
+            if why:
+                problems.add(raw_name, why)
+                continue
+            found.images[name] = (upload, IMAGE_TYPES[suffix])
+        elif suffix == "txt":
+            caption = _read_text(upload, raw_name, problems)
+            if caption is not None:
+                texts[stem] = caption
+                found.caption_files.append(upload)
+        elif suffix == "json":
+            mapping = _read_captions_json(upload, raw_name, problems)
+            json_captions.update(mapping)
+            found.caption_files.append(upload)
+        else:
+            problems.add(raw_name, "neither an image (png, jpg, webp) nor a caption (.txt, captions.json)")
+    for name in found.images:
+        caption = json_captions.get(name) or texts.get(name.rpartition(".")[0])
+        if caption:
+            found.captions[name] = caption
+        else:
+            problems.add(name, f"no caption: add {name.rpartition('.')[0]}.txt or an entry in captions.json")
+    for stem in texts:
+        if not any(n.rpartition(".")[0] == stem for n in found.images):
+            problems.add(f"{stem}.txt", "a caption with no image of the same name")
+    problems.raise_if_any("The training images have problems")
+    if len(found.images) < min_images:
+        problems.add("files", f"only {len(found.images)} captioned images; at least {min_images} are needed")
+        problems.raise_if_any("Too few training images")
+    return found
+
+
+def _read_text(upload: Upload, name: str, problems: Problems) -> str | None:
+    upload.stream.seek(0)
+    try:
+        text = upload.stream.read(64 * 1024 + 1).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problems.add(name, "a caption must be UTF-8 text")
+        return None
+    finally:
+        upload.stream.seek(0)
+    if not text or len(text) > 64 * 1024:
+        problems.add(name, "a caption must be non-empty text of at most 64 KiB")
+        return None
+    return text
+
+
+def _read_captions_json(upload: Upload, name: str, problems: Problems) -> dict[str, str]:
+    upload.stream.seek(0)
+    try:
+        mapping = json.loads(upload.stream.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        problems.add(name, f"not valid JSON ({exc})")
+        return {}
+    finally:
+        upload.stream.seek(0)
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+        problems.add(name, 'captions JSON must be an object of {"image.png": "caption", ...}')
+        return {}
+    return {safe_name(k): v.strip() for k, v in mapping.items()}
