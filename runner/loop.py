@@ -7,12 +7,14 @@ import logging
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from runner.backends.base import Backend
 from runner.client import ApiClient
 from runner.config import RunnerConfig
 from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.files import TaskFiles
 from runner.heartbeat import Heartbeat
 from runner.messages import Claim, Lease, Task
 from runner.reporter import Report
@@ -29,7 +31,12 @@ def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> str:
 
 
 class Runner:
-    """Pulls tasks for one backend and runs them in-process, one at a time, until stopped."""
+    """Pulls tasks for one backend and runs them in-process until stopped.
+
+    With `config.max_parallel` N > 1 (capped by a backend's own `max_parallel` attribute, read after
+    setup()), N slots each claim and work one task at a time on their own thread, so the backend's
+    predict() is called for up to N held tasks at once; the main thread only waits, free for signals.
+    """
 
     def __init__(self, config: RunnerConfig, backend: Backend, client: ApiClient) -> None:
         self.config = config
@@ -37,9 +44,13 @@ class Runner:
         self.client = client
         self.handled = 0  # tasks claimed and finished one way or another
         self._stopping = threading.Event()
-        # Read by stop(), which may run in a signal handler on the main thread: no locks around it.
-        self._report: Report | None = None
+        # Reports of the tasks in hand, by task id. Read by stop(), which may run in a signal handler on
+        # the main thread: no locks around it (single dict operations are atomic).
+        self._reports: dict[int, Report] = {}
         self._grace_timer: threading.Timer | None = None
+        self._counting = threading.Lock()
+        self._reserved = 0  # tasks claimed or being claimed, against max_tasks
+        self._slot_error: BaseException | None = None
 
     def run(self, max_tasks: int | None = None) -> int:
         """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
@@ -48,37 +59,104 @@ class Runner:
         try:
             logger.info("runner %s: setting up backend %s", cfg.runner_name, cfg.backend or self.backend)
             self.backend.setup()
-            logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s", cfg.runner_name,
-                        cfg.mode, cfg.type, cfg.model_name, cfg.api_url)
-            while not self._stopping.is_set() and (limit is None or self.handled < limit):
-                claim = self._next_claim()
-                if claim is not None:
-                    self._work(claim)
-                    self.handled += 1
+            slots = self.slots()
+            logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s (%d at a time)",
+                        cfg.runner_name, cfg.mode, cfg.type, cfg.model_name, cfg.api_url, slots)
+            if slots == 1:
+                self._serve(limit)
+            else:
+                self._serve_in_parallel(slots, limit)
         finally:
             self._teardown()
         return self.handled
 
-    def stop(self) -> None:
-        """Stop taking work; the task in hand gets `grace_seconds` to finish, then goes back.
+    def slots(self) -> int:
+        """How many tasks this runner holds at once: max_parallel, capped by the backend's own."""
+        cap = getattr(self.backend, "max_parallel", None)
+        wanted = max(1, int(getattr(self.config, "max_parallel", 1) or 1))
+        return max(1, min(wanted, int(cap))) if cap else wanted
 
-        Never blocks, so a signal handler may call it. A second call hands the task back at once.
+    def stop(self) -> None:
+        """Stop taking work; the tasks in hand get `grace_seconds` to finish, then go back.
+
+        Never blocks, so a signal handler may call it. A second call hands the tasks back at once.
         """
-        report = self._report
+        reports = list(self._reports.values())
         if self._stopping.is_set():
             logger.warning("runner %s: stopping now", self.config.runner_name)
-            if report is not None:
-                report.cancel(StopReason.SHUTDOWN)
+            self._hand_back_held()
             return
         self._stopping.set()
-        if report is None:
+        if not reports:
             logger.info("runner %s: stopping", self.config.runner_name)
             return
-        logger.info("task %s: runner stopping; %.1fs to finish before it goes back", report.task_id,
-                    self.config.grace_seconds)
-        self._grace_timer = threading.Timer(self.config.grace_seconds, report.cancel, (StopReason.SHUTDOWN,))
+        for report in reports:
+            logger.info("task %s: runner stopping; %.1fs to finish before it goes back", report.task_id,
+                        self.config.grace_seconds)
+        self._grace_timer = threading.Timer(self.config.grace_seconds, self._hand_back_held)
         self._grace_timer.daemon = True
         self._grace_timer.start()
+
+    def _hand_back_held(self) -> None:
+        """Tell every task still in hand to stop; each goes back to the queue."""
+        for report in list(self._reports.values()):
+            report.cancel(StopReason.SHUTDOWN)
+
+    # Slots.
+
+    def _serve(self, limit: int | None) -> None:
+        """Claim and work one task at a time until stopped or `limit` tasks are taken (by all slots)."""
+        while not self._stopping.is_set() and self._reserve(limit):
+            claim = self._next_claim()
+            if claim is None:
+                self._unreserve()
+                continue
+            self._work(claim)
+            with self._counting:
+                self.handled += 1
+
+    def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
+        """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
+        self._widen_connection_pool(slots)
+        threads = [threading.Thread(target=self._serve_slot, args=(limit,), name=f"helix-slot-{index}",
+                                    daemon=True) for index in range(slots)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.1)  # short joins leave the main thread free to run signal handlers
+        if self._slot_error is not None:
+            raise self._slot_error
+
+    def _serve_slot(self, limit: int | None) -> None:
+        try:
+            self._serve(limit)
+        except BaseException as exc:  # handed to the main thread, which raises it from run()
+            with self._counting:
+                self._slot_error = self._slot_error or exc
+            self.stop()  # the other slots finish (or hand back) what they hold, then exit
+
+    def _reserve(self, limit: int | None) -> bool:
+        with self._counting:
+            if limit is not None and self._reserved >= limit:
+                return False
+            self._reserved += 1
+            return True
+
+    def _unreserve(self) -> None:
+        with self._counting:
+            self._reserved -= 1
+
+    def _widen_connection_pool(self, slots: int) -> None:
+        """Each slot polls, beats and posts events at once: keep a connection for each, not requests' 10."""
+        session = getattr(self.client, "session", None)
+        if session is None:
+            return
+        from requests.adapters import HTTPAdapter
+
+        size = 4 * slots
+        for prefix in ("http://", "https://"):
+            session.mount(prefix, HTTPAdapter(pool_connections=size, pool_maxsize=size))
 
     # Claiming.
 
@@ -143,10 +221,11 @@ class Runner:
         logger.info("task %s: claimed (attempt %s, session %s, interaction %s)", task.id, task.attempt,
                     task.session_id, task.interaction_id)
         report = Report(task.id, functools.partial(self.client.post_events, task.id, lease.token),
-                        flush_interval=self.config.flush_interval, batch_size=self.config.batch_size)
-        self._report = report
+                        flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
+                        files=TaskFiles(self.client, task.id, lease.token, Path(self.config.cache_dir)))
+        self._reports[task.id] = report
         if self._stopping.is_set():  # stop() came between the claim and now
-            self._report = None
+            self._reports.pop(task.id, None)
             self._release(task, lease, "the runner is stopping")
             return
         heartbeat = Heartbeat(self.client, task.id, lease, on_stop=report.cancel)
@@ -159,7 +238,7 @@ class Runner:
             finally:
                 # Before complete/fail: a renewal in flight must not race the task's end.
                 heartbeat.stop()
-                self._report = None
+                self._reports.pop(task.id, None)
         except TaskCancelled as exc:
             self._stopped(task, lease, report, report.stop_reason or exc.reason)
         except Exception as exc:

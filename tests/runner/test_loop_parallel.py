@@ -1,0 +1,97 @@
+"""The main loop with --max-parallel N: N tasks held and predicted at once; stop() handles every one."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+
+from runner.loop import Runner
+from tests.doubles import EchoBackend
+
+from .conftest import TASK_URL, bodies
+from .test_loop import actions, fake_worker_api
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Meeting(EchoBackend):
+    """predict() waits until `size` predicts run at once (a runner holding one task at a time never gets there)."""
+
+    def __init__(self, config=None, size: int = 2):
+        super().__init__(config)
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.most = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def predict(self, task, report):
+        with self._lock:
+            self._running += 1
+            self.most = max(self.most, self._running)
+        try:
+            self.barrier.wait()
+            return super().predict(task, report)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+def test_two_slots_hold_and_predict_two_tasks_at_once(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1))
+    api.get(TASK_URL, json=claim_json(task_id=2))
+    api.get(TASK_URL, status=204)
+    fake_worker_api(api)
+    backend = Meeting(config, size=2)
+    assert Runner(replace(config, max_parallel=2), backend, api_client).run(max_tasks=2) == 2
+    assert backend.most == 2
+    assert {body["lease_token"] for body in bodies(api, "/complete")} == {"l_1", "l_2"}
+
+
+def test_max_tasks_counts_every_slot(api, api_client, config, claim_json):
+    for task_id in range(1, 6):
+        api.get(TASK_URL, json=claim_json(task_id=task_id))
+    fake_worker_api(api)
+    assert Runner(replace(config, max_parallel=3), EchoBackend(config), api_client).run(max_tasks=4) == 4
+    assert len(bodies(api, "/complete")) == 4
+    assert actions(api).count("claim") == 4
+
+
+def test_stop_hands_back_every_task_in_hand(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1, params={"sleep": 30}))
+    api.get(TASK_URL, json=claim_json(task_id=2, params={"sleep": 30}))
+    api.get(TASK_URL, status=204)
+    fake_worker_api(api)
+
+    class Started(EchoBackend):
+        both = threading.Barrier(3, timeout=10)
+
+        def predict(self, task, report):
+            self.both.wait()
+            return super().predict(task, report)
+
+    runner = Runner(replace(config, max_parallel=2, grace_seconds=0.1), Started(config), api_client)
+    stopper = threading.Thread(target=lambda: (Started.both.wait(), runner.stop()))
+    stopper.start()
+    assert runner.run() == 2
+    stopper.join()
+    assert sorted(body["lease_token"] for body in bodies(api, "/release")) == ["l_1", "l_2"]
+    assert not bodies(api, "/complete")
+
+
+def test_a_backend_can_cap_the_slots(api, api_client, config, claim_json):
+    class OneAtATime(EchoBackend):
+        max_parallel = 1
+
+    runner = Runner(replace(config, max_parallel=8), OneAtATime(config), api_client)
+    assert runner.slots() == 1
+    assert Runner(replace(config, max_parallel=8), EchoBackend(config), api_client).slots() == 8
+
+
+def test_a_claim_refused_for_good_stops_every_slot_and_is_raised(api, api_client, config):
+    api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
+    from runner.errors import ApiError
+
+    with pytest.raises(ApiError, match="unknown runner token"):
+        Runner(replace(config, max_parallel=3), EchoBackend(config), api_client).run()
