@@ -47,8 +47,21 @@ def parse_size(text: str) -> int:
 
 
 def gigabytes(size: int) -> str:
-    """A byte count as GB, for messages."""
-    return f"{size / 1e9:.2f} GB"
+    """A byte count for messages: in GB, or in MB/kB when that would read as 0.00 GB."""
+    if size >= 10**9:
+        return f"{size / 1e9:.2f} GB"
+    if size >= 10**6:
+        return f"{size / 1e6:.1f} MB"
+    return f"{size / 1e3:.1f} kB"
+
+
+def count_text(parameters: int) -> str:
+    """A parameter count as 7.24B, 12.3M or 44192."""
+    if parameters >= 10**9:
+        return f"{parameters / 1e9:.2f}B"
+    if parameters >= 10**6:
+        return f"{parameters / 1e6:.1f}M"
+    return str(parameters)
 
 
 def estimate_weights_bytes(parameters: int, bits: int) -> int:
@@ -114,12 +127,12 @@ class Placement:
         if needed > total:
             raise ModelTooLarge(
                 f"{model_name} does not fit: its weights need about {gigabytes(needed)} "
-                f"({parameters / 1e9:.2f}B parameters at {self.bits} bits, ~{GB_PER_BILLION_AT_16_BITS} GB per "
-                f"billion at 16 bits) but only {gigabytes(total)} was found ({found}). Give it more with "
-                "--gpu-memory/--cpu-memory, use another GPU, or load it in 8 or 4 bits (--load-in-8bit/--load-in-4bit)."
+                f"({count_text(parameters)} parameters at {self.bits} bits, ~{GB_PER_BILLION_AT_16_BITS} GB per "
+                f"billion at 16 bits) but only {gigabytes(total)} was found ({found}). Give it more memory "
+                "(--gpu-memory/--cpu-memory) or load it in 8 or 4 bits on a GPU (--load-in-8bit/--load-in-4bit)."
             )
-        logger.info("%s: about %s of weights (%.3fB parameters at %d bits); %s available (%s)", model_name,
-                    gigabytes(needed), parameters / 1e9, self.bits, gigabytes(total), found)
+        logger.info("%s: about %s of weights (%s parameters at %d bits); %s available (%s)", model_name,
+                    gigabytes(needed), count_text(parameters), self.bits, gigabytes(total), found)
         return needed
 
 
