@@ -1,0 +1,197 @@
+"""Image sessions end to end: `helix serve` and `helix-runner --backend sdxl` on the tiny SDXL pipeline.
+
+The image runner's behaviour does not depend on the database, so these run on SQLite only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import bearer
+from tests.e2e.conftest import (
+    CLAIM_PATH,
+    REPO,
+    ApiServer,
+    RunnerProcess,
+    _base_env,
+    _track_log,
+    get_session,
+    read_sse,
+    reply_of,
+    wait_for,
+    wait_for_reply,
+)
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = ("complete", "error", "cancelled")
+
+
+@pytest.fixture
+def e2e_database(tmp_path: Path) -> str:
+    """SQLite only (overrides the conftest's two databases)."""
+    return f"sqlite:///{tmp_path / 'helix.db'}"
+
+
+@pytest.fixture
+def image_api(api_server: Callable[..., ApiServer], tiny_sdxl: Path) -> ApiServer:
+    """The API offering the tiny SDXL pipeline as its image model."""
+    return api_server(models=f"image:{tiny_sdxl}")
+
+
+@pytest.fixture
+def image_runner(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
+    """Start `helix-runner --backend sdxl` for image tasks of one mode: `image_runner(server, "create")`."""
+    runners: list[RunnerProcess] = []
+
+    def start(server: ApiServer, mode: str, model: Path, name: str | None = None) -> RunnerProcess:
+        name = name or f"sdxl-{mode}"
+        log = tmp_path / f"runner-{name}.log"
+        _track_log(request, log)
+        env = _base_env()
+        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode={mode}&type=image&model_name={model}"
+        env["HELIX_RUNNER_TOKEN"] = server.runner_token
+        env["HELIX_RUNNER_CACHE"] = str(tmp_path / f"cache-{name}")
+        command = [sys.executable, "-m", "runner", "--backend", "sdxl", "--device", "cpu", "--runner-name", name,
+                   "--wait", "2"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        runner = RunnerProcess(name, proc, log)
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.stop()
+
+
+def create_image_session(server: ApiServer, model: Path, message: str = "a red fox in the snow",
+                         **params: Any) -> dict[str, Any]:
+    response = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30, json={
+        "mode": "create", "type": "image", "model_name": str(model), "message": message, "params": params})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def fetch(server: ApiServer, headers: dict[str, str], url: str) -> requests.Response:
+    return requests.get(f"{server.url}{url}", headers=headers, timeout=30)
+
+
+def png_of(server: ApiServer, reply: dict[str, Any]) -> bytes:
+    """The bytes of the reply's one image, fetched by its owner."""
+    [image] = reply["files"]
+    response = fetch(server, server.user, image["url"])
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def test_an_image_session_makes_a_png_only_its_owner_can_fetch(image_api, image_runner, tiny_sdxl):
+    image_runner(image_api, "create", tiny_sdxl)
+    session = create_image_session(image_api, tiny_sdxl, width=96, height=64, num_inference_steps=3, seed=4)
+
+    reply = wait_for_reply(image_api, image_api.user, session["id"], timeout=120)
+
+    assert reply["state"] == "complete", reply
+    [image] = reply["files"]
+    assert image["kind"] == "output" and image["content_type"] == "image/png"
+    response = fetch(image_api, image_api.user, image["url"])
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("image/png")
+    with Image.open(io.BytesIO(response.content)) as png:
+        assert png.format == "PNG" and png.size == (96, 64)
+    stranger = bearer(image_api.create_user("mallory"))
+    assert fetch(image_api, stranger, image["url"]).status_code == 404
+
+
+def test_progress_arrives_once_per_step_in_order_then_the_same_seed_repeats(image_api, image_runner, tiny_sdxl):
+    image_runner(image_api, "create", tiny_sdxl)
+    session = create_image_session(image_api, tiny_sdxl, num_inference_steps=6, seed=9)
+    progress = []
+    with requests.get(f"{image_api.url}/api/v1/sessions/{session['id']}/events", headers=image_api.user,
+                      stream=True, timeout=(5, 120)) as stream:
+        for event in read_sse(stream):
+            data = event["data"]
+            if data["kind"] == "progress":
+                progress.append((data["step"], data["total"]))
+            if data["kind"] == "state" and data["state"] in TERMINAL:
+                assert data["state"] == "complete", data
+                break
+
+    assert progress == [(step, 6) for step in range(1, 7)]
+    first = png_of(image_api, reply_of(get_session(image_api, image_api.user, session["id"])))
+    again = create_image_session(image_api, tiny_sdxl, num_inference_steps=6, seed=9)
+    assert png_of(image_api, wait_for_reply(image_api, image_api.user, again["id"], timeout=120)) == first
+
+
+def test_cancel_stops_a_long_image_run(image_api, image_runner, tiny_sdxl):
+    runner = image_runner(image_api, "create", tiny_sdxl)
+    session = create_image_session(image_api, tiny_sdxl, width=256, height=256, num_inference_steps=150, seed=1)
+
+    def running() -> bool:
+        progress = reply_of(get_session(image_api, image_api.user, session["id"]))["progress"]
+        return bool(progress and progress.get("step", 0) >= 1)
+
+    wait_for(running, 120, "the first denoising step", interval=0.1)
+    response = requests.post(f"{image_api.url}/api/v1/sessions/{session['id']}/cancel", headers=image_api.user,
+                             timeout=30)
+    assert response.status_code == 200, response.text
+
+    reply = wait_for_reply(image_api, image_api.user, session["id"], timeout=60)
+    assert reply["state"] == "cancelled" and reply["files"] == []
+    wait_for(lambda: "cancelled by the user" in runner.log_text(), 30, "the runner to stop the task")
+    # The runner is free again: the next image comes out.
+    after = create_image_session(image_api, tiny_sdxl, num_inference_steps=2, seed=1)
+    assert wait_for_reply(image_api, image_api.user, after["id"], timeout=120)["state"] == "complete"
+
+
+def training_images(tmp_path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart parts: three small PNGs and one captions.json."""
+    parts, captions = [], {}
+    for name, colour, caption in [("red.png", (220, 30, 30), "a red square"),
+                                  ("green.png", (30, 200, 60), "a green field"),
+                                  ("blue.png", (40, 60, 230), "a blue sky")]:
+        image = Image.new("RGB", (72, 64), colour)
+        image.paste((255, 255, 255), (8, 8, 24, 24))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        parts.append(("files", (name, buffer.getvalue(), "image/png")))
+        captions[name] = caption
+    parts.append(("files", ("captions.json", json.dumps(captions).encode(), "application/json")))
+    return parts
+
+
+def test_an_image_finetune_makes_an_adapter_that_changes_the_next_image(image_api, image_runner, tiny_sdxl,
+                                                                        tmp_path):
+    image_runner(image_api, "finetune", tiny_sdxl)
+    image_runner(image_api, "create", tiny_sdxl)
+    train = {"max_steps": 4, "learning_rate": 0.02, "lora_r": 4, "resolution": 64, "seed": 0}
+    response = requests.post(f"{image_api.url}/api/v1/sessions", headers=image_api.user, timeout=60,
+                             data={"mode": "finetune", "type": "image", "model_name": str(tiny_sdxl),
+                                   "params": json.dumps(train)},
+                             files=training_images(tmp_path))
+    assert response.status_code == 201, response.text
+    session_id = response.json()["id"]
+    draw = {"num_inference_steps": 3, "seed": 11}
+    base = create_image_session(image_api, tiny_sdxl, "a red square", **draw)
+
+    tuned = wait_for_reply(image_api, image_api.user, session_id, timeout=240)
+
+    assert tuned["state"] == "complete", tuned
+    assert [f["kind"] for f in tuned["files"]] == ["adapter"]
+    assert get_session(image_api, image_api.user, session_id)["mode"] == "create"
+    base_png = png_of(image_api, wait_for_reply(image_api, image_api.user, base["id"], timeout=120))
+    response = requests.post(f"{image_api.url}/api/v1/sessions/{session_id}/messages", headers=image_api.user,
+                             timeout=30, json={"message": "a red square", "params": draw})
+    assert response.status_code == 201, response.text
+    reply = wait_for_reply(image_api, image_api.user, session_id, timeout=120)
+    assert reply["state"] == "complete", reply
+    assert png_of(image_api, reply) != base_png
