@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(ARGS)
 
 # Every test, slow ones included, on SQLite and on PostgreSQL (a throwaway server if none is running).
 test: install
