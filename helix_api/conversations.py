@@ -8,7 +8,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
-from . import files, scheduler
+from . import files, scheduler, training_data
 from .db import Database
 from .errors import NotReady, SessionBusy, SessionNotFound
 from .files import FileKind
@@ -25,7 +25,6 @@ from .models import (
 )
 from .params import Limits, check_params
 from .storage import FileStore, safe_name
-from .training_data import ImageSet, TextSet
 
 _OPEN_TASK = (TaskStatus.QUEUED, TaskStatus.CLAIMED, TaskStatus.RUNNING)
 _INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
@@ -103,8 +102,8 @@ def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, 
 
 def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
                     model_name: str, message: str | None, params: dict[str, Any], name: str | None,
-                    data: TextSet | ImageSet, uploads: list[Any], policy: scheduler.LeasePolicy,
-                    max_file_bytes: int) -> dict[str, Any]:
+                    data: training_data.TextSet | training_data.ImageSet, uploads: list[Any],
+                    policy: scheduler.LeasePolicy, max_file_bytes: int) -> dict[str, Any]:
     """Store checked training data and start a fine-tune session with its training task queued."""
     saved: list[tuple[FileKind, str, Any, str]] = []  # (kind, name, blob, content type)
     try:
@@ -112,8 +111,8 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
             upload.stream.seek(0)
             saved.append((FileKind.UPLOAD, safe_name(upload.filename or "upload"),
                           store.save(upload.stream, "uploads", upload.filename or "upload", max_file_bytes),
-                          upload.mimetype or "application/octet-stream"))
-        if isinstance(data, TextSet):
+                          training_data.content_type(upload.filename or "")))
+        if isinstance(data, training_data.TextSet):
             saved.append((FileKind.DATASET, "train.jsonl", store.save(data.jsonl, "uploads", "train.jsonl",
                                                                       max_file_bytes), "application/jsonl"))
             summary = f"Fine-tune {model_name} on {data.examples} examples"
@@ -127,7 +126,7 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
             rows = [files.add(conn, session_id=session.id, user_id=user_id, interaction_id=None, kind=kind,
                               name=file_name, blob=blob, content_type=content_type)
                     for kind, file_name, blob, content_type in saved]
-            if isinstance(data, TextSet):
+            if isinstance(data, training_data.TextSet):
                 extra = {"files": [files.file_ref(r) for r in rows if r.kind == FileKind.DATASET],
                          "examples": data.examples}
             else:

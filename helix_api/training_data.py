@@ -17,6 +17,7 @@ from .errors import InvalidTrainingData
 from .storage import safe_name
 
 ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = {"jsonl": "application/jsonl", "json": "application/json", "txt": "text/plain"}
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 MAX_PROBLEMS = 20  # enough to fix a file by, short enough to read
@@ -139,6 +140,12 @@ def check_text(uploads: list[Upload], min_examples: int) -> TextSet:
     return TextSet(examples=examples, jsonl=out)
 
 
+def content_type(name: str) -> str:
+    """The content type of a checked upload, from its name (the check made sure they agree)."""
+    suffix = safe_name(name).rpartition(".")[2].lower()
+    return IMAGE_TYPES.get(suffix) or CONTENT_TYPES.get(suffix) or "application/octet-stream"
+
+
 def _image_problem(upload: Upload, max_bytes: int, max_side: int) -> str | None:
     """Why an upload is not a usable training image, or None."""
     from PIL import Image, UnidentifiedImageError  # the API's one use of Pillow: keep start-up light
@@ -152,11 +159,15 @@ def _image_problem(upload: Upload, max_bytes: int, max_side: int) -> str | None:
     try:
         with Image.open(stream) as image:
             width, height = image.size
+            kind = (image.format or "").lower()
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"not a readable image ({exc.__class__.__name__})"
     finally:
         stream.seek(0)
+    suffix = safe_name(upload.filename or "").rpartition(".")[2].lower()
+    if IMAGE_TYPES.get(kind) != IMAGE_TYPES.get(suffix):
+        return f"the file holds {kind.upper() or 'unknown'} data, not what its .{suffix} name says"
     if width > max_side or height > max_side:
         return f"the image is {width}x{height}; at most {max_side} pixels a side"
     return None

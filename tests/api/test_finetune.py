@@ -150,14 +150,15 @@ def test_bad_text_data_is_refused_naming_lines_and_nothing_is_stored(client, use
 
 
 def test_image_finetune_pairs_images_with_captions(client, user, runner):
-    captions = json.dumps({"b.png": "blue", "c.jpg": "green"}).encode()
+    captions = json.dumps({"b.png": "blue", "c.png": "green"}).encode()
     files = [("a.png", png()), ("a.txt", b"a red square"), ("b.png", png(colour="blue")),
-             ("c.jpg", png(colour="green")), ("captions.json", captions)]
+             ("c.png", png(colour="green")), ("captions.json", captions)]
     created = start_finetune(client, user, files, type_="image", model=IMAGE_MODEL, params={"max_steps": 2})
     assert created.status_code == 201, created.json
     task = claim(client, runner, model=IMAGE_MODEL, type="image", mode="finetune").json["task"]
-    assert sorted(f["name"] for f in task["input"]["files"]) == ["a.png", "b.png", "c.jpg"]
-    assert task["input"]["captions"] == {"a.png": "a red square", "b.png": "blue", "c.jpg": "green"}
+    assert sorted(f["name"] for f in task["input"]["files"]) == ["a.png", "b.png", "c.png"]
+    assert {f["content_type"] for f in task["input"]["files"]} == {"image/png"}
+    assert task["input"]["captions"] == {"a.png": "a red square", "b.png": "blue", "c.png": "green"}
 
 
 BAD_IMAGES = [
@@ -168,6 +169,7 @@ BAD_IMAGES = [
     ([("a.png", png()), ("a.txt", b"x"), ("b.png", png()), ("b.txt", b"y")], "files", "at least 3 are needed"),
     ([("big.png", png(80, 20)), ("big.txt", b"x")], "big.png", "at most 64 pixels a side"),
     ([("a.png", png()), ("captions.json", b"[1, 2]")], "captions.json", "captions JSON must be an object"),
+    ([("a.jpg", png()), ("a.txt", b"x")], "a.jpg", "holds PNG data"),
 ]
 
 
