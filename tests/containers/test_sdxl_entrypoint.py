@@ -1,0 +1,82 @@
+"""containers/sdxl: the entrypoint run directly (there is no Docker engine here) against a real API process."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import CLAIM_PATH, REPO, ApiServer, _base_env, wait_for_reply
+
+api_server = e2e.api_server  # the end-to-end fixture: `helix serve` as a real process
+
+ENTRYPOINT = REPO / "containers" / "sdxl" / "entrypoint.sh"
+DOCKERFILE = REPO / "containers" / "sdxl" / "Dockerfile"
+
+
+@pytest.fixture
+def e2e_database(tmp_path: Path) -> str:
+    """SQLite: the entrypoint does not care which database the API uses."""
+    return f"sqlite:///{tmp_path / 'helix.db'}"
+
+
+def entrypoint_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """The container's environment: the project's virtualenv on PATH, caches under tmp_path."""
+    env = _base_env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["HF_HOME"] = str(tmp_path / "volume" / "hf")
+    env["HELIX_RUNNER_CACHE"] = str(tmp_path / "volume" / "helix-runner")
+    env.update(values)
+    return env
+
+
+@pytest.mark.parametrize("missing", ["HELIX_GET_JOB_URL", "HELIX_RUNNER_TOKEN"])
+def test_the_entrypoint_names_what_is_missing(tmp_path, missing):
+    env = entrypoint_env(tmp_path, HELIX_GET_JOB_URL="http://127.0.0.1:9/api/v1/worker/task?mode=create&type=image"
+                         "&model_name=x", HELIX_RUNNER_TOKEN="hxr_x")
+    del env[missing]
+
+    done = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == 2 and missing in done.stderr
+
+
+@pytest.mark.slow
+def test_the_entrypoint_runs_an_image_task_from_the_job_url(api_server, tiny_sdxl, tmp_path):
+    server: ApiServer = api_server(models=f"image:{tiny_sdxl}")
+    response = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30, json={
+        "mode": "create", "type": "image", "model_name": str(tiny_sdxl), "message": "a lighthouse at night",
+        "params": {"width": 64, "height": 80, "num_inference_steps": 2, "seed": 1}})
+    assert response.status_code == 201, response.text
+    env = entrypoint_env(tmp_path, HELIX_GET_JOB_URL=f"{server.url}{CLAIM_PATH}?mode=Create&type=Image"
+                         f"&model_name={tiny_sdxl}", HELIX_RUNNER_TOKEN=server.runner_token)
+
+    done = subprocess.run(["sh", str(ENTRYPOINT), "--device", "cpu", "--max-tasks", "1", "--wait", "2"], env=env,
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr[-5000:]
+    reply = wait_for_reply(server, server.user, response.json()["id"], timeout=30)
+    assert reply["state"] == "complete", reply
+    image = requests.get(f"{server.url}{reply['files'][0]['url']}", headers=server.user, timeout=30)
+    with Image.open(io.BytesIO(image.content)) as png:
+        assert png.size == (64, 80)
+    assert (tmp_path / "volume" / "hf").is_dir() and (tmp_path / "volume" / "helix-runner").is_dir()
+
+
+def test_the_dockerfile_pins_the_torch_of_constraints_and_starts_the_entrypoint():
+    dockerfile = DOCKERFILE.read_text()
+    pinned = re.search(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), re.MULTILINE)[1]
+
+    assert f"ARG TORCH_VERSION={pinned}" in dockerfile
+    assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, re.MULTILINE)
+    assert 'pip install -c constraints.txt ".[image]"' in dockerfile
+    assert "containers/sdxl/entrypoint.sh" in dockerfile and "ENTRYPOINT" in dockerfile
+    assert os.access(ENTRYPOINT, os.X_OK)
