@@ -15,7 +15,7 @@ from runner.backends.mistral import MistralBackend
 from runner.backends.text_generation import GenerationRequest, SamplingParams
 from runner.errors import StopReason, TaskCancelled
 
-from .text_doubles import FakeFiles, FakeReport, text_config, text_task
+from .text_doubles import FakeFiles, FakeReport, make_adapter, text_config, text_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,23 +182,6 @@ def test_parallel_predicts_each_get_their_own_reply(make_text_backend, text_back
 
 
 # Adapters.
-
-
-def make_adapter(base_path: Path, dest: Path, seed: int) -> Path:
-    """A LoRA adapter for the tiny model with random (non-zero) weights, saved as peft saves it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_path)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")

@@ -75,3 +75,20 @@ def text_task(message: str | list[dict[str, str]] = "hello there", *, adapter: d
     task_id = next(_ids)
     return Task(id=task_id, session_id=task_id, interaction_id=task_id, mode=mode, type="text",
                 model_name="tiny", attempt=1, input={"messages": messages}, params=params, adapter=adapter)
+
+
+def make_adapter(base_path: Path, dest: Path, seed: int) -> Path:
+    """A LoRA adapter for the tiny model with random (non-zero) weights, saved as peft saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(dest)
+    return dest
