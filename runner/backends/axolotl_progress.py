@@ -1,0 +1,72 @@
+"""An axolotl plugin that writes training progress as JSON lines, for the runner to read as they come.
+
+Loaded inside the `python -m axolotl.cli.train` subprocess (the config names it under `plugins:`); the
+file it appends to is named by the environment variable HELIX_PROGRESS_FILE, set by the runner that
+started the subprocess. One line per logged step: `{"event": "step", "step", "total", "loss", ...}`,
+plus `{"event": "begin", "total"}` first and `{"event": "end", "step", "total"}` last. Lines are
+flushed one by one, so a reader never waits for a buffer and never sees half a line for long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
+
+PROGRESS_ENV = "HELIX_PROGRESS_FILE"
+PLUGIN_NAME = "runner.backends.axolotl_progress.ProgressPlugin"
+
+
+class ProgressCallback(TrainerCallback):
+    """Appends one JSON line per logged training step (loss included) to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The total is known once the trainer has sized its schedule."""
+        if state.is_world_process_zero:
+            self._write({"event": "begin", "step": state.global_step, "total": state.max_steps})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Each logged step (logging_steps: 1) carries the loss of that step."""
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        record: dict[str, Any] = {"event": "step", "step": state.global_step, "total": state.max_steps,
+                                  "loss": _number(logs["loss"])}
+        for key in ("learning_rate", "epoch", "grad_norm"):
+            if key in logs:
+                record[key] = _number(logs[key])
+        self._write(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Training finished (the adapter is saved after this)."""
+        if state.is_world_process_zero:
+            self._write({"event": "end", "step": state.global_step, "total": state.max_steps})
+
+
+class ProgressPlugin(BasePlugin):
+    """Registers ProgressCallback with axolotl's trainer when HELIX_PROGRESS_FILE is set."""
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        """The callback goes in before the trainer is built, so it sees on_train_begin."""
+        path = os.environ.get(PROGRESS_ENV)
+        return [ProgressCallback(path)] if path else []
+
+
+def _number(value: Any) -> float | None:
+    """A JSON-safe float: NaN and infinities (a diverged run) become None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
