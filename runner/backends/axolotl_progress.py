@@ -5,6 +5,9 @@ file it appends to is named by the environment variable HELIX_PROGRESS_FILE, set
 started the subprocess. One line per logged step: `{"event": "step", "step", "total", "loss", ...}`,
 plus `{"event": "begin", "total"}` first and `{"event": "end", "step", "total"}` last. Lines are
 flushed one by one, so a reader never waits for a buffer and never sees half a line for long.
+
+When HELIX_PARENT_PID is set, the training also exits as soon as that process (the runner) is gone:
+a runner killed outright must not leave an orphaned training holding the GPU.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 PROGRESS_ENV = "HELIX_PROGRESS_FILE"
+PARENT_ENV = "HELIX_PARENT_PID"
 PLUGIN_NAME = "runner.backends.axolotl_progress.ProgressPlugin"
 
 
@@ -57,10 +63,28 @@ class ProgressCallback(TrainerCallback):
 class ProgressPlugin(BasePlugin):
     """Registers ProgressCallback with axolotl's trainer when HELIX_PROGRESS_FILE is set."""
 
+    def register(self, cfg):
+        """Called as the config loads, before any weights: start watching the runner from here on."""
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            exit_with_parent(int(parent))
+
     def add_callbacks_pre_trainer(self, cfg, model):
         """The callback goes in before the trainer is built, so it sees on_train_begin."""
         path = os.environ.get(PROGRESS_ENV)
         return [ProgressCallback(path)] if path else []
+
+
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """Exit this process once `parent_pid` is no longer its parent (the parent died and it was reparented)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)  # no cleanup to wait for: the runner that wanted the result is gone
+
+    thread = threading.Thread(target=watch, name="helix-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _number(value: Any) -> float | None:

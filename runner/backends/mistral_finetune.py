@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.backends.axolotl_progress import PLUGIN_NAME, PROGRESS_ENV
+from runner.backends.axolotl_progress import PARENT_ENV, PLUGIN_NAME, PROGRESS_ENV
 from runner.errors import RunnerError
 
 if TYPE_CHECKING:
@@ -247,6 +247,7 @@ def training_env(progress_path: Path, device: str) -> dict[str, str]:
     env.update(QUIET_ENV)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env[PROGRESS_ENV] = str(progress_path)
+    env[PARENT_ENV] = str(os.getpid())  # the training exits if this runner dies without stopping it
     package_root = str(Path(__file__).resolve().parents[2])  # where `runner` is importable from
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

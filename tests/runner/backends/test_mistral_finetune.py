@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,9 @@ import pytest
 from runner.backends.mistral_finetune import (
     FinetuneError,
     ProgressReader,
+    TrainingParams,
     TrainingSettings,
+    axolotl_config,
     log_tail,
     train_lora,
 )
@@ -255,3 +261,43 @@ def test_log_tail_leaves_out_progress_bars(tmp_path):
     log.write_text("loading\n 33%|###  | 1/3 [00:01<00:03,  1.63s/it]\r 67%|#### | 2/3 [00:02<00:01, 1.2s/it]\n"
                    "Traceback (most recent call last):\n  x = f()\n      ^^^\nValueError: boom\n\n")
     assert log_tail(log) == "loading\nTraceback (most recent call last):\n  x = f()\nValueError: boom"
+
+
+def test_config_is_qlora_on_a_gpu_with_bitsandbytes_and_plain_lora_on_cpu(tmp_path):
+    params = TrainingParams.from_params({"max_steps": 200, "learning_rate": 1e-4, "lora_r": 32})
+    gpu = axolotl_config("mistralai/Mistral-7B-Instruct-v0.1", tmp_path / "d.jsonl", tmp_path, params,
+                         TrainingSettings(), device="cuda", quantized=True)
+    cpu = axolotl_config("tiny", tmp_path / "d.jsonl", tmp_path, TrainingParams.from_params({}), TrainingSettings(),
+                         device="cpu", quantized=False)
+
+    assert (gpu["adapter"], gpu["load_in_4bit"], gpu["bf16"]) == ("qlora", True, "auto")
+    assert (gpu["max_steps"], gpu["learning_rate"], gpu["lora_r"], gpu["lora_alpha"]) == (200, 1e-4, 32, 32)
+    assert "lora_mlp_kernel" not in gpu
+    assert (cpu["adapter"], cpu["bf16"], cpu["fp16"], cpu["lora_qkv_kernel"]) == ("lora", False, False, False)
+    assert "load_in_4bit" not in cpu and "max_steps" not in cpu and cpu["num_epochs"] == 3
+    assert cpu["plugins"] == ["runner.backends.axolotl_progress.ProgressPlugin"]
+
+
+@pytest.mark.slow
+def test_training_exits_when_its_runner_is_killed(tmp_path):
+    """A stand-in for a runner (a shell) starts a process watching it as the plugin does, then dies."""
+    child = ("import os, time; from runner.backends.axolotl_progress import exit_with_parent; "
+             "exit_with_parent(int(os.environ['HELIX_PARENT_PID']), interval=0.1); print('watching', flush=True); "
+             "time.sleep(300)")
+    shell = subprocess.Popen(["sh", "-c", f'HELIX_PARENT_PID=$$ "{sys.executable}" -c "{child}" & echo $!; wait'],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[3])
+    pid = int(shell.stdout.readline())
+    assert shell.stdout.readline().strip() == "watching"
+
+    shell.send_signal(signal.SIGKILL)
+    shell.wait(timeout=10)
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    deadline = time.monotonic() + 30
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone()
