@@ -123,8 +123,8 @@ class SDXLBackend(Backend):
             return self.pipe(**kwargs).images
 
     def _from_pretrained(self, cls: Any, model: str, torch_dtype: Any) -> Any:
-        if self.dtype == "float16":
-            try:  # half the download when the repo has fp16 weights
+        if self.dtype in ("float16", "bfloat16"):
+            try:  # half the download when the repo has fp16 weights (cast to bfloat16 as they load)
                 return cls.from_pretrained(model, torch_dtype=torch_dtype, variant="fp16", use_safetensors=True)
             except (OSError, ValueError) as exc:
                 logger.info("%s: no fp16 variant (%s); loading the full weights", model, exc)
@@ -198,11 +198,16 @@ class LoadedAdapter:
             return self
         path = self.report.files.fetch_dir(ref)
         name = ref.get("name", "adapter") if isinstance(ref, dict) else str(ref)
+        # Before loading: __exit__ does not run when __enter__ raises, and log() raises once cancelled.
+        self.report.log(f"loading adapter {name}")
         started = time.monotonic()
-        self.pipe.load_lora_weights(str(adapter_weights_dir(path)), adapter_name=ADAPTER_NAME)
+        try:
+            self.pipe.load_lora_weights(str(adapter_weights_dir(path)), adapter_name=ADAPTER_NAME)
+        except BaseException:
+            self.pipe.unload_lora_weights()  # whatever part of it did load must not outlive this task
+            raise
         self.loaded = True
         logger.info("task %s: loaded adapter %s in %.2fs", self.task.id, name, time.monotonic() - started)
-        self.report.log(f"loaded adapter {name}")
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

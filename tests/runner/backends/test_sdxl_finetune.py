@@ -79,7 +79,7 @@ def test_an_image_with_the_adapter_differs_and_the_adapter_is_unloaded_after(bac
     tuned = backend.predict(image_task(adapter=adapter, num_inference_steps=3, seed=11), report)
 
     assert files.stored[tuned["files"][0]]["path"].read_bytes() != base
-    assert any(e["kind"] == "log" and "loaded adapter" in e["message"] for e in report.events)
+    assert any(e["kind"] == "log" and "loading adapter" in e["message"] for e in report.events)
     assert image_of(backend, files) == base  # the next task without an adapter gets the bare base model
     assert image_of(backend, files, adapter) == files.stored[tuned["files"][0]]["path"].read_bytes()
 
