@@ -235,24 +235,29 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
     now = utcnow()
     with database.transaction() as conn:
         task = _held_task(conn, database, task_id, token, now)
-        fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
         _renew(conn, task, now, policy)
-        last_seq = task.last_event_seq
-        if fresh:
-            last_seq = fresh[-1]["seq"]
-            conn.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
-            text = "".join(e["text"] for e in fresh if e["kind"] == "token")
-            if text:
-                conn.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
-            progress = [e for e in fresh if e["kind"] == "progress"]
-            if progress:
-                conn.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
-                    k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
-            events.append(conn, session_id=task.session_id, task_id=task.id,
-                          interaction_id=task.interaction_id, attempt=task.attempt,
-                          items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
-                                 for e in fresh])
-        return {"stored": len(fresh), "last_seq": last_seq, "cancelled": False}
+        stored, last_seq = _store_events(conn, task, items)
+        return {"stored": stored, "last_seq": last_seq, "cancelled": False}
+
+
+def _store_events(conn: Connection, task: Any, items: list[dict[str, Any]]) -> tuple[int, int]:
+    """Store the events not stored yet (by seq); how many were new, and the last seq stored."""
+    fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
+    if not fresh:
+        return 0, task.last_event_seq
+    last_seq = fresh[-1]["seq"]
+    conn.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
+    text = "".join(e["text"] for e in fresh if e["kind"] == "token")
+    if text:
+        conn.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
+    progress = [e for e in fresh if e["kind"] == "progress"]
+    if progress:
+        conn.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
+            k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
+    events.append(conn, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
+                  attempt=task.attempt, items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
+                                               for e in fresh])
+    return len(fresh), last_seq
 
 
 def leased(database: Database, task_id: int, token: str) -> Any:
@@ -271,8 +276,13 @@ def add_file(database: Database, task_id: int, token: str, *, kind: files.FileKi
                          content_type=content_type)
 
 
-def complete(database: Database, task_id: int, token: str, result: dict[str, Any]) -> list[str]:
-    """Store the result of a task whose lease `token` still holds; the store keys of files it dropped."""
+def complete(database: Database, task_id: int, token: str, result: dict[str, Any],
+             last_events: list[dict[str, Any]] | None = None) -> list[str]:
+    """Store the result of a task whose lease `token` still holds; the store keys of files it dropped.
+
+    `last_events` are the runner's events not posted yet, stored first in the same transaction: the
+    end of a reply costs one round trip, not two.
+    """
     now = utcnow()
     with database.transaction() as conn:
         task = _locked(conn, database, task_id)
@@ -280,6 +290,8 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
             return []  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
         dropped = files.settle_result(conn, task, result)
+        if last_events:
+            _store_events(conn, task, last_events)
         conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
         text = result.get("text")
         conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,

@@ -85,21 +85,24 @@ def _event(raw: Any, index: int) -> dict[str, Any]:
 def post_events(task_id: int):
     """Store tokens, progress and log lines, each once by its seq."""
     body = json_body({"lease_token", "events"})
-    items = field(body, "events", list)
+    return scheduler.add_events(get_db(), task_id, _lease_token(body), _events(body, required=True), _policy())
+
+
+def _events(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
+    items = field(body, "events", list, required=required, default=[])
     if len(items) > MAX_EVENTS_PER_POST:
         raise InvalidField(f"At most {MAX_EVENTS_PER_POST} events per post.", field="events")
-    checked = [_event(raw, i) for i, raw in enumerate(items)]
-    return scheduler.add_events(get_db(), task_id, _lease_token(body), checked, _policy())
+    return [_event(raw, i) for i, raw in enumerate(items)]
 
 
 @bp.post("/task/<int:task_id>/complete")
 @require_runner
 def complete(task_id: int):
-    """Store the result."""
-    body = json_body({"lease_token", "result"})
+    """Store the result, and the events the runner had not posted yet."""
+    body = json_body({"lease_token", "result", "events"})
     result = field(body, "result", dict)
     store = get_store()
-    for key in scheduler.complete(get_db(), task_id, _lease_token(body), result):
+    for key in scheduler.complete(get_db(), task_id, _lease_token(body), result, _events(body, required=False)):
         store.delete(key)  # files of lost attempts, or not named in the result
     return {"status": "complete"}
 

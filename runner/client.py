@@ -83,9 +83,13 @@ class ApiClient:
         """Store events (tokens, progress, logs); resending already stored seq numbers is harmless."""
         return self._post(task_id, "events", {"lease_token": lease_token, "events": events})
 
-    def complete(self, task_id: int, lease_token: str, result: dict[str, Any]) -> dict[str, Any]:
-        """Finish the task with its result."""
-        return self._post(task_id, "complete", {"lease_token": lease_token, "result": result})
+    def complete(self, task_id: int, lease_token: str, result: dict[str, Any],
+                 events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Finish the task with its result, and the events not posted yet (stored once each, like posts)."""
+        body: dict[str, Any] = {"lease_token": lease_token, "result": result}
+        if events:
+            body["events"] = events
+        return self._post(task_id, "complete", body)
 
     def fail(self, task_id: int, lease_token: str, error: str, retry: bool) -> dict[str, Any]:
         """Fail the task; with `retry` the API requeues it while it has attempts left."""

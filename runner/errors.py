@@ -54,5 +54,9 @@ class TaskCancelled(RunnerError):
         self.reason = reason
 
 
+class BadTaskInput(RunnerError):
+    """The task cannot succeed as given (its input or data is wrong): it fails without a retry."""
+
+
 class BackendNotFound(RunnerError):
     """No backend by that name or import path."""

@@ -13,7 +13,7 @@ from typing import Any
 from runner.backends.base import Backend
 from runner.client import ApiClient
 from runner.config import RunnerConfig
-from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
 from runner.files import TaskFiles
 from runner.heartbeat import Heartbeat
 from runner.messages import Claim, Lease, Task
@@ -21,6 +21,7 @@ from runner.reporter import Report
 
 logger = logging.getLogger(__name__)
 
+CARRY_EVENTS = 256  # unsent events that go with the result; older ones are posted first
 TRACEBACK_LINES = 20  # enough to see where it broke, small enough for the reply's error field
 
 
@@ -246,6 +247,9 @@ class Runner:
                 # Most likely the backend tripping over its own cancellation: not a crash of the task.
                 logger.info("task %s: predict() raised %r while stopping", task.id, exc)
                 self._stopped(task, lease, report, report.stop_reason)
+            elif isinstance(exc, BadTaskInput):
+                logger.error("task %s: cannot be done as given: %s", task.id, exc)
+                self._fail(task, lease, report, str(exc), retry=False)
             else:
                 logger.exception("task %s: predict() failed", task.id)
                 self._fail(task, lease, report, traceback_tail(exc), retry=True)
@@ -262,13 +266,24 @@ class Runner:
 
     def _complete(self, task: Task, lease: Lease, report: Report, result: dict[str, Any],
                   elapsed: float) -> None:
-        if not report.close(flush=True):
+        # The last events ride with the result: one round trip at the end of every task, not two.
+        carried = report.close_for_result(carry=CARRY_EVENTS)
+        if carried is None:
             if report.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
                 self._stopped(task, lease, report, report.stop_reason)  # found out while flushing
                 return
             logger.warning("task %s: completing with some events unsent", task.id)
+            carried = []
         try:
-            self.client.complete(task.id, lease.token, result)
+            try:
+                self.client.complete(task.id, lease.token, result, carried)
+            except ApiError as exc:
+                if not carried or isinstance(exc, LeaseLost):
+                    raise
+                # Events the API will never take (as a post would have been) must not cost the result.
+                logger.exception("task %s: events %d-%d refused with the result; completing without them",
+                                 task.id, carried[0]["seq"], carried[-1]["seq"])
+                self.client.complete(task.id, lease.token, result)
         except ApiError as exc:
             if isinstance(exc, LeaseLost):
                 logger.warning("task %s: lease lost before completing; result dropped", task.id)

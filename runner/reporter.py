@@ -90,11 +90,7 @@ class Report:
 
     def close(self, flush: bool = True) -> bool:
         """Stop the background poster, then post what is left unless told not to; True if all stored."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_poster()
         if not flush:
             with self._wake:
                 dropped, self._pending = len(self._pending), []
@@ -102,6 +98,25 @@ class Report:
                 logger.info("task %s: dropped %d unsent events", self.task_id, dropped)
             return dropped == 0
         return self.flush()
+
+    def close_for_result(self, carry: int) -> list[dict[str, Any]] | None:
+        """Stop the background poster and hand over the last unsent events to go with the result.
+
+        Posts all but the last `carry` first; None when those could not be posted (or the task must stop).
+        """
+        self._stop_poster()
+        with self._posting:
+            while True:
+                with self._wake:
+                    extra = len(self._pending) - carry
+                    if extra <= 0:
+                        tail, self._pending = self._pending, []
+                        return tail
+                    batch = self._pending[: min(extra, self._batch_size)]
+                if not self._post_batch(batch) or self._reason is not None:
+                    return None
+                with self._wake:
+                    del self._pending[: len(batch)]
 
     def flush(self) -> bool:
         """Post every pending event in batches; True when all are stored, else they stay pending."""
@@ -118,6 +133,13 @@ class Report:
                     del self._pending[: len(batch)]
 
     # Internals.
+
+    def _stop_poster(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
 
     def _emit(self, event: dict[str, Any]) -> None:
         self.check()

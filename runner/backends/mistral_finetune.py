@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.backends.axolotl_progress import PARENT_ENV, PLUGIN_NAME, PROGRESS_ENV
-from runner.errors import RunnerError
+from runner.errors import BadTaskInput, RunnerError
 
 if TYPE_CHECKING:
     from runner.config import RunnerConfig
@@ -47,6 +47,10 @@ BAD_LINES_SHOWN = 5
 
 class FinetuneError(RunnerError):
     """Fine-tuning failed."""
+
+
+class BadTrainingData(FinetuneError, BadTaskInput):
+    """The training data cannot be trained on; another attempt would fail the same way."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def train_lora(task: Task, report: Report, *, config: RunnerConfig,
     settings = settings or TrainingSettings()
     refs = list(task.input.get("files") or [])
     if not refs:
-        raise FinetuneError("no training data: the task carries no files")
+        raise BadTrainingData("no training data: the task carries no files")
     work_root = Path(config.work_path)
     work_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"finetune-{task.id}-", dir=work_root))
@@ -140,9 +144,9 @@ def load_examples(files: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     if problems:
         shown = "; ".join(problems[:BAD_LINES_SHOWN])
         more = f" (and {len(problems) - BAD_LINES_SHOWN} more)" if len(problems) > BAD_LINES_SHOWN else ""
-        raise FinetuneError(f"bad training data: {shown}{more}")
+        raise BadTrainingData(f"bad training data: {shown}{more}")
     if not examples:
-        raise FinetuneError("bad training data: no examples")
+        raise BadTrainingData("bad training data: no examples")
     return examples
 
 

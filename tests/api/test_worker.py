@@ -116,6 +116,30 @@ def test_complete_stores_result_and_reply(client, runner, task_factory, db, user
     assert row.status == TaskStatus.COMPLETE and row.finished_at is not None and row.result == result
 
 
+def test_complete_stores_the_events_it_carries_once_and_before_the_end(client, runner, task_factory, db):
+    _, task, token = _claimed(client, runner, task_factory)
+    posted = [{"seq": 1, "kind": "token", "text": "Hi"}]
+    assert _post(client, runner, task["id"], "events", lease_token=token, events=posted).status_code == 200
+    carried = [*posted, {"seq": 2, "kind": "token", "text": " there"}]  # seq 1 again: a retried post
+    response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "Hi there"},
+                     events=carried)
+    assert response.status_code == 200
+    with db.read() as s:
+        rows = list(s.execute(select(TaskEvent.kind, TaskEvent.data).where(TaskEvent.task_id == task["id"])
+                              .order_by(TaskEvent.seq)))
+    assert [(kind, data.get("text") or data.get("state")) for kind, data in rows] == [
+        ("state", "queued"), ("state", "running"), ("token", "Hi"), ("token", " there"), ("state", "complete")]
+
+
+def test_complete_with_bad_events_is_400_and_changes_nothing(client, runner, task_factory, db):
+    _, task, token = _claimed(client, runner, task_factory)
+    response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "x"},
+                     events=[{"seq": 1, "kind": "shout"}])
+    assert response.status_code == 400 and response.json["field"] == "events"
+    with db.read() as s:
+        assert s.get(Task, task["id"]).status == TaskStatus.CLAIMED
+
+
 def test_fail_with_retry_requeues_until_attempts_run_out(client, runner, task_factory, db, user):
     session = task_factory()
     statuses = []

@@ -82,5 +82,10 @@ def bodies(api: responses.RequestsMock, suffix: str) -> list[dict[str, Any]]:
 
 
 def posted_events(api: responses.RequestsMock, task_id: int = 42) -> list[dict[str, Any]]:
-    """Every event posted for a task, in posting order."""
-    return [event for body in bodies(api, f"/{task_id}/events") for event in body["events"]]
+    """Every event sent for a task, in sending order: posted, or carried with the result."""
+    sent = []
+    for call in api.calls:
+        url = call.request.url
+        if url.endswith(f"/{task_id}/events") or url.endswith(f"/{task_id}/complete"):
+            sent.extend(json.loads(call.request.body).get("events", []))
+    return sent

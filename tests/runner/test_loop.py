@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import requests
 
-from runner.errors import ApiError
+from runner.errors import ApiError, BadTaskInput
 from runner.loop import Runner, traceback_tail
 from tests.doubles import CrashOnceBackend, EchoBackend, StubbornBackend
 
-from .conftest import TASK_URL, bodies, posted_events
+from .conftest import API, TASK_URL, bodies, posted_events
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -70,7 +70,8 @@ def test_claim_stream_complete(api, api_client, config, claim_json):
     backend = EchoBackend(config)
     assert Runner(config, backend, api_client).run(max_tasks=1) == 1
 
-    assert actions(api) == ["claim", "42/events", "42/complete"]
+    done = actions(api)
+    assert done[0] == "claim" and done[-1] == "42/complete" and set(done[1:-1]) <= {"42/events"}
     events = posted_events(api)
     tokens = [event for event in events if event["kind"] == "token"]
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
@@ -78,6 +79,30 @@ def test_claim_stream_complete(api, api_client, config, claim_json):
     (complete,) = bodies(api, "/42/complete")
     assert complete["lease_token"] == "l_42"
     assert complete["result"]["text"] == "".join(event["text"] for event in tokens) == "how are you today?"
+
+
+def test_the_last_events_ride_with_the_result(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    slow = replace(config, flush_interval=60.0)  # nothing is posted before the task ends
+    assert Runner(slow, EchoBackend(slow), api_client).run(max_tasks=1) == 1
+    assert actions(api) == ["claim", "42/complete"]
+    (complete,) = bodies(api, "/42/complete")
+    assert [e["text"] for e in complete["events"] if e["kind"] == "token"] == ["how ", "are ", "you ", "today?"]
+
+
+def test_events_the_api_refuses_do_not_cost_the_result(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    api.post(f"{API}/api/v1/worker/task/42/heartbeat", json={"cancelled": False})
+    api.post(f"{API}/api/v1/worker/task/42/complete", status=400,
+             json={"error": "invalid_field", "message": "events[0] is bad"})
+    api.post(f"{API}/api/v1/worker/task/42/complete", json={"status": "complete"})
+    slow = replace(config, flush_interval=60.0)
+    assert Runner(slow, EchoBackend(slow), api_client).run(max_tasks=1) == 1
+    first, second = bodies(api, "/42/complete")
+    assert first["events"] and "events" not in second
+    assert second["result"]["text"] == "how are you today?"
+    assert not bodies(api, "/42/fail")
 
 
 def test_setup_runs_once_for_many_tasks(api, api_client, config, claim_json):
@@ -103,6 +128,19 @@ def test_crash_fails_with_retry_and_traceback_then_carries_on(api, api_client, c
     assert fail["error"].splitlines()[-1] == "RuntimeError: boom: attempt 1 crashed"
     assert "in predict" in fail["error"]
     assert bodies(api, "/2/complete")[0]["result"]["text"] == "how are you today?"
+
+
+def test_bad_task_input_fails_for_good_with_its_message(api, api_client, config, claim_json):
+    class Refuses(EchoBackend):
+        def predict(self, task, report):
+            raise BadTaskInput("bad training data: train.jsonl line 3: no assistant message")
+
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    assert Runner(config, Refuses(config), api_client).run(max_tasks=1) == 1
+    (fail,) = bodies(api, "/42/fail")
+    assert fail["retry"] is False
+    assert fail["error"] == "bad training data: train.jsonl line 3: no assistant message"
 
 
 def test_non_dict_result_fails_for_good(api, api_client, config, claim_json):
