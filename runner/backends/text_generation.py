@@ -212,6 +212,49 @@ class _Row:
         return False
 
 
+class _Batch:
+    """Rows decoding together: the attention mask and KV cache so far, and each row's next input token."""
+
+    def __init__(self, rows: list[_Row], mask: Any, cache: Any) -> None:
+        self.rows = rows
+        self.mask = mask  # [rows, cached length]: 0 over left padding
+        self.cache = cache
+        self.tokens: list[int] = []
+
+    @classmethod
+    def merge(cls, first: _Batch, second: _Batch) -> _Batch:
+        """One batch of both, each left-padded (mask and cache) to the longer one's length."""
+        import torch
+        import torch.nn.functional as F
+
+        length = max(first.mask.shape[1], second.mask.shape[1])
+        pads = (length - first.mask.shape[1], length - second.mask.shape[1])
+        for mine, theirs in zip(first.cache.layers, second.cache.layers, strict=True):
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pads[0], 0)), F.pad(theirs.keys, (0, 0, pads[1], 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, pads[0], 0)),
+                                     F.pad(theirs.values, (0, 0, pads[1], 0))])
+            if hasattr(mine, "cumulative_length"):
+                mine.cumulative_length = length
+        mask = torch.cat([F.pad(first.mask, (pads[0], 0)), F.pad(second.mask, (pads[1], 0))])
+        merged = cls(first.rows + second.rows, mask, first.cache)
+        merged.tokens = first.tokens + second.tokens
+        return merged
+
+
+def _can_extend(cache: Any, length: int) -> bool:
+    """Whether rows can be padded into this cache to `length`: plain per-layer tensors, nothing slid out yet."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    for layer in layers:
+        if not hasattr(layer, "keys") or type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+            return False
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and (length >= window - 1 or layer.cumulative_length != layer.keys.shape[-2]):
+            return False
+    return True
+
+
 class TextGenerator:
     """Runs generation requests on one loaded model, batching up to `max_batch` of them together."""
 
@@ -267,26 +310,46 @@ class TextGenerator:
         if self._engine is not None:
             self._engine.join(timeout=10)
 
-    def run_batch(self, requests: list[GenerationRequest]) -> None:
-        """Decode `requests` together (they share one adapter) until every row is done."""
+    def run_batch(self, requests: list[GenerationRequest], admit: bool = False) -> None:
+        """Decode `requests` together (they share one adapter) until every row is done.
+
+        With `admit`, queued requests for the same adapter join the batch between steps as rows leave it.
+        """
+        members = list(requests)  # grows as requests join
         try:
             if self.adapters is not None:
                 self.adapters.activate(requests[0].adapter, requests[0].adapter_path)
-            self._decode(requests)
+            self._decode(members, admit)
         except BaseException as exc:
-            for request in requests:
+            for request in members:
                 if request.finish_reason is None:
                     request.error = exc
             if not isinstance(exc, Exception):
                 raise
-            logger.exception("generation failed for a batch of %d", len(requests))
+            logger.exception("generation failed for a batch of %d", len(members))
         finally:
-            for request in requests:
+            for request in members:
                 request.done.set()
 
     # The decode loop.
 
-    def _decode(self, requests: list[GenerationRequest]) -> None:
+    def _decode(self, members: list[GenerationRequest], admit: bool) -> None:
+        import torch
+
+        with torch.inference_mode():
+            batch = self._prefill(list(members))
+            while batch is not None:
+                if admit and len(batch.rows) < self.max_batch:
+                    batch = self._admit(batch, members)
+                mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=-1)
+                out = self.model(input_ids=torch.tensor(batch.tokens, device=mask.device).unsqueeze(-1),
+                                 attention_mask=mask, past_key_values=batch.cache, use_cache=True,
+                                 position_ids=torch.tensor([[row.position - 1] for row in batch.rows],
+                                                           device=mask.device))
+                batch = self._advance(_Batch(batch.rows, mask, out.past_key_values), out.logits)
+
+    def _prefill(self, requests: list[GenerationRequest]) -> _Batch | None:
+        """Run the prompts (left-padded) and choose each row's first token; the batch, or None if all are done."""
         import torch
 
         rows = [_Row(request, self.tokenizer, self.vocab_size, self.device) for request in requests]
@@ -298,37 +361,50 @@ class TextGenerator:
             input_ids[index, width - length:] = torch.tensor(request.prompt_ids, dtype=torch.long)
             mask[index, width - length:] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        active = rows
-        cache = None
-        with torch.inference_mode():
-            while True:
-                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                keep, tokens = [], []
-                for index, row in enumerate(active):
-                    if row.request.cancelled():
-                        row.finish("cancelled")
-                        continue
-                    token = row.choose(logits[index])
-                    if not row.accept(token, self.eos_ids):
-                        keep.append(index)
-                        tokens.append(token)
-                if not keep:
-                    return
-                if len(keep) < len(active):
-                    # Finished rows leave the batch, cache included, so they cost nothing more.
-                    chosen = torch.tensor(keep, device=mask.device)
-                    cache.batch_select_indices(chosen)
-                    mask = mask.index_select(0, chosen)
-                    active = [active[index] for index in keep]
-                input_ids = torch.tensor(tokens, dtype=torch.long, device=mask.device).unsqueeze(-1)
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-                positions = torch.tensor([[row.position - 1] for row in active], device=mask.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        return self._advance(_Batch(rows, mask, out.past_key_values), out.logits)
 
-    # The engine thread (max_batch > 1).
+    def _advance(self, batch: _Batch, logits: Any) -> _Batch | None:
+        """Choose every row's next token; finished rows leave the batch (cache included). None once empty."""
+        import torch
+
+        # On the input device: with layers spread over GPUs the head may sit elsewhere than the generators.
+        logits = logits[:, -1, :].float().to(self.device)
+        keep, tokens = [], []
+        for index, row in enumerate(batch.rows):
+            if row.request.cancelled():
+                row.finish("cancelled")
+                continue
+            token = row.choose(logits[index])
+            if not row.accept(token, self.eos_ids):
+                keep.append(index)
+                tokens.append(token)
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            chosen = torch.tensor(keep, device=batch.mask.device)
+            batch.cache.batch_select_indices(chosen)
+            batch = _Batch([batch.rows[index] for index in keep], batch.mask.index_select(0, chosen), batch.cache)
+        batch.tokens = tokens
+        return batch
+
+    def _admit(self, batch: _Batch, members: list[GenerationRequest]) -> _Batch:
+        """Let queued requests for this batch's adapter join it, up to max_batch rows."""
+        adapter = batch.rows[0].request.adapter
+        self._drain()
+        joining = [r for r in self._held if r.adapter == adapter][: self.max_batch - len(batch.rows)]
+        width = max((len(r.prompt_ids) for r in joining), default=0)
+        if not joining or not _can_extend(batch.cache, max(width, batch.mask.shape[1]) + 1):
+            return batch
+        self._held = [r for r in self._held if r not in joining]
+        members.extend(joining)
+        newcomers = self._prefill(joining)
+        if newcomers is None:
+            return batch
+        return _Batch.merge(batch, newcomers)
+
+        # The engine thread (max_batch > 1).
 
     def _start_engine(self) -> None:
         with self._arriving_lock:
@@ -341,7 +417,7 @@ class TextGenerator:
             batch = self._gather()
             if batch:
                 with self._model_lock:
-                    self.run_batch(batch)
+                    self.run_batch(batch, admit=True)
 
     def _gather(self) -> list[GenerationRequest]:
         """The next batch: the oldest request and those after it with the same adapter, up to max_batch."""

@@ -160,6 +160,30 @@ def test_batch_of_four_gives_each_row_the_text_it_gets_alone(text_backend):
     assert len({r.completion_tokens for r in together}) > 1  # rows did finish on their own
 
 
+def test_requests_joining_a_running_batch_get_the_text_they_get_alone(text_backend):
+    from runner.backends.text_generation import TextGenerator
+
+    chats = ["hi", "a much longer question about the capital of France and its rivers", "thanks a lot"]
+    params = [{"max_new_tokens": 30}, {**SAMPLED, "seed": 4}, {"max_new_tokens": 12, "repetition_penalty": 1.3}]
+
+    def request(index: int) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=text_backend.prompt_ids([{"role": "user", "content": chats[index]}]),
+                                 params=SamplingParams.from_params(params[index]))
+
+    alone = []
+    for index in range(3):
+        alone.append(request(index))
+        text_backend.generator.run_batch([alone[-1]])
+    engine = TextGenerator(text_backend.model, text_backend.tokenizer, device="cpu", max_batch=4)
+    first, late = request(0), [request(1), request(2)]
+    for req in late:
+        engine._queue.put(req)  # already waiting when the first one starts: they join after its first step
+    engine.run_batch([first], admit=True)
+    for single, joined in zip(alone, [first, *late], strict=True):
+        assert joined.done.is_set() and joined.error is None
+        assert (joined.text, joined.completion_tokens) == (single.text, single.completion_tokens)
+
+
 def test_parallel_predicts_each_get_their_own_reply(make_text_backend, text_backend):
     parallel = make_text_backend(max_parallel=4)
     tasks = [text_task(f"question number {n}", seed=n, **SAMPLED) for n in range(4)]
