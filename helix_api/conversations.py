@@ -46,14 +46,16 @@ def conversation(session: Session) -> list[dict[str, str]]:
     """The chat so far as role/content messages: each user message with its completed reply.
 
     A message whose reply failed or was cancelled is left out with it, so roles keep alternating
-    as chat templates require.
+    as chat templates require; so is a fine-tune's turn (its upload and training summary), which
+    taught the adapter and is no part of the chat that follows.
     """
     messages: list[dict[str, str]] = []
     pending_user: Interaction | None = None
     for item in session.interactions:
         if item.creator == Creator.USER:
             pending_user = item
-        elif pending_user is not None and item.state == InteractionState.COMPLETE:
+        elif (pending_user is not None and item.state == InteractionState.COMPLETE
+              and (item.task is None or item.task.mode == Mode.CREATE)):
             messages.append({"role": "user", "content": pending_user.message})
             messages.append({"role": "assistant", "content": item.output})
             pending_user = None

@@ -90,6 +90,8 @@ def test_text_finetune_end_to_end_through_the_api(client, user, runner):
                         json={"message": "Say 3", "params": {"seed": 1}})
     assert asked.status_code == 201, asked.json
     inference = claim(client, runner).json
+    # The training turn taught the adapter; it is no part of the chat that follows.
+    assert inference["task"]["input"]["messages"] == [{"role": "user", "content": "Say 3"}]
     assert inference["task"]["adapter"]["id"] == ref["id"]
     assert inference["task"]["adapter"]["sha256"] == ref["sha256"]
     got = client.get(f"/api/v1/worker/task/{inference['task']['id']}/files/{ref['id']}",
