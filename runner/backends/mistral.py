@@ -100,6 +100,19 @@ class MistralBackend(Backend):
         if not messages:
             raise ValueError("a text task needs input.messages with at least one message")
         conversation = [{"role": m.get("role", "user"), "content": str(m.get("content", ""))} for m in messages]
+        if self.tokenizer.chat_template is None:  # a base model: a plain transcript it can continue
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
+            return [int(i) for i in self.tokenizer(text)["input_ids"]]
+        if conversation[0]["role"] == "system" and len(conversation) > 1 and conversation[1]["role"] == "user":
+            try:
+                return self._apply_template(conversation)
+            except Exception:
+                # Mistral-7B-Instruct-v0.1's own template takes no system role: fold it into the first turn.
+                system, first, *rest = conversation
+                conversation = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+        return self._apply_template(conversation)
+
+    def _apply_template(self, conversation: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # a BatchEncoding, as newer transformers return by default
             ids = ids["input_ids"]

@@ -107,6 +107,27 @@ def test_multi_turn_chat_goes_through_the_chat_template(text_backend):
     assert alone["text"] != whole["text"]
 
 
+STRICT_TEMPLATE = (  # like Mistral-7B-Instruct-v0.1's: no system role, user and assistant alternating
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_system_message_is_folded_in_when_the_template_takes_none(text_backend, monkeypatch):
+    monkeypatch.setattr(text_backend.tokenizer, "chat_template", STRICT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    assert text_backend.tokenizer.decode(text_backend.prompt_ids(messages)) == "<s>[INST] Be brief.\n\nHello! [/INST]"
+
+
+def test_a_model_without_a_chat_template_gets_a_plain_transcript(text_backend, monkeypatch):
+    monkeypatch.setattr(text_backend.tokenizer, "chat_template", None)
+    messages = [{"role": "user", "content": "Hello!"}]
+    assert text_backend.tokenizer.decode(text_backend.prompt_ids(messages)) == "<s>user: Hello!\nassistant:"
+
+
 def test_cancel_stops_a_long_generation_within_a_few_tokens(text_backend):
     report = FakeReport(cancel_after=3)
     with pytest.raises(TaskCancelled):
