@@ -51,7 +51,7 @@ def expected(backend, messages: list[dict[str, str]], params: dict[str, Any], ad
     adapter = None
     if adapter_dir is not None:
         files.dirs[1] = adapter_dir
-        adapter = {"id": 1, "sha256": "e2e-adapter", "name": "adapter.zip"}
+        adapter = {"id": 1, "sha256": f"local:{adapter_dir}", "name": "adapter.zip"}
     return backend.predict(text_task(messages, adapter=adapter, **params), FakeReport(files))["text"]
 
 
@@ -109,19 +109,6 @@ def streamed_text(server: ApiServer, session_id: int) -> list[str]:
     tokens = [e["data"] for e in events if e["event"] == "token"]
     last = max(t["interaction_id"] for t in tokens) if tokens and "interaction_id" in tokens[0] else None
     return [t["text"] for t in tokens if last is None or t["interaction_id"] == last]
-
-
-def conversation_of(interactions: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Each user message with its completed reply, as the API builds a task's conversation."""
-    messages: list[dict[str, str]] = []
-    asked = None
-    for item in interactions:
-        if item["creator"] == "user":
-            asked = item["message"]
-        elif asked is not None and item["state"] == "complete":
-            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": item["output"]}]
-            asked = None
-    return messages
 
 
 def test_two_turn_chat_streams_the_text_the_model_makes(tiny_server, tiny_mistral, text_runner, local_backend):
@@ -187,11 +174,10 @@ def test_sessions_with_and_without_an_adapter_each_get_the_right_one(tiny_server
     tuned_reply = wait_for_reply(tiny_server, tiny_server.user, tuned["id"], 120)
     assert tuned_reply["message"] == "" and tuned_reply["creator"] == "assistant"
 
-    # The fine-tune's own turn is part of the conversation the API sends, as a user/assistant pair.
-    messages = conversation_of(get_session(tiny_server, tiny_server.user, tuned["id"])["interactions"][:-2])
-    messages.append({"role": "user", "content": question})
+    # A fine-tune's turn is no part of the chat that follows it: both sessions send the same conversation.
+    messages = [{"role": "user", "content": question}]
     with_adapter = expected(local_backend, messages, PARAMS, adapter_dir)
-    without = expected(local_backend, [{"role": "user", "content": question}], PARAMS)
+    without = expected(local_backend, messages, PARAMS)
     assert with_adapter != without
     assert tuned_reply["output"] == with_adapter
     assert plain_reply["output"] == without
