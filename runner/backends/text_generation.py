@@ -64,7 +64,7 @@ class SamplingParams:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two asks for the same text are still two requests
 class GenerationRequest:
     """One prompt to continue, with callbacks into its task; the outcome is filled in when `done` is set."""
 
@@ -393,7 +393,9 @@ class TextGenerator:
         """Let queued requests for this batch's adapter join it, up to max_batch rows."""
         adapter = batch.rows[0].request.adapter
         self._drain()
-        joining = [r for r in self._held if r.adapter == adapter][: self.max_batch - len(batch.rows)]
+        if any(r.adapter != adapter for r in self._held):
+            return batch  # let this batch drain, so requests for another adapter get their turn
+        joining = self._held[: self.max_batch - len(batch.rows)]
         width = max((len(r.prompt_ids) for r in joining), default=0)
         if not joining or not _can_extend(batch.cache, max(width, batch.mask.shape[1]) + 1):
             return batch
@@ -404,7 +406,7 @@ class TextGenerator:
             return batch
         return _Batch.merge(batch, newcomers)
 
-        # The engine thread (max_batch > 1).
+    # The engine thread (max_batch > 1).
 
     def _start_engine(self) -> None:
         with self._arriving_lock:
