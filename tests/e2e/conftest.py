@@ -289,15 +289,18 @@ def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
 
     def start(server: ApiServer, token: str, name: str, *, backend: str = "tests.doubles:EchoBackend",
               wait: float = 2, max_tasks: int | None = None, log_level: str = "INFO",
-              model_name: str = TEXT_MODEL) -> RunnerProcess:
+              model_name: str = TEXT_MODEL, mode: str = "Create", type_: str = "Text",
+              extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunnerProcess:
+        """`extra` are more runner flags; `env` more environment variables."""
         log = tmp_path / f"runner-{name}.log"
         _track_log(request, log)
-        env = _base_env()
-        # The seed's claim URL, verbatim: mixed-case filters in the query string.
-        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode=Create&type=Text&model_name={model_name}"
+        env = {**_base_env(), **(env or {})}
+        # The seed's claim URL, verbatim by default: mixed-case filters in the query string.
+        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode={mode}&type={type_}&model_name={model_name}"
         env["HELIX_RUNNER_TOKEN"] = token
+        env["HELIX_RUNNER_CACHE"] = str(tmp_path / f"cache-{name}")
         command = [sys.executable, "-m", "runner", "--backend", backend, "--runner-name", name,
-                   "--wait", str(wait), "--log-level", log_level]
+                   "--wait", str(wait), "--log-level", log_level, *extra]
         if max_tasks is not None:
             command += ["--max-tasks", str(max_tasks)]
         with log.open("wb") as out:

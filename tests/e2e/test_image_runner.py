@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +17,8 @@ from PIL import Image
 
 from tests.conftest import bearer
 from tests.e2e.conftest import (
-    CLAIM_PATH,
-    REPO,
     ApiServer,
     RunnerProcess,
-    _base_env,
-    _track_log,
     get_session,
     read_sse,
     reply_of,
@@ -50,29 +44,14 @@ def image_api(api_server: Callable[..., ApiServer], tiny_sdxl: Path) -> ApiServe
 
 
 @pytest.fixture
-def image_runner(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
+def image_runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
     """Start `helix-runner --backend sdxl` for image tasks of one mode: `image_runner(server, "create")`."""
-    runners: list[RunnerProcess] = []
 
     def start(server: ApiServer, mode: str, model: Path, name: str | None = None) -> RunnerProcess:
-        name = name or f"sdxl-{mode}"
-        log = tmp_path / f"runner-{name}.log"
-        _track_log(request, log)
-        env = _base_env()
-        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode={mode}&type=image&model_name={model}"
-        env["HELIX_RUNNER_TOKEN"] = server.runner_token
-        env["HELIX_RUNNER_CACHE"] = str(tmp_path / f"cache-{name}")
-        command = [sys.executable, "-m", "runner", "--backend", "sdxl", "--device", "cpu", "--runner-name", name,
-                   "--wait", "2"]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        runner = RunnerProcess(name, proc, log)
-        runners.append(runner)
-        return runner
+        return runner_process(server, server.runner_token, name or f"sdxl-{mode}", backend="sdxl", mode=mode,
+                              type_="image", model_name=str(model), extra=("--device", "cpu"))
 
-    yield start
-    for runner in runners:
-        runner.stop()
+    return start
 
 
 def create_image_session(server: ApiServer, model: Path, message: str = "a red fox in the snow",

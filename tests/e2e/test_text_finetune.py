@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,8 @@ import requests
 
 from runner.files import unzip_safely
 from tests.e2e.conftest import (
-    REPO,
     ApiServer,
     RunnerProcess,
-    _base_env,
-    _track_log,
     get_session,
     read_sse,
     wait_for,
@@ -47,27 +42,14 @@ def e2e_database(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def runner(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
+def runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
     """Start `helix-runner --backend mistral` on CPU: `runner(server, name, model=..., mode=...)`."""
-    runners: list[RunnerProcess] = []
 
     def start(server: ApiServer, name: str, *, model: str, mode: str) -> RunnerProcess:
-        log = tmp_path / f"runner-{name}.log"
-        _track_log(request, log)
-        env = _base_env()
-        env["HELIX_RUNNER_TOKEN"] = server.runner_token
-        command = [sys.executable, "-m", "runner", "--backend", "mistral", "--api-url", server.url,
-                   "--mode", mode, "--type", "text", "--model-name", model, "--runner-name", name, "--wait", "2",
-                   "--device", "cpu", "--cache-dir", str(tmp_path / name)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        started = RunnerProcess(name, proc, log)
-        runners.append(started)
-        return started
+        return runner_process(server, server.runner_token, name, backend="mistral", mode=mode, type_="text",
+                              model_name=model, extra=("--device", "cpu"))
 
-    yield start
-    for started in runners:
-        started.stop()
+    return start
 
 
 def chats() -> bytes:

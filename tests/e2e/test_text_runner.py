@@ -7,9 +7,7 @@ and adapter: the runner over HTTP must give exactly that text, streamed in order
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +15,8 @@ import pytest
 import requests
 
 from tests.e2e.conftest import (
-    CLAIM_PATH,
-    REPO,
     ApiServer,
     RunnerProcess,
-    _base_env,
-    _track_log,
     get_session,
     read_sse,
     reply_of,
@@ -56,29 +50,15 @@ def expected(backend, messages: list[dict[str, str]], params: dict[str, Any], ad
 
 
 @pytest.fixture
-def text_runner(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
+def text_runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
     """Start `helix-runner` on the tiny model: `text_runner(server, name, model=..., max_parallel=...)`."""
-    runners: list[RunnerProcess] = []
 
     def start(server: ApiServer, name: str, *, model: str, mode: str = "create", backend: str = "mistral",
               max_parallel: int = 1, env: dict[str, str] | None = None) -> RunnerProcess:
-        log = tmp_path / f"runner-{name}.log"
-        _track_log(request, log)
-        environ = _base_env()
-        environ["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode={mode}&type=text&model_name={model}"
-        environ["HELIX_RUNNER_TOKEN"] = server.runner_token
-        environ.update(env or {})
-        command = [sys.executable, "-m", "runner", "--backend", backend, "--runner-name", name, "--wait", "2",
-                   "--device", "cpu", "--max-parallel", str(max_parallel), "--cache-dir", str(tmp_path / name)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=environ, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        runner = RunnerProcess(name, proc, log)
-        runners.append(runner)
-        return runner
+        return runner_process(server, server.runner_token, name, backend=backend, mode=mode, type_="text",
+                              model_name=model, env=env, extra=("--device", "cpu", "--max-parallel", str(max_parallel)))
 
-    yield start
-    for runner in runners:
-        runner.stop()
+    return start
 
 
 @pytest.fixture
