@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.e2e import conftest as e2e
-from tests.e2e.conftest import CLAIM_PATH, REPO, ApiServer, _base_env, wait_for_reply
-
-api_server = e2e.api_server  # the end-to-end fixture: `helix serve` as a real process
+from tests.containers.conftest import entrypoint_env
+from tests.e2e.conftest import CLAIM_PATH, REPO, ApiServer, wait_for_reply
 
 ENTRYPOINT = REPO / "containers" / "mistral" / "entrypoint.sh"
 DOCKERFILE = REPO / "containers" / "mistral" / "Dockerfile"
-
-
-@pytest.fixture
-def e2e_database(tmp_path: Path) -> str:
-    """SQLite: the entrypoint does not care which database the API uses."""
-    return f"sqlite:///{tmp_path / 'helix.db'}"
-
-
-def entrypoint_env(tmp_path: Path, **values: str) -> dict[str, str]:
-    """The container's environment: the project's virtualenv on PATH, the volume under tmp_path."""
-    env = _base_env()
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["HF_HOME"] = str(tmp_path / "volume" / "hf")
-    env["HELIX_RUNNER_CACHE"] = str(tmp_path / "volume" / "helix-runner")
-    env.update(values)
-    return env
 
 
 @pytest.mark.parametrize("missing", ["HELIX_GET_JOB_URL", "HELIX_RUNNER_TOKEN"])
