@@ -11,6 +11,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -173,13 +174,23 @@ def claim(database: Database, filt: QueueFilter, *, runner: str, runner_token_id
 
 
 def claim_waiting(database: Database, filt: QueueFilter, *, wait: float, recheck: float,
-                  reap_every: float, **claim_args: Any) -> tuple[Any, Lease] | None:
-    """Claim, long-polling up to `wait` seconds for a matching task to be queued."""
+                  reap_every: float, client_gone: Callable[[], bool] | None = None,
+                  **claim_args: Any) -> tuple[Any, Lease] | None:
+    """Claim, long-polling up to `wait` seconds for a matching task to be queued.
+
+    `client_gone` says whether the runner hung up meanwhile (it stopped, or died): a task claimed for
+    it would wait out a whole lease before going to anyone else, so it claims nothing.
+    """
     deadline = time.monotonic() + wait
     woken = False
     with database.notifier.watch(filt.topic) as watch:
         while True:
             reap_if_due(database, reap_every)
+            if client_gone is not None and client_gone():
+                if woken:
+                    database.notifier.notify(filt.topic, 1)  # the wake-up was for a runner: pass it on
+                logger.info("long poll for %s: the runner hung up; claiming nothing", filt.topic)
+                return None
             claimed = claim(database, filt, look_first=not woken, **claim_args)
             remaining = deadline - time.monotonic()
             if claimed is not None or remaining <= 0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import select
+import socket
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, send_file
@@ -39,14 +42,25 @@ def claim():
         raise InvalidField("Query parameter 'model_name' is required.", field="model_name")
     wait = query_number("wait", 0.0, 0.0, settings["MAX_WAIT_SECONDS"])
     runner = (request.headers.get("X-Helix-Runner") or g.caller.name)[:200]
+    sock = request.environ.get("gunicorn.socket")  # absent under test clients: nobody can hang up there
     claimed = scheduler.claim_waiting(
         get_db(), scheduler.QueueFilter(mode, type_, model_name), wait=wait,
         recheck=settings["RECHECK_SECONDS"], reap_every=settings["REAP_SECONDS"],
+        client_gone=functools.partial(hung_up, sock) if wait and sock is not None else None,
         runner=runner, runner_token_id=g.caller.id, policy=_policy())
     if claimed is None:
         return Response(status=204)
     task, lease = claimed
     return {"task": scheduler.task_payload(task), "lease": lease.to_json()}
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """True once the client closed its end: a waiting runner sends nothing, so readable means EOF."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):  # closed or reset under us
+        return True
 
 
 @bp.post("/task/<int:task_id>/heartbeat")

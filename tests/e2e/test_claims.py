@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -178,3 +179,19 @@ def test_follow_up_in_an_existing_session_is_claimed_before_a_new_session(api_se
     assert reply_of(continued)["output"] == echo_of("second turn")
     assert [i["creator"] for i in continued["interactions"]] == ["user", "assistant", "user", "assistant"]
 
+
+
+def test_a_long_poll_whose_runner_hung_up_claims_nothing(api_server):
+    server = api_server(lease_seconds=60, recheck_seconds=5)
+    token = server.runner_token
+    # A runner long-polls, then dies (its connection closes) while the API still holds the poll open.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"GET {CLAIM_PATH}?mode=create&type=text&model_name={TEXT_MODEL}&wait=20 HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nX-Helix-Runner: ghost\r\n\r\n".encode())
+        time.sleep(0.5)
+    session = create_session(server, server.user, "anyone there?")
+    time.sleep(1.0)  # the ghost's poll wakes for this task and must let it be
+    assert server.sql("SELECT status, attempt, runner FROM tasks WHERE session_id = :s", s=session["id"]) == [
+        ("queued", 0, None)]
+    claimed = requests.get(f"{server.url}{CLAIM_PATH}", params=CLAIM_PARAMS, headers=bearer(token), timeout=10)
+    assert claimed.status_code == 200 and claimed.json()["task"]["attempt"] == 1
