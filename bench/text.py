@@ -41,6 +41,44 @@ PROMPT = "Tell me a story about a dragon who learned to paint."
 TARGETS = {"overhead": 5.0, "warm": 10.0, "parallel": 3.0}
 
 
+class Cores:
+    """With `--pin`: model work (bare loop, runner, load-per-task) on one core with one torch thread;
+    the API and this process's clients on the others, as in production, where the API has its own
+    machines and the model its own GPU. Without it, everything shares every core.
+    """
+
+    def __init__(self, pin: bool) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        self.model: set[int] | None = {cores[-1]} if pin and len(cores) >= 2 else None
+        self.rest: set[int] | None = set(cores[:-1]) if self.model else None
+
+    def describe(self) -> str:
+        if self.model is None:
+            return "unpinned: the model, the runner, the API and the clients share every core"
+        return (f"pinned: model work on core {min(self.model)} (1 torch thread), the API and the clients on "
+                f"core(s) {','.join(map(str, sorted(self.rest or ())))}")
+
+    def model_env(self, env: dict[str, str]) -> dict[str, str]:
+        return {**env, "OMP_NUM_THREADS": "1"} if self.model else env
+
+    def model_preexec(self):
+        model = self.model
+        return (lambda: os.sched_setaffinity(0, model)) if model else None
+
+    def pin_tree(self, pid: int) -> None:
+        """Pin a process (the API's gunicorn master) and its children to the non-model cores."""
+        if not self.rest:
+            return
+        import psutil
+
+        parent = psutil.Process(pid)
+        for proc in [parent, *parent.children(recursive=True)]:
+            os.sched_setaffinity(proc.pid, self.rest)
+
+
+CORES = Cores(False)
+
+
 # The bare loop: the model in this process, no runner, no API.
 
 
@@ -56,6 +94,23 @@ def bare_generate_seconds(model_name: str, device: str, runs: int) -> tuple[list
     ids = {k: v.to(device) for k, v in ids.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     times = []
+    threads = torch.get_num_threads()
+    if CORES.model:  # the same core and thread count the runner gets
+        os.sched_setaffinity(0, CORES.model)
+        torch.set_num_threads(1)
+    try:
+        times = _generate_times(model, ids, pad, device, runs)
+    finally:
+        if CORES.model:
+            os.sched_setaffinity(0, CORES.rest)
+            torch.set_num_threads(threads)
+    return times, int(ids["input_ids"].shape[1])
+
+
+def _generate_times(model: Any, ids: dict[str, Any], pad: int, device: str, runs: int) -> list[float]:
+    import torch
+
+    times = []
     with torch.inference_mode():
         for _ in range(runs + 2):  # two warm-ups
             _sync(device)
@@ -65,7 +120,7 @@ def bare_generate_seconds(model_name: str, device: str, runs: int) -> tuple[list
             _sync(device)
             times.append(time.perf_counter() - started)
             assert out.shape[1] - ids["input_ids"].shape[1] == REPLY_TOKENS
-    return times[2:], int(ids["input_ids"].shape[1])
+    return times[2:]
 
 
 def build_mid_mistral(path: Path) -> Path:
@@ -121,6 +176,7 @@ class TextBench:
         self.api = HelixApi("postgres" if pg_admin_url else "sqlite", workdir, args, [model])
         self.api.setup()
         self.api.start(threads)
+        CORES.pin_tree(self.api.proc.pid)
         self.runner: subprocess.Popen | None = None
 
     def start_runner(self, max_parallel: int) -> None:
@@ -135,8 +191,8 @@ class TextBench:
                    "--device", self.device, "--wait", str(RUNNER_WAIT), "--log-level", "INFO",
                    "--cache-dir", str(self.workdir / "runner-cache")]
         with open(log_path, "wb") as log:
-            self.runner = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                           start_new_session=True)
+            self.runner = subprocess.Popen(command, env=CORES.model_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=ROOT, start_new_session=True, preexec_fn=CORES.model_preexec())
         deadline = time.monotonic() + 600
         while "claiming" not in log_path.read_text(errors="replace"):
             if self.runner.poll() is not None or time.monotonic() > deadline:
@@ -225,7 +281,8 @@ def load_per_task_seconds(model: str, device: str, runs: int) -> list[float]:
     for _ in range(runs):
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "bench.text", "--one-task", model, "--device", device], check=True,
-                       cwd=ROOT, capture_output=True)
+                       cwd=ROOT, capture_output=True, env=CORES.model_env(dict(os.environ)),
+                       preexec_fn=CORES.model_preexec())
         times.append(time.perf_counter() - started)
     return times
 
@@ -340,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--pg-admin-url", default=os.environ.get("HELIX_BENCH_PG", DEFAULT_PG),
                         help="a PostgreSQL server for the API's database ('' for SQLite) [%(default)s]")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU only: model work on its own core, the API and clients on the others "
+                             "(on a GPU the model needs no core of its own) [default: on]")
     parser.add_argument("--one-task", metavar="MODEL", help=argparse.SUPPRESS)  # the load-per-task process
     args = parser.parse_args(argv)
     if args.one_task:
@@ -349,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    global CORES
+    CORES = Cores(args.pin and device == "cpu")
+    if CORES.rest:
+        os.sched_setaffinity(0, CORES.rest)
     workdir = Path(tempfile.mkdtemp(prefix="helix-bench-text-"))
     models = []
     if not args.skip_tiny:
@@ -363,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                for index, model in enumerate(models)]
     print()
     gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
-    print(f"bench.text on {os.cpu_count()} CPU cores{gpu}; API on {'PostgreSQL' if args.pg_admin_url else 'SQLite'}")
+    print(f"bench.text on {os.cpu_count()} CPU cores{gpu}; API on {'PostgreSQL' if args.pg_admin_url else 'SQLite'}; "
+          f"{CORES.describe()}")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

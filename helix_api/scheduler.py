@@ -251,6 +251,28 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
         return {"stored": stored, "last_seq": last_seq, "cancelled": False}
 
 
+def add_events_many(database: Database, posts: list[tuple[int, str, list[dict[str, Any]]]],
+                    policy: LeasePolicy) -> list[dict[str, Any]]:
+    """`add_events` for several tasks of one runner in one transaction; each answers for itself.
+
+    A task whose lease no longer holds gets its error in its own answer and changes nothing; the
+    others are stored all the same.
+    """
+    now = utcnow()
+    answers: list[dict[str, Any]] = []
+    with database.transaction() as conn:
+        for task_id, token, items in posts:
+            try:
+                task = _held_task(conn, database, task_id, token, now)
+            except (LeaseLost, TaskCancelled, TaskNotFound) as exc:  # raised before this task wrote anything
+                answers.append({"task_id": task_id, **exc.to_dict()})
+                continue
+            _renew(conn, task, now, policy)
+            stored, last_seq = _store_events(conn, task, items)
+            answers.append({"task_id": task_id, "stored": stored, "last_seq": last_seq, "cancelled": False})
+    return answers
+
+
 def _store_events(conn: Connection, task: Any, items: list[dict[str, Any]]) -> tuple[int, int]:
     """Store the events not stored yet (by seq); how many were new, and the last seq stored."""
     fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])

@@ -19,6 +19,7 @@ from .validation import field, json_body, parse_mode, parse_type, query_number
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
 
 MAX_EVENTS_PER_POST = 1000
+MAX_POSTS_PER_REQUEST = 256
 _RUNNER_KINDS = ("token", "progress", "log")
 
 
@@ -100,6 +101,24 @@ def post_events(task_id: int):
     """Store tokens, progress and log lines, each once by its seq."""
     body = json_body({"lease_token", "events"})
     return scheduler.add_events(get_db(), task_id, _lease_token(body), _events(body, required=True), _policy())
+
+
+@bp.post("/events")
+@require_runner
+def post_events_many():
+    """Events of several tasks a runner holds, in one request: each task's answer says how it went."""
+    body = json_body({"posts"})
+    raw_posts = field(body, "posts", list)
+    if len(raw_posts) > MAX_POSTS_PER_REQUEST:
+        raise InvalidField(f"At most {MAX_POSTS_PER_REQUEST} posts per request.", field="posts")
+    posts = []
+    for index, raw in enumerate(raw_posts):
+        if not isinstance(raw, dict) or set(raw) != {"task_id", "lease_token", "events"}:
+            raise InvalidField(f"posts[{index}] must be an object of task_id, lease_token and events.",
+                               field="posts")
+        task_id = field(raw, "task_id", int)
+        posts.append((task_id, field(raw, "lease_token", str), _events(raw, required=True)))
+    return {"results": scheduler.add_events_many(get_db(), posts, _policy())}
 
 
 def _events(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:

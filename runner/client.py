@@ -83,6 +83,14 @@ class ApiClient:
         """Store events (tokens, progress, logs); resending already stored seq numbers is harmless."""
         return self._post(task_id, "events", {"lease_token": lease_token, "events": events})
 
+    def post_events_many(self, posts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Events of several tasks (`{task_id, lease_token, events}` each) in one request; an answer each."""
+        response = self._request("POST", "/api/v1/worker/events", json={"posts": posts})
+        try:
+            return list(response.json()["results"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApiError(response.status_code, "bad_response", f"unreadable events reply: {exc!r}") from exc
+
     def complete(self, task_id: int, lease_token: str, result: dict[str, Any],
                  events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Finish the task with its result, and the events not posted yet (stored once each, like posts)."""

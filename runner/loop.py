@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.backends.base import Backend
+from runner.batcher import EventBatcher
 from runner.client import ApiClient
 from runner.config import RunnerConfig
 from runner.errors import ApiError, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
@@ -52,6 +53,7 @@ class Runner:
         self._counting = threading.Lock()
         self._reserved = 0  # tasks claimed or being claimed, against max_tasks
         self._slot_error: BaseException | None = None
+        self._batcher: EventBatcher | None = None
 
     def run(self, max_tasks: int | None = None) -> int:
         """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
@@ -118,6 +120,7 @@ class Runner:
 
     def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
         """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
+        self._batcher = EventBatcher(self.client)  # the slots' event posts share requests
         self._widen_connection_pool(slots)
         threads = [threading.Thread(target=self._serve_slot, args=(limit,), name=f"helix-slot-{index}",
                                     daemon=True) for index in range(slots)]
@@ -221,7 +224,8 @@ class Runner:
         task, lease = claim.task, claim.lease
         logger.info("task %s: claimed (attempt %s, session %s, interaction %s)", task.id, task.attempt,
                     task.session_id, task.interaction_id)
-        report = Report(task.id, functools.partial(self.client.post_events, task.id, lease.token),
+        post = self._batcher.post if self._batcher is not None else self.client.post_events
+        report = Report(task.id, functools.partial(post, task.id, lease.token),
                         flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
                         files=TaskFiles(self.client, task.id, lease.token, Path(self.config.cache_dir)))
         self._reports[task.id] = report

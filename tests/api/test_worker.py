@@ -131,6 +131,26 @@ def test_complete_stores_the_events_it_carries_once_and_before_the_end(client, r
         ("state", "queued"), ("state", "running"), ("token", "Hi"), ("token", " there"), ("state", "complete")]
 
 
+def test_events_of_several_tasks_in_one_request_each_answer_for_themselves(client, runner, task_factory, db, user):
+    first, task1, token1 = _claimed(client, runner, task_factory)
+    _, task2, _ = _claimed(client, runner, task_factory)
+    response = client.post("/api/v1/worker/events", headers=runner, json={"posts": [
+        {"task_id": task1["id"], "lease_token": token1, "events": [{"seq": 1, "kind": "token", "text": "Hi"}]},
+        {"task_id": task2["id"], "lease_token": "l_stale", "events": [{"seq": 1, "kind": "token", "text": "no"}]},
+    ]})
+    assert response.status_code == 200, response.json
+    ok, refused = response.json["results"]
+    assert ok == {"task_id": task1["id"], "stored": 1, "last_seq": 1, "cancelled": False}
+    assert refused["task_id"] == task2["id"] and refused["error"] == "lease_lost"
+    reply = client.get(f"/api/v1/sessions/{first['id']}", headers=user).json["interactions"][-1]
+    assert reply["output"] == "Hi"
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task2["id"],
+                                                                          TaskEvent.kind == "token")) == 0
+    bad = client.post("/api/v1/worker/events", headers=runner, json={"posts": [{"task_id": task1["id"]}]})
+    assert bad.status_code == 400 and bad.json["field"] == "posts"
+
+
 def test_complete_with_bad_events_is_400_and_changes_nothing(client, runner, task_factory, db):
     _, task, token = _claimed(client, runner, task_factory)
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "x"},

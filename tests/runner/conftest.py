@@ -88,4 +88,8 @@ def posted_events(api: responses.RequestsMock, task_id: int = 42) -> list[dict[s
         url = call.request.url
         if url.endswith(f"/{task_id}/events") or url.endswith(f"/{task_id}/complete"):
             sent.extend(json.loads(call.request.body).get("events", []))
+        elif url.endswith("/worker/events"):  # several tasks' posts in one request
+            for post in json.loads(call.request.body)["posts"]:
+                if post["task_id"] == task_id:
+                    sent.extend(post["events"])
     return sent

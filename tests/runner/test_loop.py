@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import requests
+import responses
 
 from runner.errors import ApiError, BadTaskInput
 from runner.loop import Runner, traceback_tail
@@ -23,10 +24,19 @@ pytestmark = pytest.mark.timeout(20)
 def fake_worker_api(api, *, heartbeat: dict[str, Any] | None = None) -> None:
     """Accept every worker call; the heartbeat replies with `heartbeat`."""
     api.post(re.compile(r".*/heartbeat$"), json=heartbeat or {"cancelled": False, "lease_expires_at": "x"})
+    api.add_callback(responses.POST, re.compile(r".*/worker/events$"), callback=_answer_posts)
     api.post(re.compile(r".*/events$"), json={"stored": 1, "last_seq": 1, "cancelled": False})
     api.post(re.compile(r".*/complete$"), json={"status": "complete"})
     api.post(re.compile(r".*/fail$"), json={"status": "queued"})
     api.post(re.compile(r".*/release$"), json={"status": "queued"})
+
+
+def _answer_posts(request) -> tuple[int, dict[str, str], str]:
+    """The batched events endpoint: every post stored."""
+    posts = json.loads(request.body)["posts"]
+    results = [{"task_id": p["task_id"], "stored": len(p["events"]), "last_seq": p["events"][-1]["seq"],
+                "cancelled": False} for p in posts]
+    return 200, {}, json.dumps({"results": results})
 
 
 def actions(api) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from runner.loop import Runner
 from tests.doubles import EchoBackend
 
-from .conftest import TASK_URL, bodies
+from .conftest import TASK_URL, bodies, posted_events
 from .test_loop import actions, fake_worker_api
 
 pytestmark = pytest.mark.timeout(30)
@@ -47,6 +47,21 @@ def test_two_slots_hold_and_predict_two_tasks_at_once(api, api_client, config, c
     assert Runner(replace(config, max_parallel=2), backend, api_client).run(max_tasks=2) == 2
     assert backend.most == 2
     assert {body["lease_token"] for body in bodies(api, "/complete")} == {"l_1", "l_2"}
+
+
+def test_slots_stream_through_the_shared_events_request(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1, params={"token_delay": 0.02}))
+    api.get(TASK_URL, json=claim_json(task_id=2, params={"token_delay": 0.02}))
+    api.get(TASK_URL, status=204)
+    fake_worker_api(api)
+    backend = Meeting(config, size=2)
+    assert Runner(replace(config, max_parallel=2), backend, api_client).run(max_tasks=2) == 2
+    assert not any(call.request.url.endswith(("/1/events", "/2/events")) for call in api.calls)
+    assert any(call.request.url.endswith("/worker/events") for call in api.calls)
+    for task_id in (1, 2):
+        events = posted_events(api, task_id)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert "".join(e["text"] for e in events if e["kind"] == "token") == "how are you today?"
 
 
 def test_max_tasks_counts_every_slot(api, api_client, config, claim_json):
