@@ -121,6 +121,21 @@ def app(settings: dict[str, Any]) -> Iterator:
 
 
 @pytest.fixture
+def make_client(settings: dict[str, Any]) -> Iterator[Callable[..., Any]]:
+    """`make_client(MAX_IMAGES=1)`: a test client of another app on the same database, other settings."""
+    apps = []
+
+    def make(**changes: Any):
+        application = create_app({**settings, **changes})
+        apps.append(application)
+        return application.test_client()
+
+    yield make
+    for application in apps:
+        application.extensions["helix_db"].dispose()
+
+
+@pytest.fixture
 def db(app) -> Database:
     """The app's database."""
     return app.extensions["helix_db"]

@@ -77,11 +77,8 @@ def test_upload_checks_its_form(client, user, runner):
                        data={"lease_token": token}).status_code == 403
 
 
-def test_a_file_over_the_limit_is_refused_and_not_kept(settings, user, runner, db):
-    from helix_api.app import create_app
-
-    settings["MAX_FILE_BYTES"] = 100
-    client = create_app(settings).test_client()
+def test_a_file_over_the_limit_is_refused_and_not_kept(make_client, settings, user, runner):
+    client = make_client(MAX_FILE_BYTES=100)
     _, task, token = _image_task(client, user, runner)
     response = _upload(client, runner, task["id"], token, data=b"x" * 5000)
     assert response.status_code == 413

@@ -176,11 +176,9 @@ BAD_IMAGES = [
 
 
 @pytest.mark.parametrize("files,name,needle", BAD_IMAGES)
-def test_bad_images_are_refused_naming_the_file_and_nothing_is_stored(settings, user, db, files, name, needle):
-    from helix_api.app import create_app
-
-    settings["MAX_TRAINING_IMAGE_SIDE"] = 64
-    client = create_app(settings).test_client()
+def test_bad_images_are_refused_naming_the_file_and_nothing_is_stored(make_client, settings, user, db, files, name,
+                                                                      needle):
+    client = make_client(MAX_TRAINING_IMAGE_SIDE=64)
     before = counts(db, settings)
     response = start_finetune(client, user, files, type_="image", model=IMAGE_MODEL)
     assert response.status_code == 400, response.json

@@ -74,21 +74,16 @@ def test_bad_image_params_name_the_param(client, user, params, name, needle):
     assert response.json["field"] == f"params.{name}" and needle in response.json["message"]
 
 
-def test_caps_come_from_settings(settings, user):
-    from helix_api.app import create_app
-
-    settings.update({"MAX_NEW_TOKENS": 16, "MAX_IMAGES": 1})
-    client = create_app(settings).test_client()
+def test_caps_come_from_settings(make_client, user):
+    client = make_client(MAX_NEW_TOKENS=16, MAX_IMAGES=1)
     assert _create(client, user, {"max_new_tokens": 17}).status_code == 400
     assert _create(client, user, {"max_new_tokens": 16}).status_code == 201
 
 
-def test_extra_params_pass_only_when_the_operator_lists_them(settings, user):
-    from helix_api.app import create_app
-
-    assert _create(create_app(settings).test_client(), user, {"token_delay": 0.1}).status_code == 400
-    settings["EXTRA_PARAMS"] = "token_delay, sleep"
-    assert _create(create_app(settings).test_client(), user, {"token_delay": 0.1}).status_code == 201
+def test_extra_params_pass_only_when_the_operator_lists_them(client, make_client, user):
+    assert _create(client, user, {"token_delay": 0.1}).status_code == 400
+    lenient = make_client(EXTRA_PARAMS="token_delay, sleep")
+    assert _create(lenient, user, {"token_delay": 0.1}).status_code == 201
 
 
 def test_continuing_a_session_checks_params_too(client, user, db):
