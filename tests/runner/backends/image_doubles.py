@@ -7,6 +7,7 @@ import itertools
 import shutil
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from runner.errors import StopReason, TaskCancelled
@@ -115,3 +116,10 @@ def finetune_task(files: list[dict[str, Any]], captions: dict[str, str], task_id
     """A finetune/image task as a runner claims it."""
     return Task(id=task_id, session_id=1, interaction_id=2, mode="finetune", type="image", model_name=IMAGE_MODEL,
                 attempt=1, input={"files": files, "captions": captions}, params=params)
+
+
+def tiny_config(model: Path | str, **overrides) -> SimpleNamespace:
+    """The RunnerConfig fields the SDXL backend reads."""
+    fields = {"model_name": str(model), "device": "cpu", "dtype": "auto", "gpu_memory": {}, "cpu_memory": None,
+              "quantize": None, "cache_dir": None, "work_dir": None}
+    return SimpleNamespace(**{**fields, **overrides})

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,32 +9,12 @@ from PIL import Image
 from runner.backends.sdxl import PipelineLoadError, SDXLBackend
 from runner.errors import TaskCancelled
 from runner.placement import ModelTooLarge, PlacementError
-from tests.runner.backends.image_doubles import FakeFiles, FakeReport, image_task
+from tests.runner.backends.image_doubles import FakeFiles, FakeReport, image_task, tiny_config
 
 
-def tiny_config(model: Path | str, **overrides) -> SimpleNamespace:
-    """The RunnerConfig fields the backend reads."""
-    fields = {"model_name": str(model), "device": "cpu", "dtype": "auto", "gpu_memory": {}, "cpu_memory": None,
-              "quantize": None, "cache_dir": None, "work_dir": None}
-    return SimpleNamespace(**{**fields, **overrides})
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_sdxl: Path) -> SDXLBackend:
-    """The backend with the tiny pipeline loaded once for the module."""
-    backend = SDXLBackend(tiny_config(tiny_sdxl))
-    backend.setup()
-    return backend
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> FakeFiles:
-    return FakeFiles(tmp_path / "store")
-
-
-def run(backend: SDXLBackend, files: FakeFiles, **params) -> tuple[dict, FakeReport]:
+def run(sdxl_backend: SDXLBackend, files: FakeFiles, **params) -> tuple[dict, FakeReport]:
     report = FakeReport(files)
-    return backend.predict(image_task(**params), report), report
+    return sdxl_backend.predict(image_task(**params), report), report
 
 
 def image_bytes(files: FakeFiles, file_id: str) -> bytes:
@@ -49,8 +26,8 @@ def pixels(files: FakeFiles, file_id: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_makes_a_png_of_the_asked_size(backend, files):
-    result, _ = run(backend, files, width=96, height=64, num_inference_steps=2, seed=3)
+def test_makes_a_png_of_the_asked_size(sdxl_backend, files):
+    result, _ = run(sdxl_backend, files, width=96, height=64, num_inference_steps=2, seed=3)
 
     assert result["text"] == "" and (result["width"], result["height"], result["seed"]) == (96, 64, 3)
     [file_id] = result["files"]
@@ -60,37 +37,37 @@ def test_makes_a_png_of_the_asked_size(backend, files):
         assert image.format == "PNG" and image.size == (96, 64)
 
 
-def test_defaults_to_the_pipelines_native_size_and_a_random_seed(backend, files):
-    result, _ = run(backend, files, num_inference_steps=1)
+def test_defaults_to_the_pipelines_native_size_and_a_random_seed(sdxl_backend, files):
+    result, _ = run(sdxl_backend, files, num_inference_steps=1)
 
     with Image.open(files.stored[result["files"][0]]["path"]) as image:
         assert image.size == (64, 64)
     assert isinstance(result["seed"], int)
 
 
-def test_the_same_seed_gives_the_same_image(backend, files):
-    first, _ = run(backend, files, num_inference_steps=3, seed=7)
-    again, _ = run(backend, files, num_inference_steps=3, seed=7)
-    other, _ = run(backend, files, num_inference_steps=3, seed=8)
+def test_the_same_seed_gives_the_same_image(sdxl_backend, files):
+    first, _ = run(sdxl_backend, files, num_inference_steps=3, seed=7)
+    again, _ = run(sdxl_backend, files, num_inference_steps=3, seed=7)
+    other, _ = run(sdxl_backend, files, num_inference_steps=3, seed=8)
 
     assert image_bytes(files, first["files"][0]) == image_bytes(files, again["files"][0])
     assert image_bytes(files, first["files"][0]) != image_bytes(files, other["files"][0])
 
 
-def test_prompt_negative_prompt_and_guidance_change_the_image(backend, files):
-    base, _ = run(backend, files, num_inference_steps=2, seed=1, guidance_scale=7.0)
-    negative, _ = run(backend, files, num_inference_steps=2, seed=1, guidance_scale=7.0, negative_prompt="blurry")
+def test_prompt_negative_prompt_and_guidance_change_the_image(sdxl_backend, files):
+    base, _ = run(sdxl_backend, files, num_inference_steps=2, seed=1, guidance_scale=7.0)
+    negative, _ = run(sdxl_backend, files, num_inference_steps=2, seed=1, guidance_scale=7.0, negative_prompt="blurry")
     report = FakeReport(files)
-    prompt = backend.predict(image_task(prompt="a blue robot", num_inference_steps=2, seed=1, guidance_scale=7.0),
+    prompt = sdxl_backend.predict(image_task(prompt="a blue robot", num_inference_steps=2, seed=1, guidance_scale=7.0),
                              report)
 
     images = {image_bytes(files, r["files"][0]) for r in (base, negative, prompt)}
     assert len(images) == 3
 
 
-def test_num_images_makes_that_many_different_images(backend, files):
-    result, _ = run(backend, files, num_inference_steps=2, seed=5, num_images=3)
-    single, _ = run(backend, files, num_inference_steps=2, seed=6)
+def test_num_images_makes_that_many_different_images(sdxl_backend, files):
+    result, _ = run(sdxl_backend, files, num_inference_steps=2, seed=5, num_images=3)
+    single, _ = run(sdxl_backend, files, num_inference_steps=2, seed=6)
 
     assert len(result["files"]) == 3
     images = [image_bytes(files, file_id) for file_id in result["files"]]
@@ -100,48 +77,48 @@ def test_num_images_makes_that_many_different_images(backend, files):
         pixels(files, single["files"][0]).astype(int), abs=2)
 
 
-def test_progress_comes_once_per_step_in_order(backend, files):
-    _, report = run(backend, files, num_inference_steps=5, seed=2)
+def test_progress_comes_once_per_step_in_order(sdxl_backend, files):
+    _, report = run(sdxl_backend, files, num_inference_steps=5, seed=2)
 
     progress = report.progress_events()
     assert [(e["step"], e["total"]) for e in progress] == [(step, 5) for step in range(1, 6)]
 
 
-def test_cancel_stops_a_long_run_at_the_next_step(backend, files):
+def test_cancel_stops_a_long_run_at_the_next_step(sdxl_backend, files):
     report = FakeReport(files, cancel_at_step=3)
 
     with pytest.raises(TaskCancelled):
-        backend.predict(image_task(num_inference_steps=150, seed=2), report)
+        sdxl_backend.predict(image_task(num_inference_steps=150, seed=2), report)
 
     assert [e["step"] for e in report.progress_events()] == [1, 2, 3]
     assert files.of_kind("output") == []
     # The pipeline is still good for the next task.
-    result, _ = run(backend, files, num_inference_steps=1, seed=2)
+    result, _ = run(sdxl_backend, files, num_inference_steps=1, seed=2)
     assert len(result["files"]) == 1
 
 
-def test_a_task_cancelled_before_it_starts_makes_nothing(backend, files):
+def test_a_task_cancelled_before_it_starts_makes_nothing(sdxl_backend, files):
     report = FakeReport(files)
     report.cancel()
 
     with pytest.raises(TaskCancelled):
-        backend.predict(image_task(num_inference_steps=2), report)
+        sdxl_backend.predict(image_task(num_inference_steps=2), report)
     assert report.events == [] and files.of_kind("output") == []
 
 
 def test_setup_fails_clearly_when_the_pipeline_cannot_load(tmp_path):
-    backend = SDXLBackend(tiny_config(tmp_path / "no-such-model"))
+    sdxl_backend = SDXLBackend(tiny_config(tmp_path / "no-such-model"))
 
     with pytest.raises(PipelineLoadError, match="cannot load SDXL pipeline"):
-        backend.setup()
+        sdxl_backend.setup()
 
 
 def test_setup_fails_clearly_when_the_pipeline_does_not_fit(tiny_sdxl):
-    backend = SDXLBackend(tiny_config(tiny_sdxl, cpu_memory="1MiB"))
+    sdxl_backend = SDXLBackend(tiny_config(tiny_sdxl, cpu_memory="1MiB"))
 
     with pytest.raises(ModelTooLarge, match="does not fit"):
-        backend.setup()
-    assert backend.pipe is None
+        sdxl_backend.setup()
+    assert sdxl_backend.pipe is None
 
 
 def test_setup_refuses_a_gpu_that_is_not_there(tiny_sdxl, monkeypatch):

@@ -12,25 +12,12 @@ from PIL import Image
 from runner.backends.sdxl import SDXLBackend
 from runner.errors import TaskCancelled
 from tests.runner.backends.image_doubles import FakeFiles, FakeReport, finetune_task, image_task
-from tests.runner.backends.test_sdxl import tiny_config
 
 pytestmark = pytest.mark.slow  # they train, if only for a few steps
 
 COLOURS = {"red.png": ((220, 30, 30), "a red square"), "green.png": ((30, 200, 60), "a green field"),
            "blue.png": ((40, 60, 230), "a blue sky")}
 TRAIN = {"max_steps": 4, "learning_rate": 0.02, "lora_r": 4, "resolution": 64, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_sdxl: Path) -> SDXLBackend:
-    backend = SDXLBackend(tiny_config(tiny_sdxl))
-    backend.setup()
-    return backend
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> FakeFiles:
-    return FakeFiles(tmp_path / "store")
 
 
 @pytest.fixture
@@ -49,15 +36,15 @@ def training_task(tmp_path: Path, files: FakeFiles):
     return make
 
 
-def image_of(backend: SDXLBackend, files: FakeFiles, adapter=None) -> bytes:
-    result = backend.predict(image_task(adapter=adapter, num_inference_steps=3, seed=11), FakeReport(files))
+def image_of(sdxl_backend: SDXLBackend, files: FakeFiles, adapter=None) -> bytes:
+    result = sdxl_backend.predict(image_task(adapter=adapter, num_inference_steps=3, seed=11), FakeReport(files))
     return files.stored[result["files"][0]]["path"].read_bytes()
 
 
-def test_finetune_uploads_an_adapter_with_progress_and_loss(backend, files, training_task):
+def test_finetune_uploads_an_adapter_with_progress_and_loss(sdxl_backend, files, training_task):
     report = FakeReport(files)
 
-    result = backend.predict(training_task(), report)
+    result = sdxl_backend.predict(training_task(), report)
 
     assert result["steps"] == 4 and math.isfinite(result["loss"]) and result["text"]
     [adapter] = files.of_kind("adapter")
@@ -69,40 +56,40 @@ def test_finetune_uploads_an_adapter_with_progress_and_loss(backend, files, trai
     assert all(math.isfinite(e["loss"]) for e in progress)
 
 
-def test_an_image_with_the_adapter_differs_and_the_adapter_is_unloaded_after(backend, files, training_task):
-    base = image_of(backend, files)
-    result = backend.predict(training_task(), FakeReport(files))
-    assert image_of(backend, files) == base  # training left the base UNet as it was
+def test_an_image_with_the_adapter_differs_and_the_adapter_is_unloaded_after(sdxl_backend, files, training_task):
+    base = image_of(sdxl_backend, files)
+    result = sdxl_backend.predict(training_task(), FakeReport(files))
+    assert image_of(sdxl_backend, files) == base  # training left the base UNet as it was
     adapter = {k: v for k, v in files.stored[result["adapter_file_id"]].items() if k != "path"}
 
     report = FakeReport(files)
-    tuned = backend.predict(image_task(adapter=adapter, num_inference_steps=3, seed=11), report)
+    tuned = sdxl_backend.predict(image_task(adapter=adapter, num_inference_steps=3, seed=11), report)
 
     assert files.stored[tuned["files"][0]]["path"].read_bytes() != base
     assert any(e["kind"] == "log" and "loading adapter" in e["message"] for e in report.events)
-    assert image_of(backend, files) == base  # the next task without an adapter gets the bare base model
-    assert image_of(backend, files, adapter) == files.stored[tuned["files"][0]]["path"].read_bytes()
+    assert image_of(sdxl_backend, files) == base  # the next task without an adapter gets the bare base model
+    assert image_of(sdxl_backend, files, adapter) == files.stored[tuned["files"][0]]["path"].read_bytes()
 
 
-def test_cancel_stops_training_and_leaves_the_unet_bare(backend, files, training_task):
-    base = image_of(backend, files)
+def test_cancel_stops_training_and_leaves_the_unet_bare(sdxl_backend, files, training_task):
+    base = image_of(sdxl_backend, files)
     report = FakeReport(files, cancel_at_step=2)
 
     with pytest.raises(TaskCancelled):
-        backend.predict(training_task(max_steps=100), report)
+        sdxl_backend.predict(training_task(max_steps=100), report)
 
     assert [e["step"] for e in report.progress_events()] == [1, 2]
     assert files.of_kind("adapter") == []
-    assert image_of(backend, files) == base
+    assert image_of(sdxl_backend, files) == base
 
 
-def test_an_adapter_is_unloaded_even_when_its_task_is_cancelled(backend, files, training_task):
-    base = image_of(backend, files)
-    result = backend.predict(training_task(), FakeReport(files))
+def test_an_adapter_is_unloaded_even_when_its_task_is_cancelled(sdxl_backend, files, training_task):
+    base = image_of(sdxl_backend, files)
+    result = sdxl_backend.predict(training_task(), FakeReport(files))
     adapter = {k: v for k, v in files.stored[result["adapter_file_id"]].items() if k != "path"}
 
     report = FakeReport(files, cancel_at_step=1)
     with pytest.raises(TaskCancelled):
-        backend.predict(image_task(adapter=adapter, num_inference_steps=5, seed=11), report)
+        sdxl_backend.predict(image_task(adapter=adapter, num_inference_steps=5, seed=11), report)
 
-    assert image_of(backend, files) == base
+    assert image_of(sdxl_backend, files) == base
