@@ -32,6 +32,7 @@ class Caller:
     kind: Literal["user", "runner"]
     id: int
     name: str
+    is_admin: bool = False
 
 
 def hash_secret(secret: str) -> str:
@@ -96,10 +97,10 @@ def _lookup(secret_hash: str) -> Caller | None:
         return caller
     with get_db().read() as db:
         row = db.execute(
-            select(User.id, User.name).join(ApiKey, ApiKey.user_id == User.id)
+            select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
             .where(ApiKey.key_hash == secret_hash, ApiKey.revoked_at.is_(None))).first()
         if row is not None:
-            caller = Caller("user", row.id, row.name)
+            caller = Caller("user", row.id, row.name, bool(row.is_admin))
         else:
             row = db.execute(select(RunnerToken.id, RunnerToken.name).where(
                 RunnerToken.token_hash == secret_hash, RunnerToken.revoked_at.is_(None))).first()
@@ -137,3 +138,15 @@ def require(kind: Literal["user", "runner"]) -> Callable:
 
 require_user = require("user")
 require_runner = require("runner")
+
+
+def require_admin(view: Callable) -> Callable:
+    """Decorate a view so only an admin user gets in (403 for other users)."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        caller = authenticate()
+        if caller.kind != "user" or not caller.is_admin:
+            raise Forbidden("This endpoint is for admins: create one with `helix users create NAME --admin`.")
+        g.caller = caller
+        return view(*args, **kwargs)
+    return wrapper

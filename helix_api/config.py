@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,14 @@ class Config:
     MIN_TRAINING_IMAGES = 3
     MAX_TRAINING_IMAGE_BYTES = 20 * 1024**2
     MAX_TRAINING_IMAGE_SIDE = 4096
+    # Signs the web app's session cookies and the time-limited image links of /v1/images. Every API
+    # replica must share it; empty means a random key kept in DATA_DIR/secret_key (one machine only).
+    SECRET_KEY = ""
+    # Send cookies over HTTPS only: set it wherever the web app is served over HTTPS.
+    COOKIE_SECURE = False
+    # How long a signed-in browser stays signed in, and how long an image link from /v1/images works.
+    SIGN_IN_HOURS = 12.0
+    IMAGE_URL_SECONDS = 3600.0
 
 
 def _coerce(raw: str, default: Any) -> Any:
@@ -86,4 +96,29 @@ def load_settings(environ: Mapping[str, str] | None = None,
         settings["AUTO_UPGRADE"] = False
     if not settings["FILES_DIR"]:
         settings["FILES_DIR"] = str(Path(settings["DATA_DIR"]) / "files")
+    if not settings["SECRET_KEY"]:
+        settings["SECRET_KEY"] = _local_secret(Path(settings["DATA_DIR"]) / "secret_key")
+    # Flask's own names for the cookie settings.
+    settings["SESSION_COOKIE_NAME"] = "helix_session"
+    settings["SESSION_COOKIE_HTTPONLY"] = True
+    settings["SESSION_COOKIE_SAMESITE"] = "Lax"
+    settings["SESSION_COOKIE_SECURE"] = bool(settings["COOKIE_SECURE"])
+    settings["PERMANENT_SESSION_LIFETIME"] = timedelta(hours=float(settings["SIGN_IN_HOURS"]))
     return settings
+
+
+def _local_secret(path: Path) -> str:
+    """A random key made once and kept beside the embedded database, readable by its owner only."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    return key

@@ -87,19 +87,57 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
     return [(asked, None), (reply, task)]
 
 
+def _insert_session(conn: Connection, *, user_id: int, name: str, mode: Mode, type_: SessionType,
+                    model_name: str) -> Any:
+    now = utcnow()
+    return conn.execute(_INSERT_SESSION, {
+        "user_id": user_id, "name": name[:200], "mode": mode, "type": type_, "model_name": model_name,
+        "event_seq": 0, "created_at": now, "updated_at": now}).one()
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, model_name: str,
            message: str, params: dict[str, Any], name: str | None,
            policy: scheduler.LeasePolicy) -> dict[str, Any]:
     """Start a session with its first message and queue the task that answers it; returns its JSON."""
-    now = utcnow()
     with database.transaction() as conn:
-        session = conn.execute(_INSERT_SESSION, {
-            "user_id": user_id, "name": (name or message.strip().splitlines()[0])[:200], "mode": mode,
-            "type": type_, "model_name": model_name, "event_seq": 0, "created_at": now,
-            "updated_at": now}).one()
+        session = _insert_session(conn, user_id=user_id, name=name or _first_line(message), mode=mode,
+                                  type_=type_, model_name=model_name)
         turns = _add_turn(conn, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
         # Shown from what is in hand: a new session has no files, and its one event is "queued".
         return _session_body(conn, session, turns, file_rows=[], event_seq=1)
+
+
+def create_from_messages(database: Database, *, user_id: int, type_: SessionType, model_name: str,
+                         messages: list[dict[str, str]], params: dict[str, Any], policy: scheduler.LeasePolicy,
+                         adapter: Any | None = None) -> tuple[Any, Any]:
+    """Start a session from a whole chat (the OpenAI way) and queue the reply to its last user message.
+
+    Earlier user and assistant messages become completed interactions without a task, so the session
+    reads as the chat it was; system messages are in the task's `input.messages` only, which is the
+    whole list. Returns the session and task rows.
+    """
+    *earlier, last = messages
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    with database.transaction() as conn:
+        session = _insert_session(conn, user_id=user_id, name=_first_line(first_user) or "chat",
+                                  mode=Mode.CREATE, type_=type_, model_name=model_name)
+        now = utcnow()
+        for past in earlier:
+            if past["role"] not in (Creator.USER, Creator.ASSISTANT):
+                continue
+            said = past["role"] == Creator.USER
+            conn.execute(_INSERT_INTERACTION, {
+                "session_id": session.id, "creator": Creator(past["role"]), "params": {},
+                "message": past["content"] if said else "", "output": "" if said else past["content"],
+                "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now})
+        [_, (_, task)] = _add_turn(conn, session, user_id, last["content"], params, scheduler.PRIORITY_NEW,
+                                   policy, history=earlier, adapter=adapter)
+        return session, task
 
 
 def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
@@ -175,9 +213,26 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached
         body["result"] = item.result
         body["task"] = {"id": task.id, "status": task.status.value, "attempt": task.attempt,
                         "max_attempts": task.max_attempts}
+        body["phase"] = phase(task, item)
         if task.status == TaskStatus.QUEUED:
             body["queue_position"] = scheduler.queue_position(db, task)
     return body
+
+
+def phase(task: Any, reply: Any) -> str:
+    """Where a reply is, in words for people: queued, loading, generating, training, or its end state.
+
+    `loading` covers a runner that claimed the task and is fetching files, loading an adapter or
+    encoding the prompt: nothing has come out yet.
+    """
+    if task.status == TaskStatus.QUEUED:
+        return "queued"
+    if task.status in (TaskStatus.CLAIMED, TaskStatus.RUNNING):
+        started = bool(reply.output) or bool(reply.progress)
+        if not started:
+            return "loading"
+        return "training" if task.mode == Mode.FINETUNE else "generating"
+    return reply.state.value
 
 
 def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] | None, *,

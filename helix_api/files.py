@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Any
 
+from flask import current_app, has_app_context
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .errors import FileNotFound, InvalidField
 from .models import File, Interaction, InteractionState, Mode, Session, utcnow
 from .storage import StoredBlob
+
+logger = logging.getLogger(__name__)
 
 _FILES = File.__table__
 _INSERT_FILE = insert(_FILES).returning(*_FILES.c)
@@ -46,12 +50,12 @@ def file_ref(row: Any) -> dict[str, Any]:
 
 
 def add(conn: DBSession | Connection, *, session_id: int, user_id: int, interaction_id: int | None,
-        kind: FileKind, name: str, blob: StoredBlob, content_type: str) -> Any:
-    """Record a stored blob as a file of a session."""
+        kind: FileKind, name: str, blob: StoredBlob, content_type: str, attempt: int | None = None) -> Any:
+    """Record a stored blob as a file of a session; `attempt` is the task attempt that made it."""
     return conn.execute(_INSERT_FILE, {
         "session_id": session_id, "user_id": user_id, "interaction_id": interaction_id, "kind": kind.value,
         "name": name, "path": blob.key, "size": blob.size, "sha256": blob.sha256,
-        "content_type": content_type, "created_at": utcnow()}).one()
+        "content_type": content_type, "attempt": attempt, "created_at": utcnow()}).one()
 
 
 def owned(db: DBSession, user_id: int, session_id: int, file_id: int) -> File:
@@ -101,6 +105,31 @@ def settle_result(conn: Connection, task: Any, result: dict[str, Any]) -> list[s
     if dropped:
         conn.execute(delete(_FILES).where(_FILES.c.id.in_([row.id for row in dropped])))
     return [row.path for row in dropped]
+
+
+def drop_earlier_attempts(conn: Connection, task: Any) -> list[str]:
+    """At a failing end, keep what the last attempt uploaded for the reply and drop older attempts' files.
+
+    Returns the store keys to delete once the transaction commits.
+    """
+    stale = list(conn.execute(select(_FILES.c.id, _FILES.c.path).where(
+        _FILES.c.interaction_id == task.interaction_id, _FILES.c.kind.in_([k.value for k in RUNNER_KINDS]),
+        _FILES.c.attempt.is_not(None), _FILES.c.attempt != task.attempt)))
+    if stale:
+        conn.execute(delete(_FILES).where(_FILES.c.id.in_([row.id for row in stale])))
+    return [row.path for row in stale]
+
+
+def discard(keys: list[str]) -> None:
+    """Delete dropped files' bytes after their rows are gone (the app's store; nothing outside an app)."""
+    if not keys:
+        return
+    if not has_app_context():
+        logger.warning("%d dropped file(s) left in the store: no app to delete them with", len(keys))
+        return
+    store = current_app.extensions["helix_store"]
+    for key in keys:
+        store.delete(key)
 
 
 def _named_files(ids: Any, where: str, uploaded: dict[int, Any], kind: FileKind) -> set[int]:

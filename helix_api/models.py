@@ -258,4 +258,22 @@ class File(Base):
     size: Mapped[int]
     sha256: Mapped[str] = mapped_column(String(64))
     content_type: Mapped[str] = mapped_column(String(100))
+    # The task attempt that uploaded it (runner files only): a failed task keeps its last attempt's.
+    attempt: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Runner(Base):
+    """A runner the API has heard from: what it serves and when it last polled or reported."""
+
+    __tablename__ = "runners"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The runner's name (X-Helix-Runner, else its token's name): one row per name.
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    runner_token_id: Mapped[int | None] = mapped_column(ForeignKey("runner_tokens.id", ondelete="SET NULL"))
+    mode: Mapped[Mode] = mapped_column(_enum(Mode))
+    type: Mapped[SessionType] = mapped_column(_enum(SessionType))
+    model_name: Mapped[str] = mapped_column(String(500))
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -306,7 +306,7 @@ def add_file(database: Database, task_id: int, token: str, *, kind: files.FileKi
         task = _held_task(conn, database, task_id, token, utcnow())
         return files.add(conn, session_id=task.session_id, user_id=task.user_id,
                          interaction_id=task.interaction_id, kind=kind, name=name, blob=blob,
-                         content_type=content_type)
+                         content_type=content_type, attempt=task.attempt)
 
 
 def complete(database: Database, task_id: int, token: str, result: dict[str, Any],
@@ -343,13 +343,15 @@ def fail(database: Database, task_id: int, token: str, error: str, retry: bool) 
             return task.status  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
         error = error[-MAX_ERROR_CHARS:]
+        dropped: list[str] = []
         if retry and task.attempt < task.max_attempts:
             status = _requeue(conn, task, now, f"attempt {task.attempt} failed: {error}")
         elif retry:
             status = _finish_error(conn, task, now, TaskStatus.DEAD,
-                                   f"gave up after {task.attempt} attempts; last error: {error}")
+                                   f"gave up after {task.attempt} attempts; last error: {error}", dropped)
         else:
-            status = _finish_error(conn, task, now, TaskStatus.FAILED, error)
+            status = _finish_error(conn, task, now, TaskStatus.FAILED, error, dropped)
+    files.discard(dropped)
     logger.info("task %s: runner reported failure (retry=%s) -> %s", task_id, retry, status.value)
     return status
 
@@ -387,7 +389,11 @@ def _requeue(conn: Connection, task: Any, now: datetime, reason: str, give_back:
     return TaskStatus.QUEUED
 
 
-def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus, error: str) -> TaskStatus:
+def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus, error: str,
+                  dropped: list[str]) -> TaskStatus:
+    # The reply keeps what its last attempt uploaded (partial outputs help explain the error); the
+    # store keys of older attempts' files go to `dropped`, deleted once this commits.
+    dropped.extend(files.drop_earlier_attempts(conn, task))
     _update_task(conn, task, status=status, error=error, finished_at=now, lease_expires_at=None)
     _update_reply(conn, task, state=InteractionState.ERROR, error=error, finished_at=now)
     events.state_event(conn, task, InteractionState.ERROR.value, error=error, task_status=status.value)
@@ -401,6 +407,7 @@ def reap(database: Database, now: datetime | None = None) -> int:
         expired = conn.execute(select(_TASKS.c.id, _TASKS.c.lease_token).where(
             _TASKS.c.status.in_(_ACTIVE), _TASKS.c.lease_expires_at < now).limit(500)).all()
     reaped = 0
+    dropped: list[str] = []
     for task_id, token in expired:
         with database.transaction() as conn:
             stmt = select(*_TASKS.c).where(_TASKS.c.id == task_id, _TASKS.c.lease_token == token,
@@ -413,11 +420,12 @@ def reap(database: Database, now: datetime | None = None) -> int:
             reason = (f"lease expired: runner {task.runner} stopped heartbeating during attempt "
                       f"{task.attempt} of {task.max_attempts}")
             if task.attempt >= task.max_attempts:
-                _finish_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up")
+                _finish_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up", dropped)
             else:
                 _requeue(conn, task, now, reason)
             reaped += 1
             logger.warning("task %s: %s", task_id, reason)
+    files.discard(dropped)
     return reaped
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, send_file
 
-from . import files, scheduler
+from . import files, runners, scheduler
 from .auth import require_runner
 from .db import get_db
 from .errors import InvalidField
@@ -31,6 +31,11 @@ def _lease_token(body: dict[str, Any]) -> str:
     return field(body, "lease_token", str)
 
 
+def _runner_name() -> str:
+    """The runner's own name (a host may run several under one token), else its token's name."""
+    return (request.headers.get("X-Helix-Runner") or g.caller.name)[:200]
+
+
 @bp.get("/task")
 @require_runner
 def claim():
@@ -42,7 +47,8 @@ def claim():
     if not model_name:
         raise InvalidField("Query parameter 'model_name' is required.", field="model_name")
     wait = query_number("wait", 0.0, 0.0, settings["MAX_WAIT_SECONDS"])
-    runner = (request.headers.get("X-Helix-Runner") or g.caller.name)[:200]
+    runner = _runner_name()
+    runners.seen(get_db(), runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
     sock = request.environ.get("gunicorn.socket")  # absent under test clients: nobody can hang up there
     claimed = scheduler.claim_waiting(
         get_db(), scheduler.QueueFilter(mode, type_, model_name), wait=wait,
@@ -69,6 +75,7 @@ def hung_up(sock: socket.socket) -> bool:
 def heartbeat(task_id: int):
     """Renew the lease; tells the runner if the task was cancelled."""
     body = json_body({"lease_token"})
+    runners.touched(get_db(), _runner_name())
     expires = scheduler.heartbeat(get_db(), task_id, _lease_token(body), _policy())
     return {"cancelled": expires is None, "lease_expires_at": expires.isoformat() if expires else None}
 

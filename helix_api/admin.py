@@ -1,0 +1,21 @@
+"""Admin API: what the operators' page shows, as JSON."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from . import overview
+from .auth import require_admin
+from .db import get_db
+from .validation import query_number
+
+bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
+
+
+@bp.get("/overview")
+@require_admin
+def show_overview():
+    """Runners seen (what each serves, last heard from, tasks held), queue depth per model, recent failures."""
+    limit = int(query_number("failures", 20, 1, 200))
+    with get_db().reading() as conn:
+        return overview.overview(conn, failures=limit)
