@@ -23,24 +23,25 @@ WRITE_EVERY_SECONDS = 5.0
 ALIVE_SECONDS = 60.0
 
 _RUNNERS = Runner.__table__
-_last_write: dict[str, tuple[float, tuple[Any, ...]]] = {}
 _lock = threading.Lock()
 
 
-def _due(name: str, what: tuple[Any, ...]) -> bool:
+def _due(database: Database, name: str, what: tuple[Any, ...]) -> bool:
+    """Whether this process should write runner `name`'s row now (kept per database: tests have many)."""
     now = time.monotonic()
     with _lock:
-        last = _last_write.get(name)
+        writes: dict[str, tuple[float, tuple[Any, ...]]] = database.__dict__.setdefault("runner_writes", {})
+        last = writes.get(name)
         if last is not None and last[1] == what and now - last[0] < WRITE_EVERY_SECONDS:
             return False
-        _last_write[name] = (now, what)
+        writes[name] = (now, what)
         return True
 
 
 def seen(database: Database, name: str, *, runner_token_id: int | None, mode: Any, type_: Any,
          model_name: str) -> None:
     """Record that runner `name` asked for work of (mode, type, model); a few writes a minute at most."""
-    if not _due(name, (mode, type_, model_name)):
+    if not _due(database, name, (mode, type_, model_name)):
         return
     now = utcnow()
     values = {"runner_token_id": runner_token_id, "mode": mode, "type": type_, "model_name": model_name,
@@ -58,7 +59,7 @@ def seen(database: Database, name: str, *, runner_token_id: int | None, mode: An
 
 def touched(database: Database, name: str) -> None:
     """Record that runner `name` reported on a task it holds (a heartbeat or events)."""
-    if not _due(name, ("touch",)):
+    if not _due(database, name, ("touch",)):
         return
     try:
         with database.transaction() as conn:

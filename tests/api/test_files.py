@@ -119,3 +119,47 @@ def test_a_runner_downloads_only_with_a_live_lease(client, user, runner):
     assert got.headers["X-Helix-SHA256"] == ref["sha256"]
     assert client.get(url, headers=runner).status_code == 400
     assert client.get(url, headers={**runner, "X-Helix-Lease": "l_wrong"}).status_code == 409
+
+
+def _fail(client, runner, task_id, token, retry):
+    return client.post(f"/api/v1/worker/task/{task_id}/fail", headers=runner,
+                       json={"lease_token": token, "error": "out of memory", "retry": retry})
+
+
+def test_a_failed_task_keeps_its_last_attempts_files_on_the_error_reply(client, user, runner, settings):
+    session, task, token = _image_task(client, user, runner)
+    first = _upload(client, runner, task["id"], token, name="attempt1.png").json["file"]
+    assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert [f["id"] for f in reply["files"]] == [first["id"]]  # kept until the task ends one way or another
+
+    again = claim(client, runner, model=IMAGE_MODEL, type="image").json
+    token2 = again["lease"]["token"]
+    second = _upload(client, runner, task["id"], token2, data=PNG + b"2", name="attempt2.png").json["file"]
+    assert _fail(client, runner, task["id"], token2, retry=False).json["status"] == "failed"
+
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "error" and "out of memory" in reply["error"]
+    assert [f["id"] for f in reply["files"]] == [second["id"]]
+    assert client.get(reply["files"][0]["url"], headers=user).data == PNG + b"2"
+    assert len(_files_on_disk(settings)) == 1  # the first attempt's bytes are gone too
+
+
+def test_a_task_that_dies_keeps_its_last_attempts_files(client, user, runner, db):
+    from helix_api import scheduler
+    from helix_api.models import Task, utcnow
+
+    session, task, token = _image_task(client, user, runner)
+    _upload(client, runner, task["id"], token, name="attempt1.png")
+    with db.write() as s:
+        s.get(Task, task["id"]).max_attempts = 2
+    assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
+    token2 = claim(client, runner, model=IMAGE_MODEL, type="image").json["lease"]["token"]
+    second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
+    with db.write() as s:  # the runner dies: its lease runs out
+        s.get(Task, task["id"]).lease_expires_at = utcnow()
+    assert scheduler.reap(db) == 1
+
+    reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
+    assert reply["state"] == "error" and reply["task"]["status"] == "dead"
+    assert [f["id"] for f in reply["files"]] == [second["id"]]

@@ -92,6 +92,25 @@ def test_queue_position_counts_work_ahead(client, user, task_factory):
     assert positions == [1, 2, 3]
 
 
+
+def test_a_reply_says_its_phase_from_queued_to_generating_to_complete(client, user, runner, task_factory):
+    session = task_factory()
+
+    def phase() -> str:
+        return client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]["phase"]
+
+    assert phase() == "queued"
+    claimed = claim(client, runner).json
+    task_id, token = claimed["task"]["id"], claimed["lease"]["token"]
+    assert phase() == "loading"  # claimed, nothing out yet
+    client.post(f"/api/v1/worker/task/{task_id}/events", headers=runner,
+                json={"lease_token": token, "events": [{"seq": 1, "kind": "token", "text": "Hi"}]})
+    assert phase() == "generating"
+    client.post(f"/api/v1/worker/task/{task_id}/complete", headers=runner,
+                json={"lease_token": token, "result": {"text": "Hi"}})
+    assert phase() == "complete"
+
+
 def test_list_is_newest_first_and_paginated(client, user, make_user, task_factory):
     ids = [task_factory(message=f"m{i}")["id"] for i in range(5)]
     task_factory(headers=make_user("bob"), message="not alice's")
