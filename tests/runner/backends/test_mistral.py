@@ -284,6 +284,52 @@ def test_least_recently_used_adapter_is_evicted(make_text_backend, adapters):
     assert backend.adapters.loads == 3
 
 
+
+def test_requests_with_different_adapters_run_one_batch_after_another(make_text_backend, adapters, monkeypatch):
+    from runner.adapters import adapter_key
+    from runner.backends.text_generation import TextGenerator
+
+    backend = make_text_backend(max_parallel=4)
+    engine = TextGenerator(backend.model, backend.tokenizer, device="cpu", max_batch=4, adapters=backend.adapters)
+    order = [None, 1, None, 1, 2]
+
+    def request(index: int | None) -> GenerationRequest:
+        req = GenerationRequest(prompt_ids=backend.prompt_ids([{"role": "user", "content": "who are you?"}]),
+                                params=SamplingParams.from_params({"max_new_tokens": 12}))
+        if index is not None:
+            req.adapter = adapter_key(adapter_ref(index))
+            req.adapter_path = str(adapters.dirs[index])
+        return req
+
+    alone = []
+    for index in order:
+        alone.append(request(index))
+        engine.run_batch([alone[-1]])
+    batches: list[list[str | None]] = []
+    real_run_batch = engine.run_batch
+
+    def spy(requests, admit=False):
+        members = list(requests)
+        batches.append(members)
+        real_run_batch(members, admit=admit)
+
+    monkeypatch.setattr(engine, "run_batch", spy)
+    together = [request(index) for index in order]
+    for req in together:
+        engine._queue.put(req)  # all waiting before the engine starts gathering
+    engine._start_engine()
+    for req in together:
+        assert req.done.wait(60) and req.error is None
+    engine.close()
+
+    # Each batch ran with one adapter; the rows of the first adapter's batch came first, then the others'.
+    adapters_per_batch = [{r.adapter for r in batch} for batch in batches]
+    assert all(len(kinds) == 1 for kinds in adapters_per_batch)
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert len({r.text for r in together}) == 3  # base, adapter 1 and adapter 2 each answer differently
+
+
 # Fine-tune mode.
 
 
