@@ -60,3 +60,27 @@ def test_the_dockerfile_pins_the_torch_of_constraints_and_starts_the_entrypoint(
     assert 'pip install -c constraints.txt ".[image]"' in dockerfile
     assert "containers/sdxl/entrypoint.sh" in dockerfile and "ENTRYPOINT" in dockerfile
     assert os.access(ENTRYPOINT, os.X_OK)
+
+
+def test_sd_scripts_is_only_an_optional_build_argument(tmp_path):
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r'^ARG SD_SCRIPTS_REF=""$', dockerfile, re.MULTILINE)
+    steps = re.findall(r"^RUN (.*?)(?<!\\)$", dockerfile, re.MULTILINE | re.DOTALL)
+    optional = [step for step in steps if "sd-scripts" in step]
+    assert len(optional) == 1 and optional[0].startswith('if [ -n "${SD_SCRIPTS_REF}" ]')
+    assert "sd-scripts" not in (REPO / "containers" / "sdxl" / "entrypoint.sh").read_text()
+
+    # The build step itself, run with the default (empty) argument: it must not fetch anything.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("git", "python3"):
+        stub = bin_dir / tool
+        stub.write_text(f"#!/bin/sh\necho {tool} was called >> {tmp_path}/calls\nexit 1\n")
+        stub.chmod(0o755)
+    script = optional[0]  # the shell joins the continued lines itself
+    for ref, expect_calls in (("", False), ("v0.9.1", True)):
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SD_SCRIPTS_REF": ref, "TORCH_VERSION": "2.13.0",
+               "TORCH_INDEX_URL": "http://127.0.0.1:9"}
+        done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+        assert (done.returncode != 0) == expect_calls, done.stderr
+        assert (tmp_path / "calls").exists() == expect_calls
