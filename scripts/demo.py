@@ -88,6 +88,24 @@ def _runner(kind: str, backend: str, model: str, base: str, token: str, env: dic
                             env={**env, "HELIX_RUNNER_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
+    """The same chat through the official OpenAI client, streamed."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key=key)
+    question = "Say hello through the OpenAI client."
+    print(f"\n[you, via the openai package] {question}\n[{Path(model).name}] ", end="", flush=True)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_new_tokens, seed=0,
+        stream=True, stream_options={"include_usage": True})
+    usage = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        usage = chunk.usage or usage
+    print(f"\n    (usage {usage.model_dump() if usage else None})")
+
+
 @click.command()
 @click.option("--model", default=None, metavar="ID_OR_PATH",
               help="Text model to serve (hub id or path). [default: a tiny Mistral built offline]")
@@ -117,7 +135,8 @@ def main(model: str | None, image_model: str | None, max_new_tokens: int) -> Non
                                   stderr=subprocess.STDOUT)]
     try:
         _wait_healthy(base, processes[0])
-        key = _helix("users", "create", f"demo-{int(time.time())}", env=env)
+        # An admin, so the web app's admin page opens for the demo user too.
+        key = _helix("users", "create", f"demo-{int(time.time())}", "--admin", env=env)
         token = _helix("runner-token", "create", "--name", "demo", env=env)
         headers = {"Authorization": f"Bearer {key}"}
         print(f"==> API at {base}; runners: text on {model}, image on {image_model} (logs in {data})")
@@ -151,9 +170,13 @@ def main(model: str | None, image_model: str | None, max_new_tokens: int) -> Non
             raise click.ClickException(f"the image ended {image['state']}: {image['error']}")
         url = base + image["files"][0]["url"]
         print(f"==> the PNG: {url}")
+        _openai_tour(base, key, model, max_new_tokens)
         print(f"""
 ==> The API runs at {base}. Your demo API key:
 {key}
+
+In a browser: {base}/ (sign in with the key; the admin page is {base}/admin).
+From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}").
 
 Try it:
   curl -s -H 'Authorization: Bearer {key}' {base}/api/v1/sessions

@@ -24,6 +24,9 @@ def test_demo_runs_on_embedded_defaults(tmp_path):
     assert out.count("[you] ") == 3 and out.count("(length; usage") == 2, out
     assert "'completion_tokens': 12" in out
     assert "step 4/4" in out and "==> the PNG: http://127.0.0.1:" in out
+    # The same model through the official OpenAI client, streamed, with usage at the end.
+    assert "[you, via the openai package]" in out and "'completion_tokens': 12" in out.split("openai package]")[1]
+    assert 'OpenAI(base_url="http://127.0.0.1:' in out and "/admin" in out
     key = out.split("Your demo API key:\n", 1)[1].splitlines()[0]
     assert key.startswith("hx_") and f"Bearer {key}" in out
     assert (tmp_path / "helix.db").exists()
