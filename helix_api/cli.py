@@ -137,6 +137,43 @@ def users_create(name: str, admin: bool) -> None:
     click.echo(key)
 
 
+@users.command("new-key")
+@click.argument("name")
+def users_new_key(name: str) -> None:
+    """Give user NAME another API key; prints it (shown once) as the last line."""
+    from sqlalchemy import select
+
+    from .auth import create_api_key
+    from .models import User
+
+    database = _database()
+    with database.write() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise click.ClickException(f"no user called {name!r}")
+        key = create_api_key(session, user)
+    click.echo(f"new API key for {name} (prefix {key[:10]}):", err=True)
+    click.echo(key)
+
+
+@users.command("revoke-key")
+@click.argument("prefix")
+def users_revoke_key(prefix: str) -> None:
+    """Revoke the API key starting with PREFIX (its first 10 characters): API calls and browsers signed in
+    with it are refused within seconds."""
+    from sqlalchemy import update
+
+    from .models import ApiKey, utcnow
+
+    database = _database()
+    with database.write() as session:
+        done = session.execute(update(ApiKey).where(ApiKey.prefix == prefix[:10], ApiKey.revoked_at.is_(None))
+                               .values(revoked_at=utcnow())).rowcount
+    if not done:
+        raise click.ClickException(f"no live API key starts with {prefix[:10]!r}")
+    click.echo(f"revoked {done} API key(s) starting with {prefix[:10]}")
+
+
 @main.group("runner-token")
 def runner_token() -> None:
     """Credentials for runners."""
