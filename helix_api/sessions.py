@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request, send_file, stream_with_context
 from sqlalchemy import select
@@ -43,12 +44,6 @@ def _message(body: dict) -> str:
     return message
 
 
-def _show(session_id: int, status: int = 200):
-    with get_db().read() as db:
-        session = conversations.owned(db, g.caller.id, session_id, load=True)
-        return conversations.session_json(db, session), status
-
-
 @bp.post("")
 @require_user
 def create_session():
@@ -61,18 +56,14 @@ def create_session():
     if mode == Mode.FINETUNE:
         raise InvalidField("A fine-tune needs training files: send multipart/form-data with the files in "
                            "'files' and mode, type, model_name and params as form fields.", field="mode")
-    model = _catalog().get(field(body, "model_name", str), type_.value)
-    params = check_params(_params(body), mode, type_, _limits())
-    return conversations.create(
-        get_db(), user_id=g.caller.id, mode=mode, type_=type_, model_name=model.name,
-        message=_message(body), params=params, name=field(body, "name", str, required=False),
-        policy=_policy()), 201
+    return start(user_id=g.caller.id, mode=mode, type_=type_, model_name=field(body, "model_name", str),
+                 params=_params(body), message=body.get("message"),
+                 name=field(body, "name", str, required=False)), 201
 
 
 def _create_finetune():
-    settings = current_app.config
     # Training data is far bigger than a JSON body: this request gets the upload limit.
-    request.max_content_length = settings["MAX_UPLOAD_BYTES"]
+    request.max_content_length = current_app.config["MAX_UPLOAD_BYTES"]
     allowed = {"mode", "type", "model_name", "message", "params", "name"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"files"})
     if unknown:
@@ -83,18 +74,51 @@ def _create_finetune():
     if mode != Mode.FINETUNE:
         raise InvalidField("Multipart uploads start fine-tunes: set mode=finetune, or send JSON for a chat.",
                            field="mode")
-    type_ = parse_type(form.get("type", "text"))
-    if not form.get("model_name"):
-        raise InvalidField("Field 'model_name' is required.", field="model_name")
-    model = _catalog().get(form["model_name"], type_.value)
     try:
         params = json.loads(form.get("params") or "{}")
     except ValueError as exc:
         raise InvalidField(f"Field 'params' must be a JSON object: {exc}", field="params") from None
     if not isinstance(params, dict):
         raise InvalidField("Field 'params' must be a JSON object.", field="params")
-    check_params(params, mode, type_, _limits())
-    uploads = request.files.getlist("files")
+    return start_finetune(user_id=g.caller.id, type_name=form.get("type", "text"),
+                          model_name=form.get("model_name", ""), params=params,
+                          uploads=request.files.getlist("files"), message=form.get("message") or None,
+                          name=form.get("name") or None), 201
+
+
+# What the JSON API and the web app both do with what a user sent: the checks and the work are one.
+
+
+def start(*, user_id: int, mode: Mode, type_: SessionType, model_name: str, params: dict, message: Any,
+          name: str | None = None) -> dict:
+    """Check a new session's model, params and first message, and queue its reply; the session's JSON."""
+    model = _catalog().get(model_name, type_.value)
+    params = check_params(params, mode, type_, _limits())
+    return conversations.create(
+        get_db(), user_id=user_id, mode=mode, type_=type_, model_name=model.name,
+        message=_message({"message": message}), params=params, name=name, policy=_policy())
+
+
+def say(*, user_id: int, session_id: int, message: Any, params: dict) -> None:
+    """Continue a session with a message (params checked against the session's kind of task)."""
+    conversations.add_message(get_db(), user_id=user_id, session_id=session_id,
+                              message=_message({"message": message}), params=params, policy=_policy(),
+                              limits=_limits())
+
+
+def start_finetune(*, user_id: int, type_name: str, model_name: str, params: dict, uploads: list[Any],
+                   message: str | None = None, name: str | None = None) -> dict:
+    """Check a fine-tune's model, params and training files, store them and queue its training.
+
+    The request must already allow uploads (`request.max_content_length`). Nothing is stored when a
+    check fails; an InvalidTrainingData names each bad file and line.
+    """
+    settings = current_app.config
+    type_ = parse_type(type_name)
+    if not model_name:
+        raise InvalidField("Field 'model_name' is required.", field="model_name")
+    model = _catalog().get(model_name, type_.value)
+    check_params(params, Mode.FINETUNE, type_, _limits())
     if type_ == SessionType.TEXT:
         data = training_data.check_text(uploads, settings["MIN_TEXT_EXAMPLES"])
     else:
@@ -102,9 +126,50 @@ def _create_finetune():
                                           max_bytes=settings["MAX_TRAINING_IMAGE_BYTES"],
                                           max_side=settings["MAX_TRAINING_IMAGE_SIDE"])
     return conversations.create_finetune(
-        get_db(), get_store(), user_id=g.caller.id, type_=type_, model_name=model.name,
-        message=form.get("message") or None, params=params, name=form.get("name") or None, data=data,
-        uploads=uploads, policy=_policy(), max_file_bytes=settings["MAX_FILE_BYTES"]), 201
+        get_db(), get_store(), user_id=user_id, type_=type_, model_name=model.name, message=message,
+        params=params, name=name, data=data, uploads=uploads, policy=_policy(),
+        max_file_bytes=settings["MAX_FILE_BYTES"])
+
+
+def cancel_reply(user_id: int, session_id: int) -> None:
+    """Cancel the queued or running reply of one of the user's sessions."""
+    database = get_db()
+    with database.read() as db:
+        conversations.owned(db, user_id, session_id)
+    scheduler.cancel(database, session_id)
+
+
+def shown(user_id: int, session_id: int) -> dict:
+    """One of the user's sessions as JSON, with its interactions, progress and place in the queue."""
+    with get_db().read() as db:
+        session = conversations.owned(db, user_id, session_id, load=True)
+        return conversations.session_json(db, session)
+
+
+def event_stream(user_id: int, session_id: int) -> Response:
+    """The session's events as Server-Sent Events: after Last-Event-ID (or `?after=`), then live."""
+    database = get_db()
+    with database.read() as db:
+        conversations.owned(db, user_id, session_id)
+    raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+    if not raw_after.isdigit():
+        raise InvalidField(f"Last-Event-ID must be an event id (a whole number), not {raw_after!r}.",
+                           field="Last-Event-ID")
+    follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
+    settings = current_app.config
+    body = events.stream(database, session_id, int(raw_after), follow=follow,
+                         keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
+    return Response(stream_with_context(body), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def file_bytes(user_id: int, session_id: int, file_id: int) -> Response:
+    """A file's bytes for its owner: images inline (a browser shows them), the rest as downloads."""
+    with get_db().read() as db:
+        row = files.owned(db, user_id, session_id, file_id)
+    inline = row.content_type.startswith("image/")
+    return send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
+                     as_attachment=not inline, max_age=0)
 
 
 @bp.get("")
@@ -123,7 +188,7 @@ def list_sessions():
 @require_user
 def get_session(session_id: int):
     """One session with its interactions, progress and place in the queue."""
-    return _show(session_id)
+    return shown(g.caller.id, session_id)
 
 
 @bp.post("/<int:session_id>/messages")
@@ -131,39 +196,23 @@ def get_session(session_id: int):
 def add_message(session_id: int):
     """Continue a session."""
     body = json_body({"message", "params"})
-    conversations.add_message(get_db(), user_id=g.caller.id, session_id=session_id,
-                              message=_message(body), params=_params(body), policy=_policy(), limits=_limits())
-    return _show(session_id, 201)
+    say(user_id=g.caller.id, session_id=session_id, message=body.get("message"), params=_params(body))
+    return shown(g.caller.id, session_id), 201
 
 
 @bp.post("/<int:session_id>/cancel")
 @require_user
 def cancel(session_id: int):
     """Cancel the queued or running reply."""
-    database = get_db()
-    with database.read() as db:
-        conversations.owned(db, g.caller.id, session_id)
-    scheduler.cancel(database, session_id)
-    return _show(session_id)
+    cancel_reply(g.caller.id, session_id)
+    return shown(g.caller.id, session_id)
 
 
 @bp.get("/<int:session_id>/events")
 @require_user
 def session_events(session_id: int):
     """Server-Sent Events: everything after Last-Event-ID (or `?after=`), then live events."""
-    database = get_db()
-    with database.read() as db:
-        conversations.owned(db, g.caller.id, session_id)
-    raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    if not raw_after.isdigit():
-        raise InvalidField(f"Last-Event-ID must be an event id (a whole number), not {raw_after!r}.",
-                           field="Last-Event-ID")
-    follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
-    settings = current_app.config
-    body = events.stream(database, session_id, int(raw_after), follow=follow,
-                         keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
-    return Response(stream_with_context(body), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return event_stream(g.caller.id, session_id)
 
 
 @bp.get("/<int:session_id>/files")
@@ -180,8 +229,4 @@ def list_files(session_id: int):
 @require_user
 def download_file(session_id: int, file_id: int):
     """A file's bytes, for its owner only."""
-    with get_db().read() as db:
-        row = files.owned(db, g.caller.id, session_id, file_id)
-    inline = row.content_type.startswith("image/")  # images show in a browser; the rest download
-    return send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
-                     as_attachment=not inline, max_age=0)
+    return file_bytes(g.caller.id, session_id, file_id)

@@ -1,0 +1,65 @@
+"""The web app: server-rendered pages for people, on the same functions the JSON API calls.
+
+A browser signs in with an API key and is then known by a signed cookie. Only this blueprint reads
+that cookie, and every POST it takes carries a CSRF token; nothing under /api/v1 accepts cookies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, render_template, request
+from flask_wtf.csrf import CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from ..errors import HelixError
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static",
+               static_url_path="/assets")
+# Bound by the app factory with WTF_CSRF_CHECK_DEFAULT off: only this blueprint's forms are checked,
+# so bearer-token clients of the JSON API never need a token.
+csrf = CSRFProtect()
+
+# Forms that take files get the upload limit before anything reads the body (the CSRF check does).
+UPLOAD_ENDPOINTS = {"web.new_finetune"}
+
+
+@bp.before_request
+def _check_form() -> None:
+    if request.endpoint in UPLOAD_ENDPOINTS:
+        request.max_content_length = current_app.config["MAX_UPLOAD_BYTES"]
+    if request.method == "POST":
+        csrf.protect()  # a missing or wrong token is a CSRFError: a 400 page
+
+
+def error_page(status: int, title: str, message: str):
+    """An HTML error page with `status`."""
+    return render_template("web/error.html", status=status, title=title, message=message), status
+
+
+@bp.errorhandler(HelixError)
+def _helix_error(err: HelixError):
+    if err.status_code >= 500:
+        logger.error("%s: %s", err.code, err.message)
+    titles = {401: "Please sign in", 403: "Not allowed", 404: "Not found"}
+    return error_page(err.status_code, titles.get(err.status_code, "Something is wrong"), err.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(err: HTTPException):
+    status = err.code or 500
+    message = err.description or err.name
+    if status == 413:
+        message = f"The upload is over the limit of {request.max_content_length} bytes."
+    return error_page(status, err.name, message)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(err: Exception):
+    logger.exception("unhandled error in the web app")
+    return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
+
+
+from . import signin, views  # noqa: E402,F401  (they add their routes to `bp`)

@@ -1,0 +1,48 @@
+"""Reading the web app's forms: typed params out of text fields, and errors keyed by the field at fault.
+
+The checks that matter (ranges, models, training data) are the API's own; this only turns a form's
+strings into the values the API takes, so a typo shows next to its field like any other error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import HelixError, InvalidField
+
+# Param fields each form offers, with their types; an empty field is left out (the default applies).
+CHAT_PARAMS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}
+IMAGE_PARAMS: dict[str, type] = {"width": int, "height": int, "num_inference_steps": int, "num_images": int,
+                                 "guidance_scale": float, "seed": int, "negative_prompt": str}
+FINETUNE_PARAMS: dict[str, type] = {"max_steps": int, "learning_rate": float, "lora_r": int, "seed": int}
+
+_WORDS = {int: "a whole number", float: "a number"}
+
+
+def params_from(form: Mapping[str, str], fields: Mapping[str, type]) -> dict[str, Any]:
+    """The filled-in param fields of `form` as typed values; InvalidField on `params.NAME` for a bad one."""
+    params: dict[str, Any] = {}
+    for name, kind in fields.items():
+        raw = (form.get(name) or "").strip()
+        if not raw:
+            continue
+        if kind is str:
+            params[name] = raw
+            continue
+        try:
+            params[name] = kind(raw)
+        except ValueError:
+            raise InvalidField(f"{name.replace('_', ' ').capitalize()} must be {_WORDS[kind]}, not {raw!r}.",
+                               field=f"params.{name}") from None
+    return params
+
+
+def field_errors(err: HelixError, shown: set[str]) -> dict[str, Any]:
+    """Errors for a form: the message under its field's name if the form `shown` has it (else under
+    `form`, shown at the top), and any training-data problems under `problems`."""
+    errors: dict[str, Any] = {err.field if err.field in shown else "form": err.message}
+    problems = err.extra.get("problems")
+    if problems:
+        errors["problems"] = problems
+    return errors

@@ -1,0 +1,123 @@
+"""Signing in with an API key: the browser's signed cookie names the user and the key, re-checked per request.
+
+No password is stored anywhere: a person signs in with a key from `helix users create NAME`. The
+cookie (Flask's signed session: HttpOnly, SameSite=Lax, Secure with HELIX_COOKIE_SECURE) holds the
+user id and the key's id, never the key; revoking the key signs out every browser that used it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from flask import flash, g, redirect, render_template, request, session, url_for
+from sqlalchemy import select
+
+from ..auth import RUNNER_TOKEN_PREFIX, Caller, hash_secret
+from ..db import get_db
+from ..errors import Unauthorized
+from ..models import ApiKey, User
+from . import bp
+
+logger = logging.getLogger(__name__)
+
+_USER, _KEY = "user_id", "key_id"
+
+
+def _caller(user_id: int, key_id: int) -> Caller | None:
+    """The user, if the key they signed in with is still theirs and not revoked."""
+    # One primary-key lookup per request, uncached, so a revoked key signs its browsers out at once.
+    with get_db().read() as db:
+        row = db.execute(select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
+                         .where(ApiKey.id == key_id, User.id == user_id, ApiKey.revoked_at.is_(None))).first()
+    return Caller("user", row.id, row.name, bool(row.is_admin)) if row is not None else None
+
+
+@bp.before_request
+def load_caller() -> None:
+    """Put the signed-in user in `g.caller` (None when signed out); forget a browser whose key was revoked."""
+    g.caller = None
+    user_id, key_id = session.get(_USER), session.get(_KEY)
+    if not isinstance(user_id, int) or not isinstance(key_id, int):
+        return
+    g.caller = _caller(user_id, key_id)
+    if g.caller is None:
+        logger.info("user %s: key %s is revoked or gone, signing the browser out", user_id, key_id)
+        session.clear()
+
+
+def _here() -> str:
+    return request.full_path.rstrip("?")
+
+
+def safe_next(target: str | None) -> str:
+    """`target` if it is a path on this site, else the session list: sign-in never sends anyone elsewhere."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
+    return url_for("web.session_list")
+
+
+def signed_in(view: Callable) -> Callable:
+    """Decorate a page: a signed-out visitor is sent to sign in, and back here afterwards."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if g.caller is None:
+            return redirect(url_for("web.signin", next=_here()))
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def signed_in_feed(view: Callable) -> Callable:
+    """Decorate what a page's script fetches (events, state, files): 401 when signed out, no redirect."""
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        if g.caller is None:
+            raise Unauthorized("Sign in again: this browser is signed out.")
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def _key_owner(secret: str) -> tuple[int, int] | None:
+    """(user id, key id) of a live API key."""
+    with get_db().read() as db:
+        row = db.execute(select(ApiKey.user_id, ApiKey.id).where(
+            ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))).first()
+    return (row.user_id, row.id) if row is not None else None
+
+
+@bp.route("/signin", methods=["GET", "POST"])
+def signin():
+    """Sign in with an API key."""
+    target = safe_next(request.values.get("next"))
+    if request.method == "GET":
+        if g.caller is not None:
+            return redirect(target)
+        return render_template("web/signin.html", next=target, errors={})
+    secret = request.form.get("api_key", "").strip()
+    found = _key_owner(secret) if secret else None
+    if found is None:
+        if not secret:
+            message = "Paste your API key (it starts with hx_)."
+        elif secret.startswith(RUNNER_TOKEN_PREFIX):
+            message = "That is a runner token: sign in with a user's API key (helix users create NAME)."
+        else:
+            message = "Unknown or revoked API key."
+        return render_template("web/signin.html", next=target, errors={"api_key": message}), 400
+    # A fresh cookie: nothing from before signing in (a CSRF token included) carries over.
+    session.clear()
+    session.permanent = True
+    session[_USER], session[_KEY] = found
+    logger.info("user %s signed in to the web app with key %s", *found)
+    return redirect(target)
+
+
+@bp.post("/signout")
+def signout():
+    """Sign out this browser."""
+    session.clear()
+    flash("Signed out.")
+    return redirect(url_for("web.signin"))

@@ -1,0 +1,166 @@
+// Helix web app: follows a session's open reply live. Plain JavaScript, no build step.
+//
+// The page marks the open reply with data-live-reply and data-after (the event id just before the
+// reply's first event). The script clears the reply and rebuilds it from the session's event stream,
+// so what it shows is the events' own text whatever moment the page was rendered at; EventSource
+// resumes with Last-Event-ID after a dropped connection.
+"use strict";
+
+(function () {
+  const POLL_MS = 1500;
+  const ENDED = ["complete", "error", "cancelled"];
+
+  function follow(page, reply) {
+    const interactionId = Number(reply.dataset.interactionId);
+    const training = page.dataset.mode === "finetune";
+    const label = reply.querySelector(".phase");
+    const output = reply.querySelector(".output");
+    const bar = reply.querySelector("progress");
+    const detail = reply.querySelector(".progress-detail");
+    const errorBox = reply.querySelector(".error");
+    let phase = label.dataset.phase;
+    let position = Number(label.dataset.queuePosition) || null;
+    let poller = null;
+
+    function show(next, queuePosition) {
+      phase = next;
+      if (queuePosition) position = queuePosition;
+      label.dataset.phase = next;
+      label.className = "phase phase-" + next;
+      label.textContent = next === "queued" && position ? `queued (${position} in line)` : next;
+      if (next === "queued" && !poller) {
+        poller = setInterval(pollQueue, POLL_MS);
+      } else if (next !== "queued" && poller) {
+        clearInterval(poller);
+        poller = null;
+      }
+    }
+
+    function clearPartial() {
+      output.textContent = "";
+      bar.hidden = true;
+      detail.textContent = "";
+    }
+
+    async function fetchState() {
+      const response = await fetch(page.dataset.stateUrl, {headers: {Accept: "application/json"}});
+      if (response.status === 401) {
+        location.reload(); // signed out: the page itself sends the browser to sign in
+        return null;
+      }
+      if (!response.ok) return null;
+      const session = await response.json();
+      return {session, item: session.interactions.find((i) => i.id === interactionId)};
+    }
+
+    async function pollQueue() {
+      const state = await fetchState();
+      if (state && state.item && phase === "queued" && state.item.phase === "queued") {
+        show("queued", state.item.queue_position);
+      }
+    }
+
+    function showFiles(files) {
+      let box = reply.querySelector(".files");
+      if (!files.length) return;
+      if (!box) {
+        box = document.createElement("div");
+        box.className = "files";
+        output.after(box);
+      }
+      box.textContent = "";
+      for (const file of files) {
+        const href = page.dataset.filesUrl + file.id;
+        const link = document.createElement("a");
+        link.href = href;
+        if (file.kind === "output" && file.content_type.startsWith("image/")) {
+          const img = document.createElement("img");
+          img.src = href;
+          img.alt = file.name;
+          img.dataset.fileId = file.id;
+          link.append(img);
+        } else {
+          link.className = "file";
+          link.textContent = file.name;
+        }
+        box.append(link, " ");
+      }
+    }
+
+    async function finish(data) {
+      source.close();
+      const cancel = reply.querySelector("form.cancel");
+      if (cancel) cancel.hidden = true;
+      const state = await fetchState();
+      if (state && state.item) {
+        output.textContent = state.item.output; // the reply as stored: the same text, now final
+        showFiles(state.item.files);
+      }
+      if (data.state === "error") {
+        errorBox.textContent = data.error || (state && state.item && state.item.error) || "";
+        errorBox.hidden = !errorBox.textContent;
+      }
+      reply.dataset.state = data.state;
+      show(data.state);
+      delete reply.dataset.liveReply;
+      // A finished fine-tune has switched the session to inference: it can be chatted with now.
+      const form = page.querySelector("form.continue");
+      if (form && state && state.session.mode === "create") form.hidden = false;
+    }
+
+    clearPartial();
+    const source = new EventSource(`${page.dataset.eventsUrl}?after=${reply.dataset.after}`);
+    const mine = (event) => {
+      const data = JSON.parse(event.data);
+      return data.interaction_id === interactionId ? data : null;
+    };
+
+    source.addEventListener("token", (event) => {
+      const data = mine(event);
+      if (!data) return;
+      output.append(data.text);
+      if (phase !== "generating") show("generating");
+    });
+
+    source.addEventListener("progress", (event) => {
+      const data = mine(event);
+      if (!data) return;
+      if (data.total) {
+        bar.max = data.total;
+        bar.value = data.step || 0;
+        bar.hidden = false;
+        let text = `step ${data.step} of ${data.total}`;
+        if (typeof data.loss === "number") text += ` · loss ${data.loss.toFixed(4)}`;
+        detail.textContent = text;
+      }
+      const working = training ? "training" : "generating";
+      if (phase !== working) show(working);
+    });
+
+    source.addEventListener("state", (event) => {
+      const data = mine(event);
+      if (!data) return;
+      if (data.state === "queued") {
+        clearPartial(); // a lost attempt: the next one streams the reply from its start
+        show("queued");
+        pollQueue();
+      } else if (data.state === "running") {
+        show("loading");
+      } else if (ENDED.includes(data.state)) {
+        finish(data);
+      }
+    });
+
+    source.onerror = () => {
+      // A 401 or 404 closes the stream for good (a network error retries on its own): show the page anew.
+      if (source.readyState === EventSource.CLOSED) setTimeout(() => location.reload(), 2000);
+    };
+    if (phase === "queued") show("queued");
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const page = document.querySelector("section.session");
+    const reply = page && page.querySelector("[data-live-reply]");
+    if (reply) follow(page, reply);
+  });
+})();

@@ -1,0 +1,188 @@
+"""The web app's pages: sessions, the forms that start and continue them, and what their script follows.
+
+Every form ends in the functions the JSON API calls (helix_api/sessions.py); a refused form is shown
+again with what was typed and the API's message next to the field at fault.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import current_app, flash, g, redirect, render_template, request, url_for
+from sqlalchemy import func, select
+
+from .. import conversations, overview, sessions
+from ..db import get_db
+from ..errors import Forbidden, HelixError, NotCancellable
+from ..models import Mode, SessionType, TaskEvent
+from . import bp
+from .forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
+from .signin import signed_in, signed_in_feed
+
+logger = logging.getLogger(__name__)
+
+OPEN_STATES = ("queued", "running")
+_NEW_FORMS = {
+    "chat": ("web/new_chat.html", SessionType.TEXT, CHAT_PARAMS),
+    "image": ("web/new_image.html", SessionType.IMAGE, IMAGE_PARAMS),
+}
+
+
+def _models(type_: str) -> list[str]:
+    return [m["name"] for m in current_app.extensions["helix_catalog"].as_list() if m["type"] == type_]
+
+
+def _shown_fields(params: dict[str, type], *names: str) -> set[str]:
+    return {*names, *(f"params.{name}" for name in params)}
+
+
+@bp.get("/")
+@signed_in
+def session_list():
+    """The user's sessions, newest first, a page at a time."""
+    settings = current_app.config
+    before = request.args.get("before", type=int)
+    with get_db().read() as db:
+        page = conversations.page(db, g.caller.id, limit=settings["PAGE_SIZE"], before=before)
+    return render_template("web/sessions.html", page=page, before=before)
+
+
+def _new_session(kind: str):
+    template, type_, param_fields = _NEW_FORMS[kind]
+    models = _models(type_.value)
+    form = request.form if request.method == "POST" else {}
+    if request.method == "GET":
+        return render_template(template, models=models, form=form, errors={})
+    try:
+        created = sessions.start(user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
+                                 model_name=form.get("model_name", ""), message=form.get("message", ""),
+                                 params=params_from(form, param_fields))
+    except HelixError as err:
+        errors = field_errors(err, _shown_fields(param_fields, "model_name", "message"))
+        return render_template(template, models=models, form=form, errors=errors), err.status_code
+    return redirect(url_for("web.session_page", session_id=created["id"]))
+
+
+@bp.route("/new/chat", methods=["GET", "POST"])
+@signed_in
+def new_chat():
+    """Start a chat: a text model, a first message and optional generation params."""
+    return _new_session("chat")
+
+
+@bp.route("/new/image", methods=["GET", "POST"])
+@signed_in
+def new_image():
+    """Start an image session: an image model, a prompt, the size, steps, number of images and seed."""
+    return _new_session("image")
+
+
+@bp.route("/new/finetune", methods=["GET", "POST"])
+@signed_in
+def new_finetune():
+    """Fine-tune a model on uploaded training data (JSONL chats, or captioned images)."""
+    models = {"text": _models("text"), "image": _models("image")}
+    form = request.form if request.method == "POST" else {"type": request.args.get("type", "text")}
+    if request.method == "GET":
+        return render_template("web/new_finetune.html", models=models, form=form, errors={})
+    try:
+        created = sessions.start_finetune(
+            user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
+            params=params_from(form, FINETUNE_PARAMS), uploads=request.files.getlist("files"),
+            name=form.get("name", "").strip() or None)
+    except HelixError as err:
+        errors = field_errors(err, _shown_fields(FINETUNE_PARAMS, "type", "model_name", "files", "name"))
+        return render_template("web/new_finetune.html", models=models, form=form, errors=errors), err.status_code
+    return redirect(url_for("web.session_page", session_id=created["id"]))
+
+
+def _stream_start(task_id: int) -> int:
+    """The event id to follow a reply from: just before its first event, so the page replays all of it.
+
+    Starting there rather than at the session's last id makes the page's text the events' own, whatever
+    the snapshot it was rendered from: the script clears the reply and rebuilds it from the stream.
+    """
+    with get_db().reading() as conn:
+        first = conn.execute(select(func.min(TaskEvent.seq)).where(TaskEvent.task_id == task_id)).scalar()
+    return max((first or 1) - 1, 0)
+
+
+def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
+    session = sessions.shown(g.caller.id, session_id)
+    last = session["interactions"][-1] if session.get("interactions") else None
+    live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_STATES else None
+    stream_after = _stream_start(live["task"]["id"]) if live and live.get("task") else None
+    param_fields = CHAT_PARAMS if session["type"] == SessionType.TEXT.value else IMAGE_PARAMS
+    return render_template("web/session.html", session=session, live=live, stream_after=stream_after,
+                           can_continue=session["mode"] == Mode.CREATE.value and live is None,
+                           param_fields=param_fields, form=form or {}, errors=errors or {}), status
+
+
+@bp.get("/sessions/<int:session_id>")
+@signed_in
+def session_page(session_id: int):
+    """A session's thread; its open reply follows live, and the form below continues it."""
+    return _render_session(session_id)
+
+
+@bp.post("/sessions/<int:session_id>/messages")
+@signed_in
+def session_message(session_id: int):
+    """Continue a session (a chat message or a prompt, with optional params)."""
+    form = request.form
+    with get_db().read() as db:
+        type_ = conversations.owned(db, g.caller.id, session_id).type
+    param_fields = CHAT_PARAMS if type_ == SessionType.TEXT else IMAGE_PARAMS
+    try:
+        sessions.say(user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
+                     params=params_from(form, param_fields))
+    except HelixError as err:
+        if err.status_code == 404:
+            raise
+        errors = field_errors(err, _shown_fields(param_fields, "message"))
+        return _render_session(session_id, form=form, errors=errors, status=err.status_code)
+    return redirect(url_for("web.session_page", session_id=session_id))
+
+
+@bp.post("/sessions/<int:session_id>/cancel")
+@signed_in
+def session_cancel(session_id: int):
+    """Cancel the session's queued or running reply."""
+    try:
+        sessions.cancel_reply(g.caller.id, session_id)
+    except NotCancellable as err:
+        flash(err.message)  # it finished meanwhile: the page shows how
+    return redirect(url_for("web.session_page", session_id=session_id))
+
+
+@bp.get("/sessions/<int:session_id>/events")
+@signed_in_feed
+def session_events(session_id: int):
+    """The session's event stream for its page (EventSource sends the cookie, not a Bearer header)."""
+    return sessions.event_stream(g.caller.id, session_id)
+
+
+@bp.get("/sessions/<int:session_id>/state")
+@signed_in_feed
+def session_state(session_id: int) -> dict[str, Any]:
+    """The session as JSON, for the page's script: its place in the queue, the finished reply."""
+    return sessions.shown(g.caller.id, session_id)
+
+
+@bp.get("/sessions/<int:session_id>/files/<int:file_id>")
+@signed_in_feed
+def session_file(session_id: int, file_id: int):
+    """A file of the session, for its page: images inline, the rest as downloads."""
+    return sessions.file_bytes(g.caller.id, session_id, file_id)
+
+
+@bp.get("/admin")
+@signed_in
+def admin_page():
+    """For admins: the runners seen, each model's queue, and recent failures with their errors."""
+    if not g.caller.is_admin:
+        raise Forbidden("This page is for admins (helix users create NAME --admin).")
+    with get_db().reading() as conn:
+        seen = overview.overview(conn)
+    return render_template("web/admin.html", overview=seen)

@@ -1,0 +1,37 @@
+"""The admin page: runners seen, queue depth per model, recent failures; for admins only."""
+
+from __future__ import annotations
+
+from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
+from tests.web.test_views import new_chat
+
+
+def test_the_admin_page_is_for_admins_only(browser):
+    response = browser.get("/admin")
+    assert response.status_code == 403 and response.mimetype == "text/html" and b"for admins" in response.data
+    assert b'href="/admin"' not in browser.get("/").data  # no link to it either
+
+
+def test_admins_see_runners_queues_and_failures(make_browser, browser, client, runner):
+    admin = make_browser("root", admin=True)
+    assert b'href="/admin"' in admin.get("/").data
+    for message in ("one", "two", "three"):
+        new_chat(browser, message)
+    assert b"No runner has polled yet" in admin.get("/admin").data
+
+    failing = claim(client, {**runner, "X-Helix-Runner": "gpu7-1234"}).json
+    client.post(f"/api/v1/worker/task/{failing['task']['id']}/fail", headers=runner, json={
+        "lease_token": failing["lease"]["token"], "error": "CUDA out of memory on gpu7", "retry": False})
+    held = claim(client, {**runner, "X-Helix-Runner": "gpu7-1234"}).json
+    claim(client, {**runner, "X-Helix-Runner": "sdxl-1"}, model=IMAGE_MODEL)
+
+    html = admin.get("/admin").data.decode()
+
+    assert 'data-runner="gpu7-1234"' in html and 'data-runner="sdxl-1"' in html
+    assert f"task {held['task']['id']} (session {held['task']['session_id']}, claimed, attempt 1)" in html
+    assert f'<tr data-model="{TEXT_MODEL}" data-mode="create">' in html
+    queue_row = html.split(f'<tr data-model="{TEXT_MODEL}"')[1].split("</tr>")[0]
+    assert '<td class="queued">1</td>' in queue_row and '<td class="running">1</td>' in queue_row
+    assert f'data-task-id="{failing["task"]["id"]}"' in html and "CUDA out of memory on gpu7" in html
+    assert "failed after 1 attempt<" in html and "alice" in html
+    assert '<meta http-equiv="refresh"' in html
