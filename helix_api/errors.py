@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
@@ -16,6 +16,9 @@ class HelixError(Exception):
 
     status_code = 500
     code = "internal_error"
+    # Whether a client should send the same request again; None leaves it to the client. Only the
+    # OpenAI-compatible API says it (`x-should-retry`), as the official clients retry every 5xx.
+    retryable: bool | None = None
 
     def __init__(self, message: str | None = None, *, field: str | None = None, **extra: Any) -> None:
         # The docstring is the default message, so each subclass documents itself.
@@ -91,6 +94,12 @@ class NotFound(HelixError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No such model (or not one of yours)."""
+
+    code = "model_not_found"
+
+
 class SessionNotFound(NotFound):
     """No such session."""
 
@@ -140,6 +149,13 @@ class NotCancellable(Conflict):
     code = "not_cancellable"
 
 
+class ReplyCancelled(Conflict):
+    """The task answering this request was cancelled before it finished."""
+
+    code = "task_cancelled"
+    retryable = False
+
+
 class TooLarge(HelixError):
     """The request body is over the size limit."""
 
@@ -151,17 +167,60 @@ class SchemaOutOfDate(HelixError):
     """The database schema is behind the code: run `helix db upgrade`."""
 
 
+class TaskFailed(HelixError):
+    """The task answering this request failed."""
+
+    code = "task_failed"
+    retryable = False  # it already had its attempts: asking again would repeat the work, not fix it
+
+
+class ReplyTimeout(HelixError):
+    """No answer in time: the task was cancelled."""
+
+    status_code = 504
+    code = "timeout"
+    retryable = False
+
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
+# OpenAI's error types by status; anything else at or above 500 is a server_error.
+_OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
+OPENAI_PREFIX = "/v1/"
+
+
+def _is_openai() -> bool:
+    return request.path.startswith(OPENAI_PREFIX) or request.path == OPENAI_PREFIX.rstrip("/")
+
+
+def openai_error(status: int, message: str, code: str | None, param: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+    type_ = "server_error" if status >= 500 else _OPENAI_TYPES.get(status, "invalid_request_error")
+    if status == 401:
+        code = "invalid_api_key"  # what OpenAI's clients and tools look for
+    return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
+
+
+def _openai_response(status: int, body: dict[str, Any], retryable: bool | None = None):
+    headers = {} if retryable is None else {"x-should-retry": "true" if retryable else "false"}
+    return jsonify(body), status, headers
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Turn HelixError, HTTP errors and anything unexpected into `{"error", "message"}` JSON."""
+    """Turn HelixError, HTTP errors and anything unexpected into JSON.
+
+    Under /v1 (the OpenAI-compatible API) errors take OpenAI's shape, so its clients raise the right
+    exception with the message; everywhere else they are `{"error", "message"}`.
+    """
 
     @app.errorhandler(HelixError)
     def _helix(err: HelixError):
         if err.status_code >= 500:
             logger.error("%s: %s", err.code, err.message)
+        if _is_openai():
+            return _openai_response(err.status_code, openai_error(err.status_code, err.message, err.code,
+                                                                  err.field, **err.extra), err.retryable)
         return jsonify(err.to_dict()), err.status_code
 
     @app.errorhandler(HTTPException)
@@ -171,9 +230,16 @@ def register_error_handlers(app: Flask) -> None:
         if status == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             message = f"The request body is over the limit of {limit} bytes."
-        return jsonify({"error": _HTTP_CODES.get(status, "http_error"), "message": message}), status
+        code = _HTTP_CODES.get(status, "http_error")
+        if _is_openai():
+            if status in (404, 405):
+                message = f"{message} ({request.method} {request.path})"
+            return _openai_response(status, openai_error(status, message, code))
+        return jsonify({"error": code, "message": message}), status
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):
         logger.exception("unhandled error")
+        if _is_openai():
+            return _openai_response(500, openai_error(500, "Internal server error.", "internal_error"))
         return jsonify({"error": "internal_error", "message": "Internal server error."}), 500
