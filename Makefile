@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/python scripts/demo.py $(ARGS)
 
-# Every test, slow ones included, on SQLite and on PostgreSQL (a throwaway server if none is running).
+# Every test, slow ones included, on SQLite and on PostgreSQL (a throwaway server if none is running),
+# and the web app in Chromium (installed from Debian's packages when missing).
 test: install
 	$(BIN)/ruff check .
+	scripts/ensure-chromium.sh
 	scripts/with-postgres.sh $(BIN)/python -m pytest
 
 test-fast: install

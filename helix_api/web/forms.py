@@ -6,6 +6,7 @@ strings into the values the API takes, so a typo shows next to its field like an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,8 +42,13 @@ def params_from(form: Mapping[str, str], fields: Mapping[str, type]) -> dict[str
 def field_errors(err: HelixError, shown: set[str]) -> dict[str, Any]:
     """Errors for a form: the message under its field's name if the form `shown` has it (else under
     `form`, shown at the top), and any training-data problems under `problems`."""
-    errors: dict[str, Any] = {err.field if err.field in shown else "form": err.message}
+    message = err.message
     problems = err.extra.get("problems")
+    if problems:
+        # The message repeats every problem on one line; the page lists them, so it keeps the summary.
+        more = re.search(r" \(and \d+ more\)$", message)
+        message = message.split(": ", 1)[0] + (f"{more.group(0)}:" if more else ":")
+    errors: dict[str, Any] = {err.field if err.field in shown else "form": message}
     if problems:
         errors["problems"] = problems
     return errors

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from flask import flash, g, redirect, render_template, request, session, url_for
+from flask import current_app, flash, g, redirect, render_template, request, session, url_for
 from sqlalchemy import select
 
 from ..auth import RUNNER_TOKEN_PREFIX, Caller, hash_secret
@@ -23,7 +24,7 @@ from . import bp
 
 logger = logging.getLogger(__name__)
 
-_USER, _KEY = "user_id", "key_id"
+_USER, _KEY, _SINCE = "user_id", "key_id", "signed_in_at"
 
 
 def _caller(user_id: int, key_id: int) -> Caller | None:
@@ -39,8 +40,13 @@ def _caller(user_id: int, key_id: int) -> Caller | None:
 def load_caller() -> None:
     """Put the signed-in user in `g.caller` (None when signed out); forget a browser whose key was revoked."""
     g.caller = None
-    user_id, key_id = session.get(_USER), session.get(_KEY)
-    if not isinstance(user_id, int) or not isinstance(key_id, int):
+    user_id, key_id, since = session.get(_USER), session.get(_KEY), session.get(_SINCE)
+    if not isinstance(user_id, int) or not isinstance(key_id, int) or not isinstance(since, int | float):
+        return
+    # Flask re-signs the cookie on every response, so its own expiry slides; a sign-in lasts
+    # SIGN_IN_HOURS from when it happened, however busy the browser has been since.
+    if time.time() - since > current_app.permanent_session_lifetime.total_seconds():
+        session.clear()
         return
     g.caller = _caller(user_id, key_id)
     if g.caller is None:
@@ -111,6 +117,7 @@ def signin():
     session.clear()
     session.permanent = True
     session[_USER], session[_KEY] = found
+    session[_SINCE] = int(time.time())
     logger.info("user %s signed in to the web app with key %s", *found)
     return redirect(target)
 

@@ -372,3 +372,53 @@ def read_sse(response: requests.Response) -> Iterator[dict[str, Any]]:
             event["data"] += "\n" + value
         elif key in ("id", "event", "data"):
             event[key] = int(value) if key == "id" else value
+
+
+# A browser for the web app's tests: Debian's Chromium driven by Playwright, and a screenshot of every
+# page open when a test fails (under test-artifacts/screenshots/, named in the test's report).
+
+CHROMIUM = os.environ.get("HELIX_TEST_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+
+
+def _no_browser(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (under CI=true a missing browser is a failure, not a skip; `make test` installs it)")
+    pytest.skip(f"BROWSER TESTS SKIPPED: {reason}")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (Playwright's Browser); skipped without one, a failure under CI=true."""
+    if not os.access(CHROMIUM, os.X_OK):
+        _no_browser(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set HELIX_TEST_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        _no_browser(f"the playwright package is not installed ({exc})")
+    with sync_playwright() as playwright:
+        # Playwright's own browser download needs the internet: Debian's Chromium needs nothing.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.hookimpl(hookwrapper=True, specname="pytest_runtest_makereport")
+def pytest_runtest_makereport_screenshots(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    browser = getattr(item, "funcargs", {}).get("chromium")
+    if not report.failed or browser is None:
+        return
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots = []
+    pages = [page for context in browser.contexts for page in context.pages]
+    for index, page in enumerate(pages):
+        path = SCREENSHOTS / f"{item.name}-{report.when}-{index}.png".replace("/", "_")
+        try:
+            page.screenshot(path=str(path), full_page=True)
+            shots.append(f"{path} ({page.url})")
+        except Exception as exc:  # a page that crashed still lets the others be shot
+            shots.append(f"{path}: no screenshot ({exc})")
+    report.sections.append((f"{report.when}: screenshots", "\n".join(shots) or "(no page was open)"))

@@ -112,3 +112,14 @@ def test_signing_in_starts_a_fresh_cookie(client, make_key):
     page = client.get("/").data.decode()
     assert "bob" in page and csrf_of(page) != before
     assert client.get("/signin").headers["Location"] == "/"  # signed in already: nothing to do there
+
+
+def test_a_sign_in_lasts_sign_in_hours_however_busy_the_browser(browser, monkeypatch):
+    from helix_api.web import signin
+
+    now = signin.time.time()
+    monkeypatch.setattr(signin.time, "time", lambda: now + 11.9 * 3600)
+    assert browser.get("/").status_code == 200  # still in, and this request re-signed the cookie
+    monkeypatch.setattr(signin.time, "time", lambda: now + 12.1 * 3600)
+    response = browser.get("/")
+    assert response.status_code == 302 and response.headers["Location"] == "/signin?next=/"

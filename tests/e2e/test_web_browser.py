@@ -1,0 +1,197 @@
+"""The web app in a real browser: Chromium (Playwright) against `helix serve` and runners on the tiny models.
+
+The web app's behaviour does not depend on the database, so these run on SQLite only. A failing test
+leaves a screenshot of every open page under test-artifacts/screenshots/ (see the conftest).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import TEXT_MODEL, bearer
+from tests.e2e.conftest import ApiServer, get_session, reply_of
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+WAIT_MS = 120_000  # a runner loading a tiny model on a shared 2-core machine
+
+# Installed before the page's own script: records (text length, phase) of the open reply at every change,
+# so a test can tell what the page showed along the way, however fast the model is.
+RECORD_REPLY = """
+window.__snapshots = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const reply = document.querySelector("[data-live-reply]");
+  if (!reply) return;
+  const output = reply.querySelector(".output");
+  const label = reply.querySelector(".phase");
+  const record = () => window.__snapshots.push(
+    {length: output.textContent.length, phase: label.dataset.phase, t: performance.now()});
+  new MutationObserver(record).observe(reply, {subtree: true, childList: true, characterData: true,
+                                               attributes: true, attributeFilter: ["data-phase"]});
+});
+"""
+
+
+@pytest.fixture
+def e2e_database(tmp_path: Path) -> str:
+    """SQLite only (overrides the conftest's two databases)."""
+    return f"sqlite:///{tmp_path / 'helix.db'}"
+
+
+@pytest.fixture
+def web_api(api_server: Callable[..., ApiServer], tiny_mistral: Path, tiny_sdxl: Path) -> ApiServer:
+    """The API offering the tiny text and image models."""
+    return api_server(models=f"text:{tiny_mistral},image:{tiny_sdxl}")
+
+
+@pytest.fixture
+def new_page(chromium) -> Iterator[Callable[[], Any]]:
+    """`new_page()`: a page in a fresh browser context (its own cookies), closed after the test."""
+    contexts = []
+
+    def make():
+        context = chromium.new_context()
+        context.set_default_timeout(30_000)
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+def key_of(server: ApiServer) -> str:
+    """alice's API key."""
+    return server.user["Authorization"].split()[1]
+
+
+def sign_in(page, server: ApiServer, key: str, path: str = "/") -> None:
+    """Open `path`, get sent to sign in, sign in with `key`, land back on `path`."""
+    page.goto(f"{server.url}{path}")
+    assert "/signin" in page.url
+    page.fill("input[name=api_key]", key)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{server.url}{path}")
+
+
+def test_sign_in_and_out(web_api, new_page):
+    page = new_page()
+    page.goto(f"{web_api.url}/")
+    assert page.url == f"{web_api.url}/signin?next=/"
+
+    page.fill("input[name=api_key]", "hx_wrong")
+    page.click("button:has-text('Sign in')")
+    assert page.inner_text(".field-error[data-field=api_key]") == "Unknown or revoked API key."
+
+    page.fill("input[name=api_key]", key_of(web_api))
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{web_api.url}/")
+    assert page.inner_text("header .who") == "alice"
+    assert page.inner_text("h1") == "Your sessions"
+
+    page.click("button:has-text('Sign out')")
+    page.wait_for_url(f"{web_api.url}/signin")
+    page.goto(f"{web_api.url}/new/chat")
+    assert "/signin?next=/new/chat" in page.url
+
+
+def test_a_chat_streams_its_reply_into_the_page(web_api, new_page, runner_process, tiny_mistral):
+    runner_process(web_api, web_api.runner_token, "chat", backend="mistral", model_name=str(tiny_mistral),
+                   extra=("--device", "cpu"))
+    page = new_page()
+    page.add_init_script(RECORD_REPLY)
+    sign_in(page, web_api, key_of(web_api), "/new/chat")
+    page.select_option("select[name=model_name]", str(tiny_mistral))
+    page.fill("textarea[name=message]", "Tell me a long story about a dragon.")
+    page.click("summary:has-text('Advanced')")
+    page.fill("input[name=max_new_tokens]", "200")
+    page.fill("input[name=seed]", "5")
+    page.click("button:has-text('Send')")
+    page.wait_for_url(f"{web_api.url}/sessions/*")
+
+    page.wait_for_selector(".reply .phase[data-phase=complete]", timeout=WAIT_MS)
+
+    session_id = int(page.url.rsplit("/", 1)[1])
+    reply = reply_of(get_session(web_api, web_api.user, session_id))
+    assert reply["state"] == "complete" and reply["output"]
+    shown = page.eval_on_selector(".reply .output", "el => el.textContent")
+    assert shown == reply["output"]
+    snapshots = page.evaluate("window.__snapshots")
+    final = len(reply["output"])
+    partial = [s for s in snapshots if 0 < s["length"] < final and s["phase"] == "generating"]
+    assert partial, f"the text never showed part-way, before completion: {snapshots}"
+    completed_at = min(s["t"] for s in snapshots if s["phase"] == "complete")
+    assert min(s["t"] for s in partial) < completed_at
+    assert page.is_visible("form.continue") and not page.is_visible("form.cancel")
+
+
+def test_an_image_session_shows_its_image(web_api, new_page, runner_process, tiny_sdxl):
+    runner_process(web_api, web_api.runner_token, "draw", backend="sdxl", mode="create", type_="image",
+                   model_name=str(tiny_sdxl), extra=("--device", "cpu"))
+    page = new_page()
+    sign_in(page, web_api, key_of(web_api), "/new/image")
+    page.select_option("select[name=model_name]", str(tiny_sdxl))
+    page.fill("textarea[name=message]", "a red fox in the snow")
+    page.fill("input[name=width]", "96")
+    page.fill("input[name=height]", "64")
+    page.fill("input[name=num_inference_steps]", "3")
+    page.fill("input[name=num_images]", "1")
+    page.fill("input[name=seed]", "4")
+    page.click("button:has-text('Draw')")
+    page.wait_for_url(f"{web_api.url}/sessions/*")
+
+    page.wait_for_function("() => { const img = document.querySelector('.reply .files img');"
+                           " return img && img.complete && img.naturalWidth > 0; }", timeout=WAIT_MS)
+
+    size = page.eval_on_selector(".reply .files img", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [96, 64]
+    assert page.get_attribute(".reply .phase", "data-phase") == "complete"
+
+
+def test_a_bad_training_file_shows_its_lines_next_to_the_field(web_api, new_page, tiny_mistral):
+    lines = [json.dumps({"question": f"What is {n}?", "answer": f"{n}."}) for n in range(12)]
+    lines[3] = '{"messages": [{"role": "robot", "content": "beep"}]}'
+    page = new_page()
+    sign_in(page, web_api, key_of(web_api), "/new/finetune")
+    page.select_option("select[name=type]", "text")
+    page.select_option("select[name=model_name]", str(tiny_mistral))
+    page.set_input_files("input[name=files]", files=[
+        {"name": "chats.jsonl", "mimeType": "application/jsonl", "buffer": "\n".join(lines).encode()}])
+    page.click("button:has-text('Upload and train')")
+
+    error = page.wait_for_selector(".field-error[data-field=files]")
+    assert error.inner_text() == "The training data has problems:"
+    assert page.inner_text("ul.problems li") == "chats.jsonl:4 messages[0] has unknown role 'robot' " \
+                                                "(allowed: system, user, assistant)"
+    # The error sits by the file field: the next element after the field's label.
+    assert page.evaluate("document.querySelector('input[name=files]').closest('label').nextElementSibling"
+                         ".dataset.field") == "files"
+    listing = requests.get(f"{web_api.url}/api/v1/sessions", headers=web_api.user, timeout=30).json()
+    assert listing["sessions"] == []
+
+
+def test_someone_elses_session_is_a_404_page(web_api, new_page):
+    response = requests.post(f"{web_api.url}/api/v1/sessions", headers=web_api.user, timeout=30, json={
+        "model_name": TEXT_MODEL, "message": "my secret"})
+    assert response.status_code == 201, response.text
+    session_id = response.json()["id"]
+    mine = new_page()
+    sign_in(mine, web_api, key_of(web_api), f"/sessions/{session_id}")
+    assert "my secret" in mine.inner_text(".thread")
+
+    bob = web_api.create_user("bob")
+    page = new_page()
+    sign_in(page, web_api, bob)
+    shown = page.goto(f"{web_api.url}/sessions/{session_id}")
+
+    assert shown.status == 404
+    assert page.inner_text("h1") == "404 · Not found" and "my secret" not in page.content()
+    assert page.goto(f"{web_api.url}/sessions/{session_id}/state").status == 404
+    assert requests.get(f"{web_api.url}/api/v1/sessions/{session_id}", headers=bearer(bob),
+                        timeout=30).status_code == 404
