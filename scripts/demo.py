@@ -72,9 +72,9 @@ def _wait_healthy(base: str, server: subprocess.Popen) -> None:
         if server.poll() is not None:
             raise click.ClickException("the API exited at start-up")
         try:
-            if requests.get(f"{base}/healthz", timeout=1).ok:
+            if requests.get(f"{base}/healthz", timeout=2).ok:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or busy starting up
             pass
         time.sleep(0.1)
     raise click.ClickException("the API did not come up")
