@@ -110,7 +110,8 @@ def _resolve(db: Any, model: str, type_: SessionType) -> Model:
     """The model a request names, or 404 model_not_found; `ft:<base>:<session>` is one of your fine-tunes."""
     if model.startswith(FT_PREFIX):
         base, _, session_id = model[len(FT_PREFIX):].rpartition(":")
-        session = (db.get(Session, int(session_id)) if session_id.isdigit() else None)
+        # Bounded, so an absurd id is a 404 rather than an integer the database cannot take.
+        session = db.get(Session, int(session_id)) if session_id.isdigit() and len(session_id) < 19 else None
         adapter = files.session_adapter(db, session.id) if session is not None else None
         if (adapter is None or session.user_id != g.caller.id or session.model_name != base
                 or session.type != type_):

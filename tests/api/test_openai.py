@@ -314,7 +314,8 @@ def test_a_fine_tune_model_id_answers_with_its_base_model_and_adapter(client, us
     assert task.model_name == TEXT_MODEL and task.input["adapter"]["id"] == adapter_id
 
     for other, who in ((model, make_user("bob")), (f"ft:{TEXT_MODEL}:999", user),
-                       (f"ft:other/model:{session_id}", user), (f"ft:{TEXT_MODEL}:x", user)):
+                       (f"ft:other/model:{session_id}", user), (f"ft:{TEXT_MODEL}:x", user),
+                       (f"ft:{TEXT_MODEL}:{'9' * 40}", user)):
         refused = client.post(CHAT, headers=who, json={"model": other, "messages": HELLO})
         assert refused.status_code == 404 and refused.json["error"]["code"] == "model_not_found", other
 
