@@ -119,9 +119,9 @@ def _resolve(db: Any, model: str, type_: SessionType) -> Model:
                                 f"ft:<base model>:<session id> of a completed fine-tune session (GET /v1/models).",
                                 field="model")
         return Model(base, type_, adapter)
-    offered = _offered(db.connection()).get(model)
-    if offered is None or offered[0] != type_.value:
-        names = sorted(n for n, (t, _) in _offered(db.connection()).items() if t == type_.value)
+    offered = _offered(db.connection())
+    if model not in offered or offered[model][0] != type_.value:
+        names = sorted(n for n, (t, _) in offered.items() if t == type_.value)
         raise ModelNotFound(f"The model {model!r} does not exist as a {type_.value} model here; offered: "
                             f"{', '.join(names)} (and your ft: fine-tunes).", field="model")
     return Model(model, type_)
