@@ -143,6 +143,17 @@ def test_uploaded_chats_train_an_adapter_that_answers_the_next_message(api_serve
     assert tuned_reply["output"] == local_answer(tiny_mistral, messages, adapter_dir)
     assert plain_reply["output"] == local_answer(tiny_mistral, messages)
 
+    # Any OpenAI client reaches the fine-tune by its model id, and gets the same answer.
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=server.user["Authorization"].split()[1])
+    tuned_model = f"ft:{model}:{tuned_id}"
+    assert tuned_model in [m.id for m in client.models.list()]
+    completion = client.chat.completions.create(
+        model=tuned_model, messages=messages, max_tokens=ASK["max_new_tokens"], temperature=ASK["temperature"],
+        top_p=ASK["top_p"], seed=ASK["seed"])
+    assert completion.choices[0].message.content == tuned_reply["output"]
+
 
 def test_cancelling_a_fine_tune_stops_axolotl_and_the_runner_stays_up(api_server, tiny_mistral, runner):
     model = str(tiny_mistral)
