@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import TEXT_MODEL, bearer
-from tests.e2e.conftest import ApiServer, get_session, reply_of
+from tests.e2e.conftest import ApiServer, create_session, get_session, reply_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -195,3 +195,121 @@ def test_someone_elses_session_is_a_404_page(web_api, new_page):
     assert page.goto(f"{web_api.url}/sessions/{session_id}/state").status == 404
     assert requests.get(f"{web_api.url}/api/v1/sessions/{session_id}", headers=bearer(bob),
                         timeout=30).status_code == 404
+
+
+class FakeRunner:
+    """The worker API driven by the test, so each step of a reply is seen on the page one at a time."""
+
+    def __init__(self, server: ApiServer) -> None:
+        self.url = f"{server.url}/api/v1/worker"
+        self.headers = {**bearer(server.runner_token), "X-Helix-Runner": "test-hand"}
+        self.seq = 0
+
+    def claim(self, mode: str = "create") -> tuple[int, str]:
+        response = requests.get(f"{self.url}/task", headers=self.headers, timeout=30,
+                                params={"mode": mode, "type": "text", "model_name": TEXT_MODEL})
+        assert response.status_code == 200, response.text
+        self.seq = 0
+        return response.json()["task"]["id"], response.json()["lease"]["token"]
+
+    def post(self, task: tuple[int, str], action: str, **body: Any) -> dict[str, Any]:
+        response = requests.post(f"{self.url}/task/{task[0]}/{action}", headers=self.headers, timeout=30,
+                                 json={"lease_token": task[1], **body})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def events(self, task: tuple[int, str], *events: dict[str, Any]) -> None:
+        numbered = []
+        for event in events:
+            self.seq += 1
+            numbered.append({"seq": self.seq, **event})
+        self.post(task, "events", events=numbered)
+
+
+def phase_of(page) -> str:
+    return page.get_attribute(".reply:last-child .phase", "data-phase")
+
+
+def wait_phase(page, phase: str, text: str | None = None) -> None:
+    """Wait until the page shows `phase` (and, if given, exactly `text` as the label)."""
+    selector = f".reply:last-child .phase[data-phase={phase}]"
+    if text is None:
+        page.wait_for_selector(selector)
+    else:
+        page.wait_for_function("([s, t]) => document.querySelector(s)?.textContent === t", arg=[selector, text])
+
+
+def output_of(page) -> str:
+    return page.eval_on_selector(".reply:last-child .output", "el => el.textContent")
+
+
+def test_the_page_shows_every_phase_of_a_reply(api_server, new_page):
+    server = api_server()
+    runner = FakeRunner(server)
+    ahead = create_session(server, server.user, "first in line")
+    mine = create_session(server, server.user, "second in line")
+    page = new_page()
+    sign_in(page, server, key_of(server), f"/sessions/{mine['id']}")
+    wait_phase(page, "queued", "queued (2 in line)")
+
+    first = runner.claim()  # the session ahead leaves the queue: polling moves this one up
+    wait_phase(page, "queued", "queued (1 in line)")
+    task = runner.claim()
+    wait_phase(page, "loading")
+    runner.events(task, {"kind": "token", "text": "Hel"}, {"kind": "token", "text": "lo"})
+    wait_phase(page, "generating")
+    page.wait_for_function("() => document.querySelector('.reply:last-child .output').textContent === 'Hello'")
+
+    runner.post(task, "fail", error="runner lost its GPU", retry=True)  # requeued: the partial text goes
+    wait_phase(page, "queued", "queued (1 in line)")
+    assert output_of(page) == ""
+    task = runner.claim()
+    wait_phase(page, "loading")
+    runner.events(task, {"kind": "token", "text": "Hi"})
+    page.wait_for_function("() => document.querySelector('.reply:last-child .output').textContent === 'Hi'")
+    assert not page.is_visible("form.continue") and page.is_visible("form.cancel")
+    runner.post(task, "complete", result={"text": "Hi!"})
+    wait_phase(page, "complete")
+    assert output_of(page) == "Hi!"
+    assert page.is_visible("form.continue") and not page.is_visible("form.cancel")
+
+    runner.post(first, "fail", error="CUDA error: device-side assert triggered", retry=False)
+    page.goto(f"{server.url}/sessions/{ahead['id']}")
+    assert phase_of(page) == "error"
+    assert page.inner_text(".reply:last-child pre.error") == "CUDA error: device-side assert triggered"
+
+
+def test_the_page_follows_training_and_then_chats(api_server, new_page):
+    server = api_server()
+    runner = FakeRunner(server)
+    lines = "\n".join(json.dumps({"question": f"What is {n}?", "answer": f"{n}."}) for n in range(10))
+    created = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30,
+                            data={"mode": "finetune", "type": "text", "model_name": TEXT_MODEL},
+                            files=[("files", ("qa.jsonl", lines.encode(), "application/jsonl"))])
+    assert created.status_code == 201, created.text
+    page = new_page()
+    sign_in(page, server, key_of(server), f"/sessions/{created.json()['id']}")
+    wait_phase(page, "queued")
+    assert not page.is_visible("form.continue")
+
+    task = runner.claim(mode="finetune")
+    wait_phase(page, "loading")
+    runner.events(task, {"kind": "progress", "step": 1, "total": 4, "loss": 0.9})
+    wait_phase(page, "training")
+    page.wait_for_function("() => document.querySelector('.reply:last-child .progress-detail').textContent"
+                           " === 'step 1 of 4 · loss 0.9000'")
+    assert page.eval_on_selector(".reply:last-child progress", "p => [p.value, p.max, p.hidden]") == [1, 4, False]
+
+    uploaded = requests.post(f"{runner.url}/task/{task[0]}/files", headers=runner.headers, timeout=30,
+                             data={"lease_token": task[1], "kind": "adapter"},
+                             files={"file": ("adapter.zip", b"PK\x05\x06" + b"\x00" * 18, "application/zip")})
+    assert uploaded.status_code == 201, uploaded.text
+    runner.post(task, "complete", result={"text": "trained", "adapter_file_id": uploaded.json()["file"]["id"]})
+    wait_phase(page, "complete")
+    assert page.is_visible("form.continue")  # the session switched to inference: chat with the adapter
+
+    page.fill("form.continue textarea[name=message]", "What is 3?")
+    page.click("form.continue button:has-text('Send')")
+    wait_phase(page, "queued", "queued (1 in line)")
+    assert requests.get(f"{runner.url}/task", headers=runner.headers, timeout=30, params={
+        "mode": "create", "type": "text", "model_name": TEXT_MODEL}).json()["task"]["adapter"] is not None
