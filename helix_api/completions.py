@@ -24,8 +24,6 @@ from .notifier import session_topic
 
 logger = logging.getLogger(__name__)
 
-# How long a request that does not stream waits for its reply before giving up (and cancelling it).
-WAIT_SECONDS = 600.0
 _TASKS = Task.__table__
 _DONE = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 _FINISH_REASONS = ("stop", "length")

@@ -61,6 +61,8 @@ class Config:
     # How long a signed-in browser stays signed in, and how long an image link from /v1/images works.
     SIGN_IN_HOURS = 12.0
     IMAGE_URL_SECONDS = 3600.0
+    # How long a /v1 request that does not stream waits for its reply (then 504, and the task is cancelled).
+    OPENAI_WAIT_SECONDS = 600.0
 
 
 def _coerce(raw: str, default: Any) -> Any:

@@ -228,7 +228,7 @@ def _start(model: Model, requested: str, messages: list[dict[str, str]],
 def _wait(started: completions.Request) -> Any:
     settings = current_app.config
     return completions.wait(get_db(), started, recheck=settings["RECHECK_SECONDS"],
-                            timeout=float(settings.get("OPENAI_WAIT_SECONDS", completions.WAIT_SECONDS)))
+                            timeout=float(settings["OPENAI_WAIT_SECONDS"]))
 
 
 def _headers(started: completions.Request) -> dict[str, str]:

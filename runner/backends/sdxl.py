@@ -156,7 +156,8 @@ class SDXLBackend(Backend):
         steps = int(params.get("num_inference_steps") or DEFAULT_STEPS)
         count = int(params.get("num_images") or 1)
         seed = int(params["seed"]) if params.get("seed") is not None else secrets.randbelow(2**31)
-        # One CPU generator per image: image i is the one a single-image task with seed + i makes, on any device.
+        # One CPU generator per image: image i starts from the noise a single-image task with seed + i starts
+        # from, on any device (batched arithmetic may still round its pixels a little differently).
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
         def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
