@@ -189,3 +189,11 @@ def test_the_session_list_pages_like_the_api(make_client, make_key):
     older = browser.get(f"/?before={ids[1]}").data.decode()
     assert "chat number 0" in older and "chat number 1" not in older and "Older</a>" not in older
     assert "queued" in older and TEXT_MODEL in older
+
+
+def test_pages_and_files_are_served_with_a_strict_policy(browser, client):
+    for response in (browser.get("/"), client.get("/signin"), browser.get("/sessions/12345"),
+                     browser.get("/assets/helix.js")):
+        assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" not in browser.get("/healthz").headers  # the JSON API is left as it was
