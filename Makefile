@@ -2,18 +2,19 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt lock.txt | cksum | cut -d' ' -f1)
 
 .PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, from constraints.txt: an unpinned torch would pull gigabytes of CUDA wheels.
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	# lock.txt: the versions the tests passed with, so the resolver has nothing to search.
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c lock.txt -e '.[test,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: install
