@@ -387,9 +387,10 @@ def _no_browser(reason: str) -> None:
     pytest.skip(f"BROWSER TESTS SKIPPED: {reason}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """A headless Chromium (Playwright's Browser); skipped without one, a failure under CI=true."""
+    """A headless Chromium (Playwright's Browser) for one test module, so no browser outlives its tests;
+    skipped without one, a failure under CI=true."""
     if not os.access(CHROMIUM, os.X_OK):
         _no_browser(f"no Chromium at {CHROMIUM}: apt-get install chromium (or set HELIX_TEST_CHROMIUM)")
     try:

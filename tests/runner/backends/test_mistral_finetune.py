@@ -114,8 +114,19 @@ def runner_config(model: Path | str, work: Path) -> RunnerConfig:
                         work_dir=str(work / "work"))
 
 
+_baseline: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _processes_before() -> None:
+    """What this process had running before the test (a session's browser, say): not the test's to clean up."""
+    _baseline.clear()
+    _baseline.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def children() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    """Processes this test started that are still there."""
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in _baseline]
 
 
 @pytest.fixture(scope="module")
