@@ -39,16 +39,15 @@ class Catalog:
             models[name] = type_
         return cls(models)
 
-    def names(self) -> list[str]:
-        """All model names, sorted."""
-        return sorted(self._models)
+    def names(self, type_: str | None = None) -> list[str]:
+        """The model names (of one type, if given), sorted."""
+        return sorted(n for n, s in self._models.items() if type_ is None or s.type == type_)
 
     def get(self, name: str, type_: str) -> ModelSpec:
         """The model called `name`, checked to be of `type_`."""
         spec = self._models.get(name)
         if spec is None or spec.type != type_:
-            allowed = sorted(n for n, s in self._models.items() if s.type == type_)
-            raise UnknownModel(f"Unknown {type_} model {name!r}; offered: {', '.join(allowed)}",
+            raise UnknownModel(f"Unknown {type_} model {name!r}; offered: {', '.join(self.names(type_))}",
                                field="model_name")
         return spec
 

@@ -184,44 +184,32 @@ def stream_chat(database: Database, request: Request, *, include_usage: bool, ke
     """
     chunks = _Chunks(request, include_usage)
     text = _Text()
-    after, ended = 0, False
+    ended = False
     try:
         yield chunks.chunk({"role": "assistant", "content": ""})
-        quiet_since = time.monotonic()
-        with database.notifier.watch(session_topic(request.session_id)) as watch:
-            while True:
-                with database.reading() as conn:
-                    batch = events.since(conn, request.session_id, after)
-                for event in batch:
-                    after = event.seq
-                    if event.task_id != request.task_id:
-                        continue
-                    if event.kind == "token":
-                        new = text.add(str(event.data.get("text") or ""))
-                        if text.diverged:
-                            logger.warning("task %s: a retried attempt diverged from the streamed text",
-                                           request.task_id)
-                            yield _error(500, "The task was retried after a failure and its new attempt "
-                                         "differs from the text already streamed; ask again.", "retry_diverged")
-                            return
-                        if new:
-                            quiet_since = time.monotonic()
-                            yield chunks.chunk({"content": new})
-                    elif event.kind == "state":
-                        state = event.data.get("state")
-                        if state == "queued":
-                            text.restart()
-                        elif state in ("complete", "error", "cancelled"):
-                            ended = True
-                            yield from _end(database, request, chunks, text)
-                            return
-                if len(batch) == events.BATCH:
-                    continue
-                # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
-                watch.wait(recheck)
-                if time.monotonic() - quiet_since >= keepalive:
-                    quiet_since = time.monotonic()
-                    yield ": keepalive\n\n"  # a comment: keeps proxies from closing a quiet stream
+        for event in events.feed(database, request.session_id, 0, live=True, keepalive=keepalive,
+                                 recheck=recheck):
+            if event is None:
+                yield ": keepalive\n\n"  # a comment: keeps proxies from closing a quiet stream
+            elif event.task_id != request.task_id:
+                continue
+            elif event.kind == "token":
+                new = text.add(str(event.data.get("text") or ""))
+                if text.diverged:
+                    logger.warning("task %s: a retried attempt diverged from the streamed text", request.task_id)
+                    yield _error(500, "The task was retried after a failure and its new attempt differs from "
+                                 "the text already streamed; ask again.", "retry_diverged")
+                    return
+                if new:
+                    yield chunks.chunk({"content": new})
+            elif event.kind == "state":
+                state = event.data.get("state")
+                if state == "queued":
+                    text.restart()
+                elif state in ("complete", "error", "cancelled"):
+                    ended = True
+                    yield from _end(database, request, chunks, text)
+                    return
     finally:
         if not ended:
             _cancel(database, request, "the stream ended early")

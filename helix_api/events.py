@@ -67,10 +67,10 @@ def format_sse(event: Any) -> str:
     return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(to_json(event))}\n\n"
 
 
-def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
-           keepalive: float, recheck: float) -> Iterator[str]:
-    """Everything after `after_seq`, then (if `follow`) live events as they are stored."""
-    yield "retry: 1000\n\n"
+def feed(database: Database, session_id: int, after_seq: int, *, live: bool, keepalive: float,
+         recheck: float) -> Iterator[Any | None]:
+    """A session's events after `after_seq`, then (if `live`) each as it is stored; None after every
+    `keepalive` seconds without one, so a caller can keep its connection from looking idle."""
     quiet_since = time.monotonic()
     with database.notifier.watch(session_topic(session_id)) as watch:
         while True:
@@ -78,16 +78,24 @@ def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
                 batch = since(conn, session_id, after_seq)
             for event in batch:
                 after_seq = event.seq
-                yield format_sse(event)
+                yield event
             if batch:
                 quiet_since = time.monotonic()
             if len(batch) == BATCH:
                 continue
-            if not follow:
+            if not live:
                 return
             # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
             watch.wait(recheck)
             if time.monotonic() - quiet_since >= keepalive:
-                # A comment line: keeps proxies from closing an idle stream.
                 quiet_since = time.monotonic()
-                yield ": keepalive\n\n"
+                yield None
+
+
+def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
+           keepalive: float, recheck: float) -> Iterator[str]:
+    """Everything after `after_seq`, then (if `follow`) live events as they are stored, as SSE."""
+    yield "retry: 1000\n\n"
+    for event in feed(database, session_id, after_seq, live=follow, keepalive=keepalive, recheck=recheck):
+        # A comment line when quiet: keeps proxies from closing an idle stream.
+        yield ": keepalive\n\n" if event is None else format_sse(event)

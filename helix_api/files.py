@@ -75,13 +75,22 @@ def for_task(conn: Connection, task: Any, file_id: int) -> Any:
     return row
 
 
+def _completed_adapters(*columns: Any) -> Any:
+    """A select of `columns` over adapter files whose fine-tune completed."""
+    return (select(*columns).join(Interaction.__table__, Interaction.id == _FILES.c.interaction_id)
+            .where(_FILES.c.kind == FileKind.ADAPTER.value, Interaction.state == InteractionState.COMPLETE))
+
+
 def session_adapter(db: DBSession | Connection, session_id: int) -> Any | None:
     """The adapter of the session's last completed fine-tune, if any."""
-    stmt = (select(*_FILES.c).join(Interaction.__table__, Interaction.id == _FILES.c.interaction_id)
-            .where(_FILES.c.session_id == session_id, _FILES.c.kind == FileKind.ADAPTER.value,
-                   Interaction.state == InteractionState.COMPLETE)
+    stmt = (_completed_adapters(*_FILES.c).where(_FILES.c.session_id == session_id)
             .order_by(_FILES.c.id.desc()).limit(1))
     return db.execute(stmt).one_or_none()
+
+
+def sessions_with_adapters() -> Any:
+    """A subquery of the ids of sessions with a completed fine-tune's adapter."""
+    return _completed_adapters(_FILES.c.session_id)
 
 
 def settle_result(conn: Connection, task: Any, result: dict[str, Any]) -> list[str]:

@@ -22,7 +22,7 @@ from .auth import require_user
 from .db import get_db
 from .errors import FileNotFound, Forbidden, InvalidField, ModelNotFound
 from .files import FileKind
-from .models import File, Interaction, InteractionState, Mode, Session, SessionType
+from .models import File, Mode, Session, SessionType
 from .params import check_params
 from .storage import get_store
 from .validation import field, json_body
@@ -87,10 +87,9 @@ def _offered(conn: Any) -> dict[str, tuple[str, bool]]:
 
 def _fine_tunes(db: Any, user_id: int) -> list[Any]:
     """The caller's sessions with a completed adapter, oldest first."""
-    adapters = (select(File.session_id).join(Interaction, Interaction.id == File.interaction_id)
-                .where(File.kind == FileKind.ADAPTER.value, Interaction.state == InteractionState.COMPLETE))
     return list(db.execute(select(Session.id, Session.model_name, Session.type, Session.created_at)
-                           .where(Session.user_id == user_id, Session.id.in_(adapters)).order_by(Session.id)))
+                           .where(Session.user_id == user_id, Session.id.in_(files.sessions_with_adapters()))
+                           .order_by(Session.id)))
 
 
 def _model_json(id_: str, type_: str, *, owned_by: str, created: int = 0, **extra: Any) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def chat_completions():
 
 
 def _default_image_model() -> str:
-    names = [m["name"] for m in current_app.extensions["helix_catalog"].as_list() if m["type"] == "image"]
+    names = current_app.extensions["helix_catalog"].names(SessionType.IMAGE.value)
     if not names:
         raise ModelNotFound("No image model is configured: name one in 'model'.", field="model")
     return names[0]

@@ -30,7 +30,7 @@ _NEW_FORMS = {
 
 
 def _models(type_: str) -> list[str]:
-    return [m["name"] for m in current_app.extensions["helix_catalog"].as_list() if m["type"] == type_]
+    return current_app.extensions["helix_catalog"].names(type_)
 
 
 def _shown_fields(params: dict[str, type], *names: str) -> set[str]:
