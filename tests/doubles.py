@@ -33,6 +33,7 @@ def pause(seconds: float, report: Report) -> None:
 class EchoBackend(Backend):
     """Streams the prompt back word by word; params `sleep` and `token_delay` slow it down."""
 
+    max_parallel = 64  # no model to share: as many at once as the runner holds
     setup_calls = 0  # across instances, so a test can see setup() ran once per process
 
     def setup(self) -> None:
@@ -96,7 +97,10 @@ class StubbornBackend(Backend):
 
 
 class PlainBackend:
-    """A backend that subclasses nothing and takes no configuration: the contract is duck-typed."""
+    """A backend that subclasses nothing: the contract is duck-typed (a config in, setup() and predict())."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
 
     def setup(self) -> None:
         """Nothing to load."""
