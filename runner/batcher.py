@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runner.errors import ApiError, LeaseLost, StopReason, TaskCancelled
+from runner.errors import refusal
 
 if TYPE_CHECKING:
     from runner.client import ApiClient
@@ -36,12 +36,8 @@ def _outcome(post: _Post) -> dict[str, Any]:
     code = answer.get("error")
     if code is None:
         return answer
-    message = str(answer.get("message") or code)
-    if code == "task_cancelled":
-        raise TaskCancelled(StopReason.CANCELLED, f"409 task_cancelled: {message}")
-    if code == "lease_lost":
-        raise LeaseLost(409, code, message)
-    raise ApiError(404 if code == "not_found" else 400, code, message)
+    # The same error a lone post would have raised, told apart by the answer's code: it has no status.
+    raise refusal(None, str(code), str(answer.get("message") or code))
 
 
 class EventBatcher:

@@ -22,7 +22,7 @@ from tenacity import (
 )
 
 from runner.config import CLAIM_PATH, RetryPolicy
-from runner.errors import ApiError, ApiUnavailable, LeaseLost, RunnerError, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiUnavailable, refusal
 from runner.messages import Claim
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class ApiClient:
             raise ApiUnavailable(f"{method} {url}: {response.status_code} {_message(response)}",
                                  status=response.status_code, retry_after=_retry_after(response))
         if response.status_code >= 400:
-            raise _refusal(response)
+            raise refusal(response.status_code, *_error_body(response))
         return response
 
     def _wait(self, state: RetryCallState) -> float:
@@ -188,17 +188,8 @@ class ApiClient:
         return delay
 
 
-def _refusal(response: requests.Response) -> RunnerError:
-    """The error a non-transient 4xx stands for."""
-    code, message = _error_body(response)
-    if response.status_code == 409:
-        if code == "task_cancelled":
-            return TaskCancelled(StopReason.CANCELLED, f"409 task_cancelled: {message}")
-        return LeaseLost(409, code or "lease_lost", message)
-    return ApiError(response.status_code, code or "http_error", message)
-
-
 def _error_body(response: requests.Response) -> tuple[str, str]:
+    """The error code and message of a refusal's JSON body (or its text, when it has none)."""
     try:
         body = response.json()
     except ValueError:

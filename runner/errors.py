@@ -27,8 +27,9 @@ class ApiUnavailable(RunnerError):
 class ApiError(RunnerError):
     """The API refused a request (a 4xx that retrying will not fix)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
+    def __init__(self, status: int | None, code: str, message: str) -> None:
+        # No status for one task's answer inside a batched request: its code says it all.
+        super().__init__(f"{status} {code}: {message}" if status is not None else f"{code}: {message}")
         self.status = status
         self.code = code
         self.api_message = message
@@ -60,3 +61,17 @@ class BadTaskInput(RunnerError):
 
 class BackendNotFound(RunnerError):
     """No backend by that name or import path."""
+
+
+def refusal(status: int | None, code: str, message: str) -> ApiError | TaskCancelled:
+    """The error an API refusal stands for, by its error code; `status` is None for one task's answer in a batch.
+
+    On the worker endpoints a 409 always means the task is no longer this runner's: cancelled by its
+    user, or else the lease is lost.
+    """
+    if code == "task_cancelled":
+        prefix = f"{status} " if status is not None else ""
+        return TaskCancelled(StopReason.CANCELLED, f"{prefix}task_cancelled: {message}")
+    if code == "lease_lost" or status == 409:
+        return LeaseLost(status, code or "lease_lost", message)
+    return ApiError(status, code or "http_error", message)

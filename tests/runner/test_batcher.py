@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from runner.batcher import EventBatcher
-from runner.errors import ApiUnavailable, LeaseLost, TaskCancelled
+from runner.errors import ApiError, ApiUnavailable, LeaseLost, TaskCancelled
 
 
 class SlowClient:
@@ -65,6 +65,17 @@ def test_each_task_gets_its_own_refusal():
     with pytest.raises(TaskCancelled):
         batcher.post(8, "l_8", _events(1))
     assert batcher.post(9, "l_9", _events(4))["last_seq"] == 4
+
+
+def test_a_refusal_is_told_by_its_code_not_an_invented_status():
+    client = SlowClient()
+    client.release.set()
+    client.answers = {5: {"task_id": 5, "error": "not_found", "message": "no task 5"}}
+    with pytest.raises(ApiError) as caught:
+        EventBatcher(client).post(5, "l_5", _events(1))
+    assert type(caught.value) is ApiError
+    assert caught.value.code == "not_found" and caught.value.status is None
+    assert str(caught.value) == "not_found: no task 5"
 
 
 def test_a_failed_request_fails_every_post_in_it():

@@ -9,7 +9,7 @@ import requests
 
 from runner.client import CONNECT_TIMEOUT, ApiClient
 from runner.config import RetryPolicy
-from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled, refusal
 
 from .conftest import API, TASK_URL, FakeApi
 
@@ -138,6 +138,22 @@ def test_409_task_cancelled_raises_task_cancelled(api, api_client):
     with pytest.raises(TaskCancelled) as caught:
         api_client.post_events(42, "l_42", [{"seq": 1, "kind": "token", "text": "x"}])
     assert caught.value.reason == StopReason.CANCELLED
+
+
+def test_any_other_409_means_the_lease_is_lost(api, api_client):
+    api.post(f"{TASK_URL}/42/release", status=409, json={"error": "conflict", "message": "not running"})
+    with pytest.raises(LeaseLost) as caught:
+        api_client.release(42, "l_42")
+    assert caught.value.status == 409 and caught.value.code == "conflict"
+
+
+def test_one_mapping_from_refusal_to_error():
+    cancelled = refusal(None, "task_cancelled", "by the user")
+    assert isinstance(cancelled, TaskCancelled) and cancelled.reason == StopReason.CANCELLED
+    assert isinstance(refusal(None, "lease_lost", "stale"), LeaseLost)
+    assert isinstance(refusal(409, "", "stale"), LeaseLost)
+    refused = refusal(400, "", "bad")
+    assert type(refused) is ApiError and refused.code == "http_error" and str(refused) == "400 http_error: bad"
 
 
 def test_worker_bodies_follow_the_protocol(api, api_client):
