@@ -11,7 +11,7 @@ import click
 from click.core import ParameterSource
 
 from runner.backends import load_backend
-from runner.client import ApiClient
+from runner.client import CONNECTIONS_PER_SLOT, ApiClient
 from runner.config import (
     JobFilter,
     RunnerConfig,
@@ -94,8 +94,9 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
         model = load_backend(backend, config)
     except BackendNotFound as exc:
         raise click.UsageError(str(exc)) from exc
+    # Sized for every slot --max-parallel may open: the backend's own cap is known only after setup().
     client = ApiClient(config.api_url, config.token, config.runner_name, timeout=config.request_timeout,
-                       retry=config.retry)
+                       retry=config.retry, pool_size=CONNECTIONS_PER_SLOT * config.max_parallel)
     runner = Runner(config, model, client)
     previous = _install_signal_handlers(runner)
     try:

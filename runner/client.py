@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import DEFAULT_POOLSIZE, HTTPAdapter
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -34,6 +35,7 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 FILE_TIMEOUT = 300.0  # between two chunks of a file: adapters and images are large, but never silent this long
 CHUNK_BYTES = 1 << 20
 TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+CONNECTIONS_PER_SLOT = 4  # a slot may poll, beat, post events and move a file all at once
 
 
 class ApiClient:
@@ -47,12 +49,16 @@ class ApiClient:
         *,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
-        session: requests.Session | None = None,
+        pool_size: int = DEFAULT_POOLSIZE,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
-        self.session = session or requests.Session()
+        self.session = requests.Session()
+        # Keep a connection for every thread that may call at once; past the pool's size, requests
+        # opens a connection per call and throws it away.
+        for prefix in ("http://", "https://"):
+            self.session.mount(prefix, HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size))
         self.session.headers.update({"Authorization": f"Bearer {token}", "X-Helix-Runner": runner_name})
         self._backoff = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.cap)
 

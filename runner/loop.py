@@ -121,7 +121,6 @@ class Runner:
     def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
         """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
         self._batcher = EventBatcher(self.client)  # the slots' event posts share requests
-        self._widen_connection_pool(slots)
         threads = [threading.Thread(target=self._serve_slot, args=(limit,), name=f"helix-slot-{index}",
                                     daemon=True) for index in range(slots)]
         for thread in threads:
@@ -150,17 +149,6 @@ class Runner:
     def _unreserve(self) -> None:
         with self._counting:
             self._reserved -= 1
-
-    def _widen_connection_pool(self, slots: int) -> None:
-        """Each slot polls, beats and posts events at once: keep a connection for each, not requests' 10."""
-        session = getattr(self.client, "session", None)
-        if session is None:
-            return
-        from requests.adapters import HTTPAdapter
-
-        size = 4 * slots
-        for prefix in ("http://", "https://"):
-            session.mount(prefix, HTTPAdapter(pool_connections=size, pool_maxsize=size))
 
     # Claiming.
 

@@ -156,6 +156,13 @@ def test_one_mapping_from_refusal_to_error():
     assert type(refused) is ApiError and refused.code == "http_error" and str(refused) == "400 http_error: bad"
 
 
+def test_the_connection_pool_has_the_size_asked_for():
+    sized = ApiClient(API, "t", "r", pool_size=12)
+    for url in (API, "https://helix.example"):
+        assert sized.session.get_adapter(url)._pool_maxsize == 12
+    sized.close()
+
+
 def test_worker_bodies_follow_the_protocol(api, api_client):
     for action in ("events", "complete", "fail", "release"):
         api.post(f"{TASK_URL}/42/{action}", json={"status": "ok"})
