@@ -10,11 +10,12 @@ import sys
 import click
 
 from .config import load_settings
+from .vocabulary import TaskStatus
 
-# Only click and the settings at import time: `helix serve`'s process becomes gunicorn's master,
-# which should not carry SQLAlchemy and Alembic in memory for its whole life.
+# Only click, the settings and the vocabulary at import time: `helix serve`'s process becomes
+# gunicorn's master, which should not carry SQLAlchemy and Alembic in memory for its whole life.
 logger = logging.getLogger(__name__)
-TASK_STATUSES = ("queued", "claimed", "running", "complete", "failed", "dead", "cancelled")
+TASK_STATUSES = tuple(status.value for status in TaskStatus)
 
 
 def _database(check: bool = True):

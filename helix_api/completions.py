@@ -19,13 +19,12 @@ from sqlalchemy import select
 from . import events, scheduler
 from .db import Database
 from .errors import NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
-from .models import Task, TaskStatus
+from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, InteractionState, Task, TaskStatus
 from .notifier import session_topic
 
 logger = logging.getLogger(__name__)
 
 _TASKS = Task.__table__
-_DONE = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.DEAD, TaskStatus.CANCELLED)
 _FINISH_REASONS = ("stop", "length")
 
 
@@ -75,7 +74,7 @@ def wait(database: Database, request: Request, *, timeout: float, recheck: float
     with database.notifier.watch(session_topic(request.session_id)) as watch:
         while True:
             task = _task(database, request.task_id)
-            if task.status in _DONE:
+            if task.status in FINAL_TASK_STATUSES:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -204,9 +203,9 @@ def stream_chat(database: Database, request: Request, *, include_usage: bool, ke
                     yield chunks.chunk({"content": new})
             elif event.kind == "state":
                 state = event.data.get("state")
-                if state == "queued":
+                if state == InteractionState.QUEUED:
                     text.restart()
-                elif state in ("complete", "error", "cancelled"):
+                elif state in FINAL_INTERACTION_STATES:
                     ended = True
                     yield from _end(database, request, chunks, text)
                     return

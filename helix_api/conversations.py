@@ -13,6 +13,8 @@ from .db import Database
 from .errors import NotReady, SessionBusy, SessionNotFound
 from .files import FileKind
 from .models import (
+    ACTIVE_TASK_STATUSES,
+    OPEN_TASK_STATUSES,
     Creator,
     File,
     Interaction,
@@ -26,7 +28,6 @@ from .models import (
 from .params import Limits, check_params
 from .storage import FileStore, safe_name
 
-_OPEN_TASK = (TaskStatus.QUEUED, TaskStatus.CLAIMED, TaskStatus.RUNNING)
 _INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
 _INSERT_INTERACTION = insert(Interaction.__table__).returning(*Interaction.__table__.c)
 
@@ -193,7 +194,7 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
             raise NotReady(f"Session {session_id} is a fine-tune that has not completed: once training is done "
                            "it switches to inference with the new adapter and takes messages.")
         check_params(params, session.mode, session.type, limits)
-        if any(i.task is not None and i.task.status in _OPEN_TASK for i in session.interactions):
+        if any(i.task is not None and i.task.status in OPEN_TASK_STATUSES for i in session.interactions):
             raise SessionBusy(f"Session {session_id} is still answering its previous message: "
                               "wait for it (GET the session or follow its events) or cancel it.")
         _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy,
@@ -227,7 +228,7 @@ def phase(task: Any, reply: Any) -> str:
     """
     if task.status == TaskStatus.QUEUED:
         return "queued"
-    if task.status in (TaskStatus.CLAIMED, TaskStatus.RUNNING):
+    if task.status in ACTIVE_TASK_STATUSES:
         started = bool(reply.output) or bool(reply.progress)
         if not started:
             return "loading"

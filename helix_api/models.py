@@ -10,6 +10,16 @@ from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, TypeDeco
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The vocabulary lives in its own SQLAlchemy-free module (the CLI reads it); it is re-exported here,
+# next to the columns that store it, so `from .models import TaskStatus, OPEN_TASK_STATUSES` works.
+from .vocabulary import ACTIVE_TASK_STATUSES as ACTIVE_TASK_STATUSES
+from .vocabulary import FAILED_TASK_STATUSES as FAILED_TASK_STATUSES
+from .vocabulary import FINAL_INTERACTION_STATES as FINAL_INTERACTION_STATES
+from .vocabulary import FINAL_TASK_STATUSES as FINAL_TASK_STATUSES
+from .vocabulary import OPEN_INTERACTION_STATES as OPEN_INTERACTION_STATES
+from .vocabulary import OPEN_TASK_STATUSES as OPEN_TASK_STATUSES
+from .vocabulary import Creator, InteractionState, Mode, SessionType, TaskStatus
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
@@ -37,52 +47,6 @@ class UTCDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
-
-
-class Mode(enum.StrEnum):
-    """What a session does: inference (`create`) or training (`finetune`)."""
-
-    CREATE = "create"
-    FINETUNE = "finetune"
-
-
-class SessionType(enum.StrEnum):
-    """What a session makes."""
-
-    TEXT = "text"
-    IMAGE = "image"
-
-
-class Creator(enum.StrEnum):
-    """Who wrote an interaction."""
-
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-class InteractionState(enum.StrEnum):
-    """The state of a reply, as its user sees it."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETE = "complete"
-    ERROR = "error"
-    CANCELLED = "cancelled"
-
-
-class TaskStatus(enum.StrEnum):
-    """The state of a task, as the scheduler sees it (see notes.md for the transitions)."""
-
-    QUEUED = "queued"
-    CLAIMED = "claimed"
-    RUNNING = "running"
-    COMPLETE = "complete"
-    FAILED = "failed"
-    DEAD = "dead"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATUSES = (TaskStatus.CLAIMED, TaskStatus.RUNNING)
 
 
 def _enum(cls: type[enum.Enum]) -> SAEnum:

@@ -7,19 +7,17 @@ from typing import Any
 from sqlalchemy import func, select
 
 from . import runners
-from .models import Task, TaskStatus, User, utcnow
+from .models import FAILED_TASK_STATUSES, OPEN_TASK_STATUSES, Task, TaskStatus, User, utcnow
 
 _TASKS = Task.__table__
-FAILED = (TaskStatus.FAILED.value, TaskStatus.DEAD.value)
 
 
 def queue_depths(conn: Any) -> list[dict[str, Any]]:
     """Per (mode, type, model): tasks queued, tasks running, and how long the oldest has waited."""
     now = utcnow()
-    open_statuses = [TaskStatus.QUEUED.value, TaskStatus.CLAIMED.value, TaskStatus.RUNNING.value]
     stmt = (select(_TASKS.c.mode, _TASKS.c.type, _TASKS.c.model_name, _TASKS.c.status,
                    func.count().label("n"), func.min(_TASKS.c.queued_at).label("oldest"))
-            .where(_TASKS.c.status.in_(open_statuses))
+            .where(_TASKS.c.status.in_(OPEN_TASK_STATUSES))
             .group_by(_TASKS.c.mode, _TASKS.c.type, _TASKS.c.model_name, _TASKS.c.status))
     depths: dict[tuple[str, str, str], dict[str, Any]] = {}
     for row in conn.execute(stmt):
@@ -41,7 +39,7 @@ def recent_failures(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
                    _TASKS.c.status, _TASKS.c.attempt, _TASKS.c.runner, _TASKS.c.error, _TASKS.c.finished_at,
                    User.name.label("user"))
             .join(User, User.id == _TASKS.c.user_id)
-            .where(_TASKS.c.status.in_(FAILED)).order_by(_TASKS.c.finished_at.desc(), _TASKS.c.id.desc())
+            .where(_TASKS.c.status.in_(FAILED_TASK_STATUSES)).order_by(_TASKS.c.finished_at.desc(), _TASKS.c.id.desc())
             .limit(limit))
     return [{"task_id": r.id, "session_id": r.session_id, "user": r.user, "mode": r.mode.value,
              "type": r.type.value, "model_name": r.model_name, "status": r.status.value, "attempts": r.attempt,

@@ -12,7 +12,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
-from .models import ACTIVE_STATUSES, Runner, Task, utcnow
+from .models import ACTIVE_TASK_STATUSES, Runner, Task, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def listing(conn: Any, now: datetime | None = None) -> list[dict[str, Any]]:
     tasks = Task.__table__
     for task in conn.execute(select(tasks.c.id, tasks.c.session_id, tasks.c.runner, tasks.c.status,
                                     tasks.c.attempt, tasks.c.lease_expires_at)
-                             .where(tasks.c.status.in_([s.value for s in ACTIVE_STATUSES]))):
+                             .where(tasks.c.status.in_(ACTIVE_TASK_STATUSES))):
         held.setdefault(task.runner, []).append({
             "task_id": task.id, "session_id": task.session_id, "status": task.status.value,
             "attempt": task.attempt,

@@ -23,7 +23,9 @@ from . import events, files
 from .db import Database
 from .errors import LeaseLost, NotCancellable, TaskCancelled, TaskNotFound
 from .models import (
-    ACTIVE_STATUSES,
+    ACTIVE_TASK_STATUSES,
+    FAILED_TASK_STATUSES,
+    OPEN_TASK_STATUSES,
     Interaction,
     InteractionState,
     Mode,
@@ -42,7 +44,7 @@ PRIORITY_CONTINUE = 0
 PRIORITY_NEW = 1
 MAX_ERROR_CHARS = 20_000
 # Where a task can be right after its lease holder's `fail`; a new claim changes the lease token.
-_AFTER_FAIL = (TaskStatus.QUEUED, TaskStatus.FAILED, TaskStatus.DEAD)
+_AFTER_FAIL = frozenset({TaskStatus.QUEUED, *FAILED_TASK_STATUSES})
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,6 @@ class LeasePolicy:
 
 
 _TASKS, _REPLIES = Task.__table__, Interaction.__table__
-_ACTIVE = [s.value for s in ACTIVE_STATUSES]
 
 # Statements built once: on the hot paths, building a statement costs more than running it.
 _QUEUED = and_(_TASKS.c.status == TaskStatus.QUEUED, _TASKS.c.mode == bindparam("p_mode"),
@@ -212,7 +213,7 @@ def _check_lease(task: Any, token: str, now: datetime) -> Any:
                         f"{task.attempt}, status {task.status.value}).")
     if task.status == TaskStatus.CANCELLED:
         raise TaskCancelled(f"Task {task.id} was cancelled by its user.")
-    if task.status not in ACTIVE_STATUSES:
+    if task.status not in ACTIVE_TASK_STATUSES:
         raise LeaseLost(f"Task {task.id} is {task.status.value}; this lease no longer holds it.")
     if task.lease_expires_at is None or task.lease_expires_at < now:
         raise LeaseLost(f"The lease on task {task.id} expired at {task.lease_expires_at}.")
@@ -405,13 +406,13 @@ def reap(database: Database, now: datetime | None = None) -> int:
     now = now or utcnow()
     with database.reading() as conn:
         expired = conn.execute(select(_TASKS.c.id, _TASKS.c.lease_token).where(
-            _TASKS.c.status.in_(_ACTIVE), _TASKS.c.lease_expires_at < now).limit(500)).all()
+            _TASKS.c.status.in_(ACTIVE_TASK_STATUSES), _TASKS.c.lease_expires_at < now).limit(500)).all()
     reaped = 0
     dropped: list[str] = []
     for task_id, token in expired:
         with database.transaction() as conn:
             stmt = select(*_TASKS.c).where(_TASKS.c.id == task_id, _TASKS.c.lease_token == token,
-                                           _TASKS.c.status.in_(_ACTIVE), _TASKS.c.lease_expires_at < now)
+                                           _TASKS.c.status.in_(ACTIVE_TASK_STATUSES), _TASKS.c.lease_expires_at < now)
             if database.dialect == "postgresql":
                 stmt = stmt.with_for_update(skip_locked=True)
             task = conn.execute(stmt).one_or_none()
@@ -451,7 +452,7 @@ def cancel(database: Database, session_id: int) -> None:
     now = utcnow()
     with database.transaction() as conn:
         stmt = (select(*_TASKS.c).where(_TASKS.c.session_id == session_id,
-                                        _TASKS.c.status.in_([TaskStatus.QUEUED.value, *_ACTIVE]))
+                                        _TASKS.c.status.in_(OPEN_TASK_STATUSES))
                 .order_by(_TASKS.c.id.desc()).limit(1))
         if database.dialect == "postgresql":
             stmt = stmt.with_for_update()

@@ -15,14 +15,13 @@ from sqlalchemy import func, select
 from .. import conversations, overview, sessions
 from ..db import get_db
 from ..errors import Forbidden, HelixError, NotCancellable
-from ..models import Mode, SessionType, TaskEvent
+from ..models import OPEN_INTERACTION_STATES, Mode, SessionType, TaskEvent
 from . import bp
 from .forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
 from .signin import signed_in, signed_in_feed
 
 logger = logging.getLogger(__name__)
 
-OPEN_STATES = ("queued", "running")
 _NEW_FORMS = {
     "chat": ("web/new_chat.html", SessionType.TEXT, CHAT_PARAMS),
     "image": ("web/new_image.html", SessionType.IMAGE, IMAGE_PARAMS),
@@ -111,7 +110,7 @@ def _stream_start(task_id: int) -> int:
 def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
     session = sessions.shown(g.caller.id, session_id)
     last = session["interactions"][-1] if session.get("interactions") else None
-    live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_STATES else None
+    live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_INTERACTION_STATES else None
     stream_after = _stream_start(live["task"]["id"]) if live and live.get("task") else None
     param_fields = CHAT_PARAMS if session["type"] == SessionType.TEXT.value else IMAGE_PARAMS
     return render_template("web/session.html", session=session, live=live, stream_after=stream_after,

@@ -1,0 +1,71 @@
+"""The words of sessions, replies and tasks: their enums, and the named groups of statuses.
+
+Kept free of SQLAlchemy so the `helix` command can offer the statuses without loading it;
+`models.py` re-exports everything here, next to the columns that store it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Mode(enum.StrEnum):
+    """What a session does: inference (`create`) or training (`finetune`)."""
+
+    CREATE = "create"
+    FINETUNE = "finetune"
+
+
+class SessionType(enum.StrEnum):
+    """What a session makes."""
+
+    TEXT = "text"
+    IMAGE = "image"
+
+
+class Creator(enum.StrEnum):
+    """Who wrote an interaction."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class InteractionState(enum.StrEnum):
+    """The state of a reply, as its user sees it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class TaskStatus(enum.StrEnum):
+    """The state of a task, as the scheduler sees it (see notes.md for the transitions)."""
+
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+# The groups every module asks about, named once. Members are StrEnums, so a plain string read from
+# JSON or an event ("queued") is found in them too.
+
+# Leased to a runner: a heartbeat renews it, and an expired lease is reaped.
+ACTIVE_TASK_STATUSES = frozenset({TaskStatus.CLAIMED, TaskStatus.RUNNING})
+# Not finished: its session is busy, its user may cancel it, it counts in a queue's depth.
+OPEN_TASK_STATUSES = frozenset({TaskStatus.QUEUED, *ACTIVE_TASK_STATUSES})
+# Ended in an error: `failed` when the runner said not to retry, `dead` when the attempts ran out.
+FAILED_TASK_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.DEAD})
+# Finished for good: nothing changes a task in these.
+FINAL_TASK_STATUSES = frozenset({TaskStatus.COMPLETE, TaskStatus.CANCELLED, *FAILED_TASK_STATUSES})
+
+# A reply still on its way: its page follows it live.
+OPEN_INTERACTION_STATES = frozenset({InteractionState.QUEUED, InteractionState.RUNNING})
+# A reply that has ended, one way or another.
+FINAL_INTERACTION_STATES = frozenset({InteractionState.COMPLETE, InteractionState.ERROR,
+                                      InteractionState.CANCELLED})
