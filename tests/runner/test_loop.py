@@ -231,7 +231,7 @@ def test_backend_ignoring_shutdown_still_completes(api, api_client, config, clai
 
     api.get(TASK_URL, json=claim_json(params={"sleep": 0.3}))
     fake_worker_api(api)
-    backend = Slow()
+    backend = Slow(config)
     runner = Runner(replace(config, grace_seconds=0.01), backend, api_client)
     stopper = stop_when_started(runner, backend)
     runner.run()
