@@ -1,8 +1,12 @@
-"""Schema versions: Alembic revisions in migrations/, applied by `helix db upgrade`."""
+"""Schema versions: Alembic revisions in the `helix_api.migrations` package, applied by `helix db upgrade`.
+
+The package is the top-level migrations/ of the source tree, mapped into the wheel by pyproject.toml, so an
+installed Helix and `alembic` run by hand in a checkout read the same revisions.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -13,19 +17,22 @@ from sqlalchemy import Engine
 from .db import normalize_url
 from .errors import SchemaOutOfDate
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+def migrations_dir() -> str:
+    """The folder of env.py and versions/, wherever Helix is installed (a wheel or an editable checkout)."""
+    return str(files("helix_api.migrations"))
 
 
 def alembic_config(url: str) -> AlembicConfig:
     """An Alembic config for `url`, without needing an alembic.ini in the working directory."""
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", migrations_dir().replace("%", "%%"))
     cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return cfg
 
 
 def head_revision() -> str | None:
-    """The newest revision in migrations/."""
+    """The newest revision this Helix carries."""
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from helix_api import schema
 from helix_api.app import create_app
 from helix_api.db import make_engine
 from helix_api.errors import SchemaOutOfDate
 from helix_api.models import Base
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_migrations_match_the_models(database_url):
@@ -19,6 +25,13 @@ def test_migrations_match_the_models(database_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_alembic_by_hand_and_helix_read_the_same_revisions(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # alembic.ini names its folder relative to itself, not to the working directory
+    by_hand = ScriptDirectory.from_config(AlembicConfig(str(REPO / "alembic.ini")))
+    assert Path(by_hand.dir).resolve() == Path(schema.migrations_dir()).resolve() == REPO / "migrations"
+    assert by_hand.get_current_head() == schema.head_revision()
 
 
 def test_server_refuses_a_schema_behind_head(tmp_path):

@@ -1,0 +1,1 @@
+"""Alembic revisions of the Helix schema; the wheel ships this folder as `helix_api.migrations`."""
