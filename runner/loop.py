@@ -1,4 +1,4 @@
-"""The runner's main loop: set the backend up once, then claim, predict, report, finish; until stopped."""
+"""The runner's main loop: set the backend up once, then claim a task, run an attempt at it, settle; until stopped."""
 
 from __future__ import annotations
 
@@ -6,30 +6,20 @@ import functools
 import logging
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
+from runner.attempt import STOPPING, Attempt, Release
 from runner.backends.base import Backend
 from runner.batcher import EventBatcher
 from runner.client import ApiClient
 from runner.config import RunnerConfig
-from runner.errors import ApiError, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiUnavailable, StopReason
 from runner.files import TaskFiles
-from runner.heartbeat import Heartbeat
-from runner.messages import Claim, Lease, Task
+from runner.messages import Claim
 from runner.reporter import Report
 
 logger = logging.getLogger(__name__)
-
-CARRY_EVENTS = 256  # unsent events that go with the result; older ones are posted first
-TRACEBACK_LINES = 20  # enough to see where it broke, small enough for the reply's error field
-
-
-def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> str:
-    """The last lines of an exception's traceback, ending with the exception itself."""
-    text = "".join(traceback.format_exception(exc)).rstrip()
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class Runner:
@@ -46,8 +36,8 @@ class Runner:
         self.client = client
         self.handled = 0  # tasks claimed and finished one way or another
         self._stopping = threading.Event()
-        # Reports of the tasks in hand, by task id. Read by stop(), which may run in a signal handler on
-        # the main thread: no locks around it (single dict operations are atomic).
+        # Reports of the tasks whose backend call is running, by task id. Read by stop(), which may run
+        # in a signal handler on the main thread: no locks around it (single dict operations are atomic).
         self._reports: dict[int, Report] = {}
         self._grace_timer: threading.Timer | None = None
         self._counting = threading.Lock()
@@ -186,7 +176,7 @@ class Runner:
                 done.set()
                 orphan = box["abandoned"] and box.get("claim")
             if orphan:
-                self._release(orphan.task, orphan.lease, "the runner stopped while claiming")
+                self._attempt(orphan).settle(Release("the runner stopped while claiming"))
 
         threading.Thread(target=poll, name="helix-claim", daemon=True).start()
         while not done.wait(0.05):
@@ -201,128 +191,35 @@ class Runner:
             raise box["error"]
         claim: Claim | None = box.get("claim")
         if claim is not None and self._stopping.is_set():
-            self._release(claim.task, claim.lease, "the runner is stopping")
+            self._attempt(claim).settle(STOPPING)
             return None
         return claim
 
     # Working.
 
     def _work(self, claim: Claim) -> None:
-        """Run one claimed task to its end: complete, fail, release, or drop."""
-        task, lease = claim.task, claim.lease
+        """Run one claimed task to its end, then settle that end with the API."""
+        task = claim.task
         logger.info("task %s: claimed (attempt %s, session %s, interaction %s)", task.id, task.attempt,
                     task.session_id, task.interaction_id)
-        post = self._batcher.post if self._batcher is not None else self.client.post_events
-        report = Report(task.id, functools.partial(post, task.id, lease.token),
-                        flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
-                        files=TaskFiles(self.client, task.id, lease.token, Path(self.config.cache_dir)))
-        self._reports[task.id] = report
-        if self._stopping.is_set():  # stop() came between the claim and now
+        attempt = self._attempt(claim)
+        self._reports[task.id] = attempt.report
+        try:
+            # A stop() that came between the claim and now hands the task straight back.
+            outcome = STOPPING if self._stopping.is_set() else attempt.run()
+        finally:
+            # Before settling: from here on, a stop() must not cut the task's end short.
             self._reports.pop(task.id, None)
-            self._release(task, lease, "the runner is stopping")
-            return
-        heartbeat = Heartbeat(self.client, task.id, lease, on_stop=report.cancel)
-        report.start()
-        heartbeat.start()
-        started = time.monotonic()
-        try:
-            try:
-                result = self.backend.predict(task, report)
-            finally:
-                # Before complete/fail: a renewal in flight must not race the task's end.
-                heartbeat.stop()
-                self._reports.pop(task.id, None)
-        except TaskCancelled as exc:
-            self._stopped(task, lease, report, report.stop_reason or exc.reason)
-        except Exception as exc:
-            if report.stop_reason is not None:
-                # Most likely the backend tripping over its own cancellation: not a crash of the task.
-                logger.info("task %s: predict() raised %r while stopping", task.id, exc)
-                self._stopped(task, lease, report, report.stop_reason)
-            elif isinstance(exc, BadTaskInput):
-                logger.error("task %s: cannot be done as given: %s", task.id, exc)
-                self._fail(task, lease, report, str(exc), retry=False)
-            else:
-                logger.exception("task %s: predict() failed", task.id)
-                self._fail(task, lease, report, traceback_tail(exc), retry=True)
-        else:
-            if report.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
-                self._stopped(task, lease, report, report.stop_reason)
-            elif not isinstance(result, dict):
-                logger.error("task %s: predict() returned %s, not a dict", task.id, type(result).__name__)
-                error = f"backend returned {type(result).__name__}, not a JSON object"
-                self._fail(task, lease, report, error, retry=False)
-            else:
-                # A task that finished inside the grace period (or despite it) is worth keeping.
-                self._complete(task, lease, report, result, time.monotonic() - started)
+        attempt.settle(outcome)
 
-    def _complete(self, task: Task, lease: Lease, report: Report, result: dict[str, Any],
-                  elapsed: float) -> None:
-        # The last events ride with the result: one round trip at the end of every task, not two.
-        carried = report.close_for_result(carry=CARRY_EVENTS)
-        if carried is None:
-            if report.stop_reason in (StopReason.CANCELLED, StopReason.LEASE_LOST):
-                self._stopped(task, lease, report, report.stop_reason)  # found out while flushing
-                return
-            logger.warning("task %s: completing with some events unsent", task.id)
-            carried = []
-        try:
-            try:
-                self.client.complete(task.id, lease.token, result, carried)
-            except ApiError as exc:
-                if not carried or isinstance(exc, LeaseLost):
-                    raise
-                # Events the API will never take (as a post would have been) must not cost the result.
-                logger.exception("task %s: events %d-%d refused with the result; completing without them",
-                                 task.id, carried[0]["seq"], carried[-1]["seq"])
-                self.client.complete(task.id, lease.token, result)
-        except ApiError as exc:
-            if isinstance(exc, LeaseLost):
-                logger.warning("task %s: lease lost before completing; result dropped", task.id)
-                return
-            logger.error("task %s: result refused: %s", task.id, exc)
-            self._send(task, "fail", self.client.fail, task.id, lease.token,
-                       f"the API refused the result: {exc.api_message}", False)
-            return
-        except (TaskCancelled, ApiUnavailable) as exc:
-            logger.warning("task %s: not completed: %s", task.id, exc)
-            return
-        logger.info("task %s: complete in %.2fs (%d events)", task.id, elapsed, report.last_seq)
-
-    def _fail(self, task: Task, lease: Lease, report: Report, error: str, retry: bool) -> None:
-        report.close(flush=True)  # the tokens streamed so far help whoever reads the error
-        self._send(task, "fail", self.client.fail, task.id, lease.token, error, retry)
-
-    def _stopped(self, task: Task, lease: Lease, report: Report, reason: StopReason) -> None:
-        """The task stopped before its end; the reason says what the API must be told."""
-        # Nothing more can be stored once cancelled or lost, and a released attempt starts afresh.
-        report.close(flush=False)
-        if reason == StopReason.CANCELLED:
-            logger.info("task %s: cancelled by the user", task.id)
-        elif reason == StopReason.LEASE_LOST:
-            logger.warning("task %s: lease lost; dropped", task.id)
-        else:
-            self._release(task, lease, "the runner is stopping")
-
-    def _release(self, task: Task, lease: Lease, why: str) -> None:
-        logger.info("task %s: handing back: %s", task.id, why)
-        self._send(task, "release", self.client.release, task.id, lease.token)
-
-    def _send(self, task: Task, action: str, call: Any, *args: Any) -> None:
-        """Tell the API how a task ended; whatever goes wrong, the loop carries on."""
-        try:
-            reply = call(*args)
-        except LeaseLost:
-            logger.warning("task %s: lease lost before %s", task.id, action)
-        except TaskCancelled:
-            logger.info("task %s: cancelled by the user before %s", task.id, action)
-        except ApiUnavailable:
-            # The lease runs out and the API requeues the task: nothing is lost but time.
-            logger.exception("task %s: %s not sent, API unavailable", task.id, action)
-        except ApiError:
-            logger.exception("task %s: %s refused", task.id, action)
-        else:
-            logger.info("task %s: %s -> %s", task.id, action, reply.get("status", "ok"))
+    def _attempt(self, claim: Claim) -> Attempt:
+        """An attempt at a claimed task; with several slots, its events share the batcher's requests."""
+        task_id, token = claim.task.id, claim.lease.token
+        post = self._batcher.post if self._batcher is not None else self.client.post_events
+        report = Report(task_id, functools.partial(post, task_id, token),
+                        flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
+                        files=TaskFiles(self.client, task_id, token, Path(self.config.cache_dir)))
+        return Attempt(claim, self.backend, self.client, report)
 
     def _teardown(self) -> None:
         if self._grace_timer is not None:

@@ -14,7 +14,7 @@ import requests
 import responses
 
 from runner.errors import ApiError, BadTaskInput
-from runner.loop import Runner, traceback_tail
+from runner.loop import Runner
 from tests.doubles import CrashOnceBackend, EchoBackend, StubbornBackend
 
 from .conftest import API, TASK_URL, bodies, posted_events
@@ -287,16 +287,3 @@ def test_idle_runner_stops_promptly(api, api_client, config):
     assert runner.run() == 0
     assert len(api.calls) >= 1
 
-
-def test_traceback_tail_keeps_the_last_lines():
-    def deep(n: int) -> None:
-        if n == 0:
-            raise ValueError("bottom")
-        deep(n - 1)
-
-    try:
-        deep(30)
-    except ValueError as exc:
-        tail = traceback_tail(exc, lines=5)
-    assert len(tail.splitlines()) == 5
-    assert tail.splitlines()[-1] == "ValueError: bottom"
