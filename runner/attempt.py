@@ -23,6 +23,7 @@ CARRY_EVENTS = 256  # unsent events that go with the result; older ones are post
 TRACEBACK_LINES = 20  # enough to see where it broke, small enough for the reply's error field
 # The API must hear nothing more of a task its user cancelled (it knows) or whose lease is lost (not ours).
 DROPPED = (StopReason.CANCELLED, StopReason.LEASE_LOST)
+FINETUNE = "finetune"  # the task mode a backend trains for; every other mode predicts
 
 
 def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> str:
@@ -87,6 +88,7 @@ class Attempt:
         self.report = report
         self._backend = backend
         self._client = client
+        self._call = "train()" if claim.task.mode == FINETUNE else "predict()"  # for the logs
         self._heartbeat = Heartbeat(client, claim.task.id, claim.lease, on_stop=report.cancel)
 
     def run(self) -> Outcome:
@@ -97,7 +99,7 @@ class Attempt:
         started = time.monotonic()
         try:
             try:
-                result = self._backend.predict(task, report)
+                result = self._call_backend()
             finally:
                 # Before settling: a renewal in flight must not race the task's end.
                 self._heartbeat.stop()
@@ -106,20 +108,26 @@ class Attempt:
         except Exception as exc:
             if report.stop_reason is not None:
                 # Most likely the backend tripping over its own cancellation: not a crash of the task.
-                logger.info("task %s: predict() raised %r while stopping", task.id, exc)
+                logger.info("task %s: %s raised %r while stopping", task.id, self._call, exc)
                 return _stopped(report.stop_reason)
             if isinstance(exc, BadTaskInput):
                 logger.error("task %s: cannot be done as given: %s", task.id, exc)
                 return Fail(str(exc), retry=False)
-            logger.exception("task %s: predict() failed", task.id)
+            logger.exception("task %s: %s failed", task.id, self._call)
             return Fail(traceback_tail(exc), retry=True)
         if report.stop_reason in DROPPED:
             return Drop(report.stop_reason)
         if not isinstance(result, dict):
-            logger.error("task %s: predict() returned %s, not a dict", task.id, type(result).__name__)
+            logger.error("task %s: %s returned %s, not a dict", task.id, self._call, type(result).__name__)
             return Fail(f"backend returned {type(result).__name__}, not a JSON object", retry=False)
         # A task that finished inside the grace period (or despite it) is worth keeping.
         return Complete(result, time.monotonic() - started)
+
+    def _call_backend(self) -> Any:
+        """train() for a fine-tune, predict() for every other task."""
+        if self.task.mode == FINETUNE:
+            return self._backend.train(self.task, self.report)
+        return self._backend.predict(self.task, self.report)
 
     def settle(self, outcome: Outcome) -> None:
         """End the attempt: close its report as the outcome needs, then tell the API (nothing, for a drop).

@@ -135,6 +135,23 @@ def test_a_result_inside_the_grace_period_completes(api, api_client, claim_json)
     assert isinstance(outcome, Complete) and outcome.result == {"text": "done"}
 
 
+def test_a_finetune_calls_train_and_anything_else_predict(api, api_client, claim_json):
+    class Both(Scripted):
+        def train(self, task, report):
+            return {"trained": task.id}
+
+    fake_worker_api(api)
+    backend = Both(lambda task, report: {"predicted": task.id})
+    assert attempt_of(api_client, backend, claim_json, mode="finetune").run().result == {"trained": 42}
+    assert attempt_of(api_client, backend, claim_json, mode="create").run().result == {"predicted": 42}
+
+
+def test_a_backend_that_cannot_train_fails_a_finetune_without_retry(api, api_client, claim_json):
+    fake_worker_api(api)
+    outcome = attempt_of(api_client, Scripted(lambda task, report: {"text": "x"}), claim_json, mode="finetune").run()
+    assert outcome == Fail("the Scripted backend does not fine-tune", retry=False)
+
+
 # Settling: what the API is told.
 
 

@@ -127,6 +127,21 @@ def test_setup_runs_once_for_many_tasks(api, api_client, config, claim_json):
     assert [body["result"]["setup_calls"] for body in bodies(api, "/complete")] == [1, 1]
 
 
+def test_a_finetune_task_is_trained_not_predicted(api, api_client, config, claim_json):
+    class Trains(EchoBackend):
+        def train(self, task, report):
+            report.progress(1, 1, message="training")
+            return {"text": "trained"}
+
+    api.get(TASK_URL, json=claim_json(mode="finetune"))
+    fake_worker_api(api)
+    finetune = replace(config, mode="finetune")
+    assert Runner(finetune, Trains(finetune), api_client).run(max_tasks=1) == 1
+    (complete,) = bodies(api, "/42/complete")
+    assert complete["result"] == {"text": "trained"}
+    assert [e["message"] for e in posted_events(api)] == ["training"]
+
+
 def test_crash_fails_with_retry_and_traceback_then_carries_on(api, api_client, config, claim_json):
     api.get(TASK_URL, json=claim_json(task_id=1, attempt=1))
     api.get(TASK_URL, json=claim_json(task_id=2, attempt=2))
