@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 class Runner:
     """Pulls tasks for one backend and runs them in-process until stopped.
 
-    With `config.max_parallel` N > 1 (capped by a backend's own `max_parallel` attribute, read after
-    setup()), N slots each claim and work one task at a time on their own thread, so the backend's
-    predict() is called for up to N held tasks at once; the main thread only waits, free for signals.
+    With N > 1 slots (the backend's `max_parallel`, read after setup(), capped by `config.max_parallel`),
+    each slot claims and works one task at a time on its own thread, so the backend's predict() or
+    train() runs for up to N held tasks at once; the main thread only waits, free for signals.
     """
 
     def __init__(self, config: RunnerConfig, backend: Backend, client: ApiClient) -> None:
@@ -64,10 +64,11 @@ class Runner:
         return self.handled
 
     def slots(self) -> int:
-        """How many tasks this runner holds at once: max_parallel, capped by the backend's own."""
-        cap = getattr(self.backend, "max_parallel", None)
-        wanted = max(1, int(getattr(self.config, "max_parallel", 1) or 1))
-        return max(1, min(wanted, int(cap))) if cap else wanted
+        """How many tasks this runner holds at once: the backend's max_parallel, capped by the config's."""
+        # Declared on every Backend (read after setup(), which may change it); a backend that does not
+        # declare it has not said it can share its model.
+        backend = int(getattr(self.backend, "max_parallel", 1))
+        return max(1, min(backend, self.config.max_parallel))
 
     def stop(self) -> None:
         """Stop taking work; the tasks in hand get `grace_seconds` to finish, then go back.

@@ -104,6 +104,19 @@ def test_a_backend_can_cap_the_slots(api, api_client, config, claim_json):
     assert Runner(replace(config, max_parallel=8), EchoBackend(config), api_client).slots() == 8
 
 
+def test_the_config_caps_the_backend(api_client, config):
+    assert EchoBackend.max_parallel > 2
+    assert Runner(replace(config, max_parallel=2), EchoBackend(config), api_client).slots() == 2
+
+
+def test_a_backend_that_declares_nothing_holds_one_task(api_client, config):
+    class Undeclared:  # duck-typed: no max_parallel
+        def setup(self) -> None:
+            pass
+
+    assert Runner(replace(config, max_parallel=8), Undeclared(), api_client).slots() == 1
+
+
 def test_a_claim_refused_for_good_stops_every_slot_and_is_raised(api, api_client, config):
     api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
     from runner.errors import ApiError
