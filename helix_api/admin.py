@@ -6,7 +6,7 @@ from flask import Blueprint
 
 from . import overview
 from .auth import require_admin
-from .db import get_db
+from .services import services
 from .validation import query_number
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
@@ -17,5 +17,5 @@ bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
 def show_overview():
     """Runners seen (what each serves, last heard from, tasks held), queue depth per model, recent failures."""
     limit = int(query_number("failures", 20, 1, 200))
-    with get_db().reading() as conn:
+    with services().database.reading() as conn:
         return overview.overview(conn, failures=limit)

@@ -9,13 +9,10 @@ from typing import Any
 from flask import Flask
 
 from . import admin, meta, openai_api, schema, sessions, web, worker
-from .catalog import Catalog
 from .config import load_settings
 from .db import Database
 from .errors import register_error_handlers
-from .params import Limits
-from .scheduler import LeasePolicy
-from .storage import LocalFileStore
+from .services import Services
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +28,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     schema.ensure_current(database.engine, app.config["DATABASE_URL"], app.config["AUTO_UPGRADE"])
     database.listen()
 
-    app.extensions["helix_catalog"] = Catalog.from_setting(app.config["MODELS"])
-    app.extensions["helix_limits"] = Limits.from_settings(app.config)
-    app.extensions["helix_store"] = LocalFileStore(app.config["FILES_DIR"])
-    app.extensions["helix_policy"] = LeasePolicy(
-        ttl_seconds=app.config["LEASE_SECONDS"], heartbeat_seconds=app.config["HEARTBEAT_SECONDS"],
-        max_attempts=app.config["MAX_ATTEMPTS"])
+    Services.from_settings(app.config, database).init_app(app)
 
     register_error_handlers(app)
     # CSRF tokens are checked by the web blueprint's own forms only: bearer-token JSON clients send none.

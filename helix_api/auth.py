@@ -15,9 +15,9 @@ from flask import g, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
-from .db import get_db
 from .errors import Forbidden, Unauthorized
 from .models import ApiKey, RunnerToken, User
+from .services import services
 
 USER_KEY_PREFIX = "hx_"
 RUNNER_TOKEN_PREFIX = "hxr_"
@@ -95,7 +95,7 @@ def _lookup(secret_hash: str) -> Caller | None:
     hit, caller = _cache.get(secret_hash)
     if hit:
         return caller
-    with get_db().read() as db:
+    with services().database.read() as db:
         row = db.execute(
             select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
             .where(ApiKey.key_hash == secret_hash, ApiKey.revoked_at.is_(None))).first()

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,7 +88,11 @@ class Database:
         self._write_engine = writer_bind
 
     def init_app(self, app: Flask) -> None:
-        """Connect to the app's DATABASE_URL and register as its extension."""
+        """Connect to the app's DATABASE_URL and register as its extension.
+
+        The app's code reaches the database through `services()`; the registration is the Flask
+        extension's own, which test fixtures use to dispose of an app's engine.
+        """
         self.connect(app.config["DATABASE_URL"])
         app.extensions["helix_db"] = self
 
@@ -160,8 +164,3 @@ class Database:
         self.notifier.stop()
         if self.engine is not None:
             self.engine.dispose()
-
-
-def get_db() -> Database:
-    """The database of the current app."""
-    return current_app.extensions["helix_db"]

@@ -6,13 +6,12 @@ import enum
 import logging
 from typing import Any
 
-from flask import current_app, has_app_context
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .errors import FileNotFound, InvalidField
 from .models import File, Interaction, InteractionState, Mode, Session, utcnow
-from .storage import StoredBlob
+from .storage import FileStore, StoredBlob
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +128,13 @@ def drop_earlier_attempts(conn: Connection, task: Any) -> list[str]:
     return [row.path for row in stale]
 
 
-def discard(keys: list[str]) -> None:
-    """Delete dropped files' bytes after their rows are gone (the app's store; nothing outside an app)."""
+def discard(store: FileStore | None, keys: list[str]) -> None:
+    """Delete dropped files' bytes from `store` after their rows are gone; without a store, say so."""
     if not keys:
         return
-    if not has_app_context():
-        logger.warning("%d dropped file(s) left in the store: no app to delete them with", len(keys))
+    if store is None:
+        logger.warning("%d dropped file(s) left in the store: no store to delete them from", len(keys))
         return
-    store = current_app.extensions["helix_store"]
     for key in keys:
         store.delete(key)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 from sqlalchemy import text
 
 from .auth import require_user
-from .db import get_db
+from .services import services
 
 bp = Blueprint("meta", __name__)
 
@@ -15,12 +15,12 @@ bp = Blueprint("meta", __name__)
 @require_user
 def models():
     """The models sessions may name."""
-    return {"models": current_app.extensions["helix_catalog"].as_list()}
+    return {"models": services().catalog.as_list()}
 
 
 @bp.get("/healthz")
 def health():
     """200 when the database answers."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         db.execute(text("SELECT 1"))
     return {"status": "ok"}

@@ -13,18 +13,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, send_file, stream_with_context, url_for
+from flask import Blueprint, Response, g, request, send_file, stream_with_context, url_for
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 
 from . import completions, conversations, files, runners
 from .auth import require_user
-from .db import get_db
 from .errors import FileNotFound, Forbidden, InvalidField, ModelNotFound
 from .files import FileKind
 from .models import File, Mode, Session, SessionType
 from .params import check_params
-from .storage import get_store
+from .services import services
 from .validation import field, json_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -78,7 +77,7 @@ class Model:
 
 def _offered(conn: Any) -> dict[str, tuple[str, bool]]:
     """name -> (type, served): the configured models and those a live runner serves for inference."""
-    offered = {m["name"]: (m["type"], False) for m in current_app.extensions["helix_catalog"].as_list()}
+    offered = {m["name"]: (m["type"], False) for m in services().catalog.as_list()}
     for mode, type_, name in runners.served_models(conn):
         if mode == Mode.CREATE.value:
             offered[name] = (type_, True)
@@ -130,7 +129,7 @@ def _resolve(db: Any, model: str, type_: SessionType) -> Model:
 @require_user
 def list_models():
     """Configured models, models a runner serves now, and the caller's fine-tunes, OpenAI-style."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         return {"object": "list", "data": _listing(db)}
 
 
@@ -138,7 +137,7 @@ def list_models():
 @require_user
 def get_model(model: str):
     """One model of the listing, or 404 model_not_found."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         for item in _listing(db):
             if item["id"] == model:
                 return item
@@ -151,7 +150,7 @@ def get_model(model: str):
 def _checked_params(params: dict[str, Any], names: dict[str, str], type_: SessionType) -> dict[str, Any]:
     """`params` checked as the native API checks them, with errors naming the OpenAI field."""
     try:
-        return check_params(params, Mode.CREATE, type_, current_app.extensions["helix_limits"])
+        return check_params(params, Mode.CREATE, type_, services().limits)
     except InvalidField as err:
         helix = (err.field or "").removeprefix("params.")
         ours = names.get(helix, helix)
@@ -218,15 +217,15 @@ def _chat_params(body: dict[str, Any]) -> dict[str, Any]:
 def _start(model: Model, requested: str, messages: list[dict[str, str]],
            params: dict[str, Any]) -> completions.Request:
     session, task = conversations.create_from_messages(
-        get_db(), user_id=g.caller.id, type_=model.type, model_name=model.name, messages=messages,
-        params=params, policy=current_app.extensions["helix_policy"], adapter=model.adapter)
+        services().database, user_id=g.caller.id, type_=model.type, model_name=model.name, messages=messages,
+        params=params, policy=services().policy, adapter=model.adapter)
     return completions.Request(session_id=session.id, task_id=task.id, model=requested,
                                created=int(session.created_at.timestamp()))
 
 
 def _wait(started: completions.Request) -> Any:
-    settings = current_app.config
-    return completions.wait(get_db(), started, recheck=settings["RECHECK_SECONDS"],
+    settings = services().settings
+    return completions.wait(services().database, started, recheck=settings["RECHECK_SECONDS"],
                             timeout=float(settings["OPENAI_WAIT_SECONDS"]))
 
 
@@ -252,12 +251,12 @@ def chat_completions():
     if options is not None and not stream:
         raise InvalidField("stream_options is only allowed with stream: true.", field="stream_options")
     include_usage = field(options or {}, "include_usage", bool, required=False, default=False)
-    with get_db().read() as db:
+    with services().database.read() as db:
         model = _resolve(db, requested, SessionType.TEXT)
     started = _start(model, requested, messages, params)
     if stream:
-        settings = current_app.config
-        chunks = completions.stream_chat(get_db(), started, include_usage=include_usage,
+        settings = services().settings
+        chunks = completions.stream_chat(services().database, started, include_usage=include_usage,
                                          keepalive=settings["SSE_KEEPALIVE_SECONDS"],
                                          recheck=settings["RECHECK_SECONDS"])
         return Response(stream_with_context(chunks), mimetype="text/event-stream",
@@ -269,7 +268,7 @@ def chat_completions():
 
 
 def _default_image_model() -> str:
-    names = current_app.extensions["helix_catalog"].names(SessionType.IMAGE.value)
+    names = services().catalog.names(SessionType.IMAGE.value)
     if not names:
         raise ModelNotFound("No image model is configured: name one in 'model'.", field="model")
     return names[0]
@@ -292,12 +291,12 @@ def _image_params(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=_URL_SALT)
+    return URLSafeTimedSerializer(services().settings["SECRET_KEY"], salt=_URL_SALT)
 
 
 def _image_json(row: Any, response_format: str) -> dict[str, str]:
     if response_format == "b64_json":
-        with get_store().open(row.path) as handle:
+        with services().store.open(row.path) as handle:
             return {"b64_json": base64.b64encode(handle.read()).decode()}
     return {"url": url_for("openai.file_content", file_id=row.id, token=_signer().dumps(row.id), _external=True)}
 
@@ -315,12 +314,12 @@ def generate_images():
         raise InvalidField("response_format must be url or b64_json.", field="response_format")
     params = _image_params(body)
     requested = field(body, "model", str, required=False) or _default_image_model()
-    with get_db().read() as db:
+    with services().database.read() as db:
         model = _resolve(db, requested, SessionType.IMAGE)
     started = _start(model, requested, [{"role": "user", "content": prompt}], params)
     task = _wait(started)
     ids = [i for i in (task.result or {}).get("files") or [] if isinstance(i, int)]
-    with get_db().read() as db:
+    with services().database.read() as db:
         rows = {row.id: row for row in db.scalars(select(File).where(
             File.id.in_(ids), File.interaction_id == task.interaction_id))}
     data = [_image_json(rows[i], response_format) for i in ids if i in rows]
@@ -332,7 +331,7 @@ def file_content(file_id: int):
     """An image from /v1/images/generations, by its signed, time-limited link (no key needed)."""
     token = request.args.get("token", "")
     try:
-        signed_id = _signer().loads(token, max_age=current_app.config["IMAGE_URL_SECONDS"])
+        signed_id = _signer().loads(token, max_age=services().settings["IMAGE_URL_SECONDS"])
     except SignatureExpired:
         raise Forbidden("This image link has expired: generate the image again, or fetch it with your key "
                         "through /api/v1/sessions.") from None
@@ -340,8 +339,8 @@ def file_content(file_id: int):
         raise Forbidden("This image link is not valid: it needs the token it was made with.") from None
     if signed_id != file_id:
         raise Forbidden("This image link is not valid: it needs the token it was made with.")
-    with get_db().read() as db:
+    with services().database.read() as db:
         row = db.get(File, file_id)
     if row is None or row.kind != FileKind.OUTPUT.value:
         raise FileNotFound(f"No image {file_id}: it was deleted.")
-    return send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name, max_age=0)
+    return send_file(services().store.open(row.path), mimetype=row.content_type, download_name=row.name, max_age=0)

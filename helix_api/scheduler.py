@@ -35,7 +35,7 @@ from .models import (
     utcnow,
 )
 from .notifier import publish, queue_topic
-from .storage import StoredBlob
+from .storage import FileStore, StoredBlob
 
 logger = logging.getLogger(__name__)
 
@@ -176,17 +176,18 @@ def claim(database: Database, filt: QueueFilter, *, runner: str, runner_token_id
 
 def claim_waiting(database: Database, filt: QueueFilter, *, wait: float, recheck: float,
                   reap_every: float, client_gone: Callable[[], bool] | None = None,
-                  **claim_args: Any) -> tuple[Any, Lease] | None:
+                  store: FileStore | None = None, **claim_args: Any) -> tuple[Any, Lease] | None:
     """Claim, long-polling up to `wait` seconds for a matching task to be queued.
 
     `client_gone` says whether the runner hung up meanwhile (it stopped, or died): a task claimed for
-    it would wait out a whole lease before going to anyone else, so it claims nothing.
+    it would wait out a whole lease before going to anyone else, so it claims nothing. Expired
+    leases are reaped on the way, their dropped files deleted from `store`.
     """
     deadline = time.monotonic() + wait
     woken = False
     with database.notifier.watch(filt.topic) as watch:
         while True:
-            reap_if_due(database, reap_every)
+            reap_if_due(database, reap_every, store)
             if client_gone is not None and client_gone():
                 if woken:
                     database.notifier.notify(filt.topic, 1)  # the wake-up was for a runner: pass it on
@@ -311,8 +312,8 @@ def add_file(database: Database, task_id: int, token: str, *, kind: files.FileKi
 
 
 def complete(database: Database, task_id: int, token: str, result: dict[str, Any],
-             last_events: list[dict[str, Any]] | None = None) -> list[str]:
-    """Store the result of a task whose lease `token` still holds; the store keys of files it dropped.
+             last_events: list[dict[str, Any]] | None = None, store: FileStore | None = None) -> None:
+    """Store the result of a task whose lease `token` still holds; files it dropped leave `store`.
 
     `last_events` are the runner's events not posted yet, stored first in the same transaction: the
     end of a reply costs one round trip, not two.
@@ -321,7 +322,7 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
     with database.transaction() as conn:
         task = _locked(conn, database, task_id)
         if task.lease_token == token and task.status == TaskStatus.COMPLETE:
-            return []  # a retry of a call whose answer was lost: it already took effect
+            return  # a retry of a call whose answer was lost: it already took effect
         _check_lease(task, token, now)
         dropped = files.settle_result(conn, task, result)
         if last_events:
@@ -331,12 +332,16 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
         conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
                                    "p_output": text if isinstance(text, str) else None})
         events.state_event(conn, task, InteractionState.COMPLETE.value)
+    files.discard(store, dropped)  # files of lost attempts, or not named in the result
     logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
-    return dropped
 
 
-def fail(database: Database, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:
-    """Record a failure: requeue if `retry` and attempts are left, else fail for good."""
+def fail(database: Database, task_id: int, token: str, error: str, retry: bool,
+         store: FileStore | None = None) -> TaskStatus:
+    """Record a failure: requeue if `retry` and attempts are left, else fail for good.
+
+    At a failing end the reply keeps its last attempt's files; older attempts' files leave `store`.
+    """
     now = utcnow()
     with database.transaction() as conn:
         task = _locked(conn, database, task_id)
@@ -352,7 +357,7 @@ def fail(database: Database, task_id: int, token: str, error: str, retry: bool) 
                                    f"gave up after {task.attempt} attempts; last error: {error}", dropped)
         else:
             status = _finish_error(conn, task, now, TaskStatus.FAILED, error, dropped)
-    files.discard(dropped)
+    files.discard(store, dropped)
     logger.info("task %s: runner reported failure (retry=%s) -> %s", task_id, retry, status.value)
     return status
 
@@ -401,8 +406,11 @@ def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus
     return status
 
 
-def reap(database: Database, now: datetime | None = None) -> int:
-    """Requeue tasks whose lease expired (their runner died or hung), or mark them dead."""
+def reap(database: Database, now: datetime | None = None, store: FileStore | None = None) -> int:
+    """Requeue tasks whose lease expired (their runner died or hung), or mark them dead; how many.
+
+    A task that dies keeps its last attempt's files; older attempts' files leave `store`.
+    """
     now = now or utcnow()
     with database.reading() as conn:
         expired = conn.execute(select(_TASKS.c.id, _TASKS.c.lease_token).where(
@@ -426,21 +434,21 @@ def reap(database: Database, now: datetime | None = None) -> int:
                 _requeue(conn, task, now, reason)
             reaped += 1
             logger.warning("task %s: %s", task_id, reason)
-    files.discard(dropped)
+    files.discard(store, dropped)
     return reaped
 
 
 _reap_lock = threading.Lock()
 
 
-def reap_if_due(database: Database, every: float) -> None:
+def reap_if_due(database: Database, every: float, store: FileStore | None = None) -> None:
     """Reap at most once per `every` seconds per process; cheap to call from any request."""
     last = getattr(database, "last_reap", 0.0)
     if time.monotonic() - last < every or not _reap_lock.acquire(blocking=False):
         return
     try:
         database.last_reap = time.monotonic()
-        reap(database)
+        reap(database, store=store)
     except Exception:
         logger.exception("reaping expired leases failed")
     finally:

@@ -5,32 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, send_file, stream_with_context
+from flask import Blueprint, Response, g, request, send_file, stream_with_context
 from sqlalchemy import select
 
 from . import conversations, events, files, scheduler, training_data
 from .auth import require_user
-from .catalog import Catalog
-from .db import get_db
 from .errors import InvalidField
 from .models import File, Mode, SessionType
-from .params import Limits, check_params
-from .storage import get_store
+from .params import check_params
+from .services import services
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
-
-
-def _policy() -> scheduler.LeasePolicy:
-    return current_app.extensions["helix_policy"]
-
-
-def _catalog() -> Catalog:
-    return current_app.extensions["helix_catalog"]
-
-
-def _limits() -> Limits:
-    return current_app.extensions["helix_limits"]
 
 
 def _params(body: dict) -> dict:
@@ -63,7 +49,7 @@ def create_session():
 
 def _create_finetune():
     # Training data is far bigger than a JSON body: this request gets the upload limit.
-    request.max_content_length = current_app.config["MAX_UPLOAD_BYTES"]
+    request.max_content_length = services().settings["MAX_UPLOAD_BYTES"]
     allowed = {"mode", "type", "model_name", "message", "params", "name"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"files"})
     if unknown:
@@ -92,18 +78,18 @@ def _create_finetune():
 def start(*, user_id: int, mode: Mode, type_: SessionType, model_name: str, params: dict, message: Any,
           name: str | None = None) -> dict:
     """Check a new session's model, params and first message, and queue its reply; the session's JSON."""
-    model = _catalog().get(model_name, type_.value)
-    params = check_params(params, mode, type_, _limits())
+    model = services().catalog.get(model_name, type_.value)
+    params = check_params(params, mode, type_, services().limits)
     return conversations.create(
-        get_db(), user_id=user_id, mode=mode, type_=type_, model_name=model.name,
-        message=_message({"message": message}), params=params, name=name, policy=_policy())
+        services().database, user_id=user_id, mode=mode, type_=type_, model_name=model.name,
+        message=_message({"message": message}), params=params, name=name, policy=services().policy)
 
 
 def say(*, user_id: int, session_id: int, message: Any, params: dict) -> None:
     """Continue a session with a message (params checked against the session's kind of task)."""
-    conversations.add_message(get_db(), user_id=user_id, session_id=session_id,
-                              message=_message({"message": message}), params=params, policy=_policy(),
-                              limits=_limits())
+    conversations.add_message(services().database, user_id=user_id, session_id=session_id,
+                              message=_message({"message": message}), params=params, policy=services().policy,
+                              limits=services().limits)
 
 
 def start_finetune(*, user_id: int, type_name: str, model_name: str, params: dict, uploads: list[Any],
@@ -113,12 +99,12 @@ def start_finetune(*, user_id: int, type_name: str, model_name: str, params: dic
     The request must already allow uploads (`request.max_content_length`). Nothing is stored when a
     check fails; an InvalidTrainingData names each bad file and line.
     """
-    settings = current_app.config
+    settings = services().settings
     type_ = parse_type(type_name)
     if not model_name:
         raise InvalidField("Field 'model_name' is required.", field="model_name")
-    model = _catalog().get(model_name, type_.value)
-    check_params(params, Mode.FINETUNE, type_, _limits())
+    model = services().catalog.get(model_name, type_.value)
+    check_params(params, Mode.FINETUNE, type_, services().limits)
     if type_ == SessionType.TEXT:
         data = training_data.check_text(uploads, settings["MIN_TEXT_EXAMPLES"])
     else:
@@ -126,14 +112,14 @@ def start_finetune(*, user_id: int, type_name: str, model_name: str, params: dic
                                           max_bytes=settings["MAX_TRAINING_IMAGE_BYTES"],
                                           max_side=settings["MAX_TRAINING_IMAGE_SIDE"])
     return conversations.create_finetune(
-        get_db(), get_store(), user_id=user_id, type_=type_, model_name=model.name, message=message,
-        params=params, name=name, data=data, uploads=uploads, policy=_policy(),
+        services().database, services().store, user_id=user_id, type_=type_, model_name=model.name, message=message,
+        params=params, name=name, data=data, uploads=uploads, policy=services().policy,
         max_file_bytes=settings["MAX_FILE_BYTES"])
 
 
 def cancel_reply(user_id: int, session_id: int) -> None:
     """Cancel the queued or running reply of one of the user's sessions."""
-    database = get_db()
+    database = services().database
     with database.read() as db:
         conversations.owned(db, user_id, session_id)
     scheduler.cancel(database, session_id)
@@ -141,14 +127,14 @@ def cancel_reply(user_id: int, session_id: int) -> None:
 
 def shown(user_id: int, session_id: int) -> dict:
     """One of the user's sessions as JSON, with its interactions, progress and place in the queue."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         session = conversations.owned(db, user_id, session_id, load=True)
         return conversations.session_json(db, session)
 
 
 def event_stream(user_id: int, session_id: int) -> Response:
     """The session's events as Server-Sent Events: after Last-Event-ID (or `?after=`), then live."""
-    database = get_db()
+    database = services().database
     with database.read() as db:
         conversations.owned(db, user_id, session_id)
     raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
@@ -156,7 +142,7 @@ def event_stream(user_id: int, session_id: int) -> Response:
         raise InvalidField(f"Last-Event-ID must be an event id (a whole number), not {raw_after!r}.",
                            field="Last-Event-ID")
     follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
-    settings = current_app.config
+    settings = services().settings
     body = events.stream(database, session_id, int(raw_after), follow=follow,
                          keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
     return Response(stream_with_context(body), mimetype="text/event-stream",
@@ -165,10 +151,10 @@ def event_stream(user_id: int, session_id: int) -> Response:
 
 def file_bytes(user_id: int, session_id: int, file_id: int) -> Response:
     """A file's bytes for its owner: images inline (a browser shows them), the rest as downloads."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         row = files.owned(db, user_id, session_id, file_id)
     inline = row.content_type.startswith("image/")
-    return send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
+    return send_file(services().store.open(row.path), mimetype=row.content_type, download_name=row.name,
                      as_attachment=not inline, max_age=0)
 
 
@@ -176,11 +162,11 @@ def file_bytes(user_id: int, session_id: int, file_id: int) -> Response:
 @require_user
 def list_sessions():
     """The caller's sessions, newest first."""
-    settings = current_app.config
+    settings = services().settings
     limit = int(query_number("limit", settings["PAGE_SIZE"], 1, settings["MAX_PAGE_SIZE"]))
     before = request.args.get("before")
     before_id = int(query_number("before", 0, 1, 2**62)) if before else None
-    with get_db().read() as db:
+    with services().database.read() as db:
         return conversations.page(db, g.caller.id, limit=limit, before=before_id)
 
 
@@ -219,7 +205,7 @@ def session_events(session_id: int):
 @require_user
 def list_files(session_id: int):
     """Every file of the session: uploads, outputs, adapters."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         conversations.owned(db, g.caller.id, session_id)
         rows = db.scalars(select(File).where(File.session_id == session_id).order_by(File.id))
         return {"files": [files.file_json(row) for row in rows]}

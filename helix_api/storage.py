@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from flask import current_app
-
 from .errors import TooLarge
 
 logger = logging.getLogger(__name__)
@@ -57,11 +55,6 @@ class FileStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Forget `key`; no error if it is already gone."""
-
-
-def get_store() -> FileStore:
-    """The app's file store."""
-    return current_app.extensions["helix_store"]
 
 
 class LocalFileStore(FileStore):

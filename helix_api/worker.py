@@ -7,13 +7,13 @@ import select
 import socket
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, send_file
+from flask import Blueprint, Response, g, request, send_file
 
 from . import files, runners, scheduler
 from .auth import require_runner
-from .db import get_db
 from .errors import InvalidField
-from .storage import get_store, safe_name
+from .services import services
+from .storage import safe_name
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
@@ -21,10 +21,6 @@ bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
 MAX_EVENTS_PER_POST = 1000
 MAX_POSTS_PER_REQUEST = 256
 _RUNNER_KINDS = ("token", "progress", "log")
-
-
-def _policy() -> scheduler.LeasePolicy:
-    return current_app.extensions["helix_policy"]
 
 
 def _lease_token(body: dict[str, Any]) -> str:
@@ -40,7 +36,8 @@ def _runner_name() -> str:
 @require_runner
 def claim():
     """Claim the next matching task (200 with a lease) or say there is none (204)."""
-    settings = current_app.config
+    svc = services()
+    settings = svc.settings
     mode = parse_mode(request.args.get("mode", "create"))
     type_ = parse_type(request.args.get("type", "text"))
     model_name = request.args.get("model_name")
@@ -48,13 +45,13 @@ def claim():
         raise InvalidField("Query parameter 'model_name' is required.", field="model_name")
     wait = query_number("wait", 0.0, 0.0, settings["MAX_WAIT_SECONDS"])
     runner = _runner_name()
-    runners.seen(get_db(), runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
+    runners.seen(svc.database, runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
     sock = request.environ.get("gunicorn.socket")  # absent under test clients: nobody can hang up there
     claimed = scheduler.claim_waiting(
-        get_db(), scheduler.QueueFilter(mode, type_, model_name), wait=wait,
+        svc.database, scheduler.QueueFilter(mode, type_, model_name), wait=wait,
         recheck=settings["RECHECK_SECONDS"], reap_every=settings["REAP_SECONDS"],
         client_gone=functools.partial(hung_up, sock) if wait and sock is not None else None,
-        runner=runner, runner_token_id=g.caller.id, policy=_policy())
+        store=svc.store, runner=runner, runner_token_id=g.caller.id, policy=svc.policy)
     if claimed is None:
         return Response(status=204)
     task, lease = claimed
@@ -75,8 +72,9 @@ def hung_up(sock: socket.socket) -> bool:
 def heartbeat(task_id: int):
     """Renew the lease; tells the runner if the task was cancelled."""
     body = json_body({"lease_token"})
-    runners.touched(get_db(), _runner_name())
-    expires = scheduler.heartbeat(get_db(), task_id, _lease_token(body), _policy())
+    svc = services()
+    runners.touched(svc.database, _runner_name())
+    expires = scheduler.heartbeat(svc.database, task_id, _lease_token(body), svc.policy)
     return {"cancelled": expires is None, "lease_expires_at": expires.isoformat() if expires else None}
 
 
@@ -107,7 +105,8 @@ def _event(raw: Any, index: int) -> dict[str, Any]:
 def post_events(task_id: int):
     """Store tokens, progress and log lines, each once by its seq."""
     body = json_body({"lease_token", "events"})
-    return scheduler.add_events(get_db(), task_id, _lease_token(body), _events(body, required=True), _policy())
+    svc = services()
+    return scheduler.add_events(svc.database, task_id, _lease_token(body), _events(body, required=True), svc.policy)
 
 
 @bp.post("/events")
@@ -125,7 +124,8 @@ def post_events_many():
                                field="posts")
         task_id = field(raw, "task_id", int)
         posts.append((task_id, field(raw, "lease_token", str), _events(raw, required=True)))
-    return {"results": scheduler.add_events_many(get_db(), posts, _policy())}
+    svc = services()
+    return {"results": scheduler.add_events_many(svc.database, posts, svc.policy)}
 
 
 def _events(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
@@ -141,9 +141,9 @@ def complete(task_id: int):
     """Store the result, and the events the runner had not posted yet."""
     body = json_body({"lease_token", "result", "events"})
     result = field(body, "result", dict)
-    store = get_store()
-    for key in scheduler.complete(get_db(), task_id, _lease_token(body), result, _events(body, required=False)):
-        store.delete(key)  # files of lost attempts, or not named in the result
+    svc = services()
+    scheduler.complete(svc.database, task_id, _lease_token(body), result, _events(body, required=False),
+                       store=svc.store)
     return {"status": "complete"}
 
 
@@ -154,11 +154,11 @@ def download_file(task_id: int, file_id: int):
     token = request.headers.get("X-Helix-Lease", "")
     if not token:
         raise InvalidField("Send the task's lease token in the X-Helix-Lease header.", field="X-Helix-Lease")
-    database = get_db()
+    database = services().database
     task = scheduler.leased(database, task_id, token)
     with database.read() as db:
         row = files.for_task(db, task, file_id)
-    response = send_file(get_store().open(row.path), mimetype=row.content_type, download_name=row.name,
+    response = send_file(services().store.open(row.path), mimetype=row.content_type, download_name=row.name,
                          as_attachment=True, max_age=0)
     response.headers["X-Helix-SHA256"] = row.sha256
     return response
@@ -168,7 +168,7 @@ def download_file(task_id: int, file_id: int):
 @require_runner
 def upload_file(task_id: int):
     """Store a file the task made for its reply: an output image, or a fine-tune's adapter."""
-    settings = current_app.config
+    settings = services().settings
     request.max_content_length = settings["MAX_FILE_BYTES"] + 1024 * 1024  # the form around the file
     allowed = {"lease_token", "kind"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"file"})
@@ -186,9 +186,9 @@ def upload_file(task_id: int):
     upload = request.files.get("file")
     if upload is None:
         raise InvalidField("Form field 'file' (the file) is required.", field="file")
-    database = get_db()
+    database = services().database
     task = scheduler.leased(database, task_id, token)  # refuse a stale runner before taking its bytes
-    store = get_store()
+    store = services().store
     name = safe_name(upload.filename or "file")
     blob = store.save(upload.stream, f"sessions/{task.session_id}", name, settings["MAX_FILE_BYTES"])
     try:
@@ -205,8 +205,9 @@ def upload_file(task_id: int):
 def fail(task_id: int):
     """Store the error; requeue when a retry makes sense and attempts are left."""
     body = json_body({"lease_token", "error", "retry"})
-    status = scheduler.fail(get_db(), task_id, _lease_token(body), field(body, "error", str),
-                            field(body, "retry", bool, required=False, default=True))
+    svc = services()
+    status = scheduler.fail(svc.database, task_id, _lease_token(body), field(body, "error", str),
+                            field(body, "retry", bool, required=False, default=True), store=svc.store)
     return {"status": status.value}
 
 
@@ -215,5 +216,5 @@ def fail(task_id: int):
 def release(task_id: int):
     """Hand the task back to the queue without spending an attempt."""
     body = json_body({"lease_token"})
-    scheduler.release(get_db(), task_id, _lease_token(body))
+    scheduler.release(services().database, task_id, _lease_token(body))
     return {"status": "queued"}

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, render_template, request
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from ..errors import HelixError
+from ..services import services
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ UPLOAD_ENDPOINTS = {"web.new_finetune"}
 @bp.before_request
 def _check_form() -> None:
     if request.endpoint in UPLOAD_ENDPOINTS:
-        request.max_content_length = current_app.config["MAX_UPLOAD_BYTES"]
+        request.max_content_length = services().settings["MAX_UPLOAD_BYTES"]
     if request.method == "POST":
         csrf.protect()  # a missing or wrong token is a CSRFError: a 400 page
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from flask import current_app, flash, g, redirect, render_template, request, session, url_for
+from flask import flash, g, redirect, render_template, request, session, url_for
 from sqlalchemy import select
 
 from ..auth import RUNNER_TOKEN_PREFIX, Caller, hash_secret
-from ..db import get_db
 from ..errors import Unauthorized
 from ..models import ApiKey, User
+from ..services import services
 from . import bp
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ _USER, _KEY, _SINCE = "user_id", "key_id", "signed_in_at"
 def _caller(user_id: int, key_id: int) -> Caller | None:
     """The user, if the key they signed in with is still theirs and not revoked."""
     # One primary-key lookup per request, uncached, so a revoked key signs its browsers out at once.
-    with get_db().read() as db:
+    with services().database.read() as db:
         row = db.execute(select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
                          .where(ApiKey.id == key_id, User.id == user_id, ApiKey.revoked_at.is_(None))).first()
     return Caller("user", row.id, row.name, bool(row.is_admin)) if row is not None else None
@@ -45,7 +45,7 @@ def load_caller() -> None:
         return
     # Flask re-signs the cookie on every response, so its own expiry slides; a sign-in lasts
     # SIGN_IN_HOURS from when it happened, however busy the browser has been since.
-    if time.time() - since > current_app.permanent_session_lifetime.total_seconds():
+    if time.time() - since > services().settings["PERMANENT_SESSION_LIFETIME"].total_seconds():
         session.clear()
         return
     g.caller = _caller(user_id, key_id)
@@ -89,7 +89,7 @@ def signed_in_feed(view: Callable) -> Callable:
 
 def _key_owner(secret: str) -> tuple[int, int] | None:
     """(user id, key id) of a live API key."""
-    with get_db().read() as db:
+    with services().database.read() as db:
         row = db.execute(select(ApiKey.user_id, ApiKey.id).where(
             ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))).first()
     return (row.user_id, row.id) if row is not None else None

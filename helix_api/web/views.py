@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import current_app, flash, g, redirect, render_template, request, url_for
+from flask import flash, g, redirect, render_template, request, url_for
 from sqlalchemy import func, select
 
 from .. import conversations, overview, sessions
-from ..db import get_db
 from ..errors import Forbidden, HelixError, NotCancellable
 from ..models import OPEN_INTERACTION_STATES, Mode, SessionType, TaskEvent
+from ..services import services
 from . import bp
 from .forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
 from .signin import signed_in, signed_in_feed
@@ -29,7 +29,7 @@ _NEW_FORMS = {
 
 
 def _models(type_: str) -> list[str]:
-    return current_app.extensions["helix_catalog"].names(type_)
+    return services().catalog.names(type_)
 
 
 def _shown_fields(params: dict[str, type], *names: str) -> set[str]:
@@ -40,9 +40,9 @@ def _shown_fields(params: dict[str, type], *names: str) -> set[str]:
 @signed_in
 def session_list():
     """The user's sessions, newest first, a page at a time."""
-    settings = current_app.config
+    settings = services().settings
     before = request.args.get("before", type=int)
-    with get_db().read() as db:
+    with services().database.read() as db:
         page = conversations.page(db, g.caller.id, limit=settings["PAGE_SIZE"], before=before)
     return render_template("web/sessions.html", page=page, before=before)
 
@@ -102,7 +102,7 @@ def _stream_start(task_id: int) -> int:
     Starting there rather than at the session's last id makes the page's text the events' own, whatever
     the snapshot it was rendered from: the script clears the reply and rebuilds it from the stream.
     """
-    with get_db().reading() as conn:
+    with services().database.reading() as conn:
         first = conn.execute(select(func.min(TaskEvent.seq)).where(TaskEvent.task_id == task_id)).scalar()
     return max((first or 1) - 1, 0)
 
@@ -130,7 +130,7 @@ def session_page(session_id: int):
 def session_message(session_id: int):
     """Continue a session (a chat message or a prompt, with optional params)."""
     form = request.form
-    with get_db().read() as db:
+    with services().database.read() as db:
         type_ = conversations.owned(db, g.caller.id, session_id).type
     param_fields = CHAT_PARAMS if type_ == SessionType.TEXT else IMAGE_PARAMS
     try:
@@ -182,6 +182,6 @@ def admin_page():
     """For admins: the runners seen, each model's queue, and recent failures with their errors."""
     if not g.caller.is_admin:
         raise Forbidden("This page is for admins (helix users create NAME --admin).")
-    with get_db().reading() as conn:
+    with services().database.reading() as conn:
         seen = overview.overview(conn)
     return render_template("web/admin.html", overview=seen)

@@ -1,0 +1,55 @@
+"""The services an app runs on, built once by the factory: database, file store, models, limits, leases.
+
+Functions that do the work take what they need from a `Services` as arguments; only views reach the
+current app's, through `services()` (as flaskr's views reach their database through `get_db()`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from flask import Flask, current_app
+
+from .catalog import Catalog
+from .db import Database
+from .params import Limits
+from .scheduler import LeasePolicy
+from .storage import FileStore, LocalFileStore
+
+_EXTENSION = "helix"
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request's work needs besides its input, for one app."""
+
+    database: Database
+    store: FileStore
+    catalog: Catalog
+    limits: Limits
+    policy: LeasePolicy
+    # Read-only: settings are read at the edges and never changed after start-up.
+    settings: Mapping[str, Any]
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], database: Database) -> Services:
+        """The services `settings` describe, on a connected `database`."""
+        return cls(
+            database=database, store=LocalFileStore(settings["FILES_DIR"]),
+            catalog=Catalog.from_setting(settings["MODELS"]), limits=Limits.from_settings(settings),
+            policy=LeasePolicy(ttl_seconds=settings["LEASE_SECONDS"],
+                               heartbeat_seconds=settings["HEARTBEAT_SECONDS"],
+                               max_attempts=settings["MAX_ATTEMPTS"]),
+            settings=MappingProxyType(settings))
+
+    def init_app(self, app: Flask) -> None:
+        """Make these the services of `app`."""
+        app.extensions[_EXTENSION] = self
+
+
+def services() -> Services:
+    """The services of the current app."""
+    return current_app.extensions[_EXTENSION]
