@@ -250,7 +250,7 @@ def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] |
     if turns:
         body["state"] = turns[-1][0].state.value
     if file_rows is None:
-        file_rows = list(db.scalars(select(File).where(File.session_id == session.id).order_by(File.id)))
+        file_rows = files.of_session(db, session.id)
     by_interaction: dict[int | None, list[File]] = {}
     for f in file_rows:
         by_interaction.setdefault(f.interaction_id, []).append(f)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .db import Database
@@ -53,6 +53,16 @@ def state_event(db: DBSession | Connection, task: Any, state: str, **data: Any) 
 def since(db: DBSession | Connection, session_id: int, after_seq: int, limit: int = BATCH) -> list[Any]:
     """Events of a session after `after_seq`, oldest first."""
     return list(db.execute(_SINCE, {"p_session": session_id, "p_after": after_seq, "p_limit": limit}))
+
+
+def before_first(db: DBSession | Connection, task_id: int) -> int:
+    """The event id just before a task's first event, to follow its reply from: all of it replays.
+
+    A page that starts there rather than at the session's last id shows the events' own text, whatever
+    the snapshot it was rendered from: its script clears the reply and rebuilds it from the stream.
+    """
+    first = db.execute(select(func.min(_EVENTS.c.seq)).where(_EVENTS.c.task_id == task_id)).scalar()
+    return max((first or 1) - 1, 0)
 
 
 def to_json(event: Any) -> dict[str, Any]:

@@ -65,6 +65,11 @@ def owned(db: DBSession, user_id: int, session_id: int, file_id: int) -> File:
     return row
 
 
+def of_session(db: DBSession, session_id: int) -> list[File]:
+    """Every file of a session, oldest first."""
+    return list(db.scalars(select(File).where(File.session_id == session_id).order_by(File.id)))
+
+
 def for_task(conn: Connection, task: Any, file_id: int) -> Any:
     """A file the task may read: one of its session's, or the adapter it was given."""
     row = conn.execute(select(*_FILES.c).where(_FILES.c.id == file_id)).one_or_none()

@@ -1,4 +1,4 @@
-"""Reading request input: JSON bodies and query strings, with 400s that name the field at fault."""
+"""Reading request input: JSON bodies, query strings and event cursors, with 400s that name the field at fault."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from flask import request
 
 from .errors import BadRequest, InvalidField, UnknownMode, UnknownType
 from .models import Mode, SessionType
+from .services import services
 
 # `inference` is what people call it; `create` is the seed's word for it.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}
@@ -79,3 +80,21 @@ def query_number(name: str, default: float, low: float, high: float) -> float:
     if not low <= value <= high:
         raise InvalidField(f"Query parameter {name!r} must be between {low:g} and {high:g}.", field=name)
     return value
+
+
+def allow_uploads() -> None:
+    """Let this request's body be as big as training data may be (MAX_UPLOAD_BYTES), not a JSON body's.
+
+    Call it before anything reads the body: form parsing and the CSRF check both do.
+    """
+    request.max_content_length = services().settings["MAX_UPLOAD_BYTES"]
+
+
+def event_cursor() -> tuple[int, bool]:
+    """Where an event stream resumes (Last-Event-ID, else `?after=`, else 0) and whether it `follow`s."""
+    raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+    if not raw_after.isdigit():
+        raise InvalidField(f"Last-Event-ID must be an event id (a whole number), not {raw_after!r}.",
+                           field="Last-Event-ID")
+    follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
+    return int(raw_after), follow

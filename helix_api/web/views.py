@@ -1,7 +1,7 @@
 """The web app's pages: sessions, the forms that start and continue them, and what their script follows.
 
-Every form ends in the functions the JSON API calls (helix_api/sessions.py); a refused form is shown
-again with what was typed and the API's message next to the field at fault.
+Every form ends in the functions the JSON API calls (helix_api/session_service.py); a refused form is
+shown again with what was typed and the API's message next to the field at fault.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import logging
 from typing import Any
 
 from flask import flash, g, redirect, render_template, request, url_for
-from sqlalchemy import func, select
 
-from .. import conversations, overview, sessions
+from .. import overview, responses, session_service
 from ..errors import Forbidden, HelixError, NotCancellable
-from ..models import OPEN_INTERACTION_STATES, Mode, SessionType, TaskEvent
+from ..models import OPEN_INTERACTION_STATES, Mode, SessionType
 from ..services import services
+from ..validation import event_cursor
 from . import bp
 from .forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
 from .signin import signed_in, signed_in_feed
@@ -40,10 +40,9 @@ def _shown_fields(params: dict[str, type], *names: str) -> set[str]:
 @signed_in
 def session_list():
     """The user's sessions, newest first, a page at a time."""
-    settings = services().settings
+    svc = services()
     before = request.args.get("before", type=int)
-    with services().database.read() as db:
-        page = conversations.page(db, g.caller.id, limit=settings["PAGE_SIZE"], before=before)
+    page = session_service.page(svc, g.caller.id, limit=svc.settings["PAGE_SIZE"], before=before)
     return render_template("web/sessions.html", page=page, before=before)
 
 
@@ -54,9 +53,9 @@ def _new_session(kind: str):
     if request.method == "GET":
         return render_template(template, models=models, form=form, errors={})
     try:
-        created = sessions.start(user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
-                                 model_name=form.get("model_name", ""), message=form.get("message", ""),
-                                 params=params_from(form, param_fields))
+        created = session_service.start(services(), user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
+                                        model_name=form.get("model_name", ""), message=form.get("message", ""),
+                                        params=params_from(form, param_fields))
     except HelixError as err:
         errors = field_errors(err, _shown_fields(param_fields, "model_name", "message"))
         return render_template(template, models=models, form=form, errors=errors), err.status_code
@@ -86,8 +85,8 @@ def new_finetune():
     if request.method == "GET":
         return render_template("web/new_finetune.html", models=models, form=form, errors={})
     try:
-        created = sessions.start_finetune(
-            user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
+        created = session_service.start_finetune(
+            services(), user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
             params=params_from(form, FINETUNE_PARAMS), uploads=request.files.getlist("files"),
             name=form.get("name", "").strip() or None)
     except HelixError as err:
@@ -96,22 +95,13 @@ def new_finetune():
     return redirect(url_for("web.session_page", session_id=created["id"]))
 
 
-def _stream_start(task_id: int) -> int:
-    """The event id to follow a reply from: just before its first event, so the page replays all of it.
-
-    Starting there rather than at the session's last id makes the page's text the events' own, whatever
-    the snapshot it was rendered from: the script clears the reply and rebuilds it from the stream.
-    """
-    with services().database.reading() as conn:
-        first = conn.execute(select(func.min(TaskEvent.seq)).where(TaskEvent.task_id == task_id)).scalar()
-    return max((first or 1) - 1, 0)
-
-
 def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
-    session = sessions.shown(g.caller.id, session_id)
+    svc = services()
+    session = session_service.shown(svc, g.caller.id, session_id)
     last = session["interactions"][-1] if session.get("interactions") else None
     live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_INTERACTION_STATES else None
-    stream_after = _stream_start(live["task"]["id"]) if live and live.get("task") else None
+    # The page replays its open reply from the start (see events.before_first).
+    stream_after = session_service.replay_start(svc, live["task"]["id"]) if live and live.get("task") else None
     param_fields = CHAT_PARAMS if session["type"] == SessionType.TEXT.value else IMAGE_PARAMS
     return render_template("web/session.html", session=session, live=live, stream_after=stream_after,
                            can_continue=session["mode"] == Mode.CREATE.value and live is None,
@@ -130,12 +120,12 @@ def session_page(session_id: int):
 def session_message(session_id: int):
     """Continue a session (a chat message or a prompt, with optional params)."""
     form = request.form
-    with services().database.read() as db:
-        type_ = conversations.owned(db, g.caller.id, session_id).type
+    svc = services()
+    type_ = session_service.session_type(svc, g.caller.id, session_id)
     param_fields = CHAT_PARAMS if type_ == SessionType.TEXT else IMAGE_PARAMS
     try:
-        sessions.say(user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
-                     params=params_from(form, param_fields))
+        session_service.say(svc, user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
+                            params=params_from(form, param_fields))
     except HelixError as err:
         if err.status_code == 404:
             raise
@@ -149,7 +139,7 @@ def session_message(session_id: int):
 def session_cancel(session_id: int):
     """Cancel the session's queued or running reply."""
     try:
-        sessions.cancel_reply(g.caller.id, session_id)
+        session_service.cancel_reply(services(), g.caller.id, session_id)
     except NotCancellable as err:
         flash(err.message)  # it finished meanwhile: the page shows how
     return redirect(url_for("web.session_page", session_id=session_id))
@@ -159,21 +149,23 @@ def session_cancel(session_id: int):
 @signed_in_feed
 def session_events(session_id: int):
     """The session's event stream for its page (EventSource sends the cookie, not a Bearer header)."""
-    return sessions.event_stream(g.caller.id, session_id)
+    feed = session_service.event_feed(services(), g.caller.id, session_id)
+    after, follow = event_cursor()
+    return responses.event_stream(feed(after, follow=follow))
 
 
 @bp.get("/sessions/<int:session_id>/state")
 @signed_in_feed
 def session_state(session_id: int) -> dict[str, Any]:
     """The session as JSON, for the page's script: its place in the queue, the finished reply."""
-    return sessions.shown(g.caller.id, session_id)
+    return session_service.shown(services(), g.caller.id, session_id)
 
 
 @bp.get("/sessions/<int:session_id>/files/<int:file_id>")
 @signed_in_feed
 def session_file(session_id: int, file_id: int):
     """A file of the session, for its page: images inline, the rest as downloads."""
-    return sessions.file_bytes(g.caller.id, session_id, file_id)
+    return responses.owner_file(*session_service.open_file(services(), g.caller.id, session_id, file_id))
 
 
 @bp.get("/admin")
