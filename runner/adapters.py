@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from runner.errors import BadTaskInput
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 4  # adapters kept loaded; the least recently used goes first
@@ -61,10 +63,13 @@ class AdapterCache:
         from peft import PeftModel
 
         name = f"adapter_{hashlib.sha256(key.encode()).hexdigest()[:16]}"  # a valid module name, unique per key
-        if self.peft_model is None:
-            self.peft_model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-        else:
-            self.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        try:
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            else:
+                self.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        except ValueError as exc:  # peft: no adapter_config.json, or modules this model does not have
+            raise BadTaskInput(f"adapter {key[:12]}: cannot be loaded onto this model: {exc}") from exc
         self.peft_model.eval()
         self._loaded[key] = name
         self.loads += 1

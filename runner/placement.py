@@ -1,9 +1,10 @@
 """Where a model's weights go: device, dtype, per-GPU memory map, CPU offload, 8/4-bit; and whether they fit.
 
 Before anything is loaded, the weights' memory is estimated from the parameter count (read from the
-model's config, built on the meta device so no weights are touched) with seed 000's rule of thumb:
-about 2.5 GB per billion parameters at 16 bits, 1.25 at 8 bits. A model that cannot fit is refused with
-both figures in the message, rather than dying half-way in an out-of-memory error.
+model's config, built on the meta device so no weights are touched) by a rule of thumb: a model needs
+about 2.5 GB per billion parameters in fp16 (weights plus the working memory around them), 1.25 in
+int8. A model that cannot fit is refused with both figures in the message, rather than dying half-way
+in an out-of-memory error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-GB_PER_BILLION_AT_16_BITS = 2.5  # seed 000: weights plus the working memory around them
+GB_PER_BILLION_AT_16_BITS = 2.5  # weights plus the working memory around them
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 QUANTIZED_BITS = {"8bit": 8, "4bit": 4}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -65,7 +66,7 @@ def count_text(parameters: int) -> str:
 
 
 def estimate_weights_bytes(parameters: int, bits: int) -> int:
-    """Seed 000's rule: 2.5 GB per billion parameters at 16 bits, scaled by the bits per weight."""
+    """About 2.5 GB per billion parameters at 16 bits, scaled by the bits per weight (1.25 GB at 8 bits)."""
     return int(parameters * GB_PER_BILLION_AT_16_BITS * bits / 16)
 
 

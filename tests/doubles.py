@@ -1,12 +1,22 @@
-"""Test-double backends: no model, just the runner contract (`--backend tests.doubles:EchoBackend`)."""
+"""Test doubles: backends with no model, just the runner contract (`--backend tests.doubles:EchoBackend`),
+and the report and file store a backend is handed, in memory, for backends' unit tests.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
+import shutil
+import tempfile
+import threading
 import time
+import zipfile
+from pathlib import Path
 from typing import Any
 
 from runner.backends.base import Backend
+from runner.errors import StopReason, TaskCancelled
 from runner.messages import Task
 from runner.reporter import Report
 
@@ -68,6 +78,19 @@ class EchoBackend(Backend):
             "runner_pid": os.getpid(),
         }
 
+    def train(self, task: Task, report: Report) -> dict[str, Any]:
+        """Stand in for a fine-tune: `params.max_steps` (default 2) progress steps, `params.sleep` apart.
+
+        It uploads no adapter, so the API would refuse its result for a real fine-tune: a double for the
+        runner's own tests (tests/e2e/text_doubles.py has one that uploads an adapter).
+        """
+        steps = int(task.params.get("max_steps", 2))
+        for step in range(1, steps + 1):
+            pause(float(task.params.get("sleep", 0)), report)
+            report.progress(step, steps, message="training", loss=1.0 / step)
+        return {"text": f"trained for {steps} steps (echo)", "steps": steps, "loss": 1.0 / max(steps, 1),
+                "runner_pid": os.getpid()}
+
 
 class CrashBackend(Backend):
     """Every task fails."""
@@ -96,8 +119,8 @@ class StubbornBackend(Backend):
         return {"text": "done"}
 
 
-class PlainBackend:
-    """A backend that subclasses nothing: the contract is duck-typed (a config in, setup() and predict())."""
+class NotABackend:
+    """A class with setup() and predict() that does not subclass Backend: the runner refuses it."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -108,3 +131,144 @@ class PlainBackend:
     def predict(self, task: Task, report: Report) -> dict[str, Any]:
         """Answer with a constant."""
         return {"text": "plain"}
+
+
+# What a backend is handed, for its unit tests.
+
+
+class FakeFiles:
+    """`report.files` on a local directory: uploads are kept by id and fetched back.
+
+    `dirs` maps a ref id to a directory `fetch_dir()` returns as it is (an adapter already unpacked).
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._root = root
+        self.stored: dict[str, dict[str, Any]] = {}  # id -> the ref, plus the stored file's "path"
+        self.dirs: dict[Any, Path] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def root(self) -> Path:
+        """Where stored files live (a fresh temporary directory unless one was given)."""
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="helix-fake-files-"))
+        self._root.mkdir(parents=True, exist_ok=True)
+        return self._root
+
+    def add(self, path: Path, kind: str = "upload", name: str | None = None,
+            content_type: str | None = None) -> dict[str, Any]:
+        """Store a copy of a file as the API would; its ref."""
+        file_id = f"f{next(self._ids)}"
+        name = name or Path(path).name
+        target = self.root / f"{file_id}-{name}"
+        shutil.copyfile(path, target)
+        data = target.read_bytes()
+        ref = {"id": file_id, "name": name, "kind": kind, "content_type": content_type, "size": len(data),
+               "sha256": hashlib.sha256(data).hexdigest()}
+        self.stored[file_id] = {**ref, "path": target}
+        return ref
+
+    def upload(self, path: Path, kind: str = "output", name: str | None = None,
+               content_type: str | None = None) -> dict[str, Any]:
+        """What a backend calls to upload one file."""
+        return self.add(path, kind=kind, name=name, content_type=content_type)
+
+    def upload_dir(self, path: Path | str, kind: str = "adapter", name: str = "adapter.zip") -> dict[str, Any]:
+        """Zip a directory and upload it."""
+        with tempfile.TemporaryDirectory(prefix="helix-fake-zip-") as scratch:
+            archive = shutil.make_archive(str(Path(scratch) / "dir"), "zip", path)
+            return self.add(Path(archive), kind=kind, name=name, content_type="application/zip")
+
+    def fetch(self, ref: dict[str, Any]) -> Path:
+        """The stored file of a ref."""
+        return self.stored[ref["id"]]["path"]
+
+    def fetch_dir(self, ref: dict[str, Any]) -> Path:
+        """The directory of a ref: one of `dirs`, or a stored zip unpacked."""
+        if ref["id"] in self.dirs:
+            return self.dirs[ref["id"]]
+        target = self.root / "unpacked" / str(ref["id"])
+        if not target.exists():
+            with zipfile.ZipFile(self.fetch(ref)) as archive:
+                archive.extractall(target)
+        return target
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """Every stored file of one kind, oldest first."""
+        return [meta for meta in self.stored.values() if meta["kind"] == kind]
+
+
+class FakeReport:
+    """What a backend reports through, recorded as events; once cancelled, every call raises TaskCancelled.
+
+    It cancels itself after `cancel_after_tokens` tokens or at progress step `cancel_at_step`, if given.
+    """
+
+    def __init__(self, files: FakeFiles | None = None, *, cancel_after_tokens: int | None = None,
+                 cancel_at_step: int | None = None) -> None:
+        self.files = files if files is not None else FakeFiles()
+        self.events: list[dict[str, Any]] = []  # as the real Report emits them: with a "kind"
+        self.cancel_after_tokens = cancel_after_tokens
+        self.cancel_at_step = cancel_at_step
+        self._reason: StopReason | None = None
+        self._lock = threading.Lock()  # a batching backend streams from its engine thread
+
+    def token(self, text: str) -> None:
+        """Record a piece of text."""
+        self.check()
+        with self._lock:
+            self.events.append({"kind": "token", "text": text})
+            if self.cancel_after_tokens is not None and len(self.tokens) >= self.cancel_after_tokens:
+                self.cancel()
+
+    def progress(self, step: int, total: int, message: str | None = None, **extra: Any) -> None:
+        """Record a step."""
+        self.check()
+        event: dict[str, Any] = {**extra, "kind": "progress", "step": step, "total": total}
+        if message is not None:
+            event["message"] = message
+        with self._lock:
+            self.events.append(event)
+        if self.cancel_at_step is not None and step >= self.cancel_at_step:
+            self.cancel()
+
+    def log(self, message: str, level: str = "info") -> None:
+        """Record a log line."""
+        self.check()
+        with self._lock:
+            self.events.append({"kind": "log", "level": level, "message": message})
+
+    def check(self) -> None:
+        """Raise TaskCancelled once cancelled."""
+        if self._reason is not None:
+            raise TaskCancelled(self._reason)
+
+    def cancel(self, reason: StopReason = StopReason.CANCELLED) -> None:
+        """Tell the backend to stop; the first reason given wins."""
+        self._reason = self._reason or reason
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancelled."""
+        return self._reason is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the task must stop, or None."""
+        return self._reason
+
+    @property
+    def tokens(self) -> list[str]:
+        """The texts of the token events, in order."""
+        return [e["text"] for e in self.events if e["kind"] == "token"]
+
+    @property
+    def logs(self) -> list[str]:
+        """The messages of the log events, in order."""
+        return [e["message"] for e in self.events if e["kind"] == "log"]
+
+    @property
+    def progress_events(self) -> list[dict[str, Any]]:
+        """The progress events, in order, without their "kind"."""
+        return [{k: v for k, v in e.items() if k != "kind"} for e in self.events if e["kind"] == "progress"]

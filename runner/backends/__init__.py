@@ -21,7 +21,7 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def resolve_backend(name_or_path: str) -> type[Any]:
+def resolve_backend(name_or_path: str) -> type[Backend]:
     """The backend class for a registered name or a `package.module:Class` import path."""
     path = BACKENDS.get(name_or_path, name_or_path)
     module_name, _, attr = path.partition(":")
@@ -44,21 +44,12 @@ def resolve_backend(name_or_path: str) -> type[Any]:
             target = getattr(target, part)
         except AttributeError as exc:
             raise BackendNotFound(f"backend {name_or_path!r}: {module_name!r} has no {attr!r}") from exc
-    if not inspect.isclass(target) or not callable(getattr(target, "predict", None)):
-        raise BackendNotFound(f"backend {name_or_path!r}: {path} is not a class with a predict() method")
+    # A subclass, so every backend has what the runner relies on: train() and max_parallel with defaults.
+    if not inspect.isclass(target) or not issubclass(target, Backend):
+        raise BackendNotFound(f"backend {name_or_path!r}: {path} is not a subclass of runner.backends.Backend")
     return target
 
 
-def load_backend(name_or_path: str, config: RunnerConfig | None = None) -> Backend:
-    """Import and construct a backend, passing `config` when its constructor takes an argument.
-
-    The class need not subclass `Backend`: any class with `setup()` and `predict(task, report)` will do.
-    """
-    cls = resolve_backend(name_or_path)
-    try:
-        inspect.signature(cls).bind(config)
-    except TypeError:
-        return cls()  # a backend that needs no configuration
-    except ValueError:
-        pass  # no signature to inspect (a builtin base): assume the documented contract
-    return cls(config)
+def load_backend(name_or_path: str, config: RunnerConfig) -> Backend:
+    """Import a backend class and construct it with the runner's config, as every backend is."""
+    return resolve_backend(name_or_path)(config)

@@ -1,9 +1,13 @@
-"""Chat inference on a causal LM (Mistral-7B-Instruct by default) and, in finetune mode, LoRA training.
+"""Chat inference on a causal LM (Mistral-7B-Instruct by default) and LoRA fine-tuning of it.
 
-setup() checks the weights fit, then loads the model and tokenizer once (by hub id or local path; hub
-weights come from HF_HOME). predict() builds the prompt from the whole conversation with the
-tokenizer's chat template, applies the session's adapter if it has one, and streams the reply token by
-token. With max_parallel N, up to N tasks are decoded together in one batch.
+predict() answers one chat: setup() has checked the weights fit and loaded the model and tokenizer once
+(by hub id or local path; hub weights come from HF_HOME); the prompt is the whole conversation through
+the tokenizer's chat template, the session's adapter is applied if it has one, and the reply streams
+token by token. With max_parallel N (the runner's --max-parallel), up to N chats decode in one batch.
+
+train() fine-tunes a LoRA adapter with axolotl (runner.backends.mistral_finetune) in a subprocess that
+loads its own copy of the model; so a runner in finetune mode loads nothing in setup() and trains one
+task at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from runner.adapters import AdapterCache, adapter_key
 from runner.backends.base import Backend
 from runner.backends.text_generation import GenerationRequest, SamplingParams, TextGenerator
 from runner.config import RunnerConfig
+from runner.errors import BadTaskInput
 from runner.messages import Task
 from runner.placement import count_parameters, plan_placement
 from runner.reporter import Report
@@ -26,30 +31,30 @@ DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.1"
 
 
 class MistralBackend(Backend):
-    """A causal LM loaded once; serves chats (several at once with max_parallel) or trains adapters."""
+    """A causal LM loaded once: predict() serves chats (several at once), train() fine-tunes adapters."""
 
-    def __init__(self, config: RunnerConfig | None = None) -> None:
+    def __init__(self, config: RunnerConfig) -> None:
         super().__init__(config)
         self.model: Any = None
         self.tokenizer: Any = None
         self.generator: TextGenerator | None = None
         self.adapters: AdapterCache | None = None
-        self.max_parallel = config.max_parallel if config is not None else 1
+        # Chats batch on the one loaded model; each training run loads a model of its own, so one at a time.
+        self.max_parallel = 1 if config.mode == "finetune" else config.max_parallel
 
     @property
     def model_name(self) -> str:
         """The model to load: the configured name (a hub id or a local path)."""
-        return (self.config.model_name if self.config is not None else "") or DEFAULT_MODEL
+        return self.config.model_name or DEFAULT_MODEL
 
     def setup(self) -> None:
         """Check the weights fit, then load them; a fine-tuning runner loads nothing up front."""
-        if self.config is not None and self.config.mode == "finetune":
-            self.max_parallel = 1  # one training run at a time; it loads its own copy of the model
+        if self.config.mode == "finetune":
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = self.model_name
-        placement = plan_placement(self.config or RunnerConfig("", "", "create", "text", name))
+        placement = plan_placement(self.config)
         placement.check_fits(count_parameters(name), name)
         started = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(name)
@@ -64,16 +69,14 @@ class MistralBackend(Backend):
                                        max_batch=self.max_parallel, adapters=self.adapters)
 
     def predict(self, task: Task, report: Report) -> dict[str, Any]:
-        """Answer the conversation (streaming the reply), or train a LoRA adapter in finetune mode."""
-        if task.mode == "finetune":
-            from runner.backends.mistral_finetune import train_lora
-
-            return train_lora(task, report, config=self.config)
+        """Answer the conversation, streaming the reply."""
+        if task.mode != "create":
+            raise BadTaskInput(f"task {task.id}: predict() answers create tasks, not {task.mode!r} (see train())")
         if self.generator is None:
             raise RuntimeError("predict() called before setup()")
         with self.generator.arriving():
             request = GenerationRequest(
-                prompt_ids=self.prompt_ids(task.input.get("messages") or []),
+                prompt_ids=self.prompt_ids(task.input.get("messages")),
                 params=SamplingParams.from_params(task.params),
                 on_text=report.token,
                 cancelled=lambda: report.cancelled,
@@ -95,25 +98,48 @@ class MistralBackend(Backend):
             "seed": request.params.seed,
         }
 
-    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def train(self, task: Task, report: Report) -> dict[str, Any]:
+        """Fine-tune a LoRA adapter on the task's conversations, upload it, and summarise the run."""
+        if task.mode != "finetune":
+            raise BadTaskInput(f"task {task.id}: train() takes finetune tasks, not {task.mode!r} (see predict())")
+        from runner.backends.mistral_finetune import train_lora
+
+        return train_lora(task, report, config=self.config)
+
+    def prompt_ids(self, messages: Any) -> list[int]:
         """The whole conversation through the tokenizer's chat template, ready for the reply."""
-        if not messages:
-            raise ValueError("a text task needs input.messages with at least one message")
-        conversation = [{"role": m.get("role", "user"), "content": str(m.get("content", ""))} for m in messages]
+        conversation = conversation_of(messages)
         if self.tokenizer.chat_template is None:  # a base model: a plain transcript it can continue
             text = "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
             return [int(i) for i in self.tokenizer(text)["input_ids"]]
+        from jinja2 import TemplateError
+
         if conversation[0]["role"] == "system" and len(conversation) > 1 and conversation[1]["role"] == "user":
             try:
                 return self._apply_template(conversation)
-            except Exception:
+            except TemplateError:
                 # Mistral-7B-Instruct-v0.1's own template takes no system role: fold it into the first turn.
                 system, first, *rest = conversation
                 conversation = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-        return self._apply_template(conversation)
+        try:
+            return self._apply_template(conversation)
+        except TemplateError as exc:  # the template's raise_exception(): roles out of order, say
+            raise BadTaskInput(f"input.messages: the model's chat template refuses this conversation: {exc}") from exc
 
     def _apply_template(self, conversation: list[dict[str, str]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # a BatchEncoding, as newer transformers return by default
             ids = ids["input_ids"]
         return [int(i) for i in ids]
+
+
+def conversation_of(messages: Any) -> list[dict[str, str]]:
+    """`input.messages` as role/content pairs; BadTaskInput unless it is a non-empty list of messages."""
+    if not isinstance(messages, list) or not messages:
+        raise BadTaskInput("input.messages: a text task needs a list with at least one message")
+    conversation = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role", "user"), str):
+            raise BadTaskInput(f"input.messages[{index}]: not a message (an object with a role and content)")
+        conversation.append({"role": message.get("role", "user"), "content": str(message.get("content", ""))})
+    return conversation

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.backends import params as param
 from runner.backends.axolotl_progress import PARENT_ENV, PLUGIN_NAME, PROGRESS_ENV
 from runner.errors import BadTaskInput, RunnerError
 
@@ -55,7 +56,7 @@ class BadTrainingData(FinetuneError, BadTaskInput):
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """What a user may set for a text fine-tune (the API checked the ranges); defaults fit a 7B model."""
+    """What a user may set for a text fine-tune; defaults fit a 7B model."""
 
     max_steps: int | None = None  # None: train for num_epochs
     num_epochs: float = 3
@@ -66,16 +67,16 @@ class TrainingParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TrainingParams:
-        """The task's params over the defaults."""
+        """The task's params over the defaults; BadTaskInput names one that cannot be used."""
         defaults = cls()
-        max_steps = params.get("max_steps")
+        max_steps = param.integer(params, "max_steps", 0, low=1) if params.get("max_steps") is not None else None
         return cls(
-            max_steps=int(max_steps) if max_steps is not None else None,
-            num_epochs=float(params.get("num_epochs", defaults.num_epochs)),
-            learning_rate=float(params.get("learning_rate", defaults.learning_rate)),
-            lora_r=int(params.get("lora_r", defaults.lora_r)),
-            lora_alpha=int(params.get("lora_alpha", defaults.lora_alpha)),
-            seed=int(params.get("seed", defaults.seed)),
+            max_steps=max_steps,
+            num_epochs=param.number(params, "num_epochs", defaults.num_epochs, above=0),
+            learning_rate=param.number(params, "learning_rate", defaults.learning_rate, above=0),
+            lora_r=param.integer(params, "lora_r", defaults.lora_r, low=1),
+            lora_alpha=param.integer(params, "lora_alpha", defaults.lora_alpha, low=1),
+            seed=param.integer(params, "seed", defaults.seed, low=0),
         )
 
 
@@ -95,9 +96,11 @@ def train_lora(task: Task, report: Report, *, config: RunnerConfig,
     """Train a LoRA adapter on the task's conversations with axolotl, upload it, summarise the run."""
     params = TrainingParams.from_params(task.params)
     settings = settings or TrainingSettings()
-    refs = list(task.input.get("files") or [])
+    refs = task.input.get("files")
     if not refs:
         raise BadTrainingData("no training data: the task carries no files")
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) and "id" in ref for ref in refs):
+        raise BadTrainingData("input.files: not a list of file refs")
     work_root = Path(config.work_path)
     work_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"finetune-{task.id}-", dir=work_root))

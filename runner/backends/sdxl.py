@@ -1,4 +1,11 @@
-"""SDXL with diffusers: load the pipeline once, make images per task, LoRA adapters on and off per task."""
+"""SDXL with diffusers: the pipeline loaded once; predict() makes images, train() fine-tunes a LoRA on it.
+
+setup() loads the StableDiffusionXLPipeline (by hub id or local path) onto the configured device, after
+checking it fits. predict() makes a `create` task's images, with the session's LoRA adapter loaded onto
+the pipeline for that task only, and reports each denoising step. train() trains a LoRA on the UNet for
+a `finetune` task (runner.backends.sdxl_finetune) and leaves the UNet bare again. Both use the one
+pipeline, so the backend holds one task at a time.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.backends import params as param
 from runner.backends.base import Backend
+from runner.errors import BadTaskInput
 from runner.placement import PlacementError, plan_placement
 
 if TYPE_CHECKING:
+    from runner.config import RunnerConfig
     from runner.messages import Task
     from runner.reporter import Report
 
@@ -67,11 +77,11 @@ def pipeline_params(pipe: Any) -> int:
 
 
 class SDXLBackend(Backend):
-    """A StableDiffusionXLPipeline loaded once; `create` makes images, `finetune` trains a LoRA on the UNet."""
+    """A StableDiffusionXLPipeline loaded once: predict() makes images, train() trains a LoRA on the UNet."""
 
     max_parallel = 1  # one pipeline, and adapters are loaded onto it per task
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: RunnerConfig) -> None:
         super().__init__(config)
         self.pipe: Any = None
         self.device = "cpu"
@@ -88,13 +98,12 @@ class SDXLBackend(Backend):
         import torch
         from diffusers import StableDiffusionXLPipeline
 
-        cfg = self.config
-        model = getattr(cfg, "model_name", None)
+        model = self.config.model_name
         if not model:
             raise PipelineLoadError("no model_name: give the SDXL pipeline's hub id or path")
-        if getattr(cfg, "quantize", None):
+        if self.config.quantize:
             raise PipelineLoadError("the sdxl backend does not quantize: drop --load-in-8bit/--load-in-4bit")
-        placement = plan_placement(cfg)
+        placement = plan_placement(self.config)
         self.device, self.dtype = placement.input_device, placement.dtype
         counted = local_params(Path(model)) if Path(model).is_dir() else None
         if counted:
@@ -133,29 +142,40 @@ class SDXLBackend(Backend):
     # Tasks.
 
     def predict(self, task: Task, report: Report) -> dict[str, Any]:
-        """Make images for a `create` task, or train a LoRA for a `finetune` task."""
+        """Make the images of a `create` task and upload them as PNGs."""
+        if task.mode != "create":
+            raise BadTaskInput(f"task {task.id}: predict() makes images for create tasks, not {task.mode!r}")
         if self.pipe is None:
             raise RuntimeError("predict() called before setup()")
         with self._lock:
-            if task.mode == "finetune":
-                from runner.backends.sdxl_finetune import train_lora
-
-                return train_lora(task, report, pipeline=self.pipe, config=self.config)
-            if task.mode != "create":
-                raise ValueError(f"task {task.id}: the sdxl backend does not do mode {task.mode!r}")
             return self._create(task, report)
+
+    def train(self, task: Task, report: Report) -> dict[str, Any]:
+        """Train a LoRA on the pipeline's UNet for a `finetune` task; the UNet is bare again afterwards."""
+        if task.mode != "finetune":
+            raise BadTaskInput(f"task {task.id}: train() takes finetune tasks, not {task.mode!r}")
+        if self.pipe is None:
+            raise RuntimeError("train() called before setup()")
+        from runner.backends.sdxl_finetune import train_lora
+
+        with self._lock:
+            return train_lora(task, report, pipeline=self.pipe, config=self.config)
 
     def _create(self, task: Task, report: Report) -> dict[str, Any]:
         import torch
 
         pipe, params = self.pipe, task.params
-        report.check()
+        prompt = prompt_of(task)
         native = pipe.default_sample_size * pipe.vae_scale_factor
-        width = int(params.get("width") or native)
-        height = int(params.get("height") or native)
-        steps = int(params.get("num_inference_steps") or DEFAULT_STEPS)
-        count = int(params.get("num_images") or 1)
-        seed = int(params["seed"]) if params.get("seed") is not None else secrets.randbelow(2**31)
+        # diffusers refuses sides that are not a multiple of 8 (the VAE's downscaling).
+        width = param.integer(params, "width", native, low=8, multiple=8)
+        height = param.integer(params, "height", native, low=8, multiple=8)
+        steps = param.integer(params, "num_inference_steps", DEFAULT_STEPS, low=1)
+        count = param.integer(params, "num_images", 1, low=1)
+        guidance = param.number(params, "guidance_scale", DEFAULT_GUIDANCE, low=0)
+        negative_prompt = param.text(params, "negative_prompt")
+        seed = param.integer(params, "seed", secrets.randbelow(2**31), low=0)
+        report.check()
         # One CPU generator per image: image i starts from the noise a single-image task with seed + i starts
         # from, on any device (batched arithmetic may still round its pixels a little differently).
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
@@ -167,10 +187,9 @@ class SDXLBackend(Backend):
 
         with LoadedAdapter(pipe, task, report):
             images = self.generate(
-                prompt=prompt_of(task), negative_prompt=params.get("negative_prompt") or None,
-                width=width, height=height, num_inference_steps=steps,
-                guidance_scale=float(params.get("guidance_scale", DEFAULT_GUIDANCE)),
-                generator=generators, num_images_per_prompt=count, callback_on_step_end=on_step_end,
+                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                num_images_per_prompt=count, callback_on_step_end=on_step_end,
             )
         report.check()
         ids = []
@@ -197,15 +216,17 @@ class LoadedAdapter:
         ref = self.task.adapter
         if not ref:
             return self
-        path = self.report.files.fetch_dir(ref)
-        name = ref.get("name", "adapter") if isinstance(ref, dict) else str(ref)
+        name = ref.get("name", "adapter")
+        weights = adapter_weights_dir(self.report.files.fetch_dir(ref), name)
         # Before loading: __exit__ does not run when __enter__ raises, and log() raises once cancelled.
         self.report.log(f"loading adapter {name}")
         started = time.monotonic()
         try:
-            self.pipe.load_lora_weights(str(adapter_weights_dir(path)), adapter_name=ADAPTER_NAME)
-        except BaseException:
+            self.pipe.load_lora_weights(str(weights), adapter_name=ADAPTER_NAME)
+        except BaseException as exc:
             self.pipe.unload_lora_weights()  # whatever part of it did load must not outlive this task
+            if isinstance(exc, ValueError):  # diffusers/peft: LoRA weights that do not match this pipeline
+                raise BadTaskInput(f"adapter {name}: cannot be loaded onto this pipeline: {exc}") from exc
             raise
         self.loaded = True
         logger.info("task %s: loaded adapter %s in %.2fs", self.task.id, name, time.monotonic() - started)
@@ -218,22 +239,24 @@ class LoadedAdapter:
             logger.info("task %s: unloaded adapter", self.task.id)
 
 
-def adapter_weights_dir(path: Path) -> Path:
+def adapter_weights_dir(path: Path, name: str = "adapter") -> Path:
     """The directory holding the LoRA weights: the unpacked one itself, or its single subdirectory."""
     if any(path.glob("*.safetensors")):
         return path
     inner = [p for p in path.iterdir() if p.is_dir()]
     if len(inner) == 1 and any(inner[0].glob("*.safetensors")):
         return inner[0]
-    raise ValueError(f"no LoRA weights (.safetensors) in adapter directory {path}")
+    raise BadTaskInput(f"adapter {name}: no LoRA weights (.safetensors) in it")
 
 
 def prompt_of(task: Task) -> str:
-    """The task's prompt, or the last user message when only messages came."""
+    """The task's prompt, or the last user message when only messages came; BadTaskInput when neither has text."""
     prompt = task.input.get("prompt")
-    if prompt:
-        return str(prompt)
-    for message in reversed(task.input.get("messages") or []):
-        if message.get("role") == "user":
-            return str(message.get("content", ""))
-    return ""
+    if not prompt:
+        messages = task.input.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = users[-1].get("content") if users else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadTaskInput("input.prompt: an image task needs a prompt (or a user message) with some text")
+    return prompt

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.backends import params as param
+from runner.errors import BadTaskInput
+
 if TYPE_CHECKING:
+    from runner.config import RunnerConfig
     from runner.messages import Task
     from runner.reporter import Report
 
@@ -31,18 +35,28 @@ TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projectio
 
 def load_examples(task: Task, report: Report) -> list[tuple[Path, str]]:
     """(image path, caption) per training image, fetched through the runner's file API."""
-    refs = task.input.get("files") or []
+    from PIL import Image, UnidentifiedImageError
+
+    refs = task.input.get("files")
     captions = task.input.get("captions") or {}
-    if not refs:
-        raise ValueError(f"task {task.id}: no training images in input.files")
+    if not refs or not isinstance(refs, list) or not all(isinstance(ref, dict) and "id" in ref for ref in refs):
+        raise BadTaskInput("input.files: an image fine-tune needs a list of training images")
+    if not isinstance(captions, dict):
+        raise BadTaskInput("input.captions: not an object of image name -> caption")
     examples = []
     for ref in refs:
         report.check()
-        name = ref.get("name", "") if isinstance(ref, dict) else str(ref)
+        name = str(ref.get("name", ""))
         caption = captions.get(name, captions.get(Path(name).name, ""))
         if not caption:
             logger.warning("task %s: image %s has no caption; training it with an empty one", task.id, name)
-        examples.append((report.files.fetch(ref), str(caption)))
+        path = report.files.fetch(ref)
+        try:
+            with Image.open(path):
+                pass  # the header alone says whether PIL can read it, before any training starts
+        except UnidentifiedImageError as exc:
+            raise BadTaskInput(f"input.files: {name or ref['id']} is not an image PIL can read") from exc
+        examples.append((path, str(caption)))
     return examples
 
 
@@ -64,7 +78,7 @@ def image_tensor(path: Path, resolution: int) -> tuple[Any, tuple[int, int], tup
     return torch.from_numpy(array).permute(2, 0, 1), original, (top, left)
 
 
-def train_lora(task: Task, report: Report, *, pipeline: Any, config: Any) -> dict[str, Any]:
+def train_lora(task: Task, report: Report, *, pipeline: Any, config: RunnerConfig) -> dict[str, Any]:
     """Train a LoRA on `pipeline`'s UNet for a finetune task, upload it, and leave the UNet as it was."""
     import torch
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
@@ -75,11 +89,12 @@ def train_lora(task: Task, report: Report, *, pipeline: Any, config: Any) -> dic
     params = task.params
     pipe, unet = pipeline, pipeline.unet
     device, dtype = unet.device, unet.dtype
-    max_steps = int(params.get("max_steps") or DEFAULT_MAX_STEPS)
-    learning_rate = float(params.get("learning_rate") or DEFAULT_LEARNING_RATE)
-    rank = int(params.get("lora_r") or DEFAULT_LORA_R)
-    resolution = int(params.get("resolution") or pipe.default_sample_size * pipe.vae_scale_factor)
-    seed = int(params.get("seed") or 0)
+    max_steps = param.integer(params, "max_steps", DEFAULT_MAX_STEPS, low=1)
+    learning_rate = param.number(params, "learning_rate", DEFAULT_LEARNING_RATE, above=0)
+    rank = param.integer(params, "lora_r", DEFAULT_LORA_R, low=1)
+    native = pipe.default_sample_size * pipe.vae_scale_factor
+    resolution = param.integer(params, "resolution", native, low=8, multiple=8)
+    seed = param.integer(params, "seed", 0, low=0)
     generator = torch.Generator("cpu").manual_seed(seed)
 
     examples = load_examples(task, report)
@@ -101,7 +116,8 @@ def train_lora(task: Task, report: Report, *, pipeline: Any, config: Any) -> dic
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    work = Path(tempfile.mkdtemp(prefix=f"helix-lora-{task.id}-", dir=_work_dir(config)))
+    Path(config.work_path).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"helix-lora-{task.id}-", dir=config.work_path))
     loss_value = math.nan
     try:
         order: list[int] = []
@@ -177,12 +193,3 @@ def _prepare(pipe: Any, path: Path, caption: str, resolution: int, generator: An
     time_ids = torch.tensor([[*original, *crop, resolution, resolution]], device=device, dtype=dtype)
     return latents.to(dtype), embeds.to(dtype), pooled.to(dtype), time_ids
 
-
-def _work_dir(config: Any) -> str | None:
-    work = getattr(config, "work_dir", None)
-    if not work:
-        cache = getattr(config, "cache_dir", None)
-        work = str(Path(cache) / "work") if cache else None
-    if work:
-        Path(work).mkdir(parents=True, exist_ok=True)
-    return work

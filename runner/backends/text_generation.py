@@ -21,7 +21,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.errors import TaskCancelled
+from runner.backends import params as param
+from runner.errors import BadTaskInput, TaskCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +46,18 @@ class SamplingParams:
     @classmethod
     def from_params(cls, params: dict[str, Any], default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
                     ) -> SamplingParams:
-        """Read a task's params (already range-checked by the API); a missing seed gets a random one."""
-        temperature = float(params.get("temperature", 1.0))
-        do_sample = bool(params.get("do_sample", "temperature" in params and temperature > 0))
-        stop = params.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        seed = params.get("seed")
+        """Read a task's params; BadTaskInput names one that cannot be used. A missing seed gets a random one."""
+        temperature = param.number(params, "temperature", 1.0, low=0)
+        do_sample = param.flag(params, "do_sample", params.get("temperature") is not None and temperature > 0)
         return cls(
-            max_new_tokens=int(params.get("max_new_tokens", default_max_new_tokens)),
+            max_new_tokens=param.integer(params, "max_new_tokens", default_max_new_tokens, low=1),
             do_sample=do_sample and temperature > 0,
             temperature=temperature,
-            top_k=int(params.get("top_k", 0)),
-            top_p=float(params.get("top_p", 1.0)),
-            repetition_penalty=float(params.get("repetition_penalty", 1.0)),
-            seed=int(seed) if seed is not None else secrets.randbelow(2**31),
-            stop=tuple(s for s in stop if s),
+            top_k=param.integer(params, "top_k", 0, low=0),
+            top_p=param.number(params, "top_p", 1.0, above=0),
+            repetition_penalty=param.number(params, "repetition_penalty", 1.0, above=0),
+            seed=param.integer(params, "seed", secrets.randbelow(2**31), low=0),
+            stop=param.strings(params, "stop"),
         )
 
 
@@ -326,7 +323,10 @@ class TextGenerator:
                     request.error = exc
             if not isinstance(exc, Exception):
                 raise
-            logger.exception("generation failed for a batch of %d", len(members))
+            if isinstance(exc, BadTaskInput):  # an adapter that cannot be loaded: the tasks' fault, not ours
+                logger.warning("batch of %d not run: %s", len(members), exc)
+            else:
+                logger.exception("generation failed for a batch of %d", len(members))
         finally:
             for request in members:
                 request.done.set()

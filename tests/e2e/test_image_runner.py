@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 from PIL import Image
+from sqlalchemy import text
 
 from tests.conftest import bearer
 from tests.e2e.conftest import (
@@ -130,6 +131,27 @@ def test_cancel_stops_a_long_image_run(image_api, image_runner, tiny_sdxl):
     # The runner is free again: the next image comes out.
     after = create_image_session(image_api, tiny_sdxl, num_inference_steps=2, seed=1)
     assert wait_for_reply(image_api, image_api.user, after["id"], timeout=120)["state"] == "complete"
+
+
+def test_a_bad_image_param_fails_the_task_once_without_a_retry(image_api, image_runner, tiny_sdxl):
+    session = create_image_session(image_api, tiny_sdxl, num_inference_steps=2, seed=1)
+    # The API refuses such a param itself (400), so the queued task is given it behind the API's back: as a
+    # task stored before a check existed would carry it. The runner is started only then, so it claims this.
+    with image_api.engine.begin() as conn:
+        conn.execute(text("UPDATE tasks SET params = :params WHERE session_id = :session"),
+                     {"params": json.dumps({"num_inference_steps": "many", "seed": 1}), "session": session["id"]})
+    runner = image_runner(image_api, "create", tiny_sdxl)
+
+    reply = wait_for_reply(image_api, image_api.user, session["id"], timeout=120)
+
+    assert reply["state"] == "error" and reply["files"] == []
+    assert reply["error"].startswith("param 'num_inference_steps' must be an integer") and "many" in reply["error"]
+    assert image_api.sql("SELECT status, attempt FROM tasks WHERE session_id = :s", s=session["id"]) == [
+        ("failed", 1)]
+    # The runner goes on to the next task.
+    after = create_image_session(image_api, tiny_sdxl, num_inference_steps=1, seed=1)
+    assert wait_for_reply(image_api, image_api.user, after["id"], timeout=120)["state"] == "complete"
+    assert runner.proc.poll() is None
 
 
 def training_images(tmp_path: Path) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from runner.files import unzip_safely
+from tests.doubles import FakeFiles, FakeReport
 from tests.e2e.conftest import (
     ApiServer,
     RunnerProcess,
@@ -26,7 +27,7 @@ from tests.e2e.conftest import (
     wait_for,
     wait_for_reply,
 )
-from tests.runner.backends.text_doubles import FakeFiles, FakeReport, text_config, text_task
+from tests.runner.backends.text_doubles import text_config, text_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

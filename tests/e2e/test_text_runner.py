@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.doubles import FakeFiles, FakeReport
 from tests.e2e.conftest import (
     ApiServer,
     RunnerProcess,
@@ -23,7 +24,7 @@ from tests.e2e.conftest import (
     wait_for,
     wait_for_reply,
 )
-from tests.runner.backends.text_doubles import FakeFiles, FakeReport, make_adapter, text_config, text_task
+from tests.runner.backends.text_doubles import make_adapter, text_config, text_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from runner.backends.base import Backend
+from runner.errors import BadTaskInput
 from runner.messages import Task
 from runner.reporter import Report
 
@@ -23,6 +24,10 @@ class AdapterUploadBackend(Backend):
         self.adapter_dir = os.environ["HELIX_TEST_ADAPTER_DIR"]
 
     def predict(self, task: Task, report: Report) -> dict[str, Any]:
+        """A fine-tuning double answers nothing."""
+        raise BadTaskInput(f"task {task.id}: the adapter-upload double only trains")
+
+    def train(self, task: Task, report: Report) -> dict[str, Any]:
         """Report one step, upload the adapter, and name it in the result."""
         report.progress(1, 1, message="training (stand-in)", loss=0.0)
         ref = report.files.upload_dir(self.adapter_dir, kind="adapter", name="adapter.zip")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from runner.backends.sdxl import SDXLBackend
-from tests.runner.backends.image_doubles import FakeFiles, tiny_config
+from tests.doubles import FakeFiles
+from tests.runner.backends.image_doubles import tiny_config
 
 
 @pytest.fixture(scope="module")

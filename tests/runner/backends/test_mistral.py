@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import threading
-import types
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,9 @@ import pytest
 
 from runner.backends.mistral import MistralBackend
 from runner.backends.text_generation import GenerationRequest, SamplingParams
-from runner.errors import StopReason, TaskCancelled
-
-from .text_doubles import FakeFiles, FakeReport, make_adapter, text_config, text_task
+from runner.errors import BadTaskInput, TaskCancelled
+from tests.doubles import FakeFiles, FakeReport
+from tests.runner.backends.text_doubles import make_adapter, text_config, text_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,7 +128,7 @@ def test_a_model_without_a_chat_template_gets_a_plain_transcript(text_backend, m
 
 
 def test_cancel_stops_a_long_generation_within_a_few_tokens(text_backend):
-    report = FakeReport(cancel_after=3)
+    report = FakeReport(cancel_after_tokens=3)
     with pytest.raises(TaskCancelled):
         text_backend.predict(text_task("go on forever", max_new_tokens=4000), report)
     assert len(report.tokens) == 3
@@ -143,8 +142,8 @@ def test_a_cancel_seen_between_steps_stops_too(text_backend):
         def cancelled(self) -> bool:
             self.looks += 1
             if self.looks > 5:
-                self._reason = StopReason.CANCELLED
-            return self._reason is not None
+                self.cancel()
+            return self.stop_reason is not None
 
     report = CancelledOnSixthLook()
     with pytest.raises(TaskCancelled):
@@ -330,18 +329,67 @@ def test_requests_with_different_adapters_run_one_batch_after_another(make_text_
     assert len({r.text for r in together}) == 3  # base, adapter 1 and adapter 2 each answer differently
 
 
-# Fine-tune mode.
+# The contract: predict() for create tasks, train() for finetune tasks, bad input never retried.
 
 
-def test_finetune_mode_loads_nothing_and_delegates_to_train_lora(tiny_mistral, monkeypatch):
+def test_finetune_mode_loads_nothing_holds_one_task_and_trains_with_train_lora(tiny_mistral, monkeypatch):
+    from runner.backends import mistral_finetune
+
     calls = []
-    fake = types.ModuleType("runner.backends.mistral_finetune")
-    fake.train_lora = lambda task, report, config=None: calls.append((task.id, config)) or {"text": "trained"}
-    monkeypatch.setitem(sys.modules, "runner.backends.mistral_finetune", fake)
+    monkeypatch.setattr(mistral_finetune, "train_lora",
+                        lambda task, report, config: calls.append((task.id, config)) or {"text": "trained"})
     config = text_config(tiny_mistral, mode="finetune", max_parallel=4)
     backend = MistralBackend(config)
     backend.setup()
     assert backend.model is None and backend.max_parallel == 1
     task = text_task("x", mode="finetune")
-    assert backend.predict(task, FakeReport()) == {"text": "trained"}
+    assert backend.train(task, FakeReport()) == {"text": "trained"}
     assert calls == [(task.id, config)]
+
+
+def test_create_mode_batches_as_many_as_the_runner_holds(tiny_mistral):
+    assert MistralBackend(text_config(tiny_mistral, max_parallel=4)).max_parallel == 4
+
+
+def test_predict_refuses_a_finetune_task_and_train_a_create_task(text_backend):
+    with pytest.raises(BadTaskInput, match="predict"):
+        text_backend.predict(text_task("x", mode="finetune"), FakeReport())
+    with pytest.raises(BadTaskInput, match="train"):
+        text_backend.train(text_task("x"), FakeReport())
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"max_new_tokens": "lots"}, "max_new_tokens"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 2.5}, "top_k"),
+    ({"repetition_penalty": -1}, "repetition_penalty"), ({"seed": "lucky"}, "seed"),
+    ({"do_sample": "false"}, "do_sample"), ({"stop": ["ok", 3]}, "stop"),
+])
+def test_a_param_that_cannot_be_used_is_bad_input_naming_it(text_backend, params, named):
+    report = FakeReport()
+    with pytest.raises(BadTaskInput, match=f"param '{named}'"):
+        text_backend.predict(text_task("hello", **params), report)
+    assert report.events == []
+
+
+@pytest.mark.parametrize("messages", [[], None, "hello", [["user", "hello"]]])
+def test_a_task_without_a_list_of_messages_is_bad_input(text_backend, messages):
+    task = replace(text_task("x"), input={"messages": messages})
+    with pytest.raises(BadTaskInput, match="input.messages"):
+        text_backend.predict(task, FakeReport())
+
+
+def test_a_conversation_the_chat_template_refuses_is_bad_input(text_backend, monkeypatch):
+    monkeypatch.setattr(text_backend.tokenizer, "chat_template", STRICT_TEMPLATE)
+    messages = [{"role": "user", "content": "Hello!"}, {"role": "user", "content": "Again!"}]
+    with pytest.raises(BadTaskInput, match="chat template refuses"):
+        text_backend.predict(text_task(messages), FakeReport())
+
+
+def test_an_adapter_that_is_not_one_is_bad_input_and_the_next_task_runs(make_text_backend, tmp_path):
+    backend = make_text_backend()
+    files = FakeFiles()
+    files.dirs[9] = tmp_path  # no adapter_config.json in it
+    with pytest.raises(BadTaskInput, match="adapter"):
+        backend.predict(text_task("hi", max_new_tokens=2, adapter=adapter_ref(9)), FakeReport(files))
+    result, _ = run(backend, text_task("hi", max_new_tokens=2))
+    assert result["usage"]["completion_tokens"] >= 1

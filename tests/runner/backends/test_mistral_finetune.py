@@ -24,9 +24,10 @@ from runner.backends.mistral_finetune import (
     train_lora,
 )
 from runner.config import RunnerConfig
-from runner.errors import StopReason, TaskCancelled
-from runner.files import unzip_safely, zip_dir
+from runner.errors import BadTaskInput, TaskCancelled
+from runner.files import unzip_safely
 from runner.messages import Task
+from tests.doubles import FakeFiles, FakeReport
 
 # Tiny batches and sequences: a step takes about a second on the tiny model.
 SETTINGS = TrainingSettings(sequence_len=128, micro_batch_size=2, gradient_accumulation_steps=1, lora_dropout=0.0,
@@ -34,61 +35,6 @@ SETTINGS = TrainingSettings(sequence_len=128, micro_batch_size=2, gradient_accum
 # A large learning rate so a few steps visibly move the random model.
 TRAIN = {"max_steps": 4, "learning_rate": 0.05, "lora_r": 8, "lora_alpha": 16, "seed": 3}
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class LocalFiles:
-    """`report.files` on a local directory: refs are {"id", "name", "path"}, uploads are kept by id."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.stored: dict[int, dict[str, Any]] = {}
-
-    def add(self, path: Path) -> dict[str, Any]:
-        ref = {"id": len(self.stored) + 1, "name": path.name, "kind": "upload"}
-        self.stored[ref["id"]] = {**ref, "path": path}
-        return ref
-
-    def fetch(self, ref: dict[str, Any]) -> Path:
-        return self.stored[ref["id"]]["path"]
-
-    def upload_dir(self, path: Path, kind: str = "adapter", name: str = "adapter.zip") -> dict[str, Any]:
-        archive = zip_dir(Path(path), self.root / f"{len(self.stored) + 1}-{name}")
-        ref = {"id": len(self.stored) + 1, "name": name, "kind": kind}
-        self.stored[ref["id"]] = {**ref, "path": archive}
-        return ref
-
-
-class RecordingReport:
-    """Records progress and logs; cancels the task once `cancel_at_step` is reported."""
-
-    def __init__(self, files: LocalFiles, cancel_at_step: int | None = None) -> None:
-        self.files = files
-        self.progress_events: list[dict[str, Any]] = []
-        self.logs: list[str] = []
-        self.cancel_at_step = cancel_at_step
-        self._reason: StopReason | None = None
-
-    def progress(self, step: int, total: int, message: str | None = None, **extra: Any) -> None:
-        self.check()
-        self.progress_events.append({"step": step, "total": total, "message": message, **extra})
-        if self.cancel_at_step is not None and step >= self.cancel_at_step:
-            self._reason = StopReason.CANCELLED
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.check()
-        self.logs.append(message)
-
-    def token(self, text: str) -> None:
-        self.check()
-
-    def check(self) -> None:
-        if self._reason is not None:
-            raise TaskCancelled(self._reason)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._reason is not None
 
 
 def conversations(count: int = 12) -> list[dict[str, Any]]:
@@ -133,9 +79,9 @@ def children() -> list[psutil.Process]:
 def trained(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One fine-tune of the tiny model, shared by the tests that look at its outcome."""
     root = tmp_path_factory.mktemp("finetune")
-    files = LocalFiles(root / "store")
+    files = FakeFiles(root / "store")
     ref = files.add(write_jsonl(root / "train.jsonl", conversations()))
-    report = RecordingReport(files)
+    report = FakeReport(files)
     config = runner_config(tiny_mistral, root)
     result = train_lora(finetune_task([ref], **TRAIN), report, config=config, settings=SETTINGS)
     adapter = root / "adapter"
@@ -200,9 +146,9 @@ def test_adapter_loads_with_peft_and_changes_the_answer(trained, tiny_mistral):
 
 @pytest.mark.slow
 def test_cancel_terminates_the_training_process(tiny_mistral, tmp_path):
-    files = LocalFiles(tmp_path / "store")
+    files = FakeFiles(tmp_path / "store")
     ref = files.add(write_jsonl(tmp_path / "train.jsonl", conversations()))
-    report = RecordingReport(files, cancel_at_step=1)
+    report = FakeReport(files, cancel_at_step=1)
     config = runner_config(tiny_mistral, tmp_path)
 
     with pytest.raises(TaskCancelled):
@@ -216,13 +162,13 @@ def test_cancel_terminates_the_training_process(tiny_mistral, tmp_path):
 
 
 def test_bad_lines_are_named_before_anything_runs(tmp_path):
-    files = LocalFiles(tmp_path / "store")
+    files = FakeFiles(tmp_path / "store")
     rows = [*conversations(3), "{not json", {"messages": [{"role": "robot", "content": "beep"}]},
             {"messages": [{"role": "user", "content": "only a question"}]}, {"text": "no messages"}]
     ref = files.add(write_jsonl(tmp_path / "train.jsonl", rows))
 
     with pytest.raises(FinetuneError) as caught:
-        train_lora(finetune_task([ref], **TRAIN), RecordingReport(files), config=runner_config("unused", tmp_path))
+        train_lora(finetune_task([ref], **TRAIN), FakeReport(files), config=runner_config("unused", tmp_path))
 
     message = str(caught.value)
     assert message.startswith("bad training data: train.jsonl line 4:")
@@ -233,16 +179,37 @@ def test_bad_lines_are_named_before_anything_runs(tmp_path):
     assert list(Path(tmp_path / "work").iterdir()) == []
 
 
+@pytest.mark.parametrize(("params", "named"), [({"max_steps": "forever"}, "max_steps"),
+                                             ({"learning_rate": "fast"}, "learning_rate"),
+                                             ({"lora_r": 0}, "lora_r"), ({"num_epochs": [1]}, "num_epochs")])
+def test_a_param_that_cannot_be_used_fails_the_task_without_a_retry(tmp_path, params, named):
+    files = FakeFiles(tmp_path / "store")
+    ref = files.add(write_jsonl(tmp_path / "train.jsonl", conversations(3)))
+
+    with pytest.raises(BadTaskInput, match=f"param '{named}'"):
+        train_lora(finetune_task([ref], **params), FakeReport(files), config=runner_config("unused", tmp_path))
+    assert children() == []
+
+
+@pytest.mark.parametrize("refs", [[], "train.jsonl", [7]])
+def test_files_that_are_not_a_list_of_refs_fail_the_task_without_a_retry(tmp_path, refs):
+    task = Task(id=7, session_id=7, interaction_id=7, mode="finetune", type="text", model_name="tiny", attempt=1,
+                input={"files": refs})
+
+    with pytest.raises(BadTaskInput, match="files"):
+        train_lora(task, FakeReport(), config=runner_config("unused", tmp_path))
+
+
 @pytest.mark.slow
 def test_failed_training_surfaces_the_end_of_axolotls_log(tiny_mistral, tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_mistral, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
-    files = LocalFiles(tmp_path / "store")
+    files = FakeFiles(tmp_path / "store")
     ref = files.add(write_jsonl(tmp_path / "train.jsonl", conversations()))
 
     with pytest.raises(FinetuneError) as caught:
-        train_lora(finetune_task([ref], **TRAIN), RecordingReport(files), config=runner_config(broken, tmp_path),
+        train_lora(finetune_task([ref], **TRAIN), FakeReport(files), config=runner_config(broken, tmp_path),
                    settings=SETTINGS)
 
     message = str(caught.value)

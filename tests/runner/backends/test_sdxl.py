@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from runner.backends.sdxl import PipelineLoadError, SDXLBackend
-from runner.errors import TaskCancelled
+from runner.errors import BadTaskInput, TaskCancelled
 from runner.placement import ModelTooLarge, PlacementError
-from tests.runner.backends.image_doubles import FakeFiles, FakeReport, image_task, tiny_config
+from tests.doubles import FakeFiles, FakeReport
+from tests.runner.backends.image_doubles import finetune_task, image_task, tiny_config
 
 
 def run(sdxl_backend: SDXLBackend, files: FakeFiles, **params) -> tuple[dict, FakeReport]:
@@ -80,7 +81,7 @@ def test_num_images_makes_that_many_different_images(sdxl_backend, files):
 def test_progress_comes_once_per_step_in_order(sdxl_backend, files):
     _, report = run(sdxl_backend, files, num_inference_steps=5, seed=2)
 
-    progress = report.progress_events()
+    progress = report.progress_events
     assert [(e["step"], e["total"]) for e in progress] == [(step, 5) for step in range(1, 6)]
 
 
@@ -90,7 +91,7 @@ def test_cancel_stops_a_long_run_at_the_next_step(sdxl_backend, files):
     with pytest.raises(TaskCancelled):
         sdxl_backend.predict(image_task(num_inference_steps=150, seed=2), report)
 
-    assert [e["step"] for e in report.progress_events()] == [1, 2, 3]
+    assert [e["step"] for e in report.progress_events] == [1, 2, 3]
     assert files.of_kind("output") == []
     # The pipeline is still good for the next task.
     result, _ = run(sdxl_backend, files, num_inference_steps=1, seed=2)
@@ -132,3 +133,57 @@ def test_setup_refuses_a_gpu_that_is_not_there(tiny_sdxl, monkeypatch):
 def test_predict_before_setup_is_an_error(tiny_sdxl, files):
     with pytest.raises(RuntimeError, match="before setup"):
         SDXLBackend(tiny_config(tiny_sdxl)).predict(image_task(), FakeReport(files))
+
+
+# Input that can never succeed: BadTaskInput (the task fails once, no retry), before any step runs.
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"num_inference_steps": "many"}, "num_inference_steps"), ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"width": "wide"}, "width"), ({"height": 100}, "height"), ({"guidance_scale": "strong"}, "guidance_scale"),
+    ({"num_images": 1.5}, "num_images"), ({"seed": -1}, "seed"), ({"negative_prompt": 5}, "negative_prompt"),
+])
+def test_a_bad_image_param_is_bad_input_naming_it(sdxl_backend, files, params, named):
+    report = FakeReport(files)
+
+    with pytest.raises(BadTaskInput, match=f"param '{named}'"):
+        sdxl_backend.predict(image_task(**{"num_inference_steps": 2, **params}), report)
+
+    assert report.events == [] and files.of_kind("output") == []
+
+
+def test_an_image_task_without_a_prompt_is_bad_input(sdxl_backend, files):
+    with pytest.raises(BadTaskInput, match="prompt"):
+        sdxl_backend.predict(image_task(prompt="  "), FakeReport(files))
+
+
+def test_an_adapter_without_lora_weights_is_bad_input_and_the_pipeline_stays_usable(sdxl_backend, files, tmp_path):
+    files.dirs["broken"] = tmp_path  # an unpacked adapter with no .safetensors in it
+
+    with pytest.raises(BadTaskInput, match="adapter broken.zip: no LoRA weights"):
+        sdxl_backend.predict(image_task(adapter={"id": "broken", "name": "broken.zip"}, num_inference_steps=1),
+                             FakeReport(files))
+
+    result, _ = run(sdxl_backend, files, num_inference_steps=1, seed=2)
+    assert len(result["files"]) == 1
+
+
+def test_predict_refuses_a_finetune_task_and_train_a_create_task(sdxl_backend, files):
+    with pytest.raises(BadTaskInput, match="predict"):
+        sdxl_backend.predict(finetune_task([], {}), FakeReport(files))
+    with pytest.raises(BadTaskInput, match="train"):
+        sdxl_backend.train(image_task(), FakeReport(files))
+
+
+def test_training_input_that_cannot_be_used_is_bad_input_before_training(sdxl_backend, files, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    ref = files.add(text, content_type="image/png")
+
+    with pytest.raises(BadTaskInput, match="param 'max_steps'"):
+        sdxl_backend.train(finetune_task([ref], {}, max_steps="forever"), FakeReport(files))
+    with pytest.raises(BadTaskInput, match="input.files"):
+        sdxl_backend.train(finetune_task([], {}), FakeReport(files))
+    with pytest.raises(BadTaskInput, match="notes.png is not an image"):
+        sdxl_backend.train(finetune_task([ref], {}, max_steps=1), FakeReport(files))
+    assert files.of_kind("adapter") == []

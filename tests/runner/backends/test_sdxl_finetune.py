@@ -11,7 +11,8 @@ from PIL import Image
 
 from runner.backends.sdxl import SDXLBackend
 from runner.errors import TaskCancelled
-from tests.runner.backends.image_doubles import FakeFiles, FakeReport, finetune_task, image_task
+from tests.doubles import FakeFiles, FakeReport
+from tests.runner.backends.image_doubles import finetune_task, image_task
 
 pytestmark = pytest.mark.slow  # they train, if only for a few steps
 
@@ -44,21 +45,21 @@ def image_of(sdxl_backend: SDXLBackend, files: FakeFiles, adapter=None) -> bytes
 def test_finetune_uploads_an_adapter_with_progress_and_loss(sdxl_backend, files, training_task):
     report = FakeReport(files)
 
-    result = sdxl_backend.predict(training_task(), report)
+    result = sdxl_backend.train(training_task(), report)
 
     assert result["steps"] == 4 and math.isfinite(result["loss"]) and result["text"]
     [adapter] = files.of_kind("adapter")
     assert result["adapter_file_id"] == adapter["id"]
     with zipfile.ZipFile(adapter["path"]) as archive:
         assert "pytorch_lora_weights.safetensors" in archive.namelist()
-    progress = report.progress_events()
+    progress = report.progress_events
     assert [(e["step"], e["total"]) for e in progress] == [(step, 4) for step in range(1, 5)]
     assert all(math.isfinite(e["loss"]) for e in progress)
 
 
 def test_an_image_with_the_adapter_differs_and_the_adapter_is_unloaded_after(sdxl_backend, files, training_task):
     base = image_of(sdxl_backend, files)
-    result = sdxl_backend.predict(training_task(), FakeReport(files))
+    result = sdxl_backend.train(training_task(), FakeReport(files))
     assert image_of(sdxl_backend, files) == base  # training left the base UNet as it was
     adapter = {k: v for k, v in files.stored[result["adapter_file_id"]].items() if k != "path"}
 
@@ -76,16 +77,16 @@ def test_cancel_stops_training_and_leaves_the_unet_bare(sdxl_backend, files, tra
     report = FakeReport(files, cancel_at_step=2)
 
     with pytest.raises(TaskCancelled):
-        sdxl_backend.predict(training_task(max_steps=100), report)
+        sdxl_backend.train(training_task(max_steps=100), report)
 
-    assert [e["step"] for e in report.progress_events()] == [1, 2]
+    assert [e["step"] for e in report.progress_events] == [1, 2]
     assert files.of_kind("adapter") == []
     assert image_of(sdxl_backend, files) == base
 
 
 def test_an_adapter_is_unloaded_even_when_its_task_is_cancelled(sdxl_backend, files, training_task):
     base = image_of(sdxl_backend, files)
-    result = sdxl_backend.predict(training_task(), FakeReport(files))
+    result = sdxl_backend.train(training_task(), FakeReport(files))
     adapter = {k: v for k, v in files.stored[result["adapter_file_id"]].items() if k != "path"}
 
     report = FakeReport(files, cancel_at_step=1)

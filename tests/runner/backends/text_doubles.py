@@ -1,60 +1,12 @@
-"""A fake report and file store for the text backend's unit tests: what the runner hands predict(), in memory."""
+"""Configs, tasks and adapters for the text backend's tests (the report and file store are in tests.doubles)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 from runner.config import RunnerConfig
-from runner.errors import StopReason, TaskCancelled
 from runner.messages import Task
-
-
-class FakeFiles:
-    """`report.files` with adapter zips served from a local dict: ref id -> unpacked directory."""
-
-    def __init__(self) -> None:
-        self.dirs: dict[Any, Path] = {}
-        self.fetched: list[Any] = []
-
-    def fetch_dir(self, ref: dict[str, Any]) -> Path:
-        self.fetched.append(ref["id"])
-        return self.dirs[ref["id"]]
-
-
-class FakeReport:
-    """What predict() reports through, recorded; `cancel_after` tokens it cancels the task."""
-
-    def __init__(self, files: FakeFiles | None = None, cancel_after: int | None = None) -> None:
-        self.tokens: list[str] = []
-        self.logs: list[str] = []
-        self.files = files or FakeFiles()
-        self.cancel_after = cancel_after
-        self._reason: StopReason | None = None
-        self._lock = threading.Lock()
-
-    def token(self, text: str) -> None:
-        self.check()
-        with self._lock:
-            self.tokens.append(text)
-            if self.cancel_after is not None and len(self.tokens) >= self.cancel_after:
-                self._reason = StopReason.CANCELLED
-
-    def progress(self, step: int, total: int, message: str | None = None, **extra: Any) -> None:
-        self.check()
-
-    def log(self, message: str, level: str = "info") -> None:
-        self.check()
-        self.logs.append(message)
-
-    def check(self) -> None:
-        if self._reason is not None:
-            raise TaskCancelled(self._reason)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._reason is not None
 
 
 def text_config(model: str | Path, **overrides: Any) -> RunnerConfig:
