@@ -17,5 +17,4 @@ bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
 def show_overview():
     """Runners seen (what each serves, last heard from, tasks held), queue depth per model, recent failures."""
     limit = int(query_number("failures", 20, 1, 200))
-    with services().database.reading() as conn:
-        return overview.overview(conn, failures=limit)
+    return overview.overview(services().database, failures=limit)

@@ -15,6 +15,7 @@ from flask import g, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DBSession
 
+from .db import Database
 from .errors import Forbidden, Unauthorized
 from .models import ApiKey, RunnerToken, User
 from .services import services
@@ -91,11 +92,11 @@ class _CallerCache:
 _cache = _CallerCache()
 
 
-def _lookup(secret_hash: str) -> Caller | None:
+def _lookup(database: Database, secret_hash: str) -> Caller | None:
     hit, caller = _cache.get(secret_hash)
     if hit:
         return caller
-    with services().database.read() as db:
+    with database.read() as db:
         row = db.execute(
             select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
             .where(ApiKey.key_hash == secret_hash, ApiKey.revoked_at.is_(None))).first()
@@ -109,13 +110,29 @@ def _lookup(secret_hash: str) -> Caller | None:
     return caller
 
 
+def key_owner(database: Database, secret: str) -> tuple[int, int] | None:
+    """(user id, key id) of a live API key, or None."""
+    with database.read() as db:
+        row = db.execute(select(ApiKey.user_id, ApiKey.id).where(
+            ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))).first()
+    return (row.user_id, row.id) if row is not None else None
+
+
+def key_user(database: Database, user_id: int, key_id: int) -> Caller | None:
+    """The user, if the key they signed in with is still theirs and not revoked (uncached)."""
+    with database.read() as db:
+        row = db.execute(select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
+                         .where(ApiKey.id == key_id, User.id == user_id, ApiKey.revoked_at.is_(None))).first()
+    return Caller("user", row.id, row.name, bool(row.is_admin)) if row is not None else None
+
+
 def authenticate() -> Caller:
     """The caller named by the Authorization header, or 401."""
     header = request.headers.get("Authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("Missing credentials: send `Authorization: Bearer <API key or runner token>`.")
-    caller = _lookup(hash_secret(secret.strip()))
+    caller = _lookup(services().database, hash_secret(secret.strip()))
     if caller is None:
         raise Unauthorized("Unknown or revoked API key or runner token.")
     return caller

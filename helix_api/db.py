@@ -17,6 +17,7 @@ from .notifier import CHANNEL, Notifier, notify_payload, take_published
 logger = logging.getLogger(__name__)
 
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_PING = text("SELECT 1")
 
 
 def normalize_url(url: str) -> str:
@@ -101,6 +102,11 @@ class Database:
         """`sqlite` or `postgresql`."""
         assert self.engine is not None
         return self.engine.dialect.name
+
+    def ping(self) -> None:
+        """Raise unless the database answers a query."""
+        with self.reading() as conn:
+            conn.execute(_PING)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

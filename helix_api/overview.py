@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from . import runners
+from .db import Database
 from .models import FAILED_TASK_STATUSES, OPEN_TASK_STATUSES, Task, TaskStatus, User, utcnow
 
 _TASKS = Task.__table__
@@ -47,7 +48,8 @@ def recent_failures(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
              "finished_at": r.finished_at.isoformat() if r.finished_at else None} for r in conn.execute(stmt)]
 
 
-def overview(conn: Any, failures: int = 20) -> dict[str, Any]:
+def overview(database: Database, failures: int = 20) -> dict[str, Any]:
     """Runners, queue depths and recent failures in one document."""
-    return {"runners": runners.listing(conn), "queues": queue_depths(conn),
-            "recent_failures": recent_failures(conn, failures)}
+    with database.reading() as conn:
+        return {"runners": runners.listing(conn), "queues": queue_depths(conn),
+                "recent_failures": recent_failures(conn, failures)}

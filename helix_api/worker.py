@@ -7,13 +7,12 @@ import select
 import socket
 from typing import Any
 
-from flask import Blueprint, Response, g, request, send_file
+from flask import Blueprint, Response, g, request
 
-from . import files, runners, scheduler
+from . import files, responses, runners, scheduler, task_files
 from .auth import require_runner
 from .errors import InvalidField
 from .services import services
-from .storage import safe_name
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
@@ -154,12 +153,9 @@ def download_file(task_id: int, file_id: int):
     token = request.headers.get("X-Helix-Lease", "")
     if not token:
         raise InvalidField("Send the task's lease token in the X-Helix-Lease header.", field="X-Helix-Lease")
-    database = services().database
-    task = scheduler.leased(database, task_id, token)
-    with database.read() as db:
-        row = files.for_task(db, task, file_id)
-    response = send_file(services().store.open(row.path), mimetype=row.content_type, download_name=row.name,
-                         as_attachment=True, max_age=0)
+    svc = services()
+    row, handle = task_files.open_for_runner(svc.database, svc.store, task_id, token, file_id)
+    response = responses.stored_file(row, handle, attachment=True)
     response.headers["X-Helix-SHA256"] = row.sha256
     return response
 
@@ -168,8 +164,9 @@ def download_file(task_id: int, file_id: int):
 @require_runner
 def upload_file(task_id: int):
     """Store a file the task made for its reply: an output image, or a fine-tune's adapter."""
-    settings = services().settings
-    request.max_content_length = settings["MAX_FILE_BYTES"] + 1024 * 1024  # the form around the file
+    svc = services()
+    max_bytes = svc.settings["MAX_FILE_BYTES"]
+    request.max_content_length = max_bytes + 1024 * 1024  # the form around the file
     allowed = {"lease_token", "kind"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"file"})
     if unknown:
@@ -186,17 +183,10 @@ def upload_file(task_id: int):
     upload = request.files.get("file")
     if upload is None:
         raise InvalidField("Form field 'file' (the file) is required.", field="file")
-    database = services().database
-    task = scheduler.leased(database, task_id, token)  # refuse a stale runner before taking its bytes
-    store = services().store
-    name = safe_name(upload.filename or "file")
-    blob = store.save(upload.stream, f"sessions/{task.session_id}", name, settings["MAX_FILE_BYTES"])
-    try:
-        row = scheduler.add_file(database, task_id, token, kind=kind, name=name, blob=blob,
-                                 content_type=upload.mimetype or "application/octet-stream")
-    except BaseException:
-        store.delete(blob.key)
-        raise
+    row = task_files.save_from_runner(svc.database, svc.store, task_id, token, kind=kind,
+                                      filename=upload.filename or "file", source=upload.stream,
+                                      content_type=upload.mimetype or "application/octet-stream",
+                                      max_bytes=max_bytes)
     return {"file": files.file_ref(row)}, 201
 
 

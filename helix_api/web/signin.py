@@ -14,26 +14,15 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from flask import flash, g, redirect, render_template, request, session, url_for
-from sqlalchemy import select
 
-from ..auth import RUNNER_TOKEN_PREFIX, Caller, hash_secret
+from ..auth import RUNNER_TOKEN_PREFIX, key_owner, key_user
 from ..errors import Unauthorized
-from ..models import ApiKey, User
 from ..services import services
 from . import bp
 
 logger = logging.getLogger(__name__)
 
 _USER, _KEY, _SINCE = "user_id", "key_id", "signed_in_at"
-
-
-def _caller(user_id: int, key_id: int) -> Caller | None:
-    """The user, if the key they signed in with is still theirs and not revoked."""
-    # One primary-key lookup per request, uncached, so a revoked key signs its browsers out at once.
-    with services().database.read() as db:
-        row = db.execute(select(User.id, User.name, User.is_admin).join(ApiKey, ApiKey.user_id == User.id)
-                         .where(ApiKey.id == key_id, User.id == user_id, ApiKey.revoked_at.is_(None))).first()
-    return Caller("user", row.id, row.name, bool(row.is_admin)) if row is not None else None
 
 
 @bp.before_request
@@ -45,10 +34,12 @@ def load_caller() -> None:
         return
     # Flask re-signs the cookie on every response, so its own expiry slides; a sign-in lasts
     # SIGN_IN_HOURS from when it happened, however busy the browser has been since.
-    if time.time() - since > services().settings["PERMANENT_SESSION_LIFETIME"].total_seconds():
+    svc = services()
+    if time.time() - since > svc.settings["PERMANENT_SESSION_LIFETIME"].total_seconds():
         session.clear()
         return
-    g.caller = _caller(user_id, key_id)
+    # One primary-key lookup per request, uncached, so a revoked key signs its browsers out at once.
+    g.caller = key_user(svc.database, user_id, key_id)
     if g.caller is None:
         logger.info("user %s: key %s is revoked or gone, signing the browser out", user_id, key_id)
         session.clear()
@@ -87,14 +78,6 @@ def signed_in_feed(view: Callable) -> Callable:
     return wrapper
 
 
-def _key_owner(secret: str) -> tuple[int, int] | None:
-    """(user id, key id) of a live API key."""
-    with services().database.read() as db:
-        row = db.execute(select(ApiKey.user_id, ApiKey.id).where(
-            ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))).first()
-    return (row.user_id, row.id) if row is not None else None
-
-
 @bp.route("/signin", methods=["GET", "POST"])
 def signin():
     """Sign in with an API key."""
@@ -104,7 +87,7 @@ def signin():
             return redirect(target)
         return render_template("web/signin.html", next=target, errors={})
     secret = request.form.get("api_key", "").strip()
-    found = _key_owner(secret) if secret else None
+    found = key_owner(services().database, secret) if secret else None
     if found is None:
         if not secret:
             message = "Paste your API key (it starts with hx_)."

@@ -174,6 +174,4 @@ def admin_page():
     """For admins: the runners seen, each model's queue, and recent failures with their errors."""
     if not g.caller.is_admin:
         raise Forbidden("This page is for admins (helix users create NAME --admin).")
-    with services().database.reading() as conn:
-        seen = overview.overview(conn)
-    return render_template("web/admin.html", overview=seen)
+    return render_template("web/admin.html", overview=overview.overview(services().database))
