@@ -1,4 +1,5 @@
-"""Answers of the OpenAI-compatible API: waiting for a task's reply, and streaming it as OpenAI chunks.
+"""Answers of the OpenAI-compatible API: starting a request's task, waiting for its reply or streaming
+it as OpenAI chunks, and the images it made.
 
 A request of /v1 is one session with one task (see `conversations.create_from_messages`); this module
 follows that task through its session's events, as `events.stream` does, and shapes what it made the
@@ -16,11 +17,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from . import events, scheduler
+from . import conversations, events, scheduler
 from .db import Database
-from .errors import NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
-from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, InteractionState, Task, TaskStatus
+from .errors import FileNotFound, NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
+from .files import FileKind
+from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from .notifier import session_topic
+from .openai_models import Model
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,16 @@ class Request:
     def id(self) -> str:
         """The completion's id: the task's, so an operator finds it in SQL."""
         return f"chatcmpl-{self.task_id}"
+
+
+def start(database: Database, policy: scheduler.LeasePolicy, *, user_id: int, model: Model, requested: str,
+          messages: list[dict[str, str]], params: dict[str, Any]) -> Request:
+    """Start the session of a /v1 request with its task queued; `requested` is the model id it named."""
+    session, task = conversations.create_from_messages(
+        database, user_id=user_id, type_=model.type, model_name=model.name, messages=messages, params=params,
+        policy=policy, adapter=model.adapter)
+    return Request(session_id=session.id, task_id=task.id, model=requested,
+                   created=int(session.created_at.timestamp()))
 
 
 def _task(database: Database, task_id: int) -> Any:
@@ -89,6 +102,24 @@ def wait(database: Database, request: Request, *, timeout: float, recheck: float
     if task.status != TaskStatus.COMPLETE:
         raise _outcome_error(task)
     return task
+
+
+def images(database: Database, task: Any) -> list[File]:
+    """The images a completed task's result names, in its order, that are still files of its reply."""
+    ids = [i for i in (task.result or {}).get("files") or [] if isinstance(i, int)]
+    with database.read() as db:
+        rows = {row.id: row for row in db.scalars(select(File).where(
+            File.id.in_(ids), File.interaction_id == task.interaction_id))}
+    return [rows[i] for i in ids if i in rows]
+
+
+def output_image(database: Database, file_id: int) -> File:
+    """An image a runner made for a reply, or FileNotFound once it is gone."""
+    with database.read() as db:
+        row = db.get(File, file_id)
+    if row is None or row.kind != FileKind.OUTPUT.value:
+        raise FileNotFound(f"No image {file_id}: it was deleted.")
+    return row
 
 
 def usage(result: dict[str, Any]) -> dict[str, int]:

@@ -10,25 +10,21 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, g, request, send_file, stream_with_context, url_for
+from flask import Blueprint, g, request, url_for
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy import select
 
-from . import completions, conversations, files, runners
+from . import completions, openai_models, responses
 from .auth import require_user
-from .errors import FileNotFound, Forbidden, InvalidField, ModelNotFound
-from .files import FileKind
-from .models import File, Mode, Session, SessionType
+from .errors import Forbidden, InvalidField, ModelNotFound
+from .models import Mode, SessionType
 from .params import check_params
 from .services import services
 from .validation import field, json_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-FT_PREFIX = "ft:"
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _URL_SALT = "helix.v1.file-content"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -63,84 +59,33 @@ _IMAGE_PARAMS = {"n": "num_images", "seed": "seed", "negative_prompt": "negative
 _IMAGE_FIELDS = {"prompt", "model", "size", "response_format", "quality", "style", *_IMAGE_PARAMS, *_IGNORED}
 
 
-@dataclass(frozen=True)
-class Model:
-    """What a /v1 model id names: a base model of one type, with a fine-tune's adapter or none."""
-
-    name: str
-    type: SessionType
-    adapter: Any | None = None
-
-
 # Models.
 
 
-def _offered(conn: Any) -> dict[str, tuple[str, bool]]:
-    """name -> (type, served): the configured models and those a live runner serves for inference."""
-    offered = {m["name"]: (m["type"], False) for m in services().catalog.as_list()}
-    for mode, type_, name in runners.served_models(conn):
-        if mode == Mode.CREATE.value:
-            offered[name] = (type_, True)
-    return offered
+def _listing() -> list[dict[str, Any]]:
+    svc = services()
+    return openai_models.listing(svc.database, svc.catalog, user_id=g.caller.id, user_name=g.caller.name)
 
 
-def _fine_tunes(db: Any, user_id: int) -> list[Any]:
-    """The caller's sessions with a completed adapter, oldest first."""
-    return list(db.execute(select(Session.id, Session.model_name, Session.type, Session.created_at)
-                           .where(Session.user_id == user_id, Session.id.in_(files.sessions_with_adapters()))
-                           .order_by(Session.id)))
-
-
-def _model_json(id_: str, type_: str, *, owned_by: str, created: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"id": id_, "object": "model", "created": created, "owned_by": owned_by, "helix_type": type_, **extra}
-
-
-def _listing(db: Any) -> list[dict[str, Any]]:
-    data = [_model_json(name, type_, owned_by="helix", helix_served=served)
-            for name, (type_, served) in sorted(_offered(db.connection()).items())]
-    data += [_model_json(f"{FT_PREFIX}{row.model_name}:{row.id}", row.type.value, owned_by=g.caller.name,
-                         created=int(row.created_at.timestamp()), helix_base_model=row.model_name,
-                         helix_session_id=row.id) for row in _fine_tunes(db, g.caller.id)]
-    return data
-
-
-def _resolve(db: Any, model: str, type_: SessionType) -> Model:
-    """The model a request names, or 404 model_not_found; `ft:<base>:<session>` is one of your fine-tunes."""
-    if model.startswith(FT_PREFIX):
-        base, _, session_id = model[len(FT_PREFIX):].rpartition(":")
-        # Bounded, so an absurd id is a 404 rather than an integer the database cannot take.
-        session = db.get(Session, int(session_id)) if session_id.isdigit() and len(session_id) < 19 else None
-        adapter = files.session_adapter(db, session.id) if session is not None else None
-        if (adapter is None or session.user_id != g.caller.id or session.model_name != base
-                or session.type != type_):
-            raise ModelNotFound(f"No {type_.value} fine-tune {model!r} of yours: its id is "
-                                f"ft:<base model>:<session id> of a completed fine-tune session (GET /v1/models).",
-                                field="model")
-        return Model(base, type_, adapter)
-    offered = _offered(db.connection())
-    if model not in offered or offered[model][0] != type_.value:
-        names = sorted(n for n, (t, _) in offered.items() if t == type_.value)
-        raise ModelNotFound(f"The model {model!r} does not exist as a {type_.value} model here; offered: "
-                            f"{', '.join(names)} (and your ft: fine-tunes).", field="model")
-    return Model(model, type_)
+def _resolve(requested: str, type_: SessionType) -> openai_models.Model:
+    svc = services()
+    return openai_models.resolve(svc.database, svc.catalog, user_id=g.caller.id, model=requested, type_=type_)
 
 
 @bp.get("/models")
 @require_user
 def list_models():
     """Configured models, models a runner serves now, and the caller's fine-tunes, OpenAI-style."""
-    with services().database.read() as db:
-        return {"object": "list", "data": _listing(db)}
+    return {"object": "list", "data": _listing()}
 
 
 @bp.get("/models/<path:model>")
 @require_user
 def get_model(model: str):
     """One model of the listing, or 404 model_not_found."""
-    with services().database.read() as db:
-        for item in _listing(db):
-            if item["id"] == model:
-                return item
+    for item in _listing():
+        if item["id"] == model:
+            return item
     raise ModelNotFound(f"The model {model!r} does not exist (GET /v1/models lists them).", field="model")
 
 
@@ -214,19 +159,17 @@ def _chat_params(body: dict[str, Any]) -> dict[str, Any]:
     return _checked_params(params, names, SessionType.TEXT)
 
 
-def _start(model: Model, requested: str, messages: list[dict[str, str]],
+def _start(model: openai_models.Model, requested: str, messages: list[dict[str, str]],
            params: dict[str, Any]) -> completions.Request:
-    session, task = conversations.create_from_messages(
-        services().database, user_id=g.caller.id, type_=model.type, model_name=model.name, messages=messages,
-        params=params, policy=services().policy, adapter=model.adapter)
-    return completions.Request(session_id=session.id, task_id=task.id, model=requested,
-                               created=int(session.created_at.timestamp()))
+    svc = services()
+    return completions.start(svc.database, svc.policy, user_id=g.caller.id, model=model, requested=requested,
+                             messages=messages, params=params)
 
 
 def _wait(started: completions.Request) -> Any:
-    settings = services().settings
-    return completions.wait(services().database, started, recheck=settings["RECHECK_SECONDS"],
-                            timeout=float(settings["OPENAI_WAIT_SECONDS"]))
+    svc = services()
+    return completions.wait(svc.database, started, recheck=svc.settings["RECHECK_SECONDS"],
+                            timeout=float(svc.settings["OPENAI_WAIT_SECONDS"]))
 
 
 def _headers(started: completions.Request) -> dict[str, str]:
@@ -251,16 +194,14 @@ def chat_completions():
     if options is not None and not stream:
         raise InvalidField("stream_options is only allowed with stream: true.", field="stream_options")
     include_usage = field(options or {}, "include_usage", bool, required=False, default=False)
-    with services().database.read() as db:
-        model = _resolve(db, requested, SessionType.TEXT)
+    model = _resolve(requested, SessionType.TEXT)
     started = _start(model, requested, messages, params)
     if stream:
-        settings = services().settings
-        chunks = completions.stream_chat(services().database, started, include_usage=include_usage,
-                                         keepalive=settings["SSE_KEEPALIVE_SECONDS"],
-                                         recheck=settings["RECHECK_SECONDS"])
-        return Response(stream_with_context(chunks), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_headers(started)})
+        svc = services()
+        chunks = completions.stream_chat(svc.database, started, include_usage=include_usage,
+                                         keepalive=svc.settings["SSE_KEEPALIVE_SECONDS"],
+                                         recheck=svc.settings["RECHECK_SECONDS"])
+        return responses.event_stream(chunks, _headers(started))
     return completions.chat_completion(started, _wait(started)), 200, _headers(started)
 
 
@@ -314,15 +255,10 @@ def generate_images():
         raise InvalidField("response_format must be url or b64_json.", field="response_format")
     params = _image_params(body)
     requested = field(body, "model", str, required=False) or _default_image_model()
-    with services().database.read() as db:
-        model = _resolve(db, requested, SessionType.IMAGE)
+    model = _resolve(requested, SessionType.IMAGE)
     started = _start(model, requested, [{"role": "user", "content": prompt}], params)
     task = _wait(started)
-    ids = [i for i in (task.result or {}).get("files") or [] if isinstance(i, int)]
-    with services().database.read() as db:
-        rows = {row.id: row for row in db.scalars(select(File).where(
-            File.id.in_(ids), File.interaction_id == task.interaction_id))}
-    data = [_image_json(rows[i], response_format) for i in ids if i in rows]
+    data = [_image_json(row, response_format) for row in completions.images(services().database, task)]
     return {"created": started.created, "data": data}, 200, _headers(started)
 
 
@@ -339,8 +275,6 @@ def file_content(file_id: int):
         raise Forbidden("This image link is not valid: it needs the token it was made with.") from None
     if signed_id != file_id:
         raise Forbidden("This image link is not valid: it needs the token it was made with.")
-    with services().database.read() as db:
-        row = db.get(File, file_id)
-    if row is None or row.kind != FileKind.OUTPUT.value:
-        raise FileNotFound(f"No image {file_id}: it was deleted.")
-    return send_file(services().store.open(row.path), mimetype=row.content_type, download_name=row.name, max_age=0)
+    svc = services()
+    row = completions.output_image(svc.database, file_id)
+    return responses.stored_file(row, svc.store.open(row.path), attachment=False)
