@@ -65,11 +65,11 @@ def _create_finetune():
 @require_user
 def list_sessions():
     """The caller's sessions, newest first."""
-    settings = services().settings
-    limit = int(query_number("limit", settings["PAGE_SIZE"], 1, settings["MAX_PAGE_SIZE"]))
+    svc = services()
+    limit = int(query_number("limit", svc.settings["PAGE_SIZE"], 1, svc.settings["MAX_PAGE_SIZE"]))
     before = request.args.get("before")
     before_id = int(query_number("before", 0, 1, 2**62)) if before else None
-    return session_service.page(services(), g.caller.id, limit=limit, before=before_id)
+    return session_service.page(svc, g.caller.id, limit=limit, before=before_id)
 
 
 @bp.get("/<int:session_id>")
@@ -103,7 +103,7 @@ def cancel(session_id: int):
 @require_user
 def session_events(session_id: int):
     """Server-Sent Events: everything after Last-Event-ID (or `?after=`), then live events."""
-    feed = session_service.event_feed(services(), g.caller.id, session_id)
+    feed = session_service.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
     after, follow = event_cursor()
     return responses.event_stream(feed(after, follow=follow))
 

@@ -149,7 +149,7 @@ def session_cancel(session_id: int):
 @signed_in_feed
 def session_events(session_id: int):
     """The session's event stream for its page (EventSource sends the cookie, not a Bearer header)."""
-    feed = session_service.event_feed(services(), g.caller.id, session_id)
+    feed = session_service.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
     after, follow = event_cursor()
     return responses.event_stream(feed(after, follow=follow))
 
