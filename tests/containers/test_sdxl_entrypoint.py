@@ -8,11 +8,10 @@ import re
 import subprocess
 
 import pytest
-import requests
 from PIL import Image
 
-from tests.containers.conftest import entrypoint_env
-from tests.e2e.conftest import CLAIM_PATH, REPO, ApiServer, wait_for_reply
+from tests.containers.conftest import entrypoint_env, pinned_torch, run_entrypoint, unreachable_env
+from tests.e2e.conftest import REPO, SQLITE_ONLY, create_session, fetch, wait_for_reply
 
 ENTRYPOINT = REPO / "containers" / "sdxl" / "entrypoint.sh"
 DOCKERFILE = REPO / "containers" / "sdxl" / "Dockerfile"
@@ -20,32 +19,30 @@ DOCKERFILE = REPO / "containers" / "sdxl" / "Dockerfile"
 
 @pytest.mark.parametrize("missing", ["HELIX_GET_JOB_URL", "HELIX_RUNNER_TOKEN"])
 def test_the_entrypoint_names_what_is_missing(tmp_path, missing):
-    env = entrypoint_env(tmp_path, HELIX_GET_JOB_URL="http://127.0.0.1:9/api/v1/worker/task?mode=create&type=image"
-                         "&model_name=x", HELIX_RUNNER_TOKEN="hxr_x")
+    env = unreachable_env(tmp_path, "image")
     del env[missing]
 
-    done = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+    done = run_entrypoint(ENTRYPOINT, env)
 
     assert done.returncode == 2 and missing in done.stderr
 
 
 @pytest.mark.slow
-def test_the_entrypoint_runs_an_image_task_from_the_job_url(api_server, tiny_sdxl, tmp_path):
-    server: ApiServer = api_server(models=f"image:{tiny_sdxl}")
-    response = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30, json={
-        "mode": "create", "type": "image", "model_name": str(tiny_sdxl), "message": "a lighthouse at night",
-        "params": {"width": 64, "height": 80, "num_inference_steps": 2, "seed": 1}})
-    assert response.status_code == 201, response.text
-    env = entrypoint_env(tmp_path, HELIX_GET_JOB_URL=f"{server.url}{CLAIM_PATH}?mode=Create&type=Image"
-                         f"&model_name={tiny_sdxl}", HELIX_RUNNER_TOKEN=server.runner_token)
+@SQLITE_ONLY
+def test_the_entrypoint_runs_an_image_task_from_the_job_url(image_api, tiny_sdxl, tmp_path):
+    server = image_api
+    session = create_session(server, server.user, "a lighthouse at night", model=tiny_sdxl, type_="image", width=64,
+                             height=80, num_inference_steps=2, seed=1)
+    env = entrypoint_env(tmp_path, HELIX_GET_JOB_URL=server.job_url("Create", "Image", str(tiny_sdxl)),
+                         HELIX_RUNNER_TOKEN=server.runner_token)
 
-    done = subprocess.run(["sh", str(ENTRYPOINT), "--device", "cpu", "--max-tasks", "1", "--wait", "2"], env=env,
-                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    done = run_entrypoint(ENTRYPOINT, env, "--device", "cpu", "--max-tasks", "1", "--wait", "2", timeout=180,
+                          cwd=tmp_path)
 
     assert done.returncode == 0, done.stderr[-5000:]
-    reply = wait_for_reply(server, server.user, response.json()["id"], timeout=30)
+    reply = wait_for_reply(server, server.user, session["id"], timeout=30)
     assert reply["state"] == "complete", reply
-    image = requests.get(f"{server.url}{reply['files'][0]['url']}", headers=server.user, timeout=30)
+    image = fetch(server, server.user, reply["files"][0]["url"])
     with Image.open(io.BytesIO(image.content)) as png:
         assert png.size == (64, 80)
     assert (tmp_path / "volume" / "hf").is_dir() and (tmp_path / "volume" / "helix-runner").is_dir()
@@ -53,9 +50,8 @@ def test_the_entrypoint_runs_an_image_task_from_the_job_url(api_server, tiny_sdx
 
 def test_the_dockerfile_pins_the_torch_of_constraints_and_starts_the_entrypoint():
     dockerfile = DOCKERFILE.read_text()
-    pinned = re.search(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), re.MULTILINE)[1]
 
-    assert f"ARG TORCH_VERSION={pinned}" in dockerfile
+    assert f"ARG TORCH_VERSION={pinned_torch()}" in dockerfile
     assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, re.MULTILINE)
     assert 'pip install -c constraints.txt ".[image]"' in dockerfile
     assert "containers/sdxl/entrypoint.sh" in dockerfile and "ENTRYPOINT" in dockerfile

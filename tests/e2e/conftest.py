@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,15 @@ import pytest
 import requests
 from sqlalchemy import Engine, create_engine, text
 
+from helix_api.vocabulary import FINAL_INTERACTION_STATES
 from tests.conftest import TEXT_MODEL, bearer
 
 REPO = Path(__file__).resolve().parents[2]
 LOGS = pytest.StashKey[list[Path]]()
 CLAIM_PATH = "/api/v1/worker/task"
-TERMINAL_TASK_STATUSES = ("complete", "failed", "dead", "cancelled")
+CLAIM_PARAMS = {"mode": "create", "type": "text", "model_name": TEXT_MODEL}
+# For modules whose behaviour does not depend on the database: `pytestmark = [SQLITE_ONLY, ...]`.
+SQLITE_ONLY = pytest.mark.parametrize("e2e_database", ["sqlite"], indirect=True)
 
 
 # Logs of the processes a test started, attached to its report when it fails.
@@ -114,7 +117,8 @@ class ApiServer:
         self.env.update({f"HELIX_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
         self.starts = 0
-        self.user: dict[str, str] = {}  # headers of user "alice", made at the first start
+        self.api_key = ""  # the API key of user "alice", made at the first start
+        self.user: dict[str, str] = {}  # headers with that key
         self.runner_token = ""  # a runner token, made at the first start
         self._log_dir = log_dir
         self._on_log = on_log
@@ -134,7 +138,7 @@ class ApiServer:
     def start(self, timeout: float = 30.0) -> None:
         """Start serving and wait until /healthz answers.
 
-        The first start also makes a user and a runner token (`user`, `runner_token`) while the server
+        The first start also makes a user and a runner token (`api_key`, `user`, `runner_token`) while the server
         boots: each `helix` command costs a second of CPU, and there are two cores to share.
         """
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -163,8 +167,8 @@ class ApiServer:
 
         wait_for(healthy, timeout, f"helix serve on {self.url}", interval=0.1)
         if pending:
-            key, token = (self._last_line(proc) for proc in pending)
-            self.user, self.runner_token = bearer(key), token
+            self.api_key, self.runner_token = (self._last_line(proc) for proc in pending)
+            self.user = bearer(self.api_key)
 
     def _helix_async(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen([_executable("helix"), *args], env=self.env, stdout=subprocess.PIPE,
@@ -181,6 +185,15 @@ class ApiServer:
         if self.proc is None:
             return 0
         return _stop_process(self.proc, sig)
+
+    @property
+    def runner_headers(self) -> dict[str, str]:
+        """Headers that authenticate as the runner token."""
+        return bearer(self.runner_token)
+
+    def job_url(self, mode: str = "Create", type_: str = "Text", model_name: str = TEXT_MODEL) -> str:
+        """A runner's HELIX_GET_JOB_URL; by default the seed's, verbatim: mixed-case filters in the query string."""
+        return f"{self.url}{CLAIM_PATH}?mode={mode}&type={type_}&model_name={model_name}"
 
     def create_user(self, name: str) -> str:
         """`helix users create NAME`: the API key."""
@@ -266,6 +279,10 @@ class RunnerProcess:
         """Everything it logged so far."""
         return self.log.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float, what: str) -> None:
+        """Wait until the runner has logged `text`; `what` names the wait in a failure."""
+        wait_for(lambda: text in self.log_text(), timeout, what)
+
     def signal(self, sig: int) -> None:
         """Send a signal to the runner."""
         self.proc.send_signal(sig)
@@ -284,10 +301,10 @@ class RunnerProcess:
 
 @pytest.fixture
 def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunnerProcess]]:
-    """Start `helix-runner` against a server: `runner_process(server, token, "runner-a", ...)`."""
+    """Start `helix-runner` against a server with its runner token: `runner_process(server, "runner-a", ...)`."""
     runners: list[RunnerProcess] = []
 
-    def start(server: ApiServer, token: str, name: str, *, backend: str = "tests.doubles:EchoBackend",
+    def start(server: ApiServer, name: str, *, backend: str = "tests.doubles:EchoBackend",
               wait: float = 2, max_tasks: int | None = None, log_level: str = "INFO",
               model_name: str = TEXT_MODEL, mode: str = "Create", type_: str = "Text",
               extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RunnerProcess:
@@ -295,9 +312,8 @@ def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
         log = tmp_path / f"runner-{name}.log"
         _track_log(request, log)
         env = {**_base_env(), **(env or {})}
-        # The seed's claim URL, verbatim by default: mixed-case filters in the query string.
-        env["HELIX_GET_JOB_URL"] = f"{server.url}{CLAIM_PATH}?mode={mode}&type={type_}&model_name={model_name}"
-        env["HELIX_RUNNER_TOKEN"] = token
+        env["HELIX_GET_JOB_URL"] = server.job_url(mode, type_, model_name)
+        env["HELIX_RUNNER_TOKEN"] = server.runner_token
         env["HELIX_RUNNER_CACHE"] = str(tmp_path / f"cache-{name}")
         command = [sys.executable, "-m", "runner", "--backend", backend, "--runner-name", name,
                    "--wait", str(wait), "--log-level", log_level, *extra]
@@ -314,17 +330,95 @@ def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
         runner.stop()
 
 
-# Helpers the tests share.
+def _model_runner(runner_process: Callable[..., RunnerProcess], type_: str,
+                  default_backend: str) -> Callable[..., RunnerProcess]:
+    def start(server: ApiServer, mode: str, model: Path | str, name: str | None = None, *,
+              backend: str = default_backend, max_parallel: int | None = None,
+              env: dict[str, str] | None = None) -> RunnerProcess:
+        extra = ("--device", "cpu") + (("--max-parallel", str(max_parallel)) if max_parallel else ())
+        return runner_process(server, name or f"{backend}-{mode}", backend=backend, mode=mode, type_=type_,
+                              model_name=str(model), extra=extra, env=env)
+
+    return start
 
 
-def create_session(server: ApiServer, headers: dict[str, str], message: str, *,
-                   http: requests.Session | None = None, **params: Any) -> dict[str, Any]:
-    """POST /api/v1/sessions; the new session."""
+@pytest.fixture
+def text_runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
+    """Start `helix-runner --backend mistral` on CPU: `text_runner(server, "create", tiny_mistral, "chat")`,
+    with `backend=`, `max_parallel=` and `env=` where a test needs them."""
+    return _model_runner(runner_process, "text", "mistral")
+
+
+@pytest.fixture
+def image_runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
+    """Start `helix-runner --backend sdxl` on CPU for image tasks of one mode: `image_runner(server, "create",
+    tiny_sdxl)`."""
+    return _model_runner(runner_process, "image", "sdxl")
+
+
+@pytest.fixture
+def text_api(api_server: Callable[..., ApiServer], tiny_mistral: Path) -> ApiServer:
+    """The API offering the tiny Mistral (by its path) as a text model."""
+    return api_server(models=f"text:{tiny_mistral}")
+
+
+@pytest.fixture
+def image_api(api_server: Callable[..., ApiServer], tiny_sdxl: Path) -> ApiServer:
+    """The API offering the tiny SDXL pipeline (by its path) as an image model."""
+    return api_server(models=f"image:{tiny_sdxl}")
+
+
+# Helpers the tests share: the user API as a client calls it.
+
+
+def create_session(server: ApiServer, headers: dict[str, str], message: str, *, model: Path | str = TEXT_MODEL,
+                   type_: str = "text", http: requests.Session | None = None, **params: Any) -> dict[str, Any]:
+    """POST /api/v1/sessions (a chat, or an image with `type_="image"`); the new session."""
     response = (http or requests).post(f"{server.url}/api/v1/sessions", headers=headers, timeout=30,
-                                       json={"mode": "create", "type": "text", "model_name": TEXT_MODEL,
+                                       json={"mode": "create", "type": type_, "model_name": str(model),
                                              "message": message, "params": params})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def create_finetune(server: ApiServer, model: Path | str, files: list[tuple[str, tuple[str, bytes, str]]], *,
+                    type_: str = "text", **params: Any) -> dict[str, Any]:
+    """POST a fine-tune as alice: `files` are the multipart parts, `params` (if any) go as JSON; the new session."""
+    data = {"mode": "finetune", "type": type_, "model_name": str(model)}
+    if params:
+        data["params"] = json.dumps(params)
+    response = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=60, data=data,
+                             files=files)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def send_message(server: ApiServer, headers: dict[str, str], session_id: int, message: str,
+                 **params: Any) -> dict[str, Any]:
+    """POST the session's next message; the session."""
+    response = requests.post(f"{server.url}/api/v1/sessions/{session_id}/messages", headers=headers, timeout=30,
+                             json={"message": message, "params": params})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def cancel_session(server: ApiServer, headers: dict[str, str], session_id: int) -> None:
+    """POST the session's cancel."""
+    response = requests.post(f"{server.url}/api/v1/sessions/{session_id}/cancel", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def fetch(server: ApiServer, headers: dict[str, str], path: str) -> requests.Response:
+    """GET a path of the API (a file's `url`, say) as whoever `headers` authenticate."""
+    return requests.get(f"{server.url}{path}", headers=headers, timeout=30)
+
+
+def openai_client(server: ApiServer, key: str | None = None) -> Any:
+    """The official `openai` client on the server's /v1, as alice unless given another key."""
+    import openai
+
+    # No retries: each call must succeed or fail on its own.
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key or server.api_key, max_retries=0, timeout=120)
 
 
 def get_session(server: ApiServer, headers: dict[str, str], session_id: int) -> dict[str, Any]:
@@ -339,18 +433,46 @@ def reply_of(session: dict[str, Any]) -> dict[str, Any]:
     return session["interactions"][-1]
 
 
+def wait_for_session(server: ApiServer, headers: dict[str, str], session_id: int,
+                     check: Callable[[dict[str, Any]], Any], timeout: float, what: str) -> dict[str, Any]:
+    """Poll a session until `check(session)` is truthy; the session then. `what` names the wait in a failure."""
+    def ready() -> dict[str, Any] | None:
+        session = get_session(server, headers, session_id)
+        return session if check(session) else None
+    return wait_for(ready, timeout, f"session {session_id}: {what}", interval=0.1)
+
+
 def wait_for_reply(server: ApiServer, headers: dict[str, str], session_id: int, timeout: float,
-                   states: tuple[str, ...] = ("complete", "error", "cancelled")) -> dict[str, Any]:
-    """The last reply of a session once it reaches one of `states`."""
-    def done() -> dict[str, Any] | None:
-        reply = reply_of(get_session(server, headers, session_id))
-        return reply if reply["state"] in states else None
-    return wait_for(done, timeout, f"session {session_id} to reach {states}", interval=0.1)
+                   states: Collection[str] = FINAL_INTERACTION_STATES) -> dict[str, Any]:
+    """The last reply of a session once it reaches one of `states` (by default, once it has ended)."""
+    session = wait_for_session(server, headers, session_id, lambda s: reply_of(s)["state"] in states, timeout,
+                               f"its reply to reach {sorted(map(str, states))}")
+    return reply_of(session)
 
 
 def echo_of(message: str) -> str:
     """What EchoBackend answers to `message`."""
     return " ".join(message.split())
+
+
+def session_events(server: ApiServer, headers: dict[str, str], session_id: int, *, after: int | None = None,
+                   follow: bool = False, until: Callable[[list[dict[str, Any]]], bool] | None = None,
+                   timeout: float = 30) -> list[dict[str, Any]]:
+    """A session's Server-Sent Events: those stored so far, or with `follow=True` live until `until(events)`.
+
+    `after` is sent as Last-Event-ID, as a reconnecting client does; `timeout` is the longest wait for a byte.
+    """
+    resume = {"Last-Event-ID": str(after)} if after is not None else {}
+    events: list[dict[str, Any]] = []
+    with requests.get(f"{server.url}/api/v1/sessions/{session_id}/events", headers={**headers, **resume},
+                      params={"follow": "1" if follow else "0"}, stream=True, timeout=(5, timeout)) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for event in read_sse(response):
+            events.append(event)
+            if until is not None and until(events):
+                break
+    return events
 
 
 def read_sse(response: requests.Response) -> Iterator[dict[str, Any]]:

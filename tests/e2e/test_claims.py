@@ -11,20 +11,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import TEXT_MODEL, bearer
+from tests.conftest import TEXT_MODEL
 from tests.e2e.conftest import (
+    CLAIM_PARAMS,
     CLAIM_PATH,
     create_session,
     echo_of,
     get_session,
     reply_of,
-    wait_for,
+    send_message,
     wait_for_reply,
 )
 
 pytestmark = pytest.mark.slow
 
-CLAIM_PARAMS = {"mode": "create", "type": "text", "model_name": TEXT_MODEL}
 TASKS = 2000
 CLAIMERS = 16
 
@@ -33,7 +33,7 @@ CLAIMERS = 16
 def test_16_concurrent_claimers_claim_each_of_2000_tasks_exactly_once(api_server):
     server = api_server(lease_seconds=120)
     user = server.user
-    runner = bearer(server.runner_token)
+    runner = server.runner_headers
 
     started = time.monotonic()
     local = threading.local()
@@ -111,15 +111,13 @@ def test_long_polling_runner_gets_a_new_task_at_once(api_server, runner_process)
     # Slow re-checks: only a wake-up, not the safety-net timer, can make the claim this fast.
     server = api_server(recheck_seconds=5)
     user = server.user
-    token = server.runner_token
-    runner = bearer(token)
 
     box: dict = {}
 
     def long_poll() -> None:
         started = time.monotonic()
         box["response"] = requests.get(f"{server.url}{CLAIM_PATH}", params={**CLAIM_PARAMS, "wait": "10"},
-                                       headers=runner, timeout=20)
+                                       headers=server.runner_headers, timeout=20)
         box["waited"] = time.monotonic() - started
         box["returned_at"] = time.monotonic()
 
@@ -136,8 +134,8 @@ def test_long_polling_runner_gets_a_new_task_at_once(api_server, runner_process)
     assert box["returned_at"] - created_at < 2, f"claimed {box['returned_at'] - created_at:.2f}s after queueing"
 
     # The same through a real runner long-polling with --wait 10: the API's own clock says how fast.
-    real = runner_process(server, token, "long-poller", wait=10)
-    wait_for(lambda: "claiming mode=" in real.log_text(), 20, "the runner to start polling")
+    real = runner_process(server, "long-poller", wait=10)
+    real.wait_for_log("claiming mode=", 20, "the runner to start polling")
     time.sleep(1.0)
     second = create_session(server, user, "wake up again")
     assert wait_for_reply(server, user, second["id"], 20)["state"] == "complete"
@@ -157,28 +155,24 @@ def _as_datetime(value):
 def test_follow_up_in_an_existing_session_is_claimed_before_a_new_session(api_server, runner_process):
     server = api_server()
     user = server.user
-    token = server.runner_token
     existing = create_session(server, user, "first turn")
-    assert runner_process(server, token, "warm-up", max_tasks=1).wait(30) == 0
+    assert runner_process(server, "warm-up", max_tasks=1).wait(30) == 0
     assert wait_for_reply(server, user, existing["id"], 10)["state"] == "complete"
 
     new = create_session(server, user, "a brand new session")
-    follow_up = requests.post(f"{server.url}/api/v1/sessions/{existing['id']}/messages", headers=user,
-                              json={"message": "second turn"}, timeout=10)
-    assert follow_up.status_code == 201, follow_up.text
+    follow_up = send_message(server, user, existing["id"], "second turn")
     new_task = reply_of(new)["task"]["id"]
-    follow_up_task = reply_of(follow_up.json())["task"]["id"]
+    follow_up_task = reply_of(follow_up)["task"]["id"]
     assert new_task < follow_up_task  # first in, so only priority puts the follow-up ahead
-    assert reply_of(follow_up.json())["queue_position"] == 1
+    assert reply_of(follow_up)["queue_position"] == 1
 
-    assert runner_process(server, token, "worker", max_tasks=2).wait(30) == 0
+    assert runner_process(server, "worker", max_tasks=2).wait(30) == 0
     order = [row[0] for row in server.sql(
         "SELECT id FROM tasks WHERE runner = 'worker' ORDER BY claimed_at, id")]
     assert order == [follow_up_task, new_task]
     continued = get_session(server, user, existing["id"])
     assert reply_of(continued)["output"] == echo_of("second turn")
     assert [i["creator"] for i in continued["interactions"]] == ["user", "assistant", "user", "assistant"]
-
 
 
 def test_a_long_poll_whose_runner_hung_up_claims_nothing(api_server):
@@ -193,5 +187,6 @@ def test_a_long_poll_whose_runner_hung_up_claims_nothing(api_server):
     time.sleep(1.0)  # the ghost's poll wakes for this task and must let it be
     assert server.sql("SELECT status, attempt, runner FROM tasks WHERE session_id = :s", s=session["id"]) == [
         ("queued", 0, None)]
-    claimed = requests.get(f"{server.url}{CLAIM_PATH}", params=CLAIM_PARAMS, headers=bearer(token), timeout=10)
+    claimed = requests.get(f"{server.url}{CLAIM_PATH}", params=CLAIM_PARAMS, headers=server.runner_headers,
+                           timeout=10)
     assert claimed.status_code == 200 and claimed.json()["task"]["attempt"] == 1

@@ -7,64 +7,37 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from PIL import Image
 from sqlalchemy import text
 
+from helix_api.vocabulary import FINAL_INTERACTION_STATES
 from tests.conftest import bearer
 from tests.e2e.conftest import (
+    SQLITE_ONLY,
     ApiServer,
-    RunnerProcess,
+    cancel_session,
+    create_finetune,
+    create_session,
+    fetch,
     get_session,
-    read_sse,
     reply_of,
-    wait_for,
+    send_message,
+    session_events,
     wait_for_reply,
+    wait_for_session,
 )
 
-pytestmark = pytest.mark.slow
-
-TERMINAL = ("complete", "error", "cancelled")
-
-
-@pytest.fixture
-def e2e_database(tmp_path: Path) -> str:
-    """SQLite only (overrides the conftest's two databases)."""
-    return f"sqlite:///{tmp_path / 'helix.db'}"
-
-
-@pytest.fixture
-def image_api(api_server: Callable[..., ApiServer], tiny_sdxl: Path) -> ApiServer:
-    """The API offering the tiny SDXL pipeline as its image model."""
-    return api_server(models=f"image:{tiny_sdxl}")
-
-
-@pytest.fixture
-def image_runner(runner_process: Callable[..., RunnerProcess]) -> Callable[..., RunnerProcess]:
-    """Start `helix-runner --backend sdxl` for image tasks of one mode: `image_runner(server, "create")`."""
-
-    def start(server: ApiServer, mode: str, model: Path, name: str | None = None) -> RunnerProcess:
-        return runner_process(server, server.runner_token, name or f"sdxl-{mode}", backend="sdxl", mode=mode,
-                              type_="image", model_name=str(model), extra=("--device", "cpu"))
-
-    return start
+pytestmark = [pytest.mark.slow, SQLITE_ONLY]
 
 
 def create_image_session(server: ApiServer, model: Path, message: str = "a red fox in the snow",
                          **params: Any) -> dict[str, Any]:
-    response = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30, json={
-        "mode": "create", "type": "image", "model_name": str(model), "message": message, "params": params})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def fetch(server: ApiServer, headers: dict[str, str], url: str) -> requests.Response:
-    return requests.get(f"{server.url}{url}", headers=headers, timeout=30)
+    """alice asks for an image."""
+    return create_session(server, server.user, message, model=model, type_="image", **params)
 
 
 def png_of(server: ApiServer, reply: dict[str, Any]) -> bytes:
@@ -95,17 +68,15 @@ def test_an_image_session_makes_a_png_only_its_owner_can_fetch(image_api, image_
 def test_progress_arrives_once_per_step_in_order_then_the_same_seed_repeats(image_api, image_runner, tiny_sdxl):
     image_runner(image_api, "create", tiny_sdxl)
     session = create_image_session(image_api, tiny_sdxl, num_inference_steps=6, seed=9)
-    progress = []
-    with requests.get(f"{image_api.url}/api/v1/sessions/{session['id']}/events", headers=image_api.user,
-                      stream=True, timeout=(5, 120)) as stream:
-        for event in read_sse(stream):
-            data = event["data"]
-            if data["kind"] == "progress":
-                progress.append((data["step"], data["total"]))
-            if data["kind"] == "state" and data["state"] in TERMINAL:
-                assert data["state"] == "complete", data
-                break
 
+    def ended(events: list[dict[str, Any]]) -> bool:
+        data = events[-1]["data"]
+        return data["kind"] == "state" and data["state"] in FINAL_INTERACTION_STATES
+
+    events = session_events(image_api, image_api.user, session["id"], follow=True, until=ended, timeout=120)
+
+    assert events[-1]["data"]["state"] == "complete", events[-1]
+    progress = [(e["data"]["step"], e["data"]["total"]) for e in events if e["data"]["kind"] == "progress"]
     assert progress == [(step, 6) for step in range(1, 7)]
     first = png_of(image_api, reply_of(get_session(image_api, image_api.user, session["id"])))
     again = create_image_session(image_api, tiny_sdxl, num_inference_steps=6, seed=9)
@@ -116,18 +87,16 @@ def test_cancel_stops_a_long_image_run(image_api, image_runner, tiny_sdxl):
     runner = image_runner(image_api, "create", tiny_sdxl)
     session = create_image_session(image_api, tiny_sdxl, width=256, height=256, num_inference_steps=150, seed=1)
 
-    def running() -> bool:
-        progress = reply_of(get_session(image_api, image_api.user, session["id"]))["progress"]
+    def denoising(session: dict[str, Any]) -> bool:
+        progress = reply_of(session)["progress"]
         return bool(progress and progress.get("step", 0) >= 1)
 
-    wait_for(running, 120, "the first denoising step", interval=0.1)
-    response = requests.post(f"{image_api.url}/api/v1/sessions/{session['id']}/cancel", headers=image_api.user,
-                             timeout=30)
-    assert response.status_code == 200, response.text
+    wait_for_session(image_api, image_api.user, session["id"], denoising, 120, "the first denoising step")
+    cancel_session(image_api, image_api.user, session["id"])
 
     reply = wait_for_reply(image_api, image_api.user, session["id"], timeout=60)
     assert reply["state"] == "cancelled" and reply["files"] == []
-    wait_for(lambda: "cancelled by the user" in runner.log_text(), 30, "the runner to stop the task")
+    runner.wait_for_log("cancelled by the user", 30, "the runner to stop the task")
     # The runner is free again: the next image comes out.
     after = create_image_session(image_api, tiny_sdxl, num_inference_steps=2, seed=1)
     assert wait_for_reply(image_api, image_api.user, after["id"], timeout=120)["state"] == "complete"
@@ -175,12 +144,7 @@ def test_an_image_finetune_makes_an_adapter_that_changes_the_next_image(image_ap
     image_runner(image_api, "finetune", tiny_sdxl)
     image_runner(image_api, "create", tiny_sdxl)
     train = {"max_steps": 4, "learning_rate": 0.02, "lora_r": 4, "resolution": 64, "seed": 0}
-    response = requests.post(f"{image_api.url}/api/v1/sessions", headers=image_api.user, timeout=60,
-                             data={"mode": "finetune", "type": "image", "model_name": str(tiny_sdxl),
-                                   "params": json.dumps(train)},
-                             files=training_images(tmp_path))
-    assert response.status_code == 201, response.text
-    session_id = response.json()["id"]
+    session_id = create_finetune(image_api, tiny_sdxl, training_images(tmp_path), type_="image", **train)["id"]
     draw = {"num_inference_steps": 3, "seed": 11}
     base = create_image_session(image_api, tiny_sdxl, "a red square", **draw)
 
@@ -190,9 +154,7 @@ def test_an_image_finetune_makes_an_adapter_that_changes_the_next_image(image_ap
     assert [f["kind"] for f in tuned["files"]] == ["adapter"]
     assert get_session(image_api, image_api.user, session_id)["mode"] == "create"
     base_png = png_of(image_api, wait_for_reply(image_api, image_api.user, base["id"], timeout=120))
-    response = requests.post(f"{image_api.url}/api/v1/sessions/{session_id}/messages", headers=image_api.user,
-                             timeout=30, json={"message": "a red square", "params": draw})
-    assert response.status_code == 201, response.text
+    send_message(image_api, image_api.user, session_id, "a red square", **draw)
     reply = wait_for_reply(image_api, image_api.user, session_id, timeout=120)
     assert reply["state"] == "complete", reply
     assert png_of(image_api, reply) != base_png

@@ -9,16 +9,16 @@ import time
 import pytest
 import requests
 
-from tests.conftest import TEXT_MODEL, bearer
 from tests.e2e.conftest import (
+    CLAIM_PARAMS,
     CLAIM_PATH,
     create_session,
     echo_of,
     get_session,
-    read_sse,
     reply_of,
-    wait_for,
+    session_events,
     wait_for_reply,
+    wait_for_session,
 )
 
 pytestmark = pytest.mark.slow
@@ -26,37 +26,31 @@ pytestmark = pytest.mark.slow
 MESSAGE = " ".join(f"word{i:02d}" for i in range(30))
 # Tokens, progress and logs: what runners post (state events are the API's own).
 RUNNER_EVENTS_OF_ATTEMPT_1 = "SELECT count(*) FROM task_events WHERE attempt = 1 AND kind <> 'state'"
-CLAIM_PARAMS = {"mode": "create", "type": "text", "model_name": TEXT_MODEL}
 
 
 def _streaming(server, headers, session_id: int, attempt: int = 1) -> dict:
     """Wait until the reply streams output on `attempt`; the reply as it was then."""
-    def check():
-        reply = reply_of(get_session(server, headers, session_id))
-        running = reply["state"] == "running" and reply["task"]["attempt"] == attempt
-        return reply if running and reply["output"] else None
-    return wait_for(check, 30, f"session {session_id} to stream on attempt {attempt}")
+    def streaming(session: dict) -> bool:
+        reply = reply_of(session)
+        return reply["state"] == "running" and reply["task"]["attempt"] == attempt and bool(reply["output"])
+    return reply_of(wait_for_session(server, headers, session_id, streaming, 30, f"to stream on attempt {attempt}"))
 
 
 def _state_events(server, headers, session_id: int) -> list[dict]:
-    with requests.get(f"{server.url}/api/v1/sessions/{session_id}/events", params={"follow": "0"},
-                      headers=headers, stream=True, timeout=30) as response:
-        assert response.status_code == 200, response.text
-        return [e["data"] for e in read_sse(response) if e["event"] == "state"]
+    return [e["data"] for e in session_events(server, headers, session_id) if e["event"] == "state"]
 
 
 @pytest.mark.timeout(120)
 def test_kill_9_mid_task_completes_exactly_once_on_the_other_runner(api_server, runner_process):
     server = api_server(lease_seconds=3, heartbeat_seconds=1)
     user = server.user
-    token = server.runner_token
     session = create_session(server, user, MESSAGE, token_delay=0.05)
-    runner_a = runner_process(server, token, "runner-a")
+    runner_a = runner_process(server, "runner-a")
     partial = _streaming(server, user, session["id"])["output"]
 
     runner_a.signal(signal.SIGKILL)
     assert runner_a.wait(10) == -signal.SIGKILL
-    runner_b = runner_process(server, token, "runner-b")
+    runner_b = runner_process(server, "runner-b")
 
     reply = wait_for_reply(server, user, session["id"], 60)
     assert reply["state"] == "complete", reply
@@ -76,20 +70,19 @@ def test_sigstopped_runner_gets_409_when_it_resumes_and_its_late_work_is_not_sto
         api_server, runner_process):
     server = api_server(lease_seconds=3, heartbeat_seconds=1)
     user = server.user
-    token = server.runner_token
     session = create_session(server, user, MESSAGE, token_delay=0.1)
     # DEBUG makes urllib3 log each request with its status, so the 409 itself is in the log.
-    runner_a = runner_process(server, token, "runner-a", log_level="DEBUG")
+    runner_a = runner_process(server, "runner-a", log_level="DEBUG")
     _streaming(server, user, session["id"])
     runner_a.signal(signal.SIGSTOP)
     time.sleep(0.3)  # a post A sent just before it froze is stored by now
     attempt_1_events = server.sql(RUNNER_EVENTS_OF_ATTEMPT_1)[0][0]
 
-    runner_b = runner_process(server, token, "runner-b")
+    runner_b = runner_process(server, "runner-b")
     _streaming(server, user, session["id"], attempt=2)
     # A wakes up while B is streaming the same task: A's calls must bounce off B's lease.
     runner_a.signal(signal.SIGCONT)
-    wait_for(lambda: "lease lost; dropped" in runner_a.log_text(), 30, "runner A to notice its lost lease")
+    runner_a.wait_for_log("lease lost; dropped", 30, "runner A to notice its lost lease")
 
     reply = wait_for_reply(server, user, session["id"], 60)
     assert reply["state"] == "complete", reply
@@ -113,7 +106,7 @@ def test_sigstopped_runner_gets_409_when_it_resumes_and_its_late_work_is_not_sto
 def test_late_runner_gets_409_lease_lost_and_its_result_is_not_stored(api_server):
     server = api_server(lease_seconds=1, heartbeat_seconds=0.5)
     user = server.user
-    runner = bearer(server.runner_token)
+    runner = server.runner_headers
     session = create_session(server, user, "hello there")
     worker = f"{server.url}{CLAIM_PATH}"
 
@@ -154,7 +147,7 @@ def test_task_that_always_crashes_the_backend_ends_dead_after_exactly_3_attempts
     server = api_server(max_attempts=3)
     user = server.user
     session = create_session(server, user, "crash please")
-    runner_process(server, server.runner_token, "crasher", backend="tests.doubles:CrashBackend")
+    runner_process(server, "crasher", backend="tests.doubles:CrashBackend")
 
     reply = wait_for_reply(server, user, session["id"], 40)
     assert reply["state"] == "error"

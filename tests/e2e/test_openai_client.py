@@ -16,32 +16,22 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import ApiServer, RunnerProcess, wait_for
+from tests.e2e.conftest import SQLITE_ONLY, ApiServer, RunnerProcess, openai_client, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ASK = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about dragons."}]
 
 
-def client_of(server: ApiServer, key: str | None = None) -> openai.OpenAI:
-    """The official client on the server's /v1, as the user "alice" unless given another key."""
-    key = key or server.user["Authorization"].removeprefix("Bearer ")
-    # No retries: each call here must succeed or fail on its own.
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
-
-
 @pytest.fixture
-def chat_server(api_server: Callable[..., ApiServer], tiny_mistral: Path,
-                runner_process: Callable[..., RunnerProcess]) -> ApiServer:
+def chat_server(text_api: ApiServer, tiny_mistral: Path, text_runner: Callable[..., RunnerProcess]) -> ApiServer:
     """The API offering the tiny Mistral (by its path), with a runner serving it."""
-    server = api_server(models=f"text:{tiny_mistral}")
-    runner_process(server, server.runner_token, "chat", backend="mistral", type_="text",
-                   model_name=str(tiny_mistral), extra=("--device", "cpu"))
-    return server
+    text_runner(text_api, "create", tiny_mistral, "chat")
+    return text_api
 
 
 def test_a_chat_has_usage_and_its_stream_joins_to_the_same_text(chat_server, tiny_mistral):
-    client = client_of(chat_server)
+    client = openai_client(chat_server)
     model = str(tiny_mistral)
     answer = client.chat.completions.create(model=model, messages=ASK, max_tokens=16, seed=7, temperature=0.8)
 
@@ -61,7 +51,7 @@ def test_a_chat_has_usage_and_its_stream_joins_to_the_same_text(chat_server, tin
 
 
 def test_max_tokens_ends_with_length_and_stop_cuts_the_reply(chat_server, tiny_mistral):
-    client = client_of(chat_server)
+    client = openai_client(chat_server)
     model = str(tiny_mistral)
     # Greedy, so the reply is long: the random tiny model never picks its end token first.
     full = client.chat.completions.create(model=model, messages=ASK, max_tokens=12, temperature=0)
@@ -76,7 +66,7 @@ def test_max_tokens_ends_with_length_and_stop_cuts_the_reply(chat_server, tiny_m
 
 
 def test_models_list_shows_the_served_model_and_the_configured_ones(chat_server, tiny_mistral):
-    client = client_of(chat_server)
+    client = openai_client(chat_server)
 
     def served() -> list:
         return [m for m in client.models.list().data if m.id == str(tiny_mistral) and m.helix_served]
@@ -89,7 +79,7 @@ def test_models_list_shows_the_served_model_and_the_configured_ones(chat_server,
 
 def test_errors_are_raised_as_the_clients_exceptions_with_the_message(api_server):
     server = api_server()
-    client = client_of(server)
+    client = openai_client(server)
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=ASK)
     assert missing.value.code == "model_not_found" and "gpt-4o" in missing.value.message
@@ -97,17 +87,14 @@ def test_errors_are_raised_as_the_clients_exceptions_with_the_message(api_server
         client.chat.completions.create(model="mistralai/Mistral-7B-Instruct-v0.1", messages=ASK, max_tokens=0)
     assert bad.value.param == "max_tokens" and "max_tokens" in bad.value.message
     with pytest.raises(openai.AuthenticationError) as unknown:
-        client_of(server, key="hx_not-a-key").models.list()
+        openai_client(server, key="hx_not-a-key").models.list()
     assert unknown.value.code == "invalid_api_key" and "Unknown or revoked" in unknown.value.message
 
 
-@pytest.mark.parametrize("e2e_database", ["sqlite"], indirect=True)
-def test_images_come_back_as_64x64_pngs_in_base64_and_at_urls_that_need_no_key(
-        api_server, runner_process, tiny_sdxl):
-    server = api_server(models=f"image:{tiny_sdxl}")
-    runner_process(server, server.runner_token, "draw", backend="sdxl", type_="image", model_name=str(tiny_sdxl),
-                   extra=("--device", "cpu"))
-    client = client_of(server)
+@SQLITE_ONLY
+def test_images_come_back_as_64x64_pngs_in_base64_and_at_urls_that_need_no_key(image_api, image_runner, tiny_sdxl):
+    image_runner(image_api, "create", tiny_sdxl, "draw")
+    client = openai_client(image_api)
     # Helix params beyond OpenAI's, passed as the client passes extras.
     extras = {"num_inference_steps": 2, "seed": 5}
 

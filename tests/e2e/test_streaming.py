@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,10 +14,10 @@ from tests.e2e.conftest import (
     create_session,
     echo_of,
     get_session,
-    read_sse,
     reply_of,
-    wait_for,
+    session_events,
     wait_for_reply,
+    wait_for_session,
 )
 
 pytestmark = pytest.mark.slow
@@ -24,22 +25,14 @@ pytestmark = pytest.mark.slow
 LONG_MESSAGE = " ".join(f"token{i:03d}" for i in range(80))
 
 
-def _events(server, headers, session_id: int, after: int | None = None, follow: bool = False,
-            until_complete: bool = False, max_tokens: int | None = None) -> list[dict[str, Any]]:
-    """Read a session's SSE stream: all of it (follow=0), or until the reply completes or N tokens came."""
-    extra = {"Last-Event-ID": str(after)} if after is not None else {}
-    events: list[dict[str, Any]] = []
-    with requests.get(f"{server.url}/api/v1/sessions/{session_id}/events", headers={**headers, **extra},
-                      params={"follow": "1" if follow else "0"}, stream=True, timeout=(5, 30)) as response:
-        assert response.status_code == 200, response.text
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        for event in read_sse(response):
-            events.append(event)
-            if until_complete and event["event"] == "state" and event["data"]["state"] == "complete":
-                break
-            if max_tokens is not None and sum(e["event"] == "token" for e in events) >= max_tokens:
-                break
-    return events
+def _complete(events: list[dict[str, Any]]) -> bool:
+    """Whether the last event says the reply is complete."""
+    return events[-1]["event"] == "state" and events[-1]["data"]["state"] == "complete"
+
+
+def _has_tokens(count: int) -> Callable[[list[dict[str, Any]]], bool]:
+    """Whether `count` tokens have come."""
+    return lambda events: sum(e["event"] == "token" for e in events) >= count
 
 
 def _tokens(events: list[dict[str, Any]]) -> str:
@@ -54,11 +47,11 @@ def test_sse_client_that_reconnects_with_last_event_id_loses_no_text(api_server,
     server = api_server()
     user = server.user
     session = create_session(server, user, LONG_MESSAGE, token_delay=0.03)
-    runner_process(server, server.runner_token, "streamer")
+    runner_process(server, "streamer")
 
-    first = _events(server, user, session["id"], follow=True, max_tokens=20)
+    first = session_events(server, user, session["id"], follow=True, until=_has_tokens(20))
     time.sleep(0.5)  # the runner streams on while nobody listens
-    second = _events(server, user, session["id"], after=first[-1]["id"], follow=True, until_complete=True)
+    second = session_events(server, user, session["id"], after=first[-1]["id"], follow=True, until=_complete)
 
     ids = [e["id"] for e in first + second]
     assert ids == list(range(1, len(ids) + 1)), "event ids must run on without gaps or repeats"
@@ -70,7 +63,7 @@ def test_sse_client_that_reconnects_with_last_event_id_loses_no_text(api_server,
     assert _tokens(first + second) == reply["output"] == echo_of(LONG_MESSAGE)
     assert len(first_tokens) + len(second_tokens) == len(LONG_MESSAGE.split())
     # What a late reader replays from the start is exactly what the live reader saw.
-    assert [e["data"] for e in _events(server, user, session["id"])] == [e["data"] for e in first + second]
+    assert [e["data"] for e in session_events(server, user, session["id"])] == [e["data"] for e in first + second]
 
 
 @pytest.mark.timeout(120)
@@ -78,14 +71,14 @@ def test_api_restart_loses_nothing(api_server, runner_process):
     # A lease longer than the restart: the runner keeps its task through the API's absence.
     server = api_server(lease_seconds=15, heartbeat_seconds=1)
     user = server.user
-    runner = runner_process(server, server.runner_token, "steady")
+    runner = runner_process(server, "steady")
     finished = create_session(server, user, "finished before the restart")
     assert wait_for_reply(server, user, finished["id"], 20)["state"] == "complete"
     long = create_session(server, user, LONG_MESSAGE, token_delay=0.05)
-    wait_for(lambda: reply_of(get_session(server, user, long["id"]))["output"], 20, "the reply to stream")
+    wait_for_session(server, user, long["id"], lambda s: reply_of(s)["output"], 20, "the reply to stream")
 
     sessions = _session_ids(server, user)
-    before = {sid: _events(server, user, sid) for sid in sessions}
+    before = {sid: session_events(server, user, sid) for sid in sessions}
     mid_task = reply_of(get_session(server, user, long["id"]))
     assert mid_task["state"] == "running" and mid_task["output"] != echo_of(LONG_MESSAGE)
     assert server.stop(signal.SIGTERM) == 0
@@ -101,10 +94,10 @@ def test_api_restart_loses_nothing(api_server, runner_process):
         ("complete", 1, "steady"), ("complete", 1, "steady")]
     assert _session_ids(server, user) == sessions
     for sid, events in before.items():
-        after = _events(server, user, sid)
+        after = session_events(server, user, sid)
         assert after[: len(events)] == events, f"session {sid} lost events in the restart"
         assert [e["id"] for e in after] == list(range(1, len(after) + 1))
-    streamed = _events(server, user, long["id"])
+    streamed = session_events(server, user, long["id"])
     assert _tokens(streamed) == reply["output"]
     tokens = [e["data"]["text"] for e in streamed if e["event"] == "token"]
     assert tokens == [w + " " for w in LONG_MESSAGE.split()[:-1]] + LONG_MESSAGE.split()[-1:]

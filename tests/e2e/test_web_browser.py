@@ -15,9 +15,17 @@ import pytest
 import requests
 
 from tests.conftest import TEXT_MODEL, bearer
-from tests.e2e.conftest import ApiServer, create_session, get_session, reply_of
+from tests.e2e.conftest import (
+    CLAIM_PARAMS,
+    SQLITE_ONLY,
+    ApiServer,
+    create_finetune,
+    create_session,
+    get_session,
+    reply_of,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), SQLITE_ONLY]
 
 WAIT_MS = 120_000  # a runner loading a tiny model on a shared 2-core machine
 
@@ -36,12 +44,6 @@ document.addEventListener("DOMContentLoaded", () => {
                                                attributes: true, attributeFilter: ["data-phase"]});
 });
 """
-
-
-@pytest.fixture
-def e2e_database(tmp_path: Path) -> str:
-    """SQLite only (overrides the conftest's two databases)."""
-    return f"sqlite:///{tmp_path / 'helix.db'}"
 
 
 @pytest.fixture
@@ -66,11 +68,6 @@ def new_page(chromium) -> Iterator[Callable[[], Any]]:
         context.close()
 
 
-def key_of(server: ApiServer) -> str:
-    """alice's API key."""
-    return server.user["Authorization"].split()[1]
-
-
 def sign_in(page, server: ApiServer, key: str, path: str = "/") -> None:
     """Open `path`, get sent to sign in, sign in with `key`, land back on `path`."""
     page.goto(f"{server.url}{path}")
@@ -89,7 +86,7 @@ def test_sign_in_and_out(web_api, new_page):
     page.click("button:has-text('Sign in')")
     assert page.inner_text(".field-error[data-field=api_key]") == "Unknown or revoked API key."
 
-    page.fill("input[name=api_key]", key_of(web_api))
+    page.fill("input[name=api_key]", web_api.api_key)
     page.click("button:has-text('Sign in')")
     page.wait_for_url(f"{web_api.url}/")
     assert page.inner_text("header .who") == "alice"
@@ -101,12 +98,11 @@ def test_sign_in_and_out(web_api, new_page):
     assert "/signin?next=/new/chat" in page.url
 
 
-def test_a_chat_streams_its_reply_into_the_page(web_api, new_page, runner_process, tiny_mistral):
-    runner_process(web_api, web_api.runner_token, "chat", backend="mistral", model_name=str(tiny_mistral),
-                   extra=("--device", "cpu"))
+def test_a_chat_streams_its_reply_into_the_page(web_api, new_page, text_runner, tiny_mistral):
+    text_runner(web_api, "create", tiny_mistral, "chat")
     page = new_page()
     page.add_init_script(RECORD_REPLY)
-    sign_in(page, web_api, key_of(web_api), "/new/chat")
+    sign_in(page, web_api, web_api.api_key, "/new/chat")
     page.select_option("select[name=model_name]", str(tiny_mistral))
     page.fill("textarea[name=message]", "Tell me a long story about a dragon.")
     page.click("summary:has-text('Advanced')")
@@ -131,11 +127,10 @@ def test_a_chat_streams_its_reply_into_the_page(web_api, new_page, runner_proces
     assert page.is_visible("form.continue") and not page.is_visible("form.cancel")
 
 
-def test_an_image_session_shows_its_image(web_api, new_page, runner_process, tiny_sdxl):
-    runner_process(web_api, web_api.runner_token, "draw", backend="sdxl", mode="create", type_="image",
-                   model_name=str(tiny_sdxl), extra=("--device", "cpu"))
+def test_an_image_session_shows_its_image(web_api, new_page, image_runner, tiny_sdxl):
+    image_runner(web_api, "create", tiny_sdxl, "draw")
     page = new_page()
-    sign_in(page, web_api, key_of(web_api), "/new/image")
+    sign_in(page, web_api, web_api.api_key, "/new/image")
     page.select_option("select[name=model_name]", str(tiny_sdxl))
     page.fill("textarea[name=message]", "a red fox in the snow")
     page.fill("input[name=width]", "96")
@@ -158,7 +153,7 @@ def test_a_bad_training_file_shows_its_lines_next_to_the_field(web_api, new_page
     lines = [json.dumps({"question": f"What is {n}?", "answer": f"{n}."}) for n in range(12)]
     lines[3] = '{"messages": [{"role": "robot", "content": "beep"}]}'
     page = new_page()
-    sign_in(page, web_api, key_of(web_api), "/new/finetune")
+    sign_in(page, web_api, web_api.api_key, "/new/finetune")
     page.select_option("select[name=type]", "text")
     page.select_option("select[name=model_name]", str(tiny_mistral))
     page.set_input_files("input[name=files]", files=[
@@ -177,12 +172,9 @@ def test_a_bad_training_file_shows_its_lines_next_to_the_field(web_api, new_page
 
 
 def test_someone_elses_session_is_a_404_page(web_api, new_page):
-    response = requests.post(f"{web_api.url}/api/v1/sessions", headers=web_api.user, timeout=30, json={
-        "model_name": TEXT_MODEL, "message": "my secret"})
-    assert response.status_code == 201, response.text
-    session_id = response.json()["id"]
+    session_id = create_session(web_api, web_api.user, "my secret")["id"]
     mine = new_page()
-    sign_in(mine, web_api, key_of(web_api), f"/sessions/{session_id}")
+    sign_in(mine, web_api, web_api.api_key, f"/sessions/{session_id}")
     assert "my secret" in mine.inner_text(".thread")
 
     bob = web_api.create_user("bob")
@@ -202,12 +194,12 @@ class FakeRunner:
 
     def __init__(self, server: ApiServer) -> None:
         self.url = f"{server.url}/api/v1/worker"
-        self.headers = {**bearer(server.runner_token), "X-Helix-Runner": "test-hand"}
+        self.headers = {**server.runner_headers, "X-Helix-Runner": "test-hand"}
         self.seq = 0
 
     def claim(self, mode: str = "create") -> tuple[int, str]:
         response = requests.get(f"{self.url}/task", headers=self.headers, timeout=30,
-                                params={"mode": mode, "type": "text", "model_name": TEXT_MODEL})
+                                params={**CLAIM_PARAMS, "mode": mode})
         assert response.status_code == 200, response.text
         self.seq = 0
         return response.json()["task"]["id"], response.json()["lease"]["token"]
@@ -249,7 +241,7 @@ def test_the_page_shows_every_phase_of_a_reply(api_server, new_page):
     ahead = create_session(server, server.user, "first in line")
     mine = create_session(server, server.user, "second in line")
     page = new_page()
-    sign_in(page, server, key_of(server), f"/sessions/{mine['id']}")
+    sign_in(page, server, server.api_key, f"/sessions/{mine['id']}")
     wait_phase(page, "queued", "queued (2 in line)")
 
     first = runner.claim()  # the session ahead leaves the queue: polling moves this one up
@@ -283,12 +275,9 @@ def test_the_page_follows_training_and_then_chats(api_server, new_page):
     server = api_server()
     runner = FakeRunner(server)
     lines = "\n".join(json.dumps({"question": f"What is {n}?", "answer": f"{n}."}) for n in range(10))
-    created = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30,
-                            data={"mode": "finetune", "type": "text", "model_name": TEXT_MODEL},
-                            files=[("files", ("qa.jsonl", lines.encode(), "application/jsonl"))])
-    assert created.status_code == 201, created.text
+    created = create_finetune(server, TEXT_MODEL, [("files", ("qa.jsonl", lines.encode(), "application/jsonl"))])
     page = new_page()
-    sign_in(page, server, key_of(server), f"/sessions/{created.json()['id']}")
+    sign_in(page, server, server.api_key, f"/sessions/{created['id']}")
     wait_phase(page, "queued")
     assert not page.is_visible("form.continue")
 
@@ -311,5 +300,5 @@ def test_the_page_follows_training_and_then_chats(api_server, new_page):
     page.fill("form.continue textarea[name=message]", "What is 3?")
     page.click("form.continue button:has-text('Send')")
     wait_phase(page, "queued", "queued (1 in line)")
-    assert requests.get(f"{runner.url}/task", headers=runner.headers, timeout=30, params={
-        "mode": "create", "type": "text", "model_name": TEXT_MODEL}).json()["task"]["adapter"] is not None
+    assert requests.get(f"{runner.url}/task", headers=runner.headers, timeout=30,
+                        params=CLAIM_PARAMS).json()["task"]["adapter"] is not None
