@@ -1,7 +1,11 @@
 """Text runner benchmark: overhead beyond generate(), warm vs load-per-task, tokens/s with --max-parallel.
 
-    python -m bench.text                      # the tiny Mistral, built offline
-    python -m bench.text --model PATH_OR_ID   # the tiny one, then this model (hub id or local path)
+    python -m bench.text                      # the tiny Mistral, then SmolLM2-135M-Instruct (a real model)
+    python -m bench.text --model PATH_OR_ID   # ... then this model too (hub id or local path)
+    python -m bench.text --no-real            # the tiny Mistral alone (a minute or two)
+
+The real model comes from PyPI and is converted once (runner.smollm) into ~/.cache/helix-runner/models;
+it is measured with fewer runs (--real-runs, --real-burst), as each of its replies takes seconds on a CPU.
 
 Everything runs on this machine over loopback: a real `helix serve` (SQLite) and a real `helix-runner
 --backend mistral`, against a bare loop over the same model in this process.
@@ -390,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--runs", type=int, default=15, help="tasks per latency figure (medians)")
     parser.add_argument("--burst", type=int, default=16, help="tasks per tokens/s figure")
-    parser.add_argument("--skip-tiny", action="store_true", help="measure only --model")
+    parser.add_argument("--skip-tiny", action="store_true", help="do not measure the tiny model")
+    parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure SmolLM2-135M-Instruct too (fetched and converted once) [default: on]")
+    parser.add_argument("--real-runs", type=int, default=5, help="tasks per latency figure of the real model")
+    parser.add_argument("--real-burst", type=int, default=8, help="tasks per tokens/s figure of the real model")
     parser.add_argument("--mid", action="store_true",
                         help="also measure a random ~50M-parameter Mistral whose replies take as long on 2 CPU "
                              "cores as a 7B model's on a GPU")
@@ -425,6 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         models.append(args.model)
     results = [measure(model, device, workdir / f"m{index}", args.runs, args.burst, args.pg_admin_url)
                for index, model in enumerate(models)]
+    if args.real:
+        from runner import smollm
+        from runner.config import default_cache_dir
+
+        # By its directory, so no hub settings reach the other models' processes.
+        path = smollm.install(Path(default_cache_dir()) / "models" / "hub")
+        real = measure(str(path), device, workdir / "real", args.real_runs, args.real_burst, args.pg_admin_url)
+        results.append({**real, "model": smollm.NAME})
     print()
     gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
     print(f"bench.text on {os.cpu_count()} CPU cores{gpu}; API on {'PostgreSQL' if args.pg_admin_url else 'SQLite'}; "
