@@ -305,8 +305,8 @@ def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
 @click.option("--image-model", default=None, metavar="ID_OR_PATH",
               help="SDXL pipeline to serve. [default: a tiny SDXL built offline]")
 @click.option("--max-new-tokens", default=96, show_default=True, type=int, help="Length of each chat reply.")
-@click.option("--finetune-steps", default=12, show_default=True, type=click.IntRange(1),
-              help="Training steps of the fine-tune.")
+@click.option("--finetune-steps", default=12, show_default=True, type=click.IntRange(0),
+              help="Training steps of the fine-tune (0: no fine-tune).")
 def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens: int, finetune_steps: int) -> None:
     """Start Helix with text, fine-tune and image runners; chat, fine-tune, draw one image."""
     started = time.monotonic()
@@ -333,11 +333,12 @@ def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens:
               f"(their logs in {data})")
         runners_env = {**env, **runner_env}
         processes.append(_runner("text", "mistral", model, base, token, runners_env, data))
-        processes.append(_runner("text", "mistral", model, base, token, runners_env, data, mode="finetune"))
+        if finetune_steps:
+            processes.append(_runner("text", "mistral", model, base, token, runners_env, data, mode="finetune"))
         processes.append(_runner("image", "sdxl", image_model, base, token, env, data))
 
         session = _chat(base, headers, model, max_new_tokens)
-        tuned_id = _finetune(base, headers, model, finetune_steps, max_new_tokens)
+        tuned_id = _finetune(base, headers, model, finetune_steps, max_new_tokens) if finetune_steps else None
 
         print(f"\n[you] draw: {PROMPT}")
         created = _post(base, headers, "/api/v1/sessions", json={
@@ -348,14 +349,14 @@ def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens:
             raise click.ClickException("the image ended with no file")
         url = base + image["files"][0]["url"]
         print(f"==> the PNG: {url}")
-        _openai_tour(base, key, f"ft:{model}:{tuned_id}", max_new_tokens)
+        tuned = f"ft:{model}:{tuned_id}" if tuned_id else model
+        _openai_tour(base, key, tuned, max_new_tokens)
         print(f"""
 ==> The tour took {time.monotonic() - started:.0f}s. The API runs at {base}. Your demo API key:
 {key}
 
 In a browser: {base}/ (sign in with the key; the admin page is {base}/admin).
-From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}"), model "{model}"
-or the fine-tune, "ft:{model}:{tuned_id}".
+From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}"), model "{tuned}".
 
 Try it:
   curl -s -H 'Authorization: Bearer {key}' {base}/api/v1/sessions
