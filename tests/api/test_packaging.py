@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from helix_api.schema import head_revision
-from tests.e2e.conftest import free_port, wait_for
+from tests.e2e.processes import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

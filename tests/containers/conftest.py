@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.e2e import conftest as e2e
-from tests.e2e.conftest import CLAIM_PATH, REPO, _base_env
+from tests.e2e.processes import CLAIM_PATH, REPO, base_env
 
 # The end-to-end fixtures: `helix serve` as a real process, offering the tiny models.
 api_server, e2e_database, text_api, image_api = e2e.api_server, e2e.e2e_database, e2e.text_api, e2e.image_api
@@ -20,7 +20,7 @@ NOWHERE = f"http://127.0.0.1:9{CLAIM_PATH}"
 
 def entrypoint_env(tmp_path: Path, **values: str) -> dict[str, str]:
     """A container's environment: the project's virtualenv on PATH, the volume under tmp_path."""
-    env = _base_env()
+    env = base_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["HF_HOME"] = str(tmp_path / "volume" / "hf")
     env["HELIX_RUNNER_CACHE"] = str(tmp_path / "volume" / "helix-runner")

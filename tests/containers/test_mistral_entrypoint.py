@@ -7,7 +7,8 @@ import re
 import pytest
 
 from tests.containers.conftest import entrypoint_env, pinned_torch, run_entrypoint, unreachable_env
-from tests.e2e.conftest import REPO, SQLITE_ONLY, create_session, wait_for_reply
+from tests.e2e.client import create_session, wait_for_reply
+from tests.e2e.processes import REPO, SQLITE_ONLY
 
 ENTRYPOINT = REPO / "containers" / "mistral" / "entrypoint.sh"
 DOCKERFILE = REPO / "containers" / "mistral" / "Dockerfile"

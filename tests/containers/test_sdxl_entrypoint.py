@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.containers.conftest import entrypoint_env, pinned_torch, run_entrypoint, unreachable_env
-from tests.e2e.conftest import REPO, SQLITE_ONLY, create_session, fetch, wait_for_reply
+from tests.e2e.client import create_session, fetch, wait_for_reply
+from tests.e2e.processes import REPO, SQLITE_ONLY
 
 ENTRYPOINT = REPO / "containers" / "sdxl" / "entrypoint.sh"
 DOCKERFILE = REPO / "containers" / "sdxl" / "Dockerfile"

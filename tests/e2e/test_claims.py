@@ -12,16 +12,8 @@ import pytest
 import requests
 
 from tests.conftest import TEXT_MODEL
-from tests.e2e.conftest import (
-    CLAIM_PARAMS,
-    CLAIM_PATH,
-    create_session,
-    echo_of,
-    get_session,
-    reply_of,
-    send_message,
-    wait_for_reply,
-)
+from tests.e2e.client import create_session, echo_of, get_session, reply_of, send_message, wait_for_reply
+from tests.e2e.processes import CLAIM_PARAMS, CLAIM_PATH
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,7 @@ from sqlalchemy import text
 
 from helix_api.vocabulary import FINAL_INTERACTION_STATES
 from tests.conftest import bearer
-from tests.e2e.conftest import (
-    SQLITE_ONLY,
-    ApiServer,
+from tests.e2e.client import (
     cancel_session,
     create_finetune,
     create_session,
@@ -30,6 +28,7 @@ from tests.e2e.conftest import (
     wait_for_reply,
     wait_for_session,
 )
+from tests.e2e.processes import SQLITE_ONLY, ApiServer
 
 pytestmark = [pytest.mark.slow, SQLITE_ONLY]
 

@@ -9,9 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.e2e.conftest import (
-    CLAIM_PARAMS,
-    CLAIM_PATH,
+from tests.e2e.client import (
     create_session,
     echo_of,
     get_session,
@@ -20,6 +18,7 @@ from tests.e2e.conftest import (
     wait_for_reply,
     wait_for_session,
 )
+from tests.e2e.processes import CLAIM_PARAMS, CLAIM_PATH
 
 pytestmark = pytest.mark.slow
 

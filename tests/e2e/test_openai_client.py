@@ -16,7 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import SQLITE_ONLY, ApiServer, RunnerProcess, openai_client, wait_for
+from tests.e2e.client import openai_client
+from tests.e2e.processes import SQLITE_ONLY, ApiServer, RunnerProcess, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

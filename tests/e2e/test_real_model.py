@@ -14,16 +14,8 @@ from pathlib import Path
 import pytest
 
 from runner.smollm import NAME
-from tests.e2e.conftest import (
-    SQLITE_ONLY,
-    ApiServer,
-    RunnerProcess,
-    create_finetune,
-    create_session,
-    openai_client,
-    send_message,
-    wait_for_reply,
-)
+from tests.e2e.client import create_finetune, create_session, openai_client, send_message, wait_for_reply
+from tests.e2e.processes import SQLITE_ONLY, ApiServer, RunnerProcess
 from tests.real_model import runner_env, smollm2_hub
 
 # SQLite only: what is tested here is the model's behaviour, not the database's.

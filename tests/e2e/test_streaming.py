@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.e2e.conftest import (
+from tests.e2e.client import (
     create_session,
     echo_of,
     get_session,

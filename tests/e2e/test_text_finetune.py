@@ -17,9 +17,7 @@ import pytest
 
 from runner.files import unzip_safely
 from tests.doubles import FakeFiles, FakeReport
-from tests.e2e.conftest import (
-    SQLITE_ONLY,
-    ApiServer,
+from tests.e2e.client import (
     cancel_session,
     create_finetune,
     create_session,
@@ -28,10 +26,10 @@ from tests.e2e.conftest import (
     openai_client,
     send_message,
     session_events,
-    wait_for,
     wait_for_reply,
     wait_for_session,
 )
+from tests.e2e.processes import SQLITE_ONLY, ApiServer, wait_for
 from tests.runner.backends.text_doubles import text_config, text_task
 
 # SQLite only: training dominates these tests, and the API's file handling is tested on both databases.

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from tests.doubles import FakeFiles, FakeReport
-from tests.e2e.conftest import (
-    ApiServer,
+from tests.e2e.client import (
     cancel_session,
     create_finetune,
     create_session,
@@ -24,6 +23,7 @@ from tests.e2e.conftest import (
     wait_for_reply,
     wait_for_session,
 )
+from tests.e2e.processes import ApiServer
 from tests.runner.backends.text_doubles import make_adapter, text_config, text_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

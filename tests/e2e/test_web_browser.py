@@ -15,15 +15,8 @@ import pytest
 import requests
 
 from tests.conftest import TEXT_MODEL, bearer
-from tests.e2e.conftest import (
-    CLAIM_PARAMS,
-    SQLITE_ONLY,
-    ApiServer,
-    create_finetune,
-    create_session,
-    get_session,
-    reply_of,
-)
+from tests.e2e.client import create_finetune, create_session, get_session, reply_of
+from tests.e2e.processes import CLAIM_PARAMS, SQLITE_ONLY, ApiServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), SQLITE_ONLY]
 
