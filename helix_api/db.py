@@ -89,13 +89,8 @@ class Database:
         self._write_engine = writer_bind
 
     def init_app(self, app: Flask) -> None:
-        """Connect to the app's DATABASE_URL and register as its extension.
-
-        The app's code reaches the database through `services()`; the registration is the Flask
-        extension's own, which test fixtures use to dispose of an app's engine.
-        """
+        """Connect to the app's DATABASE_URL; the app reaches the database through `services()`."""
         self.connect(app.config["DATABASE_URL"])
-        app.extensions["helix_db"] = self
 
     @property
     def dialect(self) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -18,6 +19,7 @@ from helix_api.auth import create_runner_token, create_user
 from helix_api.db import Database
 from helix_api.models import Base
 from helix_api.schema import upgrade
+from helix_api.services import services
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TEXT_MODEL = "mistralai/Mistral-7B-Instruct-v0.1"
@@ -105,6 +107,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template
     return url
 
 
+def database_of(app: Flask) -> Database:
+    """The database an app runs on, from its services as its views reach them."""
+    with app.app_context():
+        return services().database
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> dict[str, Any]:
     """Overrides for create_app; tests change them before asking for `app`."""
@@ -117,7 +125,7 @@ def app(settings: dict[str, Any]) -> Iterator:
     """The API on the test database."""
     application = create_app(settings)
     yield application
-    application.extensions["helix_db"].dispose()
+    database_of(application).dispose()
 
 
 @pytest.fixture
@@ -132,13 +140,13 @@ def make_client(settings: dict[str, Any]) -> Iterator[Callable[..., Any]]:
 
     yield make
     for application in apps:
-        application.extensions["helix_db"].dispose()
+        database_of(application).dispose()
 
 
 @pytest.fixture
 def db(app) -> Database:
     """The app's database."""
-    return app.extensions["helix_db"]
+    return database_of(app)
 
 
 @pytest.fixture

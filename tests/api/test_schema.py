@@ -15,6 +15,7 @@ from helix_api.app import create_app
 from helix_api.db import make_engine
 from helix_api.errors import SchemaOutOfDate
 from helix_api.models import Base
+from tests.conftest import database_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,10 +49,10 @@ def test_server_refuses_unmigrated_postgres(postgres_database):
 def test_embedded_default_upgrades_itself(tmp_path, monkeypatch):
     monkeypatch.delenv("HELIX_DATABASE_URL", raising=False)
     app = create_app({"DATA_DIR": str(tmp_path)})
-    engine = app.extensions["helix_db"].engine
+    engine = database_of(app).engine
     assert schema.current_revision(engine) == schema.head_revision()
     assert (tmp_path / "helix.db").exists()
-    app.extensions["helix_db"].dispose()
+    database_of(app).dispose()
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path):
