@@ -1,4 +1,4 @@
-"""The models Helix offers: the defaults from seed 004 plus any an operator configures."""
+"""The models Helix offers: Mistral-7B-Instruct and SDXL by default, plus any an operator configures."""
 
 from __future__ import annotations
 

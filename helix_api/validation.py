@@ -12,7 +12,7 @@ from .errors import BadRequest, InvalidField, UnknownMode, UnknownType
 from .models import Mode, SessionType
 from .services import services
 
-# `inference` is what people call it; `create` is the seed's word for it.
+# `inference` is what people call it; `create` is the word the runner URL has always used.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                dict: "an object", list: "an array"}

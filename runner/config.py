@@ -64,7 +64,7 @@ class RunnerConfig:
     flush_interval: float = 0.05  # events are posted at least this often while a task streams
     batch_size: int = 32  # ... or as soon as this many are waiting
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # Where the model goes and how much memory it may take (seed 001's flags, as runner options).
+    # Where the model goes and how much memory it may take (placement flags as in accelerate's big-model loading).
     device: str = "auto"  # auto (cuda when there is one), cpu or cuda
     dtype: str = "auto"  # auto (bfloat16/float16 on a GPU, float32 on CPU), float32, float16, bfloat16
     gpu_memory: dict[int, str] = field(default_factory=dict)  # GPU index -> "20GiB": accelerate's max_memory
