@@ -38,7 +38,7 @@ def test_sizes_read_as_bytes():
         parse_size("lots")
 
 
-def test_estimate_follows_seed_000s_rule():
+def test_estimate_allows_2_5_gb_per_billion_parameters_at_16_bits_scaled_by_bits():
     seven_billion = 7_000_000_000
     assert estimate_weights_bytes(seven_billion, 16) == 17_500_000_000  # 2.5 GB per billion at 16 bits
     assert estimate_weights_bytes(seven_billion, 8) == 8_750_000_000  # 1.25 at 8 bits
