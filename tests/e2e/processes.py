@@ -170,7 +170,10 @@ class ApiServer:
         return bearer(self.runner_token)
 
     def job_url(self, mode: str = "Create", type_: str = "Text", model_name: str = TEXT_MODEL) -> str:
-        """A runner's HELIX_GET_JOB_URL; by default the first design's, verbatim: mixed-case filters in the query string."""
+        """A runner's HELIX_GET_JOB_URL.
+
+        By default the first design's, verbatim: mixed-case filters in the query string.
+        """
         return f"{self.url}{CLAIM_PATH}?mode={mode}&type={type_}&model_name={model_name}"
 
     def create_user(self, name: str) -> str:
