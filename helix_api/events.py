@@ -7,16 +7,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Connection, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .db import Database
-from .models import Session, TaskEvent, utcnow
+from .models import Interaction, Session, Task, TaskEvent, utcnow
 from .notifier import publish, session_topic
 
 BATCH = 500
 
 _SESSIONS, _EVENTS = Session.__table__, TaskEvent.__table__
+_TASKS, _REPLIES = Task.__table__, Interaction.__table__
 # Built once: on the hot paths, building a statement costs more than running it.
 _BUMP_SEQ = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("p_session"))
              .values(event_seq=_SESSIONS.c.event_seq + bindparam("p_count")).returning(_SESSIONS.c.event_seq))
@@ -24,6 +25,11 @@ _INSERT = insert(_EVENTS)
 _SINCE = (select(_EVENTS).where(_EVENTS.c.session_id == bindparam("p_session"),
                                 _EVENTS.c.seq > bindparam("p_after"))
           .order_by(_EVENTS.c.seq).limit(bindparam("p_limit")))
+_SET_SEQ = update(_TASKS).where(_TASKS.c.id == bindparam("p_id")).values(last_event_seq=bindparam("p_seq"))
+_REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                 .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
+_REPLY_PROGRESS = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
+                   .values(progress=bindparam("p_progress", type_=JSON)))
 
 
 def append(db: DBSession | Connection, *, session_id: int, task_id: int, interaction_id: int, attempt: int,
@@ -48,6 +54,30 @@ def state_event(db: DBSession | Connection, task: Any, state: str, **data: Any) 
     """Record that a task's reply changed state (queued, running, complete, error, cancelled)."""
     append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
            attempt=task.attempt, items=[("state", {"state": state, **data})])
+
+
+def record(db: DBSession | Connection, task: Any, items: list[dict[str, Any]]) -> tuple[int, int]:
+    """Store a runner's events not stored yet (by seq), its tokens and progress on the reply too.
+
+    Returns how many were new and the last seq stored. The caller has checked the runner's lease in
+    the same transaction.
+    """
+    fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
+    if not fresh:
+        return 0, task.last_event_seq
+    last_seq = fresh[-1]["seq"]
+    db.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
+    text = "".join(e["text"] for e in fresh if e["kind"] == "token")
+    if text:
+        db.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
+    progress = [e for e in fresh if e["kind"] == "progress"]
+    if progress:
+        db.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
+            k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
+    append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
+           attempt=task.attempt, items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
+                                        for e in fresh])
+    return len(fresh), last_seq
 
 
 def since(db: DBSession | Connection, session_id: int, after_seq: int, limit: int = BATCH) -> list[Any]:

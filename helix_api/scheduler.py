@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Connection, String, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, String, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session as DBSession
 
 from . import events, files
@@ -112,7 +112,6 @@ _TASK = {lock: (select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id")).with_f
 _RENEW = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
           .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
                   started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
-_SET_SEQ = update(_TASKS).where(_TASKS.c.id == bindparam("p_id")).values(last_event_seq=bindparam("p_seq"))
 _COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
              .values(status=TaskStatus.COMPLETE, result=bindparam("p_result"), finished_at=bindparam("p_now"),
                      lease_expires_at=None))
@@ -123,10 +122,6 @@ _REPLY_DONE = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
                        finished_at=bindparam("p_now"),
                        output=func.coalesce(bindparam("p_output", type_=String), _REPLIES.c.output)))
-_REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-                 .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
-_REPLY_PROGRESS = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-                   .values(progress=bindparam("p_progress", type_=JSON)))
 
 
 def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int, user_id: int, mode: Mode,
@@ -249,7 +244,7 @@ def add_events(database: Database, task_id: int, token: str, items: list[dict[st
     with database.transaction() as conn:
         task = _held_task(conn, database, task_id, token, now)
         _renew(conn, task, now, policy)
-        stored, last_seq = _store_events(conn, task, items)
+        stored, last_seq = events.record(conn, task, items)
         return {"stored": stored, "last_seq": last_seq, "cancelled": False}
 
 
@@ -270,29 +265,9 @@ def add_events_many(database: Database, posts: list[tuple[int, str, list[dict[st
                 answers.append({"task_id": task_id, **exc.to_dict()})
                 continue
             _renew(conn, task, now, policy)
-            stored, last_seq = _store_events(conn, task, items)
+            stored, last_seq = events.record(conn, task, items)
             answers.append({"task_id": task_id, "stored": stored, "last_seq": last_seq, "cancelled": False})
     return answers
-
-
-def _store_events(conn: Connection, task: Any, items: list[dict[str, Any]]) -> tuple[int, int]:
-    """Store the events not stored yet (by seq); how many were new, and the last seq stored."""
-    fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
-    if not fresh:
-        return 0, task.last_event_seq
-    last_seq = fresh[-1]["seq"]
-    conn.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
-    text = "".join(e["text"] for e in fresh if e["kind"] == "token")
-    if text:
-        conn.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
-    progress = [e for e in fresh if e["kind"] == "progress"]
-    if progress:
-        conn.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
-            k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
-    events.append(conn, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
-                  attempt=task.attempt, items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
-                                               for e in fresh])
-    return len(fresh), last_seq
 
 
 def leased(database: Database, task_id: int, token: str) -> Any:
@@ -326,7 +301,7 @@ def complete(database: Database, task_id: int, token: str, result: dict[str, Any
         _check_lease(task, token, now)
         dropped = files.settle_result(conn, task, result)
         if last_events:
-            _store_events(conn, task, last_events)
+            events.record(conn, task, last_events)
         conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
         text = result.get("text")
         conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
