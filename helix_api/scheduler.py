@@ -460,10 +460,3 @@ def queue_position(db: DBSession | Connection, task: Any) -> int:
                                 "p_priority": task.priority, "p_id": task.id}).scalar()
     return int(ahead or 0) + 1
 
-
-def task_payload(task: Any) -> dict[str, Any]:
-    """A task as the worker API hands it to a runner."""
-    return {"id": task.id, "session_id": task.session_id, "interaction_id": task.interaction_id,
-            "mode": task.mode.value, "type": task.type.value, "model_name": task.model_name,
-            "attempt": task.attempt, "input": task.input, "params": task.params,
-            "adapter": task.input.get("adapter"), "files": task.input.get("files", [])}

@@ -1,4 +1,8 @@
-"""Worker API: how runners inside model containers claim tasks, report, and finish them."""
+"""Worker API: how runners inside model containers claim tasks, report, and finish them.
+
+Only this blueprint speaks the runners' wire format, so a task's shape on the wire (`task_payload`)
+is defined here too.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +58,15 @@ def claim():
     if claimed is None:
         return Response(status=204)
     task, lease = claimed
-    return {"task": scheduler.task_payload(task), "lease": lease.to_json()}
+    return {"task": task_payload(task), "lease": lease.to_json()}
+
+
+def task_payload(task: Any) -> dict[str, Any]:
+    """A task as the worker API hands it to a runner."""
+    return {"id": task.id, "session_id": task.session_id, "interaction_id": task.interaction_id,
+            "mode": task.mode.value, "type": task.type.value, "model_name": task.model_name,
+            "attempt": task.attempt, "input": task.input, "params": task.params,
+            "adapter": task.input.get("adapter"), "files": task.input.get("files", [])}
 
 
 def hung_up(sock: socket.socket) -> bool:
