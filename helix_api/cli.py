@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Any
 
 import click
 
@@ -18,12 +19,12 @@ logger = logging.getLogger(__name__)
 TASK_STATUSES = tuple(status.value for status in TaskStatus)
 
 
-def _database(check: bool = True):
+def _database(check: bool = True, settings: dict[str, Any] | None = None):
     from . import schema
     from .db import Database
     from .errors import SchemaOutOfDate
 
-    settings = load_settings()
+    settings = settings or load_settings()
     database = Database(settings["DATABASE_URL"])
     if check:
         try:
@@ -223,10 +224,14 @@ def tasks_list(status: str | None, limit: int) -> None:
 
 @tasks.command("reap")
 def tasks_reap() -> None:
-    """Requeue (or kill) tasks whose lease expired now, instead of at the next poll."""
-    from .scheduler import reap
+    """Requeue (or kill) tasks whose lease expired now, instead of at the next poll; the files of attempts
+    their replies no longer show are deleted, as the API does."""
+    from .scheduler import Scheduler
+    from .storage import LocalFileStore
 
-    click.echo(f"reaped {reap(_database())} task(s)")
+    settings = load_settings()
+    scheduler = Scheduler.from_settings(settings, _database(settings=settings), LocalFileStore(settings["FILES_DIR"]))
+    click.echo(f"reaped {scheduler.reap()} task(s)")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
-from . import files, scheduler, training_data
+from . import files, queues, training_data
 from .db import Database
 from .errors import NotReady, SessionBusy, SessionNotFound
 from .files import FileKind
+from .leases import LeasePolicy
 from .models import (
     ACTIVE_TASK_STATUSES,
     OPEN_TASK_STATUSES,
@@ -64,7 +65,7 @@ def conversation(session: Session) -> list[dict[str, str]]:
 
 
 def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str, params: dict[str, Any],
-              priority: int, policy: scheduler.LeasePolicy, history: list[dict[str, str]],
+              priority: int, policy: LeasePolicy, history: list[dict[str, str]],
               extra_input: dict[str, Any] | None = None, adapter: Any | None = None) -> list[tuple]:
     """Store the user's message and a queued reply with its task; returns (interaction, task) pairs."""
     now = utcnow()
@@ -81,10 +82,10 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
         # Always set, so a runner can tell "no adapter" from "forgot to say": it never keeps one by accident.
         task_input["adapter"] = files.file_ref(adapter) if adapter is not None else None
     task_input.update(extra_input or {})
-    task = scheduler.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
-                             mode=session.mode, type_=session.type, model_name=session.model_name,
-                             input=task_input, params=params, priority=priority,
-                             max_attempts=policy.max_attempts)
+    task = queues.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
+                          mode=session.mode, type_=session.type, model_name=session.model_name,
+                          input=task_input, params=params, priority=priority,
+                          max_attempts=policy.max_attempts)
     return [(asked, None), (reply, task)]
 
 
@@ -103,18 +104,18 @@ def _first_line(text: str) -> str:
 
 def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, model_name: str,
            message: str, params: dict[str, Any], name: str | None,
-           policy: scheduler.LeasePolicy) -> dict[str, Any]:
+           policy: LeasePolicy) -> dict[str, Any]:
     """Start a session with its first message and queue the task that answers it; returns its JSON."""
     with database.transaction() as conn:
         session = _insert_session(conn, user_id=user_id, name=name or _first_line(message), mode=mode,
                                   type_=type_, model_name=model_name)
-        turns = _add_turn(conn, session, user_id, message, params, scheduler.PRIORITY_NEW, policy, history=[])
+        turns = _add_turn(conn, session, user_id, message, params, queues.PRIORITY_NEW, policy, history=[])
         # Shown from what is in hand: a new session has no files, and its one event is "queued".
         return _session_body(conn, session, turns, file_rows=[], event_seq=1)
 
 
 def create_from_messages(database: Database, *, user_id: int, type_: SessionType, model_name: str,
-                         messages: list[dict[str, str]], params: dict[str, Any], policy: scheduler.LeasePolicy,
+                         messages: list[dict[str, str]], params: dict[str, Any], policy: LeasePolicy,
                          adapter: Any | None = None) -> tuple[Any, Any]:
     """Start a session from a whole chat (the OpenAI way) and queue the reply to its last user message.
 
@@ -136,7 +137,7 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
                 "session_id": session.id, "creator": Creator(past["role"]), "params": {},
                 "message": past["content"] if said else "", "output": "" if said else past["content"],
                 "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now})
-        [_, (_, task)] = _add_turn(conn, session, user_id, last["content"], params, scheduler.PRIORITY_NEW,
+        [_, (_, task)] = _add_turn(conn, session, user_id, last["content"], params, queues.PRIORITY_NEW,
                                    policy, history=earlier, adapter=adapter)
         return session, task
 
@@ -144,7 +145,7 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
 def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
                     model_name: str, message: str | None, params: dict[str, Any], name: str | None,
                     data: training_data.TextSet | training_data.ImageSet, uploads: list[Any],
-                    policy: scheduler.LeasePolicy, max_file_bytes: int) -> dict[str, Any]:
+                    policy: LeasePolicy, max_file_bytes: int) -> dict[str, Any]:
     """Store checked training data and start a fine-tune session with its training task queued."""
     saved: list[tuple[FileKind, str, Any, str]] = []  # (kind, name, blob, content type)
     try:
@@ -173,7 +174,7 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
             else:
                 extra = {"files": [files.file_ref(r) for r in rows if r.name in data.images],
                          "captions": data.captions}
-            turns = _add_turn(conn, session, user_id, message or summary, params, scheduler.PRIORITY_NEW, policy,
+            turns = _add_turn(conn, session, user_id, message or summary, params, queues.PRIORITY_NEW, policy,
                               history=[], extra_input=extra)
             conn.execute(update(File.__table__).where(File.id.in_([r.id for r in rows]))
                          .values(interaction_id=turns[0][0].id))
@@ -186,7 +187,7 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
 
 
 def add_message(database: Database, *, user_id: int, session_id: int, message: str,
-                params: dict[str, Any], policy: scheduler.LeasePolicy, limits: Limits) -> None:
+                params: dict[str, Any], policy: LeasePolicy, limits: Limits) -> None:
     """Continue a session; its task goes ahead of tasks that start new sessions."""
     with database.write() as db:
         session = owned(db, user_id, session_id, load=True)
@@ -197,7 +198,7 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
         if any(i.task is not None and i.task.status in OPEN_TASK_STATUSES for i in session.interactions):
             raise SessionBusy(f"Session {session_id} is still answering its previous message: "
                               "wait for it (GET the session or follow its events) or cancel it.")
-        _add_turn(db, session, user_id, message, params, scheduler.PRIORITY_CONTINUE, policy,
+        _add_turn(db, session, user_id, message, params, queues.PRIORITY_CONTINUE, policy,
                   history=conversation(session), adapter=files.session_adapter(db, session.id))
         session.updated_at = utcnow()
 
@@ -216,7 +217,7 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached
                         "max_attempts": task.max_attempts}
         body["phase"] = phase(task, item)
         if task.status == TaskStatus.QUEUED:
-            body["queue_position"] = scheduler.queue_position(db, task)
+            body["queue_position"] = queues.queue_position(db, task)
     return body
 
 

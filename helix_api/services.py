@@ -1,4 +1,4 @@
-"""The services an app runs on, built once by the factory: database, file store, models, limits, leases.
+"""The services an app runs on, built once by the factory: database, file store, models, limits, scheduler.
 
 Functions that do the work take what they need from a `Services` as arguments; only views reach the
 current app's, through `services()` (as flaskr's views reach their database through `get_db()`).
@@ -15,8 +15,9 @@ from flask import Flask, current_app
 
 from .catalog import Catalog
 from .db import Database
+from .leases import LeasePolicy
 from .params import Limits
-from .scheduler import LeasePolicy
+from .scheduler import Scheduler
 from .storage import FileStore, LocalFileStore
 
 _EXTENSION = "helix"
@@ -31,18 +32,19 @@ class Services:
     catalog: Catalog
     limits: Limits
     policy: LeasePolicy
+    # Claims, leases and how attempts end; it keeps the app's reap clock.
+    scheduler: Scheduler
     # Read-only: settings are read at the edges and never changed after start-up.
     settings: Mapping[str, Any]
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], database: Database) -> Services:
         """The services `settings` describe, on a connected `database`."""
+        store = LocalFileStore(settings["FILES_DIR"])
+        scheduler = Scheduler.from_settings(settings, database, store)
         return cls(
-            database=database, store=LocalFileStore(settings["FILES_DIR"]),
-            catalog=Catalog.from_setting(settings["MODELS"]), limits=Limits.from_settings(settings),
-            policy=LeasePolicy(ttl_seconds=settings["LEASE_SECONDS"],
-                               heartbeat_seconds=settings["HEARTBEAT_SECONDS"],
-                               max_attempts=settings["MAX_ATTEMPTS"]),
+            database=database, store=store, catalog=Catalog.from_setting(settings["MODELS"]),
+            limits=Limits.from_settings(settings), policy=scheduler.policy, scheduler=scheduler,
             settings=MappingProxyType(settings))
 
     def init_app(self, app: Flask) -> None:

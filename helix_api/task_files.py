@@ -8,29 +8,28 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO
 
-from . import files, scheduler
-from .db import Database
+from . import files
+from .scheduler import Scheduler
 from .storage import FileStore, safe_name
 
 
-def open_for_runner(database: Database, store: FileStore, task_id: int, token: str,
+def open_for_runner(scheduler: Scheduler, store: FileStore, task_id: int, token: str,
                     file_id: int) -> tuple[Any, BinaryIO]:
     """A file the task may read (one of its session's, or its adapter) and its bytes, open for reading."""
-    task = scheduler.leased(database, task_id, token)
-    with database.read() as db:
+    task = scheduler.leased(task_id, token)
+    with scheduler.database.read() as db:
         row = files.for_task(db, task, file_id)
     return row, store.open(row.path)
 
 
-def save_from_runner(database: Database, store: FileStore, task_id: int, token: str, *, kind: files.FileKind,
+def save_from_runner(scheduler: Scheduler, store: FileStore, task_id: int, token: str, *, kind: files.FileKind,
                      filename: str, source: BinaryIO, content_type: str, max_bytes: int) -> Any:
     """Store a file the task made for its reply (an output image, or a fine-tune's adapter); its row."""
-    task = scheduler.leased(database, task_id, token)  # refuse a stale runner before taking its bytes
+    task = scheduler.leased(task_id, token)  # refuse a stale runner before taking its bytes
     name = safe_name(filename or "file")
     blob = store.save(source, f"sessions/{task.session_id}", name, max_bytes)
     try:
-        return scheduler.add_file(database, task_id, token, kind=kind, name=name, blob=blob,
-                                  content_type=content_type)
+        return scheduler.add_file(task_id, token, kind=kind, name=name, blob=blob, content_type=content_type)
     except BaseException:
         store.delete(blob.key)  # the lease was lost meanwhile: keep no bytes without a row
         raise

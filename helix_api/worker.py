@@ -13,9 +13,10 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from . import files, responses, runners, scheduler, task_files
+from . import files, responses, runners, task_files
 from .auth import require_runner
 from .errors import InvalidField
+from .queues import QueueFilter
 from .services import services
 from .validation import field, json_body, parse_mode, parse_type, query_number
 
@@ -40,21 +41,19 @@ def _runner_name() -> str:
 def claim():
     """Claim the next matching task (200 with a lease) or say there is none (204)."""
     svc = services()
-    settings = svc.settings
     mode = parse_mode(request.args.get("mode", "create"))
     type_ = parse_type(request.args.get("type", "text"))
     model_name = request.args.get("model_name")
     if not model_name:
         raise InvalidField("Query parameter 'model_name' is required.", field="model_name")
-    wait = query_number("wait", 0.0, 0.0, settings["MAX_WAIT_SECONDS"])
+    wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])
     runner = _runner_name()
     runners.seen(svc.database, runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
     sock = request.environ.get("gunicorn.socket")  # absent under test clients: nobody can hang up there
-    claimed = scheduler.claim_waiting(
-        svc.database, scheduler.QueueFilter(mode, type_, model_name), wait=wait,
-        recheck=settings["RECHECK_SECONDS"], reap_every=settings["REAP_SECONDS"],
+    claimed = svc.scheduler.claim_waiting(
+        QueueFilter(mode, type_, model_name), wait=wait,
         client_gone=functools.partial(hung_up, sock) if wait and sock is not None else None,
-        store=svc.store, runner=runner, runner_token_id=g.caller.id, policy=svc.policy)
+        runner=runner, runner_token_id=g.caller.id)
     if claimed is None:
         return Response(status=204)
     task, lease = claimed
@@ -85,7 +84,7 @@ def heartbeat(task_id: int):
     body = json_body({"lease_token"})
     svc = services()
     runners.touched(svc.database, _runner_name())
-    expires = scheduler.heartbeat(svc.database, task_id, _lease_token(body), svc.policy)
+    expires = svc.scheduler.heartbeat(task_id, _lease_token(body))
     return {"cancelled": expires is None, "lease_expires_at": expires.isoformat() if expires else None}
 
 
@@ -116,8 +115,7 @@ def _event(raw: Any, index: int) -> dict[str, Any]:
 def post_events(task_id: int):
     """Store tokens, progress and log lines, each once by its seq."""
     body = json_body({"lease_token", "events"})
-    svc = services()
-    return scheduler.add_events(svc.database, task_id, _lease_token(body), _events(body, required=True), svc.policy)
+    return services().scheduler.add_events(task_id, _lease_token(body), _events(body, required=True))
 
 
 @bp.post("/events")
@@ -135,8 +133,7 @@ def post_events_many():
                                field="posts")
         task_id = field(raw, "task_id", int)
         posts.append((task_id, field(raw, "lease_token", str), _events(raw, required=True)))
-    svc = services()
-    return {"results": scheduler.add_events_many(svc.database, posts, svc.policy)}
+    return {"results": services().scheduler.add_events_many(posts)}
 
 
 def _events(body: dict[str, Any], *, required: bool) -> list[dict[str, Any]]:
@@ -152,9 +149,7 @@ def complete(task_id: int):
     """Store the result, and the events the runner had not posted yet."""
     body = json_body({"lease_token", "result", "events"})
     result = field(body, "result", dict)
-    svc = services()
-    scheduler.complete(svc.database, task_id, _lease_token(body), result, _events(body, required=False),
-                       store=svc.store)
+    services().scheduler.complete(task_id, _lease_token(body), result, _events(body, required=False))
     return {"status": "complete"}
 
 
@@ -166,7 +161,7 @@ def download_file(task_id: int, file_id: int):
     if not token:
         raise InvalidField("Send the task's lease token in the X-Helix-Lease header.", field="X-Helix-Lease")
     svc = services()
-    row, handle = task_files.open_for_runner(svc.database, svc.store, task_id, token, file_id)
+    row, handle = task_files.open_for_runner(svc.scheduler, svc.store, task_id, token, file_id)
     response = responses.stored_file(row, handle, attachment=True)
     response.headers["X-Helix-SHA256"] = row.sha256
     return response
@@ -195,7 +190,7 @@ def upload_file(task_id: int):
     upload = request.files.get("file")
     if upload is None:
         raise InvalidField("Form field 'file' (the file) is required.", field="file")
-    row = task_files.save_from_runner(svc.database, svc.store, task_id, token, kind=kind,
+    row = task_files.save_from_runner(svc.scheduler, svc.store, task_id, token, kind=kind,
                                       filename=upload.filename or "file", source=upload.stream,
                                       content_type=upload.mimetype or "application/octet-stream",
                                       max_bytes=max_bytes)
@@ -207,9 +202,8 @@ def upload_file(task_id: int):
 def fail(task_id: int):
     """Store the error; requeue when a retry makes sense and attempts are left."""
     body = json_body({"lease_token", "error", "retry"})
-    svc = services()
-    status = scheduler.fail(svc.database, task_id, _lease_token(body), field(body, "error", str),
-                            field(body, "retry", bool, required=False, default=True), store=svc.store)
+    status = services().scheduler.fail(task_id, _lease_token(body), field(body, "error", str),
+                                       field(body, "retry", bool, required=False, default=True))
     return {"status": status.value}
 
 
@@ -218,5 +212,5 @@ def fail(task_id: int):
 def release(task_id: int):
     """Hand the task back to the queue without spending an attempt."""
     body = json_body({"lease_token"})
-    scheduler.release(services().database, task_id, _lease_token(body))
+    services().scheduler.release(task_id, _lease_token(body))
     return {"status": "queued"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from helix_api.cli import main
+from tests.conftest import IMAGE_MODEL, claim
 
 
 @pytest.fixture
@@ -66,6 +69,30 @@ def test_tasks_list_filters_by_status(cli, task_factory, client, runner):
     assert everything.count("queued") == 2 and everything.count("claimed") == 1
     only = cli("tasks", "list", "--status", "claimed").stdout
     assert "claimed" in only and "queued" not in only
+
+
+def test_tasks_reap_ends_an_expired_task_and_deletes_its_earlier_attempts_files(cli, client, user, runner, db,
+                                                                                 settings):
+    from helix_api.models import File, Task, TaskStatus, utcnow
+    from tests.api.test_files import _fail, _image_task, _upload
+
+    _, task, token = _image_task(client, user, runner)
+    first = _upload(client, runner, task["id"], token, name="attempt1.png").json["file"]
+    with db.write() as s:
+        s.get(Task, task["id"]).max_attempts = 2
+    assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
+    token2 = claim(client, runner, model=IMAGE_MODEL, type="image").json["lease"]["token"]
+    second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
+    with db.write() as s:  # the runner dies: its lease runs out
+        s.get(Task, task["id"]).lease_expires_at = utcnow()
+        paths = {f.id: Path(settings["DATA_DIR"]) / "files" / f.path for f in s.query(File)}
+    assert paths[first["id"]].is_file() and paths[second["id"]].is_file()
+
+    assert "reaped 1 task(s)" in cli("tasks", "reap").output
+    with db.read() as s:
+        assert s.get(Task, task["id"]).status == TaskStatus.DEAD
+    assert not paths[first["id"]].exists()  # the dropped attempt's bytes, not only its row
+    assert paths[second["id"]].is_file()  # the last attempt's stay with the error reply
 
 
 def test_commands_refuse_an_old_schema(monkeypatch, tmp_path):

@@ -145,9 +145,9 @@ def test_a_failed_task_keeps_its_last_attempts_files_on_the_error_reply(client, 
     assert len(_files_on_disk(settings)) == 1  # the first attempt's bytes are gone too
 
 
-def test_a_task_that_dies_keeps_its_last_attempts_files(client, user, runner, db):
-    from helix_api import scheduler
+def test_a_task_that_dies_keeps_its_last_attempts_files(app, client, user, runner, db, settings):
     from helix_api.models import Task, utcnow
+    from helix_api.services import services
 
     session, task, token = _image_task(client, user, runner)
     _upload(client, runner, task["id"], token, name="attempt1.png")
@@ -158,8 +158,10 @@ def test_a_task_that_dies_keeps_its_last_attempts_files(client, user, runner, db
     second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
     with db.write() as s:  # the runner dies: its lease runs out
         s.get(Task, task["id"]).lease_expires_at = utcnow()
-    assert scheduler.reap(db) == 1
+    with app.app_context():
+        assert services().scheduler.reap() == 1
 
     reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
     assert reply["state"] == "error" and reply["task"]["status"] == "dead"
     assert [f["id"] for f in reply["files"]] == [second["id"]]
+    assert len(_files_on_disk(settings)) == 1  # the first attempt's bytes are gone too

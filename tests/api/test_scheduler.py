@@ -10,12 +10,20 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from helix_api import scheduler
 from helix_api.models import Mode, SessionType, Task, TaskStatus, utcnow
+from helix_api.queues import QueueFilter
+from helix_api.scheduler import Scheduler
+from helix_api.services import services
 from tests.conftest import TEXT_MODEL, claim
 
-FILTER = scheduler.QueueFilter(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
-POLICY = scheduler.LeasePolicy(ttl_seconds=30, heartbeat_seconds=10, max_attempts=3)
+FILTER = QueueFilter(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
+
+
+@pytest.fixture
+def sched(app) -> Scheduler:
+    """The app's scheduler."""
+    with app.app_context():
+        return services().scheduler
 
 
 def _expire(db, task_id: int) -> None:
@@ -56,11 +64,11 @@ def test_queue_position_puts_continuations_first(client, user, runner, task_fact
     assert position == {chat["id"]: 1, newcomer["id"]: 2}
 
 
-def test_expired_lease_goes_back_to_the_queue(client, runner, task_factory, db):
+def test_expired_lease_goes_back_to_the_queue(client, runner, task_factory, db, sched):
     task_factory()
     first = claim(client, runner).json
     _expire(db, first["task"]["id"])
-    assert scheduler.reap(db) == 1
+    assert sched.reap() == 1
     with db.read() as s:
         row = s.get(Task, first["task"]["id"])
     assert row.status == TaskStatus.QUEUED and "stopped heartbeating" in row.error
@@ -68,13 +76,13 @@ def test_expired_lease_goes_back_to_the_queue(client, runner, task_factory, db):
     assert again["task"]["id"] == first["task"]["id"] and again["task"]["attempt"] == 2
 
 
-def test_task_is_dead_after_max_attempts_of_expired_leases(client, runner, task_factory, db, user):
+def test_task_is_dead_after_max_attempts_of_expired_leases(client, runner, task_factory, db, user, sched):
     session = task_factory()
     for attempt in range(1, 4):
         claimed = claim(client, runner).json
         assert claimed["task"]["attempt"] == attempt
         _expire(db, claimed["task"]["id"])
-        scheduler.reap(db)
+        sched.reap()
     assert claim(client, runner).status_code == 204
     with db.read() as s:
         row = s.scalar(select(Task).where(Task.session_id == session["id"]))
@@ -94,22 +102,38 @@ def test_max_attempts_is_configurable(settings, request):
     assert response.json["status"] == "dead"
 
 
-def test_reap_leaves_live_leases_alone(client, runner, task_factory, db):
+def test_reap_leaves_live_leases_alone(client, runner, task_factory, db, sched):
     task_factory()
     claimed = claim(client, runner).json
-    assert scheduler.reap(db) == 0
+    assert sched.reap() == 0
     with db.read() as s:
         assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.CLAIMED
 
 
-def test_concurrent_claimers_never_share_a_task(task_factory, db):
+def test_each_app_keeps_its_own_reap_clock(settings, request, make_client):
+    settings["REAP_SECONDS"] = 3600.0
+    client, runner, db, sched = (request.getfixturevalue(name) for name in ("client", "runner", "db", "sched"))
+    request.getfixturevalue("task_factory")()
+    sched.reap_if_due()  # its first sweep starts the clock
+    claimed = claim(client, runner).json
+    _expire(db, claimed["task"]["id"])
+    sched.reap_if_due()  # not due for an hour
+    with db.read() as s:
+        assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.CLAIMED
+    other = make_client().application
+    with other.app_context():
+        services().scheduler.reap_if_due()  # another app's clock has not started
+    with db.read() as s:
+        assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.QUEUED
+
+
+def test_concurrent_claimers_never_share_a_task(task_factory, db, sched):
     for i in range(120):
         task_factory(message=f"m{i}")
 
     def drain(n: int) -> list[int]:
         got = []
-        while (claimed := scheduler.claim(db, FILTER, runner=f"r{n}", runner_token_id=None,
-                                          policy=POLICY)) is not None:
+        while (claimed := sched.claim(FILTER, runner=f"r{n}", runner_token_id=None)) is not None:
             got.append(claimed[0].id)
         return got
 
