@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from runner.errors import BadTaskInput
@@ -28,6 +28,16 @@ def bad_param(name: str, what: str, value: Any) -> BadTaskInput:
     return BadTaskInput(f"param {name!r} must be {what}, not {_shown(value)}")
 
 
+def _converted(name: str, what: str, value: Any, convert: Callable[[Any], Any]) -> Any:
+    """`convert(value)` for a number or its digits; a bool, any other type or unreadable text is a bad param."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise bad_param(name, what, value)
+    try:
+        return convert(value)
+    except ValueError:
+        raise bad_param(name, what, value) from None
+
+
 def integer(params: Mapping[str, Any], name: str, default: int, *, low: int | None = None,
             multiple: int | None = None) -> int:
     """Param `name` as an int (an integral number or its digits), at least `low`, a multiple of `multiple`."""
@@ -36,12 +46,7 @@ def integer(params: Mapping[str, Any], name: str, default: int, *, low: int | No
     value = params.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise bad_param(name, what, value)
-    try:
-        number = float(value) if isinstance(value, float) else int(value)
-    except ValueError:
-        raise bad_param(name, what, value) from None
+    number = _converted(name, what, value, lambda v: float(v) if isinstance(v, float) else int(v))
     if isinstance(number, float):
         if not number.is_integer():
             raise bad_param(name, what, value)
@@ -58,12 +63,7 @@ def number(params: Mapping[str, Any], name: str, default: float, *, low: float |
     value = params.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise bad_param(name, what, value)
-    try:
-        converted = float(value)
-    except ValueError:
-        raise bad_param(name, what, value) from None
+    converted = _converted(name, what, value, float)
     if not math.isfinite(converted) or (low is not None and converted < low) or (
             above is not None and converted <= above):
         raise bad_param(name, what, value)
