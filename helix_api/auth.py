@@ -12,18 +12,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flask import g, request
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session as DBSession
 
 from .db import Database
 from .errors import Forbidden, Unauthorized
-from .models import ApiKey, RunnerToken, User
+from .models import ApiKey, RunnerToken, User, utcnow
 from .services import services
 
 USER_KEY_PREFIX = "hx_"
 RUNNER_TOKEN_PREFIX = "hxr_"
-# Revoking a credential takes effect within this many seconds on every API process.
-CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,32 +66,43 @@ def create_runner_token(db: DBSession, name: str) -> str:
 
 
 class _CallerCache:
-    """Hash -> Caller for a few seconds, so a busy runner does not cost a query per request."""
+    """Hash -> Caller (None: unknown) until an expiry, so a busy runner does not cost a query per request."""
 
-    def __init__(self, max_size: int = 10_000) -> None:
+    def __init__(self, max_size: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: dict[str, tuple[float, Caller | None]] = {}
         self._lock = threading.Lock()
         self._max_size = max_size
+        self._clock = clock
 
     def get(self, key: str) -> tuple[bool, Caller | None]:
+        """(True, caller) while `key`'s entry is fresh; (False, None) when there is none."""
         with self._lock:
             entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
+        if entry is None or entry[0] <= self._clock():
             return False, None
         return True, entry[1]
 
-    def put(self, key: str, caller: Caller | None) -> None:
+    def put(self, key: str, caller: Caller | None, seconds: float) -> None:
+        """Remember `caller` for `key` for `seconds`."""
         with self._lock:
             if len(self._entries) >= self._max_size:
                 self._entries.clear()
-            self._entries[key] = (time.monotonic() + CACHE_SECONDS, caller)
+            self._entries[key] = (self._clock() + seconds, caller)
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop the entries of `keys`, so their next request looks them up again."""
+        with self._lock:
+            for key in keys:
+                self._entries.pop(key, None)
 
 
-_cache = _CallerCache()
+# One per process: each API process may trust a lookup for AUTH_CACHE_SECONDS. Only the /api and
+# /v1 credentials go through it; the web sign-in check is uncached (see key_user).
+_callers = _CallerCache()
 
 
-def _lookup(database: Database, secret_hash: str) -> Caller | None:
-    hit, caller = _cache.get(secret_hash)
+def _lookup(database: Database, secret_hash: str, cache_seconds: float) -> Caller | None:
+    hit, caller = _callers.get(secret_hash)
     if hit:
         return caller
     with database.read() as db:
@@ -106,8 +115,21 @@ def _lookup(database: Database, secret_hash: str) -> Caller | None:
             row = db.execute(select(RunnerToken.id, RunnerToken.name).where(
                 RunnerToken.token_hash == secret_hash, RunnerToken.revoked_at.is_(None))).first()
             caller = Caller("runner", row.id, row.name) if row is not None else None
-    _cache.put(secret_hash, caller)
+    if cache_seconds > 0:
+        _callers.put(secret_hash, caller, cache_seconds)
     return caller
+
+
+def revoke_api_keys(database: Database, prefix: str) -> int:
+    """Revoke the live API keys starting with `prefix` (its first 10 characters); how many.
+
+    This process forgets them at once; other API processes refuse them within AUTH_CACHE_SECONDS.
+    """
+    with database.write() as db:
+        hashes = list(db.scalars(update(ApiKey).where(ApiKey.prefix == prefix[:10], ApiKey.revoked_at.is_(None))
+                                 .values(revoked_at=utcnow()).returning(ApiKey.key_hash)))
+    _callers.forget(hashes)  # after the commit: a lookup meanwhile would have cached the key as live
+    return len(hashes)
 
 
 def key_owner(database: Database, secret: str) -> tuple[int, int] | None:
@@ -132,7 +154,8 @@ def authenticate() -> Caller:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("Missing credentials: send `Authorization: Bearer <API key or runner token>`.")
-    caller = _lookup(services().database, hash_secret(secret.strip()))
+    svc = services()
+    caller = _lookup(svc.database, hash_secret(secret.strip()), svc.settings["AUTH_CACHE_SECONDS"])
     if caller is None:
         raise Unauthorized("Unknown or revoked API key or runner token.")
     return caller

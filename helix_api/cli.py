@@ -163,14 +163,9 @@ def users_new_key(name: str) -> None:
 def users_revoke_key(prefix: str) -> None:
     """Revoke the API key starting with PREFIX (its first 10 characters): API calls and browsers signed in
     with it are refused within seconds."""
-    from sqlalchemy import update
+    from .auth import revoke_api_keys
 
-    from .models import ApiKey, utcnow
-
-    database = _database()
-    with database.write() as session:
-        done = session.execute(update(ApiKey).where(ApiKey.prefix == prefix[:10], ApiKey.revoked_at.is_(None))
-                               .values(revoked_at=utcnow())).rowcount
+    done = revoke_api_keys(_database(), prefix)
     if not done:
         raise click.ClickException(f"no live API key starts with {prefix[:10]!r}")
     click.echo(f"revoked {done} API key(s) starting with {prefix[:10]}")

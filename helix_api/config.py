@@ -58,6 +58,10 @@ class Config:
     SECRET_KEY = ""
     # Send cookies over HTTPS only: set it wherever the web app is served over HTTPS.
     COOKIE_SECURE = False
+    # How long an API process trusts an API key or runner token it has looked up: a key revoked by
+    # another process is refused within this many seconds (0: looked up on every request). Browsers
+    # signed in with a key are checked on every request whatever this says.
+    AUTH_CACHE_SECONDS = 5.0
     # How long a signed-in browser stays signed in, and how long an image link from /v1/images works.
     SIGN_IN_HOURS = 12.0
     IMAGE_URL_SECONDS = 3600.0

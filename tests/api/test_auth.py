@@ -45,12 +45,32 @@ def test_keys_are_stored_hashed(db, make_user, runner):
     assert key.startswith("hx_") and token.startswith("hxr_")
 
 
-def test_revoked_key_is_refused(client, db, make_user, monkeypatch):
-    monkeypatch.setattr(auth, "CACHE_SECONDS", 0.0)
+def test_revoked_key_is_refused(settings, request):
+    settings["AUTH_CACHE_SECONDS"] = 0.0  # revoked by another process: seen at once only without the cache
+    client, db, make_user = (request.getfixturevalue(name) for name in ("client", "db", "make_user"))
     headers = make_user("dave")
     assert client.get("/api/v1/sessions", headers=headers).status_code == 200
     with db.write() as s:
         s.execute(update(ApiKey).values(revoked_at=utcnow()))
+    assert client.get("/api/v1/sessions", headers=headers).status_code == 401
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_its_cache_entry_expires(client, db, make_user, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(auth, "_callers", auth._CallerCache(clock=lambda: now[0]))
+    headers = make_user("erin")
+    assert client.get("/api/v1/sessions", headers=headers).status_code == 200
+    with db.write() as s:  # as another process would: this one is not told
+        s.execute(update(ApiKey).values(revoked_at=utcnow()))
+    assert client.get("/api/v1/sessions", headers=headers).status_code == 200  # looked up once per key
+    now[0] += 5.0  # AUTH_CACHE_SECONDS, by default
+    assert client.get("/api/v1/sessions", headers=headers).status_code == 401
+
+
+def test_revoking_a_key_in_this_process_refuses_it_at_once(client, db, make_user):
+    headers = make_user("frank")
+    assert client.get("/api/v1/sessions", headers=headers).status_code == 200
+    assert auth.revoke_api_keys(db, headers["Authorization"].split()[1][:10]) == 1
     assert client.get("/api/v1/sessions", headers=headers).status_code == 401
 
 
