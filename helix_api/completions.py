@@ -21,6 +21,7 @@ from . import conversations, events, scheduler
 from .db import Database
 from .errors import FileNotFound, NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
 from .files import FileKind
+from .leases import LeasePolicy
 from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from .notifier import session_topic
 from .openai_models import Model
@@ -46,7 +47,7 @@ class Request:
         return f"chatcmpl-{self.task_id}"
 
 
-def start(database: Database, policy: scheduler.LeasePolicy, *, user_id: int, model: Model, requested: str,
+def start(database: Database, policy: LeasePolicy, *, user_id: int, model: Model, requested: str,
           messages: list[dict[str, str]], params: dict[str, Any]) -> Request:
     """Start the session of a /v1 request with its task queued; `requested` is the model id it named."""
     session, task = conversations.create_from_messages(
