@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 
 from helix_api.cli import main
-from tests.conftest import IMAGE_MODEL, claim
 
 
 @pytest.fixture
@@ -72,18 +71,11 @@ def test_tasks_list_filters_by_status(cli, task_factory, client, runner):
 
 def test_tasks_reap_ends_an_expired_task_and_deletes_its_earlier_attempts_files(cli, client, user, runner, db,
                                                                                  settings):
-    from helix_api.models import File, Task, TaskStatus, utcnow
-    from tests.api.test_files import _fail, _image_task, _upload
+    from helix_api.models import File, Task, TaskStatus
+    from tests.api.test_files import _two_attempts_then_expired
 
-    _, task, token = _image_task(client, user, runner)
-    first = _upload(client, runner, task["id"], token, name="attempt1.png").json["file"]
-    with db.write() as s:
-        s.get(Task, task["id"]).max_attempts = 2
-    assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
-    token2 = claim(client, runner, model=IMAGE_MODEL, type="image").json["lease"]["token"]
-    second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
-    with db.write() as s:  # the runner dies: its lease runs out
-        s.get(Task, task["id"]).lease_expires_at = utcnow()
+    _, task, first, second = _two_attempts_then_expired(client, user, runner, db)
+    with db.read() as s:
         paths = {f.id: Path(settings["DATA_DIR"]) / "files" / f.path for f in s.query(File)}
     assert paths[first["id"]].is_file() and paths[second["id"]].is_file()
 

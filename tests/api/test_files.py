@@ -145,12 +145,13 @@ def test_a_failed_task_keeps_its_last_attempts_files_on_the_error_reply(client, 
     assert len(_files_on_disk(settings)) == 1  # the first attempt's bytes are gone too
 
 
-def test_a_task_that_dies_keeps_its_last_attempts_files(app, client, user, runner, db, settings):
+def _two_attempts_then_expired(client, user, runner, db) -> tuple[dict, dict, dict, dict]:
+    """An image task whose first attempt uploaded a file and failed, and whose second attempt uploaded
+    one and then lost its runner (its lease has run out, not yet reaped): session, task, both files."""
     from helix_api.models import Task, utcnow
-    from helix_api.services import services
 
     session, task, token = _image_task(client, user, runner)
-    _upload(client, runner, task["id"], token, name="attempt1.png")
+    first = _upload(client, runner, task["id"], token, name="attempt1.png").json["file"]
     with db.write() as s:
         s.get(Task, task["id"]).max_attempts = 2
     assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
@@ -158,6 +159,13 @@ def test_a_task_that_dies_keeps_its_last_attempts_files(app, client, user, runne
     second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
     with db.write() as s:  # the runner dies: its lease runs out
         s.get(Task, task["id"]).lease_expires_at = utcnow()
+    return session, task, first, second
+
+
+def test_a_task_that_dies_keeps_its_last_attempts_files(app, client, user, runner, db, settings):
+    from helix_api.services import services
+
+    session, task, _, second = _two_attempts_then_expired(client, user, runner, db)
     with app.app_context():
         assert services().scheduler.reap() == 1
 
