@@ -19,8 +19,8 @@ from .models import ACTIVE_TASK_STATUSES, Task, TaskStatus
 
 _TASKS = Task.__table__
 # Built once: on the hot paths, building a statement costs more than running it.
-_TASK = {lock: (select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id")).with_for_update() if lock
-                else select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))) for lock in (False, True)}
+_SELECT = select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))
+_TASK = {False: _SELECT, True: _SELECT.with_for_update()}
 _RENEW = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
           .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
                   started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))

@@ -31,11 +31,15 @@ class Services:
     store: FileStore
     catalog: Catalog
     limits: Limits
-    policy: LeasePolicy
     # Claims, leases and how attempts end; it keeps the app's reap clock.
     scheduler: Scheduler
     # Read-only: settings are read at the edges and never changed after start-up.
     settings: Mapping[str, Any]
+
+    @property
+    def policy(self) -> LeasePolicy:
+        """The lease policy, the scheduler's own."""
+        return self.scheduler.policy
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], database: Database) -> Services:
@@ -44,8 +48,7 @@ class Services:
         scheduler = Scheduler.from_settings(settings, database, store)
         return cls(
             database=database, store=store, catalog=Catalog.from_setting(settings["MODELS"]),
-            limits=Limits.from_settings(settings), policy=scheduler.policy, scheduler=scheduler,
-            settings=MappingProxyType(settings))
+            limits=Limits.from_settings(settings), scheduler=scheduler, settings=MappingProxyType(settings))
 
     def init_app(self, app: Flask) -> None:
         """Make these the services of `app`."""
