@@ -48,7 +48,7 @@ class StopReason(StrEnum):
 
 
 class TaskCancelled(RunnerError):
-    """The task in hand must stop now; raised inside predict() by the report callback."""
+    """The task in hand must stop now; raised inside predict() or train() by the report callback."""
 
     def __init__(self, reason: StopReason = StopReason.CANCELLED, message: str | None = None) -> None:
         super().__init__(message or f"task stopped: {reason}")

@@ -1,4 +1,4 @@
-"""Keeps the lease on the task in hand alive while predict() runs, and hears about cancellation."""
+"""Keeps the lease on the task in hand alive while predict() or train() runs, and hears about cancellation."""
 
 from __future__ import annotations
 
