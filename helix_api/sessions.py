@@ -38,7 +38,7 @@ def create_session():
 
 
 def _create_finetune():
-    allow_uploads()  # training data is far bigger than a JSON body
+    allow_uploads(services().settings["MAX_UPLOAD_BYTES"])  # training data is far bigger than a JSON body
     allowed = {"mode", "type", "model_name", "message", "params", "name"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"files"})
     if unknown:

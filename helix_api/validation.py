@@ -10,7 +10,6 @@ from flask import request
 
 from .errors import BadRequest, InvalidField, UnknownMode, UnknownType
 from .models import Mode, SessionType
-from .services import services
 
 # `inference` is what people call it; `create` is the word the runner URL has always used.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}
@@ -82,12 +81,12 @@ def query_number(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
-def allow_uploads() -> None:
-    """Let this request's body be as big as training data may be (MAX_UPLOAD_BYTES), not a JSON body's.
+def allow_uploads(limit: int) -> None:
+    """Let this request's body be as big as training data may be (`limit`: MAX_UPLOAD_BYTES), not a JSON body's.
 
     Call it before anything reads the body: form parsing and the CSRF check both do.
     """
-    request.max_content_length = services().settings["MAX_UPLOAD_BYTES"]
+    request.max_content_length = limit
 
 
 def event_cursor() -> tuple[int, bool]:

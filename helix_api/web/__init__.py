@@ -13,6 +13,7 @@ from flask_wtf.csrf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
 from ..errors import HelixError
+from ..services import services
 from ..validation import allow_uploads
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ UPLOAD_ENDPOINTS = {"web.new_finetune"}
 @bp.before_request
 def _check_form() -> None:
     if request.endpoint in UPLOAD_ENDPOINTS:
-        allow_uploads()
+        allow_uploads(services().settings["MAX_UPLOAD_BYTES"])
     if request.method == "POST":
         csrf.protect()  # a missing or wrong token is a CSRFError: a 400 page
 
