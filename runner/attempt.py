@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from runner.errors import ApiError, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
 from runner.heartbeat import Heartbeat
+from runner.messages import FINETUNE
 
 if TYPE_CHECKING:
     from runner.backends.base import Backend
@@ -23,7 +24,6 @@ CARRY_EVENTS = 256  # unsent events that go with the result; older ones are post
 TRACEBACK_LINES = 20  # enough to see where it broke, small enough for the reply's error field
 # The API must hear nothing more of a task its user cancelled (it knows) or whose lease is lost (not ours).
 DROPPED = (StopReason.CANCELLED, StopReason.LEASE_LOST)
-FINETUNE = "finetune"  # the task mode a backend trains for; every other mode predicts
 
 
 def traceback_tail(exc: BaseException, lines: int = TRACEBACK_LINES) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+FINETUNE = "finetune"  # the task mode a backend trains for (train()); every other mode predicts
+
 
 @dataclass(frozen=True)
 class Task:

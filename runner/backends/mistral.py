@@ -21,7 +21,7 @@ from runner.backends.base import Backend
 from runner.backends.text_generation import GenerationRequest, SamplingParams, TextGenerator
 from runner.config import RunnerConfig
 from runner.errors import BadTaskInput
-from runner.messages import Task
+from runner.messages import FINETUNE, Task
 from runner.placement import count_parameters, plan_placement
 from runner.reporter import Report
 
@@ -40,7 +40,7 @@ class MistralBackend(Backend):
         self.generator: TextGenerator | None = None
         self.adapters: AdapterCache | None = None
         # Chats batch on the one loaded model; each training run loads a model of its own, so one at a time.
-        self.max_parallel = 1 if config.mode == "finetune" else config.max_parallel
+        self.max_parallel = 1 if config.mode == FINETUNE else config.max_parallel
 
     @property
     def model_name(self) -> str:
@@ -49,7 +49,7 @@ class MistralBackend(Backend):
 
     def setup(self) -> None:
         """Check the weights fit, then load them; a fine-tuning runner loads nothing up front."""
-        if self.config.mode == "finetune":
+        if self.config.mode == FINETUNE:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +100,7 @@ class MistralBackend(Backend):
 
     def train(self, task: Task, report: Report) -> dict[str, Any]:
         """Fine-tune a LoRA adapter on the task's conversations, upload it, and summarise the run."""
-        if task.mode != "finetune":
+        if task.mode != FINETUNE:
             raise BadTaskInput(f"task {task.id}: train() takes finetune tasks, not {task.mode!r} (see predict())")
         from runner.backends.mistral_finetune import train_lora
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from runner.backends import params as param
 from runner.backends.base import Backend
 from runner.errors import BadTaskInput
+from runner.messages import FINETUNE
 from runner.placement import PlacementError, plan_placement
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ class SDXLBackend(Backend):
 
     def train(self, task: Task, report: Report) -> dict[str, Any]:
         """Train a LoRA on the pipeline's UNet for a `finetune` task; the UNet is bare again afterwards."""
-        if task.mode != "finetune":
+        if task.mode != FINETUNE:
             raise BadTaskInput(f"task {task.id}: train() takes finetune tasks, not {task.mode!r}")
         if self.pipe is None:
             raise RuntimeError("train() called before setup()")
