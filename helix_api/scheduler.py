@@ -258,10 +258,6 @@ class Scheduler:
             _requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
         logger.info("task %s: released by its runner", task_id)
 
-    def cancel(self, session_id: int) -> None:
-        """Cancel the queued or running task of a session; its runner hears of it at its next heartbeat."""
-        cancel(self.database, session_id)
-
     def reap(self, now: datetime | None = None) -> int:
         """Requeue tasks whose lease expired (their runner died or hung), or mark them dead; how many.
 
@@ -342,7 +338,8 @@ def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus
 def cancel(database: Database, session_id: int) -> None:
     """Cancel the queued or running task of a session; its runner hears of it at its next heartbeat.
 
-    Needs no lease or file store, so callers with only a database (/v1 requests) call it directly.
+    The one way to cancel, for the session API and /v1 alike: it needs no lease or file store, so it
+    takes only the database.
     """
     now = utcnow()
     with database.transaction() as conn:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from . import conversations, events, files, training_data
+from . import conversations, events, files, scheduler, training_data
 from .errors import InvalidField
 from .models import File, Mode, SessionType
 from .params import check_params
@@ -75,7 +75,7 @@ def cancel_reply(services: Services, user_id: int, session_id: int) -> None:
     """Cancel the queued or running reply of one of the user's sessions."""
     with services.database.read() as db:
         conversations.owned(db, user_id, session_id)
-    services.scheduler.cancel(session_id)
+    scheduler.cancel(services.database, session_id)
 
 
 def shown(services: Services, user_id: int, session_id: int) -> dict[str, Any]:
