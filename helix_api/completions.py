@@ -2,7 +2,7 @@
 it as OpenAI chunks, and the images it made.
 
 A request of /v1 is one session with one task (see `conversations.create_from_messages`); this module
-follows that task through its session's events, as `events.stream` does, and shapes what it made the
+follows that task through its session's events, as `feed.stream` does, and shapes what it made the
 way OpenAI's API does.
 """
 
@@ -17,11 +17,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from . import conversations, events, scheduler
+from . import conversations, feed, scheduler
+from .bus import NoBus, RedisBus
 from .db import Database
 from .errors import FileNotFound, NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
 from .files import FileKind
 from .leases import LeasePolicy
+from .live import LiveReplies
 from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from .notifier import session_topic
 from .openai_models import Model
@@ -206,8 +208,8 @@ class _Text:
         return new
 
 
-def stream_chat(database: Database, request: Request, *, include_usage: bool, keepalive: float,
-                recheck: float) -> Iterator[str]:
+def stream_chat(database: Database, live: LiveReplies, request: Request, *, include_usage: bool, keepalive: float,
+                recheck: float, bus: NoBus | RedisBus | None = None) -> Iterator[str]:
     """Server-Sent Events in OpenAI's chunk format, from the task's events until it ends.
 
     A client that goes away (the generator is closed) cancels the task, as does an error that ends
@@ -218,8 +220,8 @@ def stream_chat(database: Database, request: Request, *, include_usage: bool, ke
     ended = False
     try:
         yield chunks.chunk({"role": "assistant", "content": ""})
-        for event in events.feed(database, request.session_id, 0, live=True, keepalive=keepalive,
-                                 recheck=recheck):
+        for event in feed.feed(database, live, request.session_id, feed.Cursor(), follow=True, keepalive=keepalive,
+                               recheck=recheck, bus=bus):
             if event is None:
                 yield ": keepalive\n\n"  # a comment: keeps proxies from closing a quiet stream
             elif event.task_id != request.task_id:

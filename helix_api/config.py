@@ -31,6 +31,11 @@ class Config:
     # How often expired leases are swept back to the queue (per API process, lazily).
     REAP_SECONDS = 1.0
     SSE_KEEPALIVE_SECONDS = 15.0
+    # Runners' tokens live in memory and reach the reply's row in SQL at most this often per task.
+    FLUSH_SECONDS = 0.25
+    # Carries tokens between API processes and replicas (redis://...): followers anywhere see each
+    # token at once. Without it, followers in another process see the text as it is flushed.
+    BUS_URL = ""
     PAGE_SIZE = 20
     MAX_PAGE_SIZE = 100
     # Extra models an operator offers besides the defaults: "text:/models/my-llm,image:org/sdxl-x".

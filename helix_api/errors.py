@@ -125,6 +125,12 @@ class LeaseLost(Conflict):
     code = "lease_lost"
 
 
+class EventsGap(Conflict):
+    """Events arrived whose earlier seqs are missing here (the API restarted, say): resend from `resend_from`."""
+
+    code = "events_gap"
+
+
 class TaskCancelled(Conflict):
     """The task was cancelled by its user: stop working on it."""
 

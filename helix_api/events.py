@@ -1,17 +1,17 @@
-"""The event log of a session (tokens, progress, log lines, state changes) and its SSE stream."""
+"""Event storage: a session's rows (state changes, progress, log lines) and the stored text of its replies.
+
+Tokens are not rows: they live in memory while a reply is written (live.py) and reach the reply's
+`output` in flushes (`store_text`). Following a session, rows and text together, is feed.py's.
+"""
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import JSON, Connection, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
-from .db import Database
-from .models import Interaction, Session, Task, TaskEvent, utcnow
+from .models import ACTIVE_TASK_STATUSES, Interaction, Session, Task, TaskEvent, TaskStatus, utcnow
 from .notifier import publish, session_topic
 
 BATCH = 500
@@ -25,9 +25,19 @@ _INSERT = insert(_EVENTS)
 _SINCE = (select(_EVENTS).where(_EVENTS.c.session_id == bindparam("p_session"),
                                 _EVENTS.c.seq > bindparam("p_after"))
           .order_by(_EVENTS.c.seq).limit(bindparam("p_limit")))
-_SET_SEQ = update(_TASKS).where(_TASKS.c.id == bindparam("p_id")).values(last_event_seq=bindparam("p_seq"))
 _REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                  .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
+# Guarded by the lease and the stored seq, so two processes never store the same tokens twice.
+_STORE_SEQ = (update(_TASKS)
+              .where(_TASKS.c.id == bindparam("p_id"), _TASKS.c.lease_token == bindparam("p_token"),
+                     _TASKS.c.status.in_(ACTIVE_TASK_STATUSES), _TASKS.c.lease_expires_at >= bindparam("p_now"),
+                     _TASKS.c.last_event_seq == bindparam("p_after"))
+              .values(last_event_seq=bindparam("p_seq"), status=TaskStatus.RUNNING,
+                      lease_expires_at=bindparam("p_expires"),
+                      started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
+_STORED = (select(_TASKS.c.attempt, _REPLIES.c.output, _TASKS.c.last_event_seq)
+           .join_from(_TASKS, _REPLIES, _REPLIES.c.id == _TASKS.c.interaction_id)
+           .where(_TASKS.c.id == bindparam("p_id")))
 _REPLY_PROGRESS = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                    .values(progress=bindparam("p_progress", type_=JSON)))
 
@@ -56,28 +66,34 @@ def state_event(db: DBSession | Connection, task: Any, state: str, **data: Any) 
            attempt=task.attempt, items=[("state", {"state": state, **data})])
 
 
-def record(db: DBSession | Connection, task: Any, items: list[dict[str, Any]]) -> tuple[int, int]:
-    """Store a runner's events not stored yet (by seq), its tokens and progress on the reply too.
-
-    Returns how many were new and the last seq stored. The caller has checked the runner's lease in
-    the same transaction.
-    """
-    fresh = sorted((e for e in items if e["seq"] > task.last_event_seq), key=lambda e: e["seq"])
-    if not fresh:
-        return 0, task.last_event_seq
-    last_seq = fresh[-1]["seq"]
-    db.execute(_SET_SEQ, {"p_id": task.id, "p_seq": last_seq})
-    text = "".join(e["text"] for e in fresh if e["kind"] == "token")
-    if text:
-        db.execute(_REPLY_APPEND, {"p_id": task.interaction_id, "p_text": text})
-    progress = [e for e in fresh if e["kind"] == "progress"]
+def rows(db: DBSession | Connection, task: Any, items: list[dict[str, Any]]) -> None:
+    """Store a runner's events that are not tokens (progress, log lines) as rows, progress on the reply too."""
+    progress = [e for e in items if e["kind"] == "progress"]
     if progress:
         db.execute(_REPLY_PROGRESS, {"p_id": task.interaction_id, "p_progress": {
             k: v for k, v in progress[-1].items() if k not in ("seq", "kind")}})
     append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
            attempt=task.attempt, items=[(e["kind"], {k: v for k, v in e.items() if k not in ("seq", "kind")})
-                                        for e in fresh])
-    return len(fresh), last_seq
+                                        for e in items])
+
+
+def store_text(db: DBSession | Connection, *, task_id: int, interaction_id: int, lease_token: str, now: Any,
+               expires: Any, after_seq: int, last_seq: int, text: str) -> bool:
+    """Append `text` to the reply and move the task from `after_seq` to `last_seq`, renewing its lease.
+
+    False, changing nothing, unless the lease still holds and the stored text ends at `after_seq`:
+    another process may have stored more meanwhile (see live.LiveReply.agree).
+    """
+    moved = db.execute(_STORE_SEQ, {"p_id": task_id, "p_token": lease_token, "p_now": now, "p_expires": expires,
+                                    "p_after": after_seq, "p_seq": last_seq}).rowcount
+    if moved and text:
+        db.execute(_REPLY_APPEND, {"p_id": interaction_id, "p_text": text})
+    return bool(moved)
+
+
+def stored_text(db: DBSession | Connection, task_id: int) -> Any:
+    """(attempt, output, last_event_seq) of a task and its reply as SQL holds them, or None."""
+    return db.execute(_STORED, {"p_id": task_id}).one_or_none()
 
 
 def since(db: DBSession | Connection, session_id: int, after_seq: int, limit: int = BATCH) -> list[Any]:
@@ -93,49 +109,3 @@ def before_first(db: DBSession | Connection, task_id: int) -> int:
     """
     first = db.execute(select(func.min(_EVENTS.c.seq)).where(_EVENTS.c.task_id == task_id)).scalar()
     return max((first or 1) - 1, 0)
-
-
-def to_json(event: Any) -> dict[str, Any]:
-    """An event as clients see it."""
-    return {"seq": event.seq, "kind": event.kind, "task_id": event.task_id,
-            "interaction_id": event.interaction_id, "attempt": event.attempt,
-            "created_at": event.created_at.isoformat(), **event.data}
-
-
-def format_sse(event: Any) -> str:
-    """One Server-Sent Event; its id is the session sequence number, for Last-Event-ID."""
-    return f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(to_json(event))}\n\n"
-
-
-def feed(database: Database, session_id: int, after_seq: int, *, live: bool, keepalive: float,
-         recheck: float) -> Iterator[Any | None]:
-    """A session's events after `after_seq`, then (if `live`) each as it is stored; None after every
-    `keepalive` seconds without one, so a caller can keep its connection from looking idle."""
-    quiet_since = time.monotonic()
-    with database.notifier.watch(session_topic(session_id)) as watch:
-        while True:
-            with database.reading() as conn:
-                batch = since(conn, session_id, after_seq)
-            for event in batch:
-                after_seq = event.seq
-                yield event
-            if batch:
-                quiet_since = time.monotonic()
-            if len(batch) == BATCH:
-                continue
-            if not live:
-                return
-            # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
-            watch.wait(recheck)
-            if time.monotonic() - quiet_since >= keepalive:
-                quiet_since = time.monotonic()
-                yield None
-
-
-def stream(database: Database, session_id: int, after_seq: int, *, follow: bool,
-           keepalive: float, recheck: float) -> Iterator[str]:
-    """Everything after `after_seq`, then (if `follow`) live events as they are stored, as SSE."""
-    yield "retry: 1000\n\n"
-    for event in feed(database, session_id, after_seq, live=follow, keepalive=keepalive, recheck=recheck):
-        # A comment line when quiet: keeps proxies from closing an idle stream.
-        yield ": keepalive\n\n" if event is None else format_sse(event)

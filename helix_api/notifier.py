@@ -50,6 +50,8 @@ class _Topic:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.version = 0
+        # Live text of a session's reply grew (in memory, no row): followers need not read rows.
+        self.text_version = 0
         self.watchers = 0
 
 
@@ -58,17 +60,21 @@ class Watch:
 
     def __init__(self, topic: _Topic) -> None:
         self._topic = topic
+        # After a wait: whether rows were published (False when only live text grew).
+        self.rows = True
         with topic.cond:
-            self._seen = topic.version
+            self._seen = (topic.version, topic.text_version)
 
     def wait(self, timeout: float) -> bool:
         """Block until the topic is published or `timeout` passes; True if it was published."""
         topic = self._topic
         with topic.cond:
-            if topic.version == self._seen:
+            if (topic.version, topic.text_version) == self._seen:
                 topic.cond.wait(timeout)
-            woken = topic.version != self._seen
-            self._seen = topic.version
+            now = (topic.version, topic.text_version)
+            woken = now != self._seen
+            self.rows = not woken or now[0] != self._seen[0]
+            self._seen = now
             return woken
 
 
@@ -108,6 +114,16 @@ class Notifier:
                 topic.cond.notify(count)
             else:
                 topic.cond.notify_all()
+
+    def notify_text(self, name: str) -> None:
+        """Wake every waiter on `name` because live text grew; no row was stored."""
+        with self._lock:
+            topic = self._topics.get(name)
+        if topic is None:
+            return
+        with topic.cond:
+            topic.text_version += 1
+            topic.cond.notify_all()
 
     def notify_many(self, topics: dict[str, int]) -> None:
         """Notify each topic with its count."""

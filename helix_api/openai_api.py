@@ -198,9 +198,10 @@ def chat_completions():
     started = _start(model, requested, messages, params)
     if stream:
         svc = services()
-        chunks = completions.stream_chat(svc.database, started, include_usage=include_usage,
+        intake = svc.scheduler.intake
+        chunks = completions.stream_chat(svc.database, intake.live, started, include_usage=include_usage,
                                          keepalive=svc.settings["SSE_KEEPALIVE_SECONDS"],
-                                         recheck=svc.settings["RECHECK_SECONDS"])
+                                         recheck=svc.settings["RECHECK_SECONDS"], bus=intake.bus)
         return responses.event_stream(chunks, _headers(started))
     return completions.chat_completion(started, _wait(started)), 200, _headers(started)
 

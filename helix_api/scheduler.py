@@ -8,6 +8,7 @@ the state machine.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
@@ -19,9 +20,12 @@ from typing import Any
 from sqlalchemy import Connection, String, bindparam, func, select, update
 
 from . import events, files, leases, queues
+from .bus import make_bus
 from .db import Database
-from .errors import LeaseLost, NotCancellable, TaskCancelled, TaskNotFound
+from .errors import HelixError, NotCancellable, TaskCancelled
+from .intake import Intake
 from .leases import Lease, LeasePolicy
+from .live import LiveReplies
 from .models import (
     ACTIVE_TASK_STATUSES,
     FAILED_TASK_STATUSES,
@@ -32,7 +36,7 @@ from .models import (
     TaskStatus,
     utcnow,
 )
-from .notifier import publish, queue_topic
+from .notifier import publish, queue_topic, session_topic
 from .queues import QueueFilter
 from .storage import FileStore, StoredBlob
 
@@ -81,8 +85,10 @@ class Scheduler:
     """
 
     def __init__(self, database: Database, store: FileStore, policy: LeasePolicy, *,
-                 reap_every: float = 1.0, recheck: float = 2.0) -> None:
+                 reap_every: float = 1.0, recheck: float = 2.0, intake: Intake | None = None) -> None:
         self.database, self.store, self.policy = database, store, policy
+        # Runners' events: tokens in memory, flushed to SQL; the replies being written live there.
+        self.intake = intake or Intake(database, LiveReplies(), policy)
         self.reap_every, self.recheck = reap_every, recheck
         self._for_update = database.dialect == "postgresql"
         self._last_reap = float("-inf")  # monotonic time of the last sweep: never, so the first call sweeps
@@ -91,8 +97,12 @@ class Scheduler:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], database: Database, store: FileStore) -> Scheduler:
         """The scheduler the lease, REAP_SECONDS and RECHECK_SECONDS settings describe."""
-        return cls(database, store, LeasePolicy.from_settings(settings), reap_every=settings["REAP_SECONDS"],
-                   recheck=settings["RECHECK_SECONDS"])
+        policy = LeasePolicy.from_settings(settings)
+        live = LiveReplies()
+        intake = Intake(database, live, policy, flush_every=settings["FLUSH_SECONDS"],
+                        bus=make_bus(settings["BUS_URL"], functools.partial(_mirror, database, live)))
+        return cls(database, store, policy, reap_every=settings["REAP_SECONDS"],
+                   recheck=settings["RECHECK_SECONDS"], intake=intake)
 
     def claim(self, filt: QueueFilter, *, runner: str, runner_token_id: int | None,
               look_first: bool = True) -> tuple[Any, Lease] | None:
@@ -157,33 +167,20 @@ class Scheduler:
                 return None
 
     def add_events(self, task_id: int, token: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Store a runner's events once each (by seq), append tokens to the reply, renew the lease."""
-        now = utcnow()
-        with self.database.transaction() as conn:
-            task = self._held(conn, task_id, token, now)
-            leases.renew(conn, task, now, self.policy)
-            stored, last_seq = events.record(conn, task, items)
-            return {"stored": stored, "last_seq": last_seq, "cancelled": False}
+        """Take a runner's events once each (by seq): tokens into the live reply, the rest as rows."""
+        answer = self.intake.add([(task_id, token, items)])[0]
+        if isinstance(answer, HelixError):
+            raise answer
+        return answer
 
     def add_events_many(self, posts: list[tuple[int, str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-        """`add_events` for several tasks of one runner in one transaction; each answers for itself.
+        """`add_events` for several tasks of one runner in one request; each answers for itself.
 
         A task whose lease no longer holds gets its error in its own answer and changes nothing; the
-        others are stored all the same.
+        others are taken all the same.
         """
-        now = utcnow()
-        answers: list[dict[str, Any]] = []
-        with self.database.transaction() as conn:
-            for task_id, token, items in posts:
-                try:
-                    task = self._held(conn, task_id, token, now)
-                except (LeaseLost, TaskCancelled, TaskNotFound) as exc:  # raised before this task wrote
-                    answers.append({"task_id": task_id, **exc.to_dict()})
-                    continue
-                leases.renew(conn, task, now, self.policy)
-                stored, last_seq = events.record(conn, task, items)
-                answers.append({"task_id": task_id, "stored": stored, "last_seq": last_seq, "cancelled": False})
-        return answers
+        return [{"task_id": task_id, **(answer.to_dict() if isinstance(answer, HelixError) else answer)}
+                for (task_id, _, _), answer in zip(posts, self.intake.add(posts), strict=True)]
 
     def leased(self, task_id: int, token: str) -> Any:
         """The task, if `token` is its live lease (a runner reading the task's files)."""
@@ -213,12 +210,10 @@ class Scheduler:
                 return  # a retry of a call whose answer was lost: it already took effect
             leases.check(task, token, now)
             dropped = files.settle_result(conn, task, result)
-            if last_events:
-                events.record(conn, task, last_events)
+            output = self.intake.finish(conn, task, result, last_events or [])
             conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
-            text = result.get("text")
             conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
-                                       "p_output": text if isinstance(text, str) else None})
+                                       "p_output": output})
             events.state_event(conn, task, InteractionState.COMPLETE.value)
         files.discard(self.store, dropped)  # files of lost attempts, or not named in the result
         logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
@@ -234,6 +229,7 @@ class Scheduler:
             if task.lease_token == token and task.status in _AFTER_FAIL:
                 return task.status  # a retry of a call whose answer was lost: it already took effect
             leases.check(task, token, now)
+            self.intake.live.forget(task_id)
             error = error[-MAX_ERROR_CHARS:]
             dropped: list[str] = []
             if retry and task.attempt < task.max_attempts:
@@ -255,6 +251,7 @@ class Scheduler:
             if task.lease_token == token and task.status == TaskStatus.QUEUED:
                 return  # a retry of a call whose answer was lost: it already took effect
             leases.check(task, token, now)
+            self.intake.live.forget(task_id)
             _requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
         logger.info("task %s: released by its runner", task_id)
 
@@ -279,6 +276,7 @@ class Scheduler:
                 task = conn.execute(stmt).one_or_none()
                 if task is None:  # renewed, finished or reaped by someone else meanwhile
                     continue
+                self.intake.live.forget(task_id)
                 reason = (f"lease expired: runner {task.runner} stopped heartbeating during attempt "
                           f"{task.attempt} of {task.max_attempts}")
                 if task.attempt >= task.max_attempts:
@@ -301,6 +299,17 @@ class Scheduler:
             logger.exception("reaping expired leases failed")
         finally:
             self._reap_lock.release()
+
+
+def _mirror(database: Database, live: LiveReplies, message: dict[str, Any]) -> None:
+    """Apply another process's tokens from the bus, and wake this process's followers of the session."""
+    def stored(task_id: int, attempt: int) -> str | None:
+        with database.reading() as conn:
+            row = events.stored_text(conn, task_id)
+        return row.output if row is not None and row.attempt == attempt else None
+
+    if live.mirror(message, stored):
+        database.notifier.notify_text(session_topic(message["session_id"]))
 
 
 def _update_task(conn: Connection, task: Any, **values: Any) -> None:

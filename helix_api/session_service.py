@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from . import conversations, events, files, scheduler, training_data
+from . import conversations, events, feed, files, scheduler, training_data
 from .errors import InvalidField
 from .models import File, Mode, SessionType
 from .params import check_params
@@ -112,15 +112,15 @@ def open_file(services: Services, user_id: int, session_id: int, file_id: int) -
 
 
 def event_feed(services: Services, user_id: int, session_id: int) -> Callable[..., Iterator[str]]:
-    """How to follow one of the user's sessions: `feed(after, follow=...)` gives its Server-Sent Events.
+    """How to follow one of the user's sessions: `feed(cursor, follow=...)` gives its Server-Sent Events.
 
-    Everything after event `after`, then (with `follow`) each event as it is stored. The session is
+    Everything after event id `cursor`, then (with `follow`) each event as it is stored. The session is
     checked now, so a caller reads its cursor only for a session the user may follow.
     """
     with services.database.read() as db:
         conversations.owned(db, user_id, session_id)
-    settings = services.settings
-    return functools.partial(events.stream, services.database, session_id,
+    settings, intake = services.settings, services.scheduler.intake
+    return functools.partial(feed.stream, services.database, intake.live, session_id, bus=intake.bus,
                              keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
 
 

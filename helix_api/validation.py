@@ -9,6 +9,7 @@ from typing import Any
 from flask import request
 
 from .errors import BadRequest, InvalidField, UnknownMode, UnknownType
+from .feed import Cursor
 from .models import Mode, SessionType
 
 # `inference` is what people call it; `create` is the word the runner URL has always used.
@@ -89,11 +90,13 @@ def allow_uploads(limit: int) -> None:
     request.max_content_length = limit
 
 
-def event_cursor() -> tuple[int, bool]:
+def event_cursor() -> tuple[Cursor, bool]:
     """Where an event stream resumes (Last-Event-ID, else `?after=`, else 0) and whether it `follow`s."""
     raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    if not raw_after.isdigit():
-        raise InvalidField(f"Last-Event-ID must be an event id (a whole number), not {raw_after!r}.",
-                           field="Last-Event-ID")
+    try:
+        cursor = Cursor.parse(raw_after)
+    except ValueError:
+        raise InvalidField(f"Last-Event-ID must be an event id (N or N.K, whole numbers), not {raw_after[:40]!r}.",
+                           field="Last-Event-ID") from None
     follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
-    return int(raw_after), follow
+    return cursor, follow

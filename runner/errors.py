@@ -39,6 +39,10 @@ class LeaseLost(ApiError):
     """The lease on this task is stale or expired: another runner may hold the task now."""
 
 
+class EventsGap(ApiError):
+    """The API lacks events before these (it restarted before storing them): resend every unstored one."""
+
+
 class StopReason(StrEnum):
     """Why a task in hand must stop before its backend finished."""
 
@@ -72,6 +76,8 @@ def refusal(status: int | None, code: str, message: str) -> ApiError | TaskCance
     if code == "task_cancelled":
         prefix = f"{status} " if status is not None else ""
         return TaskCancelled(StopReason.CANCELLED, f"{prefix}task_cancelled: {message}")
+    if code == "events_gap":
+        return EventsGap(status, code, message)
     if code == "lease_lost" or status == 409:
         return LeaseLost(status, code or "lease_lost", message)
     return ApiError(status, code or "http_error", message)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiUnavailable, EventsGap, LeaseLost, StopReason, TaskCancelled
 
 if TYPE_CHECKING:
     from runner.files import TaskFiles
@@ -29,7 +29,10 @@ class Report:
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._wake = threading.Condition()
-        self._pending: list[dict[str, Any]] = []  # in seq order; dropped only once stored
+        self._pending: list[dict[str, Any]] = []  # in seq order; not posted yet
+        # Posted, but the API holds them only in memory so far (beyond its `durable_seq`): kept to
+        # resend should it restart before storing them (it answers events_gap).
+        self._unstored: list[dict[str, Any]] = []
         self._seq = 0
         self._reason: StopReason | None = None
         self._closing = False
@@ -110,7 +113,8 @@ class Report:
                 with self._wake:
                     extra = len(self._pending) - carry
                     if extra <= 0:
-                        tail, self._pending = self._pending, []
+                        # What the API may not have stored goes along: it takes each seq once.
+                        tail, self._pending, self._unstored = self._unstored + self._pending, [], []
                         return tail
                     batch = self._pending[: min(extra, self._batch_size)]
                 if not self._post_batch(batch) or self._reason is not None:
@@ -154,6 +158,13 @@ class Report:
         """Post one batch; False leaves it pending, except when it can never be stored."""
         try:
             reply = self._post(batch)
+        except EventsGap as exc:
+            # The API lost what it had not stored (it restarted): everything unstored goes again.
+            with self._wake:
+                if self._unstored and self._pending[:1] == batch[:1]:
+                    self._pending[:0], self._unstored = self._unstored, []
+            logger.info("task %s: resending events from seq %s (%s)", self.task_id, self._pending[0]["seq"], exc)
+            return False
         except ApiUnavailable as exc:
             # The same seq numbers go again next time; the API stores each seq once.
             logger.warning("task %s: events %d-%d not posted yet: %s", self.task_id, batch[0]["seq"],
@@ -172,6 +183,9 @@ class Report:
             return True
         if reply.get("cancelled"):
             self.cancel(StopReason.CANCELLED)
+        durable = reply.get("durable_seq", batch[-1]["seq"])
+        with self._wake:
+            self._unstored = [e for e in self._unstored + batch if e["seq"] > durable]
         return True
 
     def _give_up(self, reason: StopReason) -> None:

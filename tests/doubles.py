@@ -41,7 +41,11 @@ def pause(seconds: float, report: Report) -> None:
 
 
 class EchoBackend(Backend):
-    """Streams the prompt back word by word; params `sleep` and `token_delay` slow it down."""
+    """Streams the prompt back word by word; params `sleep` and `token_delay` slow it down.
+
+    Each token comes with a progress event, unless param `token_progress` is 0: then tokens alone,
+    as a text model streams them.
+    """
 
     max_parallel = 64  # no model to share: as many at once as the runner holds
     setup_calls = 0  # across instances, so a test can see setup() ran once per process
@@ -57,13 +61,15 @@ class EchoBackend(Backend):
             raise RuntimeError("predict() called before setup()")
         pause(float(task.params.get("sleep", 0)), report)
         delay = float(task.params.get("token_delay", 0))
+        with_progress = bool(int(task.params.get("token_progress", 1)))
         words = prompt_of(task).split()
         tokens = [word + " " for word in words[:-1]] + words[-1:]
         for step, token in enumerate(tokens, start=1):
             if step > 1 and delay:
                 pause(delay, report)
             report.token(token)
-            report.progress(step, len(tokens))
+            if with_progress:
+                report.progress(step, len(tokens))
         text = "".join(tokens)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in task.input.get("messages") or [])
         prompt_tokens = prompt_tokens or len(words)

@@ -15,7 +15,7 @@ def _finish(client, runner, text: str) -> dict:
     return claimed["task"]
 
 
-def _sse(client, user, session_id: int, after: int | None = None, header: bool = True) -> list[dict]:
+def _sse(client, user, session_id: int, after: str | None = None, header: bool = True) -> list[dict]:
     headers = dict(user)
     url = f"/api/v1/sessions/{session_id}/events?follow=0"
     if after is not None and header:
@@ -29,7 +29,7 @@ def _sse(client, user, session_id: int, after: int | None = None, header: bool =
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and
                       not line.startswith(":"))
         if "data" in fields:
-            events.append({"id": int(fields["id"]), "event": fields["event"], **json.loads(fields["data"])})
+            events.append({"id": fields["id"], "event": fields["event"], **json.loads(fields["data"])})
     return events
 
 
@@ -154,8 +154,9 @@ def test_events_replay_everything_in_order(client, user, runner, task_factory):
     _ = client.post(f"/api/v1/worker/task/{claimed['task']['id']}/complete", headers=runner,
                     json={"lease_token": claimed["lease"]["token"], "result": {"text": "".join(tokens)}})
     events = _sse(client, user, session["id"])
-    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
-    assert [e["event"] for e in events] == ["state", "state", "token", "token", "token", "token", "state"]
+    # Rows are numbered; the reply's text follows the row before it, its id carrying the text's end.
+    assert [e["id"] for e in events] == ["1", "2", "2.19", "3"]
+    assert [e["event"] for e in events] == ["state", "state", "token", "state"]
     assert "".join(e["text"] for e in events if e["event"] == "token") == "The quick brown fox"
     assert events[-1]["state"] == "complete"
 
@@ -167,9 +168,15 @@ def test_events_resume_after_last_event_id(client, user, runner, task_factory):
                 json={"lease_token": claimed["lease"]["token"],
                       "events": [{"seq": 1, "kind": "token", "text": "a"}, {"seq": 2, "kind": "token", "text": "b"}]})
     everything = _sse(client, user, session["id"])
-    tail = _sse(client, user, session["id"], after=everything[2]["id"])
-    assert [e["id"] for e in tail] == [e["id"] for e in everything[3:]]
-    assert _sse(client, user, session["id"], after=everything[2]["id"], header=False) == tail
+    assert [(e["id"], e.get("text")) for e in everything] == [("1", None), ("2", None), ("2.2", "ab")]
+    client.post(f"/api/v1/worker/task/{claimed['task']['id']}/events", headers=runner,
+                json={"lease_token": claimed["lease"]["token"], "events": [{"seq": 3, "kind": "token", "text": "c"}]})
+    # From the end of what a client had, from inside it, and from the row before the text.
+    for after, expected in (("2.2", "c"), ("2.1", "bc"), ("2", "abc")):
+        tail = _sse(client, user, session["id"], after=after)
+        assert [(e["id"], e["text"], e["offset"]) for e in tail] == [("2.3", expected, 3 - len(expected))]
+        assert _sse(client, user, session["id"], after=after, header=False) == tail
+    assert _sse(client, user, session["id"], after="2.3") == []
 
 
 def test_live_stream_delivers_events_as_they_are_stored(client, user, runner, task_factory, app):

@@ -89,14 +89,16 @@ def test_events_are_stored_once_by_seq(client, runner, task_factory, db, user):
     session, task, token = _claimed(client, runner, task_factory)
     first = [{"seq": 1, "kind": "token", "text": "Hel"}, {"seq": 2, "kind": "token", "text": "lo"}]
     assert _post(client, runner, task["id"], "events", lease_token=token, events=first).json["stored"] == 2
-    # A retried post (same seqs) plus one new event: only the new one is stored.
+    # A retried post (same seqs) plus one new event: only the new one is taken.
     again = [*first, {"seq": 3, "kind": "progress", "step": 1, "total": 4, "message": "going"}]
     response = _post(client, runner, task["id"], "events", lease_token=token, events=again)
-    assert response.json == {"stored": 1, "last_seq": 3, "cancelled": False}
+    # A progress event is a row, stored after the text before it: everything up to seq 3 is in SQL.
+    assert response.json == {"stored": 1, "last_seq": 3, "durable_seq": 3, "cancelled": False}
     with db.read() as s:
         kinds = list(s.scalars(select(TaskEvent.kind).where(TaskEvent.task_id == task["id"])
                                .order_by(TaskEvent.seq)))
-    assert kinds == ["state", "state", "token", "token", "progress"]
+        assert s.get(Task, task["id"]).last_event_seq == 3
+    assert kinds == ["state", "state", "progress"]  # tokens are not rows: the reply's text holds them
     reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
     assert reply["output"] == "Hello"
     assert reply["state"] == "running"
@@ -127,8 +129,10 @@ def test_complete_stores_the_events_it_carries_once_and_before_the_end(client, r
     with db.read() as s:
         rows = list(s.execute(select(TaskEvent.kind, TaskEvent.data).where(TaskEvent.task_id == task["id"])
                               .order_by(TaskEvent.seq)))
-    assert [(kind, data.get("text") or data.get("state")) for kind, data in rows] == [
-        ("state", "queued"), ("state", "running"), ("token", "Hi"), ("token", " there"), ("state", "complete")]
+    assert [(kind, data.get("state")) for kind, data in rows] == [
+        ("state", "queued"), ("state", "running"), ("state", "complete")]
+    with db.read() as s:
+        assert s.get(Task, task["id"]).interaction.output == "Hi there"
 
 
 def test_events_of_several_tasks_in_one_request_each_answer_for_themselves(client, runner, task_factory, db, user):
@@ -140,7 +144,7 @@ def test_events_of_several_tasks_in_one_request_each_answer_for_themselves(clien
     ]})
     assert response.status_code == 200, response.json
     ok, refused = response.json["results"]
-    assert ok == {"task_id": task1["id"], "stored": 1, "last_seq": 1, "cancelled": False}
+    assert ok == {"task_id": task1["id"], "stored": 1, "last_seq": 1, "durable_seq": 1, "cancelled": False}
     assert refused["task_id"] == task2["id"] and refused["error"] == "lease_lost"
     reply = client.get(f"/api/v1/sessions/{first['id']}", headers=user).json["interactions"][-1]
     assert reply["output"] == "Hi"

@@ -98,7 +98,7 @@ def echo_of(message: str) -> str:
     return " ".join(message.split())
 
 
-def session_events(server: ApiServer, headers: dict[str, str], session_id: int, *, after: int | None = None,
+def session_events(server: ApiServer, headers: dict[str, str], session_id: int, *, after: str | None = None,
                    follow: bool = False, until: Callable[[list[dict[str, Any]]], bool] | None = None,
                    timeout: float = 30) -> list[dict[str, Any]]:
     """A session's Server-Sent Events: those stored so far, or with `follow=True` live until `until(events)`.
@@ -136,4 +136,4 @@ def read_sse(response: requests.Response) -> Iterator[dict[str, Any]]:
         if key == "data" and "data" in event:
             event["data"] += "\n" + value
         elif key in ("id", "event", "data"):
-            event[key] = int(value) if key == "id" else value
+            event[key] = value

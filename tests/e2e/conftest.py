@@ -60,7 +60,7 @@ def api_server(e2e_database: str, tmp_path: Path,
     servers: list[ApiServer] = []
     # The test doubles' params (tests/doubles.py) are no built-in params: the operator lets them through.
     defaults = {"lease_seconds": 3, "heartbeat_seconds": 1, "reap_seconds": 0.2, "recheck_seconds": 0.2,
-                "extra_params": "sleep,token_delay"}
+                "extra_params": "sleep,token_delay,token_progress"}
 
     def start(workers: int | None = None, **settings: Any) -> ApiServer:
         server = ApiServer(e2e_database, tmp_path / "data", tmp_path, {**defaults, **settings}, workers,

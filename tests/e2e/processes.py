@@ -164,6 +164,13 @@ class ApiServer:
             return 0
         return stop_process(self.proc, sig)
 
+    def kill(self) -> int:
+        """kill -9 the master and its workers at once, as a crashed machine would; the master's exit status."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait(timeout=10)
+
     @property
     def runner_headers(self) -> dict[str, str]:
         """Headers that authenticate as the runner token."""
