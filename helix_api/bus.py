@@ -22,9 +22,6 @@ logger = logging.getLogger(__name__)
 Deliver = Callable[[dict[str, Any]], None]
 
 
-def channel(session_id: int) -> str:
-    """The channel a session's tokens travel on."""
-    return f"helix:session:{session_id}"
 
 
 class NoBus:
@@ -47,10 +44,10 @@ class NoBus:
 class RedisBus:
     """Publishes token messages and subscribes to the sessions this process's followers watch."""
 
-    def __init__(self, url: str, deliver: Deliver) -> None:
+    def __init__(self, url: str, deliver: Deliver, namespace: str = "helix") -> None:
         import redis  # only deployments with a bus need it
 
-        self.url = url
+        self.url, self.namespace = url, namespace
         self._redis = redis.Redis.from_url(url)
         self._deliver = deliver
         self._lock = threading.Lock()
@@ -60,10 +57,14 @@ class RedisBus:
         self._thread = threading.Thread(target=self._listen, name="helix-bus", daemon=True)
         self._thread.start()
 
+    def channel(self, session_id: int) -> str:
+        """The channel a session's tokens travel on: deployments sharing a Redis differ by namespace."""
+        return f"{self.namespace}:session:{session_id}"
+
     def publish(self, session_id: int, messages: list[dict[str, Any]]) -> None:
         """Send a post's tokens of one session to its followers elsewhere; a lost message costs a delay only."""
         try:
-            self._redis.publish(channel(session_id), json.dumps(messages))
+            self._redis.publish(self.channel(session_id), json.dumps(messages))
         except Exception as exc:  # followers elsewhere fall back to the stored text
             logger.warning("bus: publishing to session %s failed: %s", session_id, exc)
 
@@ -74,7 +75,7 @@ class RedisBus:
             self._followers[session_id] = self._followers.get(session_id, 0) + 1
             first = self._followers[session_id] == 1
         if first:
-            self._changes.put(("subscribe", channel(session_id)))
+            self._changes.put(("subscribe", self.channel(session_id)))
         try:
             yield
         finally:
@@ -84,7 +85,7 @@ class RedisBus:
                 if last:
                     del self._followers[session_id]
             if last:
-                self._changes.put(("unsubscribe", channel(session_id)))
+                self._changes.put(("unsubscribe", self.channel(session_id)))
 
     def close(self) -> None:
         """Stop listening (within a fraction of a second)."""
@@ -99,7 +100,7 @@ class RedisBus:
                 with self._lock:
                     sessions = list(self._followers)
                 if sessions:
-                    pubsub.subscribe(*[channel(s) for s in sessions])
+                    pubsub.subscribe(*[self.channel(s) for s in sessions])
                 while not self._stopping.is_set():
                     self._apply_changes(pubsub)
                     message = pubsub.get_message(timeout=0.05)
@@ -134,10 +135,10 @@ class RedisBus:
                 logger.exception("bus: delivering a token message failed")
 
 
-def make_bus(url: str | None, deliver: Deliver) -> NoBus | RedisBus:
-    """The bus `HELIX_BUS_URL` names: redis://... or nothing."""
+def make_bus(url: str | None, deliver: Deliver, namespace: str = "helix") -> NoBus | RedisBus:
+    """The bus `HELIX_BUS_URL` names (redis://...), or none."""
     if not url:
         return NoBus()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisBus(url, deliver)
+        return RedisBus(url, deliver, namespace)
     raise ValueError(f"HELIX_BUS_URL must be a redis:// URL, not {url!r}")

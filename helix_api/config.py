@@ -36,6 +36,8 @@ class Config:
     # Carries tokens between API processes and replicas (redis://...): followers anywhere see each
     # token at once. Without it, followers in another process see the text as it is flushed.
     BUS_URL = ""
+    # Replicas of one deployment share it; deployments sharing one Redis must not.
+    BUS_NAMESPACE = "helix"
     PAGE_SIZE = 20
     MAX_PAGE_SIZE = 100
     # Extra models an operator offers besides the defaults: "text:/models/my-llm,image:org/sdxl-x".

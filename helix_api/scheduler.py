@@ -100,7 +100,8 @@ class Scheduler:
         policy = LeasePolicy.from_settings(settings)
         live = LiveReplies()
         intake = Intake(database, live, policy, flush_every=settings["FLUSH_SECONDS"],
-                        bus=make_bus(settings["BUS_URL"], functools.partial(_mirror, database, live)))
+                        bus=make_bus(settings["BUS_URL"], functools.partial(_mirror, database, live),
+                                     settings["BUS_NAMESPACE"]))
         return cls(database, store, policy, reap_every=settings["REAP_SECONDS"],
                    recheck=settings["RECHECK_SECONDS"], intake=intake)
 

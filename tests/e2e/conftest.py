@@ -65,6 +65,8 @@ def api_server(e2e_database: str, tmp_path: Path,
     def start(workers: int | None = None, **settings: Any) -> ApiServer:
         server = ApiServer(e2e_database, tmp_path / "data", tmp_path, {**defaults, **settings}, workers,
                            lambda path: _track_log(request, path))
+        if servers:  # a replica: another user, as its first start makes one
+            server.user_name = f"alice-{len(servers) + 1}"
         servers.append(server)
         server.migrate()
         server.start()

@@ -95,7 +95,8 @@ class ApiServer:
         self.env.update({f"HELIX_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
         self.starts = 0
-        self.api_key = ""  # the API key of user "alice", made at the first start
+        self.user_name = "alice"  # a second server on the same database (a replica) needs another
+        self.api_key = ""  # the API key of user `user_name`, made at the first start
         self.user: dict[str, str] = {}  # headers with that key
         self.runner_token = ""  # a runner token, made at the first start
         self._log_dir = log_dir
@@ -132,7 +133,7 @@ class ApiServer:
                                          cwd=REPO, start_new_session=True)
         pending = []
         if self.starts == 1:
-            pending = [self._helix_async("users", "create", "alice"),
+            pending = [self._helix_async("users", "create", self.user_name),
                        self._helix_async("runner-token", "create", "--name", "e2e")]
 
         def healthy() -> bool:

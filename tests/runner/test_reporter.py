@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from runner.errors import ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiUnavailable, EventsGap, LeaseLost, StopReason, TaskCancelled
 from runner.reporter import Report
 
 
@@ -113,3 +113,32 @@ def test_close_without_flush_drops_pending():
     report.token("a")
     report.close(flush=False)
     assert post.attempts == []
+
+
+def test_events_the_api_lost_before_storing_are_resent_on_events_gap():
+    # The API answers with what it has stored (durable_seq); it restarts and asks for the rest again.
+    replies = iter([{"cancelled": False, "durable_seq": 1}, {"cancelled": False, "durable_seq": 1}])
+
+    def post(events: list[dict[str, Any]]) -> dict[str, Any]:
+        attempts.append([e["seq"] for e in events])
+        if len(attempts) == 3:
+            raise EventsGap(409, "events_gap", "resend from seq 2")
+        return next(replies, {"cancelled": False, "durable_seq": events[-1]["seq"]})
+
+    attempts: list[list[int]] = []
+    report = Report(42, post, batch_size=1)
+    for text in ("a", "b", "c", "d"):
+        report.token(text)
+        report.flush()
+    # seq 2 and 3 were taken but not stored when the API went away: they go again, before 4.
+    assert attempts == [[1], [2], [3], [2], [3], [4]]
+    assert report.close() is True
+
+
+def test_the_tail_sent_with_the_result_carries_what_the_api_has_not_stored():
+    report = Report(42, lambda events: {"cancelled": False, "durable_seq": 1}, batch_size=2)
+    for text in ("a", "b", "c"):
+        report.token(text)
+    assert report.flush() is True  # posted 1-2 then 3; the API stored only 1
+    report.token("d")
+    assert [e["seq"] for e in report.close_for_result(carry=8)] == [2, 3, 4]
