@@ -1,10 +1,10 @@
 """The streaming benchmark's clients: runner processes that post token events, follower processes that read SSE.
 
-The process entry points are module-level functions: they run in spawned processes. Every client
-speaks HTTP/1.1 keep-alive through `bench.helix_clients.Http` or a bare `http.client` connection, so
-the benchmark's own CPU stays a small share of the machine. Times are `time.monotonic()`
-(CLOCK_MONOTONIC: one clock for every process on the machine), so a token's lag is the follower's
-receive time minus the runner's send time.
+The process entry points are module-level functions: they run in spawned processes. Runners speak
+HTTP/1.1 keep-alive through `bench.helix_clients.Http`, followers read their streams through
+`bench.sse` off a bare socket, so the benchmark's own CPU stays a small share of the machine. Times
+are `time.monotonic()` (CLOCK_MONOTONIC: one clock for every process on the machine), so a token's
+lag is the follower's receive time minus the runner's send time.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import http.client
 import json
 import logging
 import os
-import socket
+import selectors
 import threading
 import time
 from typing import Any
 
+from bench import sse
 from bench.helix_clients import CLAIM_PATH, Http, claim_path
 
 logger = logging.getLogger(__name__)
@@ -202,36 +203,32 @@ class _Follower:
         self.text: list[str] = []
         self.chars = 0
         self.received: list[float] = []  # received[i]: when token i was complete at the follower
-        self.last_id: str | None = None
+        self.last_id: bytes | None = None
         self.reconnects = 0
         self.restarts = 0  # `state: queued` after tokens: the attempt was lost, its text starts over
         self.end_state = ""
         self.error = ""
 
-    def _connect(self) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn = http.client.HTTPConnection(self.cfg["host"], self.cfg["port"], timeout=self.cfg["timeout"])
-        conn.connect()
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _open(self) -> sse.Stream:
         headers = {"Authorization": f"Bearer {self.cfg['key']}", "Accept": "text/event-stream"}
         if self.last_id is not None:
-            headers["Last-Event-ID"] = self.last_id  # opaque: whatever the server sent as `id:`
-        conn.request("GET", f"/api/v1/sessions/{self.session_id}/events?follow=1", headers=headers)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            body = resp.read()[:300]
-            conn.close()
-            raise RuntimeError(f"session {self.session_id}: events answered {resp.status}: {body!r}")
-        return conn, resp
+            headers["Last-Event-ID"] = self.last_id.decode()  # opaque: whatever the server sent as `id:`
+        stream = sse.Stream(self.cfg["host"], self.cfg["port"],
+                            f"/api/v1/sessions/{self.session_id}/events?follow=1", headers, self.cfg["timeout"])
+        try:
+            stream.open()
+        except BaseException:
+            stream.close()
+            raise
+        return stream
 
     def _event(self, block: bytes, now: float) -> None:
-        data = None
-        for line in block.split(b"\n"):
-            if line.startswith(b"id:"):
-                self.last_id = line[3:].strip().decode()
-            elif line.startswith(b"data:"):
-                data = json.loads(line[5:])
-        if data is None:
+        event_id, _, raw = sse.fields(block)
+        if event_id is not None:
+            self.last_id = event_id
+        if raw is None:
             return
+        data = json.loads(raw)
         kind = data.get("kind")
         if kind == "token":
             text = data["text"]
@@ -248,43 +245,32 @@ class _Follower:
             elif state in END_STATES:
                 self.end_state = state
 
-    def follow(self, ready: Any) -> None:
-        """Read the session's stream until its reply ends; resume with Last-Event-ID if it drops."""
-        buf = b""
-        first = True
-        while not self.end_state:
-            try:
-                conn, resp = self._connect()
-            except Exception as exc:
-                self.error = repr(exc)
-                if first:
-                    ready.release()
-                return
-            if first:
-                ready.release()
-                first = False
-            try:
-                while not self.end_state:
-                    chunk = resp.read1(65536)
-                    if not chunk:
-                        break
-                    now = time.monotonic()
-                    buf += chunk
-                    if b"\r" in buf:
-                        buf = buf.replace(b"\r\n", b"\n")
-                    *blocks, buf = buf.split(b"\n\n")
-                    for block in blocks:
-                        self._event(block, now)
-            except (OSError, http.client.HTTPException) as exc:
-                logger.warning("session %s: stream broke: %r", self.session_id, exc)
-            finally:
-                conn.close()
-            if not self.end_state:
-                self.reconnects += 1
-                buf = b""
-                if self.reconnects > 20:
-                    self.error = "the stream dropped more than 20 times"
-                    return
+    def open(self) -> sse.Stream | None:
+        """Open (or reopen, from the last event id) the stream, non-blocking from then on; None on failure."""
+        try:
+            stream = self._open()
+        except Exception as exc:
+            self.error = repr(exc)
+            return None
+        now = time.monotonic()
+        for block in stream.pending():
+            self._event(block, now)
+        stream.sock.setblocking(False)
+        return stream
+
+    def read(self, stream: sse.Stream) -> bool:
+        """Take what the socket has; False when the stream is over (ended, dropped or failed)."""
+        try:
+            data = stream.sock.recv(262144)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            logger.warning("session %s: stream broke: %r", self.session_id, exc)
+            data = b""
+        now = time.monotonic()
+        for block in stream.feed(data):
+            self._event(block, now)
+        return bool(data) and not self.end_state and not stream.ended
 
     def result(self, tokens: int) -> dict[str, Any]:
         """What this follower saw, and whether its text is exactly the runner's."""
@@ -305,21 +291,35 @@ class _Follower:
 
 
 def follower_process(cfg: dict[str, Any], session_ids: list[int], out: Any) -> None:
-    """One SSE follower thread per session; reports when every stream is open, then what each saw."""
-    ready = threading.Semaphore(0)
+    """One thread following every session given (a selector over their sockets); reports when every
+    stream is open, then what each saw. A stream that drops resumes with Last-Event-ID."""
     followers = [_Follower(cfg, sid) for sid in session_ids]
-    threads = [threading.Thread(target=f.follow, args=(ready,), daemon=True) for f in followers]
-    for t in threads:
-        t.start()
-    for _ in threads:
-        ready.acquire()
+    selector = selectors.DefaultSelector()
+    for f in followers:
+        stream = f.open()
+        if stream is not None:
+            selector.register(stream.sock, selectors.EVENT_READ, (f, stream))
     cpu0 = _cpu()
-    out.put(("following", os.getpid(), len(threads)))
+    out.put(("following", os.getpid(), len(followers)))
     deadline = time.monotonic() + cfg["deadline"]
-    for t in threads:
-        t.join(timeout=max(0.1, deadline - time.monotonic()))
-    for f, t in zip(followers, threads, strict=True):
-        if t.is_alive():
-            f.error = f.error or "still open at the deadline"
+    while selector.get_map() and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=1.0):
+            f, stream = key.data
+            if f.read(stream):
+                continue
+            selector.unregister(stream.sock)
+            stream.close()
+            if f.end_state:
+                continue
+            f.reconnects += 1
+            again = f.open() if f.reconnects <= 20 else None
+            if again is not None:
+                selector.register(again.sock, selectors.EVENT_READ, (f, again))
+            elif not f.error:
+                f.error = "the stream dropped more than 20 times"
+    for key in list(selector.get_map().values()):
+        key.data[0].error = key.data[0].error or "still open at the deadline"
+        key.data[1].close()
+    selector.close()
     out.put(("follower_done", {"cpu": _cpu() - cpu0,
                                "streams": [f.result(cfg["tokens"]) for f in followers]}))

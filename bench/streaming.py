@@ -192,7 +192,8 @@ def _figures(args: argparse.Namespace, runners: list[dict], streams: list[dict],
     last_post = max((r["last_post"] for r in runners), default=0.0)
     last_received = max((s["last_received"] for s in streams if s["last_received"]), default=0.0)
     stored_s, delivered_s = last_post - t0, last_received - t0
-    client_cpu = sum(r["cpu"] for r in runners) + sum(m[0]["cpu"] for m in done["follower_done"])
+    runner_cpu = sum(r["cpu"] for r in runners)
+    follower_cpu = sum(m[0]["cpu"] for m in done["follower_done"])
     problems = [p for r in runners for p in r["problems"]]
     problems += [f"session {s['session_id']}: {s['problem']}" for s in streams if not s["ok"]]
     if len(runners) < args.runners or len(streams) < n:
@@ -206,7 +207,9 @@ def _figures(args: argparse.Namespace, runners: list[dict], streams: list[dict],
         "posts": sum(r["posts"] for r in runners), "completed": sum(r["completed"] for r in runners),
         "api_cpu_ms_per_1k": api_cpu * per_1k if per_1k else None,
         "follow_api_cpu_ms_per_1k": follow_cpu * per_1k if per_1k and follow_cpu is not None else None,
-        "client_cpu_ms_per_1k": client_cpu * per_1k if per_1k else None,
+        "client_cpu_ms_per_1k": (runner_cpu + follower_cpu) * per_1k if per_1k else None,
+        "runner_cpu_ms_per_1k": runner_cpu * per_1k if per_1k else None,
+        "follower_cpu_ms_per_1k": follower_cpu * per_1k if per_1k else None,
         "lag_p50_ms": percentile(lags, 50) if lags else None,
         "lag_p99_ms": percentile(lags, 99) if lags else None,
         "texts_ok": sum(s["ok"] for s in streams), "stored_texts_ok": stored_ok, "streams": n,
@@ -289,6 +292,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         ("API CPU ms per 1,000 tokens", "api_cpu_ms_per_1k", "ms"),
         ("  second replica's CPU ms per 1,000 tokens", "follow_api_cpu_ms_per_1k", "ms"),
         ("benchmark clients' CPU ms per 1,000 tokens", "client_cpu_ms_per_1k", "ms"),
+        ("  runners' / followers' share", None, ""),
         ("API RSS peak (server process tree)", "rss_mb", "MB"),
         ("follower lag p50 (post sent -> token received)", "lag_p50_ms", "ms"),
         ("follower lag p99", "lag_p99_ms", "ms"),
@@ -302,7 +306,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
     for label, key, unit in figure_rows:
         if key == "follow_api_cpu_ms_per_1k" and args.replicas == 1:
             continue
-        if key is None:
+        if key is None and "share" in label:
+            cells.append([label, *(f"{show(v.get('runner_cpu_ms_per_1k'))} / {show(v.get('follower_cpu_ms_per_1k'))}"
+                                   for v in variants.values())])
+        elif key is None:
             cells.append([label, *(f"{v['reconnects']} / {v['restarts']}" for v in variants.values())])
         else:
             cells.append([label, *(show(v.get(key), unit) for v in variants.values())])
