@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import multiprocessing as mp
@@ -36,14 +37,15 @@ logger = logging.getLogger("bench.all")
 
 PHASES = ("dispatch", "streaming", "fleet", "replicas")
 # What bench.fleet.measure() and bench.replicas.measure() return, by the names this table reads
-# (the first that is present wins), so either module can be written without waiting on this one.
+# (the first that is present wins; a dotted name reads a nested dict), so either module can be
+# written without waiting on this one.
 FIGURE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
-    "fleet": {"idle_cpu_pct": ("idle_cpu_pct", "idle_api_cpu_pct"),
-              "rss_mb": ("rss_mb", "api_rss_mb", "rss_sum_mb"),
-              "p50_ms": ("p50_ms", "dispatch_p50_ms"),
-              "p50_1_ms": ("p50_1_ms", "one_runner_p50_ms", "baseline_p50_ms")},
-    "replicas": {"p50_ms": ("p50_ms", "dispatch_p50_ms", "cross_p50_ms"),
-                 "single_p50_ms": ("single_p50_ms", "one_replica_p50_ms", "baseline_p50_ms"),
+    "fleet": {"idle_cpu_pct": ("idle_cpu_pct", "idle_api_cpu_pct", "many.idle_cpu_pct"),
+              "rss_mb": ("rss_mb", "api_rss_mb", "memory.rss_sum_mb"),
+              "p50_ms": ("p50_ms", "dispatch_p50_ms", "many.sent_p50_ms"),
+              "p50_1_ms": ("p50_1_ms", "one_runner_p50_ms", "one.sent_p50_ms")},
+    "replicas": {"p50_ms": ("p50_ms", "dispatch_p50_ms", "cross_p50_ms", "cross.sent_p50_ms"),
+                 "single_p50_ms": ("single_p50_ms", "one_replica_p50_ms", "single.sent_p50_ms"),
                  "tokens_cross": ("tokens_cross", "follower_ok", "tokens_reach_follower")},
 }
 
@@ -152,7 +154,11 @@ def run_streaming(quick: bool) -> Outcome:
 
 
 def run_module(phase: str, quick: bool) -> Outcome:
-    """bench.<phase>.measure(args) of a module another engineer writes, if it exists yet."""
+    """bench.<phase>.measure() of a module another engineer writes, if it exists yet.
+
+    `measure(args)` gets `parse_args(["--quick"])` (or `[]`); a `measure()` with keyword parameters
+    gets the module's `QUICK` keywords with --quick, else its own defaults.
+    """
     try:
         mod = importlib.import_module(f"bench.{phase}")
     except ModuleNotFoundError as exc:
@@ -160,20 +166,36 @@ def run_module(phase: str, quick: bool) -> Outcome:
             raise Skipped(f"bench.{phase} is not written yet") from exc
         raise
     if not hasattr(mod, "measure"):
-        raise Skipped(f"bench.{phase} has no measure(args)")
-    argv = ["--quick"] if quick else []
-    args = mod.parse_args(argv) if hasattr(mod, "parse_args") else argparse.Namespace(quick=quick)
-    result = mod.measure(args)
-    return Outcome(figures=module_figures(phase, result),
-                   report=mod.report(result, args) if hasattr(mod, "report")
-                   else json.dumps(result, indent=2, default=str))
+        raise Skipped(f"bench.{phase} has no measure()")
+    if "args" in inspect.signature(mod.measure).parameters:
+        argv = ["--quick"] if quick else []
+        args: Any = mod.parse_args(argv) if hasattr(mod, "parse_args") else argparse.Namespace(quick=quick)
+        result = mod.measure(args)
+    else:
+        args, result = None, mod.measure(**(getattr(mod, "QUICK", {}) if quick else {}))
+    if not hasattr(mod, "report"):
+        text = json.dumps(result, indent=2, default=str)
+    elif len(inspect.signature(mod.report).parameters) > 1:
+        text = mod.report(result, args)
+    else:
+        text = mod.report(result)
+    return Outcome(figures=module_figures(phase, result), report=text)
+
+
+def _lookup(result: dict[str, Any], name: str) -> Any:
+    value: Any = result
+    for part in name.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def module_figures(phase: str, result: dict[str, Any]) -> dict[str, Any]:
     """The table's figures out of bench.fleet's or bench.replicas' measure() result."""
     figures = {}
     for key, names in FIGURE_NAMES[phase].items():
-        value = next((result[n] for n in names if result.get(n) is not None), None)
+        value = next((v for v in (_lookup(result, n) for n in names) if v is not None), None)
         if value is not None:
             figures[f"{phase}.{key}"] = value
     return figures

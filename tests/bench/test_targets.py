@@ -104,9 +104,35 @@ def test_dispatch_figures_from_bench_dispatch_results():
 
 def test_fleet_and_replicas_figures_by_any_of_their_names():
     assert bench_all.module_figures("fleet", {"idle_api_cpu_pct": 2.0, "rss_mb": 250.0, "dispatch_p50_ms": 4.0,
-                                              "baseline_p50_ms": 3.0, "other": 1}) == {
+                                              "one_runner_p50_ms": 3.0, "other": 1}) == {
         "fleet.idle_cpu_pct": 2.0, "fleet.rss_mb": 250.0, "fleet.p50_ms": 4.0, "fleet.p50_1_ms": 3.0}
     assert bench_all.module_figures("replicas", {"tokens_cross": False}) == {"replicas.tokens_cross": False}
+    nested = {"one": {"sent_p50_ms": 3.0}, "many": {"sent_p50_ms": 4.5, "idle_cpu_pct": 1.0},
+              "memory": {"rss_sum_mb": 120.0}}
+    assert bench_all.module_figures("fleet", nested) == {
+        "fleet.idle_cpu_pct": 1.0, "fleet.rss_mb": 120.0, "fleet.p50_ms": 4.5, "fleet.p50_1_ms": 3.0}
+
+
+def test_a_module_measured_with_keywords_gets_its_quick_keywords(monkeypatch):
+    calls = []
+
+    class Fleet:
+        QUICK = {"runners": 100}
+
+        @staticmethod
+        def measure(runners: int = 1000) -> dict:
+            calls.append(runners)
+            return {"p50_ms": 2.0, "p50_1_ms": 1.0}
+
+        @staticmethod
+        def report(result: dict) -> str:
+            return f"fleet of {calls[-1]}"
+
+    monkeypatch.setattr(bench_all.importlib, "import_module", lambda name: Fleet)
+    outcome = bench_all.run_module("fleet", quick=True)
+    assert calls == [100]
+    assert outcome.report == "fleet of 100"
+    assert outcome.figures == {"fleet.p50_ms": 2.0, "fleet.p50_1_ms": 1.0}
 
 
 def test_a_failing_phase_leaves_the_others_running(monkeypatch):
