@@ -42,7 +42,8 @@ def test_tiny_run_prints_figures_for_both_variants(tmp_path):
     assert grouped["delivered"] == grouped["stored"] == single["delivered"] == 4 * 30
     # grouped: a runner's two streams share each post (30 tokens at 4 a post: 8 posts a runner)
     assert (grouped["posts"], single["posts"]) == (2 * 8, 4 * 8)
-    assert grouped["api_cpu_ms_per_1k"] > 0 and grouped["client_cpu_ms_per_1k"] > 0
+    assert grouped["api_cpu_ms_per_1k"] > 0
+    assert grouped["client_cpu_ms_per_1k"] >= 0  # os.times() ticks at 10 ms: tiny runs may read 0
     assert 0 < grouped["lag_p50_ms"] <= grouped["lag_p99_ms"]
 
 
