@@ -51,11 +51,13 @@ def test_tiny_run_prints_figures_for_both_variants(tmp_path):
 @pytest.mark.postgres
 def test_followers_on_a_second_replica_get_every_token(tmp_path, postgres_server):
     admin = make_url(postgres_server).set(drivername="postgresql").render_as_string(hide_password=False)
-    report, raw = _run(tmp_path, "--replicas", "2", "--variants", "grouped", "--pg-admin-url", admin)
+    report, raw = _run(tmp_path, "--replicas", "2", "--variants", "grouped", "--tokens", "300",
+                       "--pg-admin-url", admin)
     assert "followers on:" in report
     grouped = raw["variants"]["grouped"]
-    assert grouped["texts_ok"] == 4 and not grouped["problems"]
-    assert grouped["follow_api_cpu_ms_per_1k"] > 0  # the followers really read from the second server
+    assert grouped["texts_ok"] == grouped["stored_texts_ok"] == 4 and not grouped["problems"]
+    # the followers really read from the second server: serving 1,200 token events took it CPU
+    assert grouped["follow_api_cpu_ms_per_1k"] > 0
 
 
 def test_bus_refused_in_one_line_when_the_api_has_no_bus_setting(monkeypatch):
