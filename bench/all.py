@@ -224,7 +224,7 @@ def run_phases(only: list[str], quick: bool) -> dict[str, Outcome]:
         except Skipped as exc:
             logger.warning("%s: %s", phase, exc)
             outcomes[phase] = Outcome(reasons={phase: str(exc)})
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # SystemExit: a phase's argparse refused what we passed
             logger.exception("%s failed", phase)
             outcomes[phase] = Outcome(reasons={phase: why(exc)}, failed=True)
         logger.info("=== %s took %.0f s", phase, time.monotonic() - started)

@@ -150,6 +150,16 @@ def test_a_failing_phase_leaves_the_others_running(monkeypatch):
     assert not outcomes["fleet"].failed
 
 
+def test_a_phase_whose_argparse_refuses_our_flags_fails_alone(monkeypatch):
+    def refuses(quick: bool) -> bench_all.Outcome:
+        raise SystemExit(2)
+
+    monkeypatch.setattr(bench_all, "run_dispatch", refuses)
+    outcomes = bench_all.run_phases(["dispatch"], quick=True)
+    assert outcomes["dispatch"].failed
+    assert outcomes["dispatch"].reasons == {"dispatch": "SystemExit: 2"}
+
+
 def test_a_module_not_written_yet_is_skipped_not_failed(monkeypatch):
     monkeypatch.setattr(bench_all.importlib, "import_module", _no_module)
     outcomes = bench_all.run_phases(["fleet"], quick=True)
