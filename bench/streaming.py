@@ -148,6 +148,7 @@ def run_variant(ctx: Any, api: HelixApi, follow_api: HelixApi, args: argparse.Na
         procs.append(ctx.Process(target=runner_process, args=(cfg, go, out), daemon=True))
     for proc in procs:
         proc.start()
+    finished = False
     try:
         ready = _collect(out, {"following": len(parts), "claimed": args.runners}, time.monotonic() + 120)
         claimed = sum(len(m[1]) for m in ready["claimed"])
@@ -160,11 +161,13 @@ def run_variant(ctx: Any, api: HelixApi, follow_api: HelixApi, args: argparse.Na
         done = _collect(out, {"runner_done": args.runners, "follower_done": len(parts)},
                         t0 + args.deadline + 30)
         cpu1, fcpu1 = monitor.cpu_seconds(), follow_monitor.cpu_seconds() if follow_monitor else 0.0
+        finished = True
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=10 if finished else 0)  # a failed start leaves runners waiting on `go`
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=5)
     monitor.phase_end(variant)
     rss_mb, monitor.peak_sum = monitor.peak_sum / 2**20, 0  # each variant's own peak
     runners = [m[0] for m in done["runner_done"]]
