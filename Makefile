@@ -35,8 +35,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
+# Every target of issue 12 side by side (dispatch vs Celery, streaming, fleet, replicas); ARGS="--quick".
 bench: install
-	$(BIN)/python -m bench.dispatch
+	$(BIN)/python -m bench.all $(ARGS)
 
 clean:
 	rm -rf $(VENV) .helix-data .pytest_cache
