@@ -209,7 +209,7 @@ class _Text:
 
 
 def stream_chat(database: Database, live: LiveReplies, request: Request, *, include_usage: bool, keepalive: float,
-                recheck: float, bus: NoBus | RedisBus | None = None) -> Iterator[str]:
+                recheck: float, bus: NoBus | RedisBus | None = None, text_every: float = 0.0) -> Iterator[str]:
     """Server-Sent Events in OpenAI's chunk format, from the task's events until it ends.
 
     A client that goes away (the generator is closed) cancels the task, as does an error that ends
@@ -221,7 +221,7 @@ def stream_chat(database: Database, live: LiveReplies, request: Request, *, incl
     try:
         yield chunks.chunk({"role": "assistant", "content": ""})
         for event in feed.feed(database, live, request.session_id, feed.Cursor(), follow=True, keepalive=keepalive,
-                               recheck=recheck, bus=bus):
+                               recheck=recheck, bus=bus, text_every=text_every):
             if event is None:
                 yield ": keepalive\n\n"  # a comment: keeps proxies from closing a quiet stream
             elif event.task_id != request.task_id:

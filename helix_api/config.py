@@ -31,6 +31,9 @@ class Config:
     # How often expired leases are swept back to the queue (per API process, lazily).
     REAP_SECONDS = 1.0
     SSE_KEEPALIVE_SECONDS = 15.0
+    # A follower gets a streaming reply's new text at most this often (the first piece at once): a
+    # fast reply costs one write per interval, not one per runner post. Well under what a reader sees.
+    SSE_TEXT_SECONDS = 0.025
     # Runners' tokens live in memory and reach the reply's row in SQL at most this often per task.
     FLUSH_SECONDS = 0.25
     # Carries tokens between API processes and replicas (redis://...): followers anywhere see each

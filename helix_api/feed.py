@@ -146,11 +146,17 @@ class Follower:
 
 
 def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor, *, follow: bool,
-         keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None) -> Iterator[Event | None]:
+         keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None,
+         text_every: float = 0.0) -> Iterator[Event | None]:
     """A session's events after `cursor`, then (if `follow`) each as it comes; None after every
-    `keepalive` seconds without one, so a caller can keep its connection from looking idle."""
+    `keepalive` seconds without one, so a caller can keep its connection from looking idle.
+
+    Live text goes out at most every `text_every` seconds: a reply streaming faster than that costs
+    one write per interval rather than one per runner post, and the first text after a pause goes
+    out at once.
+    """
     bus = bus or NoBus()
-    quiet_since = time.monotonic()
+    quiet_since = text_at = time.monotonic()
     with database.notifier.watch(session_topic(session_id)) as watch, bus.follow(session_id):
         follower = Follower(database, live, session_id, cursor)
         read_rows = True
@@ -165,23 +171,26 @@ def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor,
                 continue
             text = follower.text()
             if text:
-                quiet_since = time.monotonic()
+                quiet_since = text_at = time.monotonic()
                 yield from text
             if not follow:
                 return
             # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
             watch.wait(recheck)
             read_rows = watch.rows
+            if not read_rows and (pause := text_at + text_every - time.monotonic()) > 0:
+                time.sleep(pause)  # only text grew: let a little more of it gather
             if time.monotonic() - quiet_since >= keepalive:
                 quiet_since = time.monotonic()
                 yield None
 
 
 def stream(database: Database, live: LiveReplies, session_id: int, cursor: Cursor, *, follow: bool,
-           keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None) -> Iterator[str]:
+           keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None,
+           text_every: float = 0.0) -> Iterator[str]:
     """Everything after `cursor`, then (if `follow`) live events as they come, as SSE."""
     yield "retry: 1000\n\n"
     for event in feed(database, live, session_id, cursor, follow=follow, keepalive=keepalive, recheck=recheck,
-                      bus=bus):
+                      bus=bus, text_every=text_every):
         # A comment line when quiet: keeps proxies from closing an idle stream.
         yield ": keepalive\n\n" if event is None else event.to_sse()

@@ -201,7 +201,8 @@ def chat_completions():
         intake = svc.scheduler.intake
         chunks = completions.stream_chat(svc.database, intake.live, started, include_usage=include_usage,
                                          keepalive=svc.settings["SSE_KEEPALIVE_SECONDS"],
-                                         recheck=svc.settings["RECHECK_SECONDS"], bus=intake.bus)
+                                         recheck=svc.settings["RECHECK_SECONDS"], bus=intake.bus,
+                                         text_every=svc.settings["SSE_TEXT_SECONDS"])
         return responses.event_stream(chunks, _headers(started))
     return completions.chat_completion(started, _wait(started)), 200, _headers(started)
 

@@ -121,7 +121,8 @@ def event_feed(services: Services, user_id: int, session_id: int) -> Callable[..
         conversations.owned(db, user_id, session_id)
     settings, intake = services.settings, services.scheduler.intake
     return functools.partial(feed.stream, services.database, intake.live, session_id, bus=intake.bus,
-                             keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"])
+                             keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"],
+                             text_every=settings["SSE_TEXT_SECONDS"])
 
 
 def replay_start(services: Services, task_id: int) -> int:

@@ -361,17 +361,18 @@ def test_a_requeue_mid_stream_sends_the_text_once(client, user, fake, db):
 
 
 def test_a_retry_that_says_something_else_ends_the_stream_with_an_error(client, user, fake, db):
-    def lose_then_diverge() -> None:
-        task, token = fake.claim()
-        fake.tokens(task, token, "Hello")
-        fake.post(task, "fail", lease_token=token, error="runner lost", retry=True)
-        task, token = fake.claim()
-        fake.tokens(task, token, "Goodbye")
-
-    with in_background(lose_then_diverge):
-        data = client.post(CHAT, headers=user, json={"model": TEXT_MODEL, "messages": HELLO,
-                                                     "stream": True}).get_data()
-    chunks = sse(data)
+    response = client.post(CHAT, headers=user, json={"model": TEXT_MODEL, "messages": HELLO, "stream": True},
+                           buffered=False)
+    body = iter(response.response)
+    data = next(body)  # the role: the task is queued
+    task, token = fake.claim()
+    fake.tokens(task, token, "Hello")
+    while b"Hello" not in data:  # the client has the first attempt's text before it is lost
+        data += next(body)
+    fake.post(task, "fail", lease_token=token, error="runner lost", retry=True)
+    task, token = fake.claim()
+    fake.tokens(task, token, "Goodbye")
+    chunks = sse(data + b"".join(body))
     assert contents(chunks) == ["", "Hello"]
     assert chunks[-1]["error"]["type"] == "server_error" and chunks[-1]["error"]["code"] == "retry_diverged"
     assert only_task(db).status == TaskStatus.CANCELLED
