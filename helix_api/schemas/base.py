@@ -1,0 +1,180 @@
+"""What every request schema is made of, and the one way a refused request becomes a 400 naming the field.
+
+The schemas are pydantic v2 TypedDicts: validating one gives back plain dicts and lists, so the code
+behind the views keeps working on what it always had, and a TypeAdapter built once per schema parses
+raw bytes in Rust (the worker endpoints are called hundreds of times a second).
+
+What no schema lets through, because PostgreSQL or a client cannot read it back:
+- NaN and infinities (PostgreSQL's JSON refuses them; a runner would get them as numbers);
+- NUL (PostgreSQL's text cannot hold it) and lone surrogates (not encodable as UTF-8);
+- integers beyond their column (ids are 32-bit, JSON numbers stay within 64 bits);
+- strings beyond their column's length, and JSON nested deeper than MAX_DEPTH.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
+
+from ..errors import BadRequest, InvalidField
+
+INT32_MAX = 2**31 - 1  # every id column and event seq
+INT64_MAX = 2**63 - 1
+MAX_DEPTH = 32  # nesting of free-form JSON (a result, a param an operator lets through)
+MAX_TEXT = 1_000_000  # messages, outputs and errors live in TEXT columns; a body has its own byte limit
+
+# JSON bodies: types as sent (no "1" for 1), unknown fields refused by name, finite numbers only.
+BODY = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+# Query strings and form fields arrive as text: numbers are parsed from it, unknown names ignored.
+QUERY = ConfigDict(strict=False, extra="ignore", allow_inf_nan=False)
+
+
+def clean_text(value: str) -> str:
+    """`value` unless it holds NUL or a lone surrogate, which neither PostgreSQL nor UTF-8 can store."""
+    if "\x00" in value:
+        raise PydanticCustomError("nul_character", "must not contain NUL (\\u0000)")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("lone_surrogate", "must be valid Unicode (it has a lone surrogate)") from None
+    return value
+
+
+def text(max_length: int = MAX_TEXT, min_length: int = 0) -> Any:
+    """A string type of at most `max_length` characters (its column's), refusing NUL and lone surrogates."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     AfterValidator(clean_text)]
+
+
+def json_problem(value: Any, depth: int = 0) -> str | None:
+    """What makes `value` unfit to store as JSON (NaN, NUL, an integer beyond 64 bits, too deep), else None."""
+    if isinstance(value, str):
+        try:
+            clean_text(value)
+        except PydanticCustomError as err:
+            return f"a string {err.message()}"
+        return None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if -INT64_MAX - 1 <= value <= INT64_MAX else "an integer beyond 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "NaN or an infinity (not JSON)"
+    if depth >= MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH} levels"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = json_problem(key, depth + 1) if isinstance(key, str) else "a key that is not a string"
+            problem = problem or json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for item in value:
+            problem = json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"not JSON ({type(value).__name__})"
+
+
+def _checked_json(value: Any) -> Any:
+    problem = json_problem(value)
+    if problem:
+        raise PydanticCustomError("unsafe_json", "holds {problem}", {"problem": problem})
+    return value
+
+
+# Free-form JSON (a runner's result, an operator's extra params): anything JSON, but storable.
+JsonValue = Annotated[Any, AfterValidator(_checked_json)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_checked_json)]
+Id = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Seq = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Cursor = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+_TYPE_WORDS = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+               "bool_type": "a boolean", "dict_type": "an object", "model_type": "an object",
+               "list_type": "an array", "int_parsing": "an integer", "float_parsing": "a number",
+               "bool_parsing": "true or false", "literal_error": None, "enum": None}
+# Parts of a pydantic error location that name a union member or a validator, not a field.
+_NOT_A_FIELD = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|function-.*|.*\[.*\]|.*-.*)$")
+
+
+def path_of(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """`('messages', 0, 'role')` as `messages[0].role`, the way our errors name fields."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _NOT_A_FIELD.match(str(part)):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def shown(value: Any) -> str:
+    """A value as a message may quote it: short, and never the bytes of a whole body."""
+    try:
+        return json.dumps(value, allow_nan=True)[:40]
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
+def message_of(error: Mapping[str, Any], name: str, *, allowed: Any = None, what: str = "Field") -> str:
+    """A pydantic error as one sentence naming the field."""
+    kind = error["type"]
+    if kind == "missing":
+        return f"{what} {name!r} is required."
+    if kind == "extra_forbidden":
+        tail = f"; allowed: {', '.join(sorted(allowed))}" if allowed else ""
+        return f"Unknown field {name.rsplit('.', 1)[-1]!r}{tail}."
+    word = _TYPE_WORDS.get(kind)
+    if word:
+        return f"{what} {name!r} must be {word}, not {shown(error.get('input'))}."
+    return f"{what} {name!r}: {error['msg'][0].lower()}{error['msg'][1:]}."
+
+
+def refusal(err: ValidationError, *, allowed: Any = None) -> BadRequest:
+    """The 400 for the first thing wrong in a request: malformed JSON, or the field at fault."""
+    error = err.errors(include_url=False, include_input=True)[0]
+    if error["type"] == "json_invalid":
+        return BadRequest(f"The request body is not valid JSON: {error['ctx']['error']}.")
+    name = path_of(error["loc"])
+    if not name:
+        return BadRequest(f"The request body must be a JSON object, not {shown(error.get('input'))[:20]}.")
+    top = allowed if len(error["loc"]) == 1 else None
+    return InvalidField(message_of(error, name, allowed=top), field=name)
+
+
+def adapter(schema: Any) -> TypeAdapter:
+    """A TypeAdapter for `schema`, built once where the schema is defined (building one is slow)."""
+    return TypeAdapter(schema)
+
+
+def fields_of(schema: Any) -> frozenset[str]:
+    """The field names a TypedDict schema declares."""
+    return frozenset(schema.__required_keys__ | schema.__optional_keys__)
+
+
+def validate_json(schema_adapter: TypeAdapter, raw: bytes, allowed: Any = None) -> Any:
+    """Raw JSON bytes validated by `schema_adapter`; a 400 naming the field otherwise."""
+    if not raw:
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        return schema_adapter.validate_json(raw)
+    except ValidationError as err:
+        raise refusal(err, allowed=allowed) from None
+
+
+def validate(schema_adapter: TypeAdapter, value: Any, allowed: Any = None) -> Any:
+    """Python values (a query string, a form) validated by `schema_adapter`; a 400 naming the field otherwise."""
+    try:
+        return schema_adapter.validate_python(value)
+    except ValidationError as err:
+        raise refusal(err, allowed=allowed) from None
