@@ -129,14 +129,16 @@ def check_params(params: dict[str, Any], mode: Mode, type_: SessionType, limits:
         if name in limits.extra:
             problem = json_problem(value)
             if problem:
-                raise _bad(name, f"storable JSON, not {problem}", value)
+                raise InvalidField(f"Param {name!r} holds {problem[1]}, which cannot be stored.",
+                                   field=f"params.{name}")
         elif name not in known:
             raise InvalidField(f"Unknown param {name[:40]!r} for a {type_.value} {mode.value} task; allowed: "
                                f"{', '.join(sorted(known))}.", field=f"params.{name[:200]}")
         elif value is not None:
-            problem = json_problem(value)  # NaN is refused below; NUL and the like here
+            problem = json_problem(value)  # NaN is refused below too; NUL and the like only here
             if problem:
-                raise InvalidField(f"Param {name!r} holds {problem}.", field=f"params.{name}")
+                raise InvalidField(f"Param {name!r} holds {problem[1]}, which cannot be stored.",
+                                   field=f"params.{name}")
             checked[name] = value
     try:
         _adapter(schema).validate_python(checked)

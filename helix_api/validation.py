@@ -58,7 +58,11 @@ def json_object_text(raw: str, name: str) -> dict[str, Any]:
         return _JSON_OBJECT.validate_json(raw)
     except ValidationError as err:
         error = err.errors(include_url=False)[0]
-        why = error["ctx"]["error"] if error["type"] == "json_invalid" else error["msg"]
+        ctx = error.get("ctx") or {}
+        if error["type"] == "unsafe_json":
+            where = name + ctx["at"]
+            raise InvalidField(f"Field {where!r} is {ctx['problem']}, which cannot be stored.", field=where) from None
+        why = ctx["error"] if error["type"] == "json_invalid" else error["msg"]
         raise InvalidField(f"Field {name!r} must be a JSON object: {why}.", field=name) from None
 
 

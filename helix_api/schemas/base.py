@@ -53,42 +53,48 @@ def text(max_length: int = MAX_TEXT, min_length: int = 0) -> Any:
                      AfterValidator(clean_text)]
 
 
-def json_problem(value: Any, depth: int = 0) -> str | None:
-    """What makes `value` unfit to store as JSON (NaN, NUL, an integer beyond 64 bits, too deep), else None."""
+def json_problem(value: Any, depth: int = 0, at: str = "") -> tuple[str, str] | None:
+    """Where in `value` and what makes it unfit to store as JSON (NaN, NUL, an integer beyond 64 bits,
+    nesting deeper than MAX_DEPTH), or None when it is fit: `(".a[2]", "NaN or an infinity")`."""
     if isinstance(value, str):
-        try:
-            clean_text(value)
-        except PydanticCustomError as err:
-            return f"a string {err.message()}"
+        if "\x00" in value:
+            return at, "a string with NUL (\\u0000)"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return at, "a string with a lone surrogate"
         return None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
-        return None if -INT64_MAX - 1 <= value <= INT64_MAX else "an integer beyond 64 bits"
+        return None if -INT64_MAX - 1 <= value <= INT64_MAX else (at, "an integer beyond 64 bits")
     if isinstance(value, float):
-        return None if math.isfinite(value) else "NaN or an infinity (not JSON)"
+        return None if math.isfinite(value) else (at, "NaN or an infinity")
     if depth >= MAX_DEPTH:
-        return f"nested deeper than {MAX_DEPTH} levels"
+        return at, f"JSON nested deeper than {MAX_DEPTH} levels"
     if isinstance(value, dict):
         for key, item in value.items():
-            problem = json_problem(key, depth + 1) if isinstance(key, str) else "a key that is not a string"
-            problem = problem or json_problem(item, depth + 1)
+            where = f"{at}.{key}"
+            if not isinstance(key, str):
+                return where, "a key that is not a string"
+            problem = json_problem(key, depth + 1, where) or json_problem(item, depth + 1, where)
             if problem:
                 return problem
         return None
     if isinstance(value, list | tuple):
-        for item in value:
-            problem = json_problem(item, depth + 1)
+        for index, item in enumerate(value):
+            problem = json_problem(item, depth + 1, f"{at}[{index}]")
             if problem:
                 return problem
         return None
-    return f"not JSON ({type(value).__name__})"
+    return at, f"not JSON ({type(value).__name__})"
 
 
 def _checked_json(value: Any) -> Any:
     problem = json_problem(value)
     if problem:
-        raise PydanticCustomError("unsafe_json", "holds {problem}", {"problem": problem})
+        raise PydanticCustomError("unsafe_json", "holds {problem}", {"problem": problem[1], "at": problem[0]})
     return value
 
 
@@ -137,6 +143,8 @@ def message_of(error: Mapping[str, Any], name: str, *, allowed: Any = None, what
     word = _TYPE_WORDS.get(kind)
     if word:
         return f"{what} {name!r} must be {word}, not {shown(error.get('input'))}."
+    if kind == "unsafe_json":
+        return f"{what} {name!r} is {error['ctx']['problem']}, which cannot be stored."
     return f"{what} {name!r}: {error['msg'][0].lower()}{error['msg'][1:]}."
 
 
@@ -145,7 +153,7 @@ def refusal(err: ValidationError, *, allowed: Any = None) -> BadRequest:
     error = err.errors(include_url=False, include_input=True)[0]
     if error["type"] == "json_invalid":
         return BadRequest(f"The request body is not valid JSON: {error['ctx']['error']}.")
-    name = path_of(error["loc"])
+    name = path_of(error["loc"]) + (error.get("ctx") or {}).get("at", "")
     if not name:
         return BadRequest(f"The request body must be a JSON object, not {shown(error.get('input'))[:20]}.")
     top = allowed if len(error["loc"]) == 1 else None

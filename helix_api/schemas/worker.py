@@ -32,9 +32,9 @@ def _event_checked(event: dict[str, Any]) -> dict[str, Any]:
                                   {"kind": event["kind"], "field": needed})
     if len(event) > 3 or event["kind"] == "progress":
         for key in event.keys() - _DECLARED:  # what a backend adds, like a progress event's loss
-            problem = json_problem(event[key])
+            problem = json_problem(event[key], at=f".{key}")
             if problem:
-                raise PydanticCustomError("unsafe_json", "'{key}' holds {problem}", {"key": key, "problem": problem})
+                raise PydanticCustomError("unsafe_json", "holds {problem}", {"problem": problem[1], "at": problem[0]})
     return event
 
 
