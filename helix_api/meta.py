@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 
 from .auth import require_user
 from .errors import RETRY_AFTER_SECONDS, database_down
+from .schemas.openapi import document
 from .services import Services, services
 
 bp = Blueprint("meta", __name__)
@@ -19,6 +20,12 @@ bp = Blueprint("meta", __name__)
 def models():
     """The models sessions may name."""
     return {"models": services().catalog.as_list()}
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi():
+    """This API's OpenAPI 3.1 document: every route under /api and /v1, with the schemas of what each reads."""
+    return document(current_app, services().limits)
 
 
 def dependencies(svc: Services) -> dict[str, str]:

@@ -79,4 +79,4 @@ def _unexpected(err: Exception):
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 
 
-from . import signin, views  # noqa: E402,F401  (they add their routes to `bp`)
+from . import docs, signin, views  # noqa: E402,F401  (they add their routes to `bp`)
