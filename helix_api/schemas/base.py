@@ -31,26 +31,20 @@ MAX_TEXT = 1_000_000  # messages, outputs and errors live in TEXT columns; a bod
 
 # JSON bodies: types as sent (no "1" for 1), unknown fields refused by name, finite numbers only.
 BODY = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+# Runners' events: as BODY, but what a backend adds is typed by the schema's `extra_items`.
+EVENT = ConfigDict(strict=True, allow_inf_nan=False)
 # Query strings and form fields arrive as text: numbers are parsed from it, unknown names ignored.
 QUERY = ConfigDict(strict=False, extra="ignore", allow_inf_nan=False)
 
 
-def clean_text(value: str) -> str:
-    """`value` unless it holds NUL or a lone surrogate, which neither PostgreSQL nor UTF-8 can store."""
-    if "\x00" in value:
-        raise PydanticCustomError("nul_character", "must not contain NUL (\\u0000)")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise PydanticCustomError("lone_surrogate", "must be valid Unicode (it has a lone surrogate)") from None
-    return value
-
-
 def text(max_length: int = MAX_TEXT, min_length: int = 0) -> Any:
-    """A string type of at most `max_length` characters (its column's), refusing NUL and lone surrogates."""
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
-                     AfterValidator(clean_text)]
+    """A string type of at most `max_length` characters (its column's).
+
+    NUL is refused for every string at once, before validation (see `_nul_refusal`): a check per string
+    would cost the worker endpoints dearly. A lone surrogate never gets this far: the JSON parser
+    refuses its escape, and werkzeug decodes forms, query strings and headers with replacement characters.
+    """
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length)]
 
 
 def json_problem(value: Any, depth: int = 0, at: str = "") -> tuple[str, str] | None:
@@ -109,8 +103,15 @@ _TYPE_WORDS = {"string_type": "a string", "int_type": "an integer", "float_type"
                "bool_type": "a boolean", "dict_type": "an object", "model_type": "an object",
                "list_type": "an array", "int_parsing": "an integer", "float_parsing": "a number",
                "bool_parsing": "true or false", "literal_error": None, "enum": None}
-# Parts of a pydantic error location that name a union member or a validator, not a field.
+# Parts of a pydantic error location that name a union member or a validator, not a field; and the tags
+# of discriminated unions (an event's kind), which schemas register with `union_tags`.
 _NOT_A_FIELD = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|function-.*|.*\[.*\]|.*-.*)$")
+_TAGS: set[str] = set()
+
+
+def union_tags(*tags: str) -> None:
+    """Say that `tags` name members of a discriminated union, so error paths leave them out."""
+    _TAGS.update(tags)
 
 
 def path_of(loc: tuple[Any, ...], prefix: str = "") -> str:
@@ -119,7 +120,7 @@ def path_of(loc: tuple[Any, ...], prefix: str = "") -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not _NOT_A_FIELD.match(str(part)):
+        elif part not in _TAGS and not _NOT_A_FIELD.match(str(part)):
             out += f".{part}" if out else str(part)
     return out
 
@@ -153,7 +154,10 @@ def refusal(err: ValidationError, *, allowed: Any = None) -> BadRequest:
     error = err.errors(include_url=False, include_input=True)[0]
     if error["type"] == "json_invalid":
         return BadRequest(f"The request body is not valid JSON: {error['ctx']['error']}.")
-    name = path_of(error["loc"]) + (error.get("ctx") or {}).get("at", "")
+    ctx = error.get("ctx") or {}
+    name = path_of(error["loc"]) + ctx.get("at", "")
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the field that picks the member
+        name += "." + str(ctx.get("discriminator", "")).strip("'")
     if not name:
         return BadRequest(f"The request body must be a JSON object, not {shown(error.get('input'))[:20]}.")
     top = allowed if len(error["loc"]) == 1 else None
@@ -170,19 +174,38 @@ def fields_of(schema: Any) -> frozenset[str]:
     return frozenset(schema.__required_keys__ | schema.__optional_keys__)
 
 
+def _nul_refusal(value: Any) -> InvalidField | None:
+    problem = json_problem(value)
+    if problem is None:
+        return None
+    name = problem[0].lstrip(".") or "body"
+    return InvalidField(f"Field {name!r} is {problem[1]}, which cannot be stored.", field=name)
+
+
 def validate_json(schema_adapter: TypeAdapter, raw: bytes, allowed: Any = None) -> Any:
     """Raw JSON bytes validated by `schema_adapter`; a 400 naming the field otherwise."""
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        return schema_adapter.validate_json(raw)
+        value = schema_adapter.validate_json(raw)
     except ValidationError as err:
         raise refusal(err, allowed=allowed) from None
+    # JSON can carry NUL only as the escape \u0000: one scan of the bytes spares a check per string.
+    if b"\\u0000" in raw:
+        refused = _nul_refusal(value)
+        if refused:
+            raise refused
+    return value
 
 
-def validate(schema_adapter: TypeAdapter, value: Any, allowed: Any = None) -> Any:
-    """Python values (a query string, a form) validated by `schema_adapter`; a 400 naming the field otherwise."""
+def validate(schema_adapter: TypeAdapter, value: Mapping[str, Any], allowed: Any = None) -> Any:
+    """Text values (a query string, a form, headers) validated by `schema_adapter`; a 400 naming the field."""
     try:
-        return schema_adapter.validate_python(value)
+        checked = schema_adapter.validate_python(value)
     except ValidationError as err:
         raise refusal(err, allowed=allowed) from None
+    if any("\x00" in item for item in value.values() if isinstance(item, str)):
+        refused = _nul_refusal(dict(value))
+        if refused:
+            raise refused
+    return checked

@@ -48,7 +48,7 @@ def test_every_endpoint_that_reads_a_body_has_its_schema(app):
 def test_the_document_carries_the_limits_the_schemas_enforce(client):
     document = _document(client)
     schemas = document["components"]["schemas"]
-    seq = schemas["_Event"]["properties"]["seq"]
+    seq = schemas["TokenEvent"]["properties"]["seq"]
     assert seq["maximum"] == 2**31 - 1 and seq["minimum"] == 1
     assert schemas["SessionCreate"]["properties"]["name"]["anyOf"][0]["maxLength"] == 200
     assert schemas["SessionCreate"]["additionalProperties"] is False
