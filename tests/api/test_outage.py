@@ -120,4 +120,5 @@ def test_an_outage_is_503_logged_once_and_over_when_the_database_is_back(cluster
     assert sum("database unreachable" in m for m in messages) == 1, messages
     assert sum("database reachable again" in m for m in messages) == 1, messages
     assert not [r for r in caplog.records if r.exc_info], "no traceback for an outage"
+    assert sum("LISTEN connection lost" in m for m in messages) <= 1, messages
     db.dispose()
