@@ -7,14 +7,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from . import admin, meta, openai_api, schema, sessions, web, worker
 from .config import load_settings
 from .db import Database
 from .errors import register_error_handlers
+from .schemas.base import INT32_MAX
 from .services import Services
 
 logger = logging.getLogger(__name__)
+
+
+class IdConverter(IntegerConverter):
+    """`<int:...>` in a route, up to what an id column holds: a bigger one matches no route (404), never
+    reaching the database, where PostgreSQL would refuse it."""
+
+    def __init__(self, map: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("max", INT32_MAX)
+        super().__init__(map, *args, **kwargs)
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -22,6 +33,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(load_settings(overrides=overrides))
     app.json.sort_keys = False
+    app.url_map.converters["int"] = IdConverter
 
     database = Database()
     database.init_app(app)

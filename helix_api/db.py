@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +77,9 @@ class Database:
         # On PostgreSQL with a listener running, wake-ups travel by NOTIFY to every process,
         # this one included; otherwise they are delivered in-process after commit.
         self.relayed = False
+        # When the database was found out of reach (None: it answers), so an outage is logged once.
+        self._down_since: float | None = None
+        self._outage_lock = threading.Lock()
         if url:
             self.connect(url)
 
@@ -87,6 +92,31 @@ class Database:
             writer_bind = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self._writer = sessionmaker(writer_bind, expire_on_commit=False)
         self._write_engine = writer_bind
+        event.listen(self.engine, "connect", self._connected)
+
+    def went_down(self, err: Exception) -> None:
+        """Note that a request found the database out of reach; logged once per outage, not per request."""
+        with self._outage_lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        first_line = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:300]
+        logger.error("database unreachable, answering 503 until it is back: %s", first_line)
+
+    @property
+    def reachable(self) -> bool:
+        """False from a request finding the database out of reach until a new connection to it succeeds."""
+        return self._down_since is None
+
+    def _connected(self, _dbapi_conn: Any, _record: Any) -> None:
+        # A new connection is the first sign of a database that is back: after an outage the pool
+        # has dropped the old ones, so every request opens a new one until one succeeds.
+        if self._down_since is None:
+            return
+        with self._outage_lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            logger.warning("database reachable again after %.1f s", time.monotonic() - since)
 
     def init_app(self, app: Flask) -> None:
         """Connect to the app's DATABASE_URL; the app reaches the database through `services()`."""

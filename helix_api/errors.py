@@ -173,6 +173,38 @@ class SchemaOutOfDate(HelixError):
     """The database schema is behind the code: run `helix db upgrade`."""
 
 
+class DatabaseUnavailable(HelixError):
+    """The database cannot be reached just now: try again shortly."""
+
+    status_code = 503
+    code = "database_unavailable"
+    retryable = True
+
+
+# What a 503 asks clients to wait before trying again; runners back off on their own as well.
+RETRY_AFTER_SECONDS = 2
+
+
+def unavailable(err: Exception) -> DatabaseUnavailable | None:
+    """The 503 for an error that means the database is out of reach (down, restarting, pool exhausted), else None."""
+    from sqlalchemy import exc  # the error root stays importable without the API's extras
+
+    if isinstance(err, exc.OperationalError | exc.InterfaceError | exc.TimeoutError) or (
+            isinstance(err, exc.DBAPIError) and err.connection_invalidated):
+        return DatabaseUnavailable()
+    return None
+
+
+def database_down(err: Exception) -> DatabaseUnavailable | None:
+    """`unavailable(err)`, telling the app's database so that it logs the outage once, not per request."""
+    outage = unavailable(err)
+    if outage is not None:
+        from .services import services  # services import the scheduler, which imports this module
+
+        services().database.went_down(err)
+    return outage
+
+
 class TaskFailed(HelixError):
     """The task answering this request failed."""
 
@@ -208,8 +240,11 @@ def openai_error(status: int, message: str, code: str | None, param: str | None 
     return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
 
 
-def _openai_response(status: int, body: dict[str, Any], retryable: bool | None = None):
-    headers = {} if retryable is None else {"x-should-retry": "true" if retryable else "false"}
+def _openai_response(status: int, body: dict[str, Any], retryable: bool | None = None,
+                     headers: dict[str, str] | None = None):
+    headers = dict(headers or {})
+    if retryable is not None:
+        headers["x-should-retry"] = "true" if retryable else "false"
     return jsonify(body), status, headers
 
 
@@ -222,12 +257,13 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HelixError)
     def _helix(err: HelixError):
-        if err.status_code >= 500:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if err.status_code == 503 else {}
+        if err.status_code >= 500 and err.status_code != 503:  # an outage is logged once, by the database
             logger.error("%s: %s", err.code, err.message)
         if _is_openai():
             return _openai_response(err.status_code, openai_error(err.status_code, err.message, err.code,
-                                                                  err.field, **err.extra), err.retryable)
-        return jsonify(err.to_dict()), err.status_code
+                                                                  err.field, **err.extra), err.retryable, headers)
+        return jsonify(err.to_dict()), err.status_code, headers
 
     @app.errorhandler(HTTPException)
     def _http(err: HTTPException):
@@ -245,6 +281,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):
+        outage = database_down(err)
+        if outage is not None:
+            return _helix(outage)
         logger.exception("unhandled error")
         if _is_openai():
             return _openai_response(500, openai_error(500, "Internal server error.", "internal_error"))

@@ -148,20 +148,27 @@ class Notifier:
     def _listen_loop(self, dsn: str) -> None:
         import psycopg  # only PostgreSQL deployments need it
 
-        delay = 0.1
+        delay, lost = 0.1, False
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._listening.set()
-                    delay = 0.1
+                    if lost:
+                        logger.warning("LISTEN connection back")
+                    delay, lost = 0.1, False
                     while not self._stopping.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self._relay(note.payload.splitlines())
-            except Exception:
+            except Exception as err:
                 if self._stopping.is_set():
                     return
-                logger.exception("LISTEN connection failed; reconnecting in %.1fs", delay)
+                if not isinstance(err, psycopg.OperationalError):
+                    logger.exception("LISTEN connection failed; reconnecting in %.1fs", delay)
+                elif not lost:  # the database is out of reach: said once, not at every retry
+                    logger.warning("LISTEN connection lost, reconnecting (waiters re-check meanwhile): %s",
+                                   str(err).strip().splitlines()[0][:200])
+                lost = isinstance(err, psycopg.OperationalError)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, g, request, url_for
+from flask import Blueprint, g, url_for
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from . import completions, openai_models, responses
@@ -20,8 +20,9 @@ from .auth import require_user
 from .errors import Forbidden, InvalidField, ModelNotFound
 from .models import Mode, SessionType
 from .params import check_params
+from .schemas import openai as schemas
 from .services import services
-from .validation import field, json_body
+from .validation import field, json_body, query
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -53,10 +54,8 @@ _IGNORED = {"user", "store", "metadata"}
 _CHAT_PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                 "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
                 "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
-_CHAT_FIELDS = {"model", "messages", "stream", "stream_options", *_CHAT_PARAMS, *_NEUTRAL, *_IGNORED}
 _IMAGE_PARAMS = {"n": "num_images", "seed": "seed", "negative_prompt": "negative_prompt",
                  "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale"}
-_IMAGE_FIELDS = {"prompt", "model", "size", "response_format", "quality", "style", *_IMAGE_PARAMS, *_IGNORED}
 
 
 # Models.
@@ -184,7 +183,7 @@ def _headers(started: completions.Request) -> dict[str, str]:
 @require_user
 def chat_completions():
     """Answer a chat: a `chat.completion`, or with `stream` Server-Sent chunks ending in `[DONE]`."""
-    body = json_body(_CHAT_FIELDS)
+    body = json_body(schemas.ChatCompletion)
     requested = field(body, "model", str)
     messages = _messages(body.get("messages"))
     params = _chat_params(body)
@@ -248,7 +247,7 @@ def _image_json(row: Any, response_format: str) -> dict[str, str]:
 @require_user
 def generate_images():
     """Make images for a prompt; answers their bytes (`b64_json`) or links that need no key (`url`)."""
-    body = json_body(_IMAGE_FIELDS)
+    body = json_body(schemas.ImageGeneration)
     prompt = field(body, "prompt", str)
     if not prompt.strip():
         raise InvalidField("'prompt' must not be empty.", field="prompt")
@@ -267,7 +266,7 @@ def generate_images():
 @bp.get("/files/<int:file_id>/content")
 def file_content(file_id: int):
     """An image from /v1/images/generations, by its signed, time-limited link (no key needed)."""
-    token = request.args.get("token", "")
+    token = query(schemas.FileLink).get("token", "")
     try:
         signed_id = _signer().loads(token, max_age=services().settings["IMAGE_URL_SECONDS"])
     except SignatureExpired:

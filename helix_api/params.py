@@ -1,20 +1,23 @@
 """Generation and training parameters: which a task of each mode and type takes, and their ranges.
 
+Each kind of task has a pydantic schema (built once per set of operator limits); a field's description
+says what it takes and is both its OpenAPI description and the words of the 400 that names it.
 Checked when a message is stored, so a bad value is a 400 naming the param and never reaches a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict
 
 from .errors import InvalidField
 from .models import Mode, SessionType
-
-Check = Callable[[str, Any], Any]
+from .schemas.base import INT64_MAX, json_problem, shown
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,9 @@ class Limits:
                    max_train_steps=int(settings["MAX_TRAIN_STEPS"]), extra=extra)
 
 
-def _bad(name: str, what: str, value: Any) -> InvalidField:
-    shown = json.dumps(value)[:40] if not isinstance(value, str) else repr(value[:40])
-    return InvalidField(f"Param {name!r} must be {what}, not {shown}.", field=f"params.{name}")
-
-
 def _number(low: float | None = None, high: float | None = None, *, integer: bool = False,
-            low_open: bool = False, multiple: int | None = None) -> Check:
-    """A check for a number in [low, high] (or (low, high] with `low_open`)."""
+            low_open: bool = False, multiple: int | None = None) -> Any:
+    """A number in [low, high] (or (low, high] with `low_open`), finite, as sent (no "1" for 1)."""
     parts = ["an integer" if integer else "a number"]
     if low is not None and high is not None:
         parts.append(f"{'>' if low_open else '>='} {low:g} and <= {high:g}")
@@ -52,53 +50,27 @@ def _number(low: float | None = None, high: float | None = None, *, integer: boo
         parts.append(f"{'>' if low_open else '>='} {low:g}")
     if multiple:
         parts.append(f"a multiple of {multiple}")
-    what = ", ".join(parts)
-
-    def check(name: str, value: Any) -> Any:
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise _bad(name, what, value)
-        if low is not None and (value <= low if low_open else value < low):
-            raise _bad(name, what, value)
-        if high is not None and value > high:
-            raise _bad(name, what, value)
-        if multiple and value % multiple:
-            raise _bad(name, what, value)
-        return value
-
-    return check
+    bounds = {"gt" if low_open else "ge": low, "le": high, "multiple_of": multiple}
+    kind = int if integer else float
+    return Annotated[kind, Field(description=", ".join(parts), strict=True, allow_inf_nan=False,
+                                 **{k: v for k, v in bounds.items() if v is not None})]
 
 
-def _boolean(name: str, value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise _bad(name, "true or false", value)
-    return value
+_Stop = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+_STOP = Annotated[_Stop | Annotated[list[_Stop], Field(min_length=1, max_length=8)],
+                  Field(description="a non-empty string or a list of 1 to 8 of them")]
+_BOOLEAN = Annotated[bool, Field(description="true or false", strict=True)]
+_NEGATIVE = Annotated[str, Field(description="a string of at most 2000 characters", strict=True, max_length=2000)]
 
 
-def _text(max_chars: int) -> Check:
-    def check(name: str, value: Any) -> Any:
-        if not isinstance(value, str) or len(value) > max_chars:
-            raise _bad(name, f"a string of at most {max_chars} characters", value)
-        return value
-    return check
-
-
-def _stop(name: str, value: Any) -> Any:
-    """One stop string or a list of up to 8, none empty."""
-    items = [value] if isinstance(value, str) else value
-    if (not isinstance(items, list) or not 1 <= len(items) <= 8
-            or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in items)):
-        raise _bad(name, "a non-empty string or a list of 1 to 8 of them", value)
-    return value
-
-
-def _any_json(name: str, value: Any) -> Any:
-    return value
+def _schema(name: str, fields: dict[str, Any]) -> Any:
+    return with_config({"extra": "forbid", "strict": True})(TypedDict(name, fields, total=False))
 
 
 @functools.lru_cache(maxsize=8)
-def _schemas(limits: Limits) -> dict[tuple[Mode, SessionType], dict[str, Check]]:
-    seed = _number(0, 2**63 - 1, integer=True)
+def schemas(limits: Limits) -> dict[tuple[Mode, SessionType], Any]:
+    """The params schema of each kind of task under `limits` (a TypedDict per kind, for OpenAPI too)."""
+    seed = _number(0, INT64_MAX, integer=True)
     side = _number(64, limits.max_image_side, integer=True, multiple=8)
     training = {
         "max_steps": _number(1, limits.max_train_steps, integer=True),
@@ -107,45 +79,71 @@ def _schemas(limits: Limits) -> dict[tuple[Mode, SessionType], dict[str, Check]]
         "seed": seed,
     }
     return {
-        (Mode.CREATE, SessionType.TEXT): {
+        (Mode.CREATE, SessionType.TEXT): _schema("ParamsTextCreate", {
             "max_new_tokens": _number(1, limits.max_new_tokens, integer=True),
             "temperature": _number(0, 100),
             "top_p": _number(0, 1, low_open=True),
             "top_k": _number(0, 1_000_000, integer=True),
-            "do_sample": _boolean,
+            "do_sample": _BOOLEAN,
             "seed": seed,
             "repetition_penalty": _number(0, 100, low_open=True),
-            "stop": _stop,
-        },
-        (Mode.CREATE, SessionType.IMAGE): {
-            "negative_prompt": _text(2000),
+            "stop": _STOP,
+        }),
+        (Mode.CREATE, SessionType.IMAGE): _schema("ParamsImageCreate", {
+            "negative_prompt": _NEGATIVE,
             "width": side,
             "height": side,
             "num_inference_steps": _number(1, limits.max_steps, integer=True),
             "guidance_scale": _number(0, 100),
             "seed": seed,
             "num_images": _number(1, limits.max_images, integer=True),
-        },
-        (Mode.FINETUNE, SessionType.TEXT): {
+        }),
+        (Mode.FINETUNE, SessionType.TEXT): _schema("ParamsTextFinetune", {
             **training,
             "num_epochs": _number(1, 1000, integer=True),
             "lora_alpha": _number(1, 4096, integer=True),
-        },
-        (Mode.FINETUNE, SessionType.IMAGE): {
+        }),
+        (Mode.FINETUNE, SessionType.IMAGE): _schema("ParamsImageFinetune", {
             **training,
             "resolution": side,
-        },
+        }),
     }
+
+
+@functools.lru_cache(maxsize=32)
+def _adapter(schema: Any) -> TypeAdapter:
+    return TypeAdapter(schema)
+
+
+def _bad(name: str, what: str, value: Any) -> InvalidField:
+    quoted = shown(value) if not isinstance(value, str) else repr(value[:40])
+    return InvalidField(f"Param {name!r} must be {what}, not {quoted}.", field=f"params.{name}")
 
 
 def check_params(params: dict[str, Any], mode: Mode, type_: SessionType, limits: Limits) -> dict[str, Any]:
     """`params` unchanged when every name is known for this kind of task and every value in range."""
-    schema = _schemas(limits)[(mode, type_)]
+    schema = schemas(limits)[(mode, type_)]
+    known = schema.__optional_keys__
+    checked: dict[str, Any] = {}
     for name, value in params.items():
-        check = schema.get(name) or (_any_json if name in limits.extra else None)
-        if check is None:
-            raise InvalidField(f"Unknown param {name!r} for a {type_.value} {mode.value} task; allowed: "
-                               f"{', '.join(sorted(schema))}.", field=f"params.{name}")
-        if value is not None:
-            check(name, value)
+        if name in limits.extra:
+            problem = json_problem(value)
+            if problem:
+                raise InvalidField(f"Param {name!r} holds {problem[1]}, which cannot be stored.",
+                                   field=f"params.{name}")
+        elif name not in known:
+            raise InvalidField(f"Unknown param {name[:40]!r} for a {type_.value} {mode.value} task; allowed: "
+                               f"{', '.join(sorted(known))}.", field=f"params.{name[:200]}")
+        elif value is not None:
+            problem = json_problem(value)  # NaN is refused below too; NUL and the like only here
+            if problem:
+                raise InvalidField(f"Param {name!r} holds {problem[1]}, which cannot be stored.",
+                                   field=f"params.{name}")
+            checked[name] = value
+    try:
+        _adapter(schema).validate_python(checked)
+    except ValidationError as err:
+        name = str(err.errors(include_url=False)[0]["loc"][0])
+        what = schema.__annotations__[name].__metadata__[0].description
+        raise _bad(name, what, checked[name]) from None
     return params

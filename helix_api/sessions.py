@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, g, request
 
 from . import responses, session_service
 from .auth import require_user
 from .errors import InvalidField
 from .models import Mode
+from .schemas import sessions as schemas
 from .services import services
-from .validation import allow_uploads, event_cursor, field, json_body, parse_mode, parse_type, query_number
+from .validation import (
+    allow_uploads,
+    event_cursor,
+    field,
+    json_body,
+    json_object_text,
+    parse_mode,
+    parse_type,
+    query,
+    query_number,
+    values,
+)
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
 
@@ -26,7 +36,7 @@ def create_session():
     """Start a session with its first message, or (multipart, with training files) a fine-tune."""
     if request.mimetype == "multipart/form-data":
         return _create_finetune()
-    body = json_body({"mode", "type", "model_name", "message", "params", "name"})
+    body = json_body(schemas.SessionCreate)
     mode = parse_mode(field(body, "mode", str, required=False, default="create"))
     type_ = parse_type(field(body, "type", str, required=False, default="text"))
     if mode == Mode.FINETUNE:
@@ -44,17 +54,12 @@ def _create_finetune():
     if unknown:
         raise InvalidField(f"Unknown form field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))} and files.",
                            field=unknown[0])
-    form = request.form
+    form = values(schemas.FinetuneForm, request.form)
     mode = parse_mode(form.get("mode", "finetune"))
     if mode != Mode.FINETUNE:
         raise InvalidField("Multipart uploads start fine-tunes: set mode=finetune, or send JSON for a chat.",
                            field="mode")
-    try:
-        params = json.loads(form.get("params") or "{}")
-    except ValueError as exc:
-        raise InvalidField(f"Field 'params' must be a JSON object: {exc}", field="params") from None
-    if not isinstance(params, dict):
-        raise InvalidField("Field 'params' must be a JSON object.", field="params")
+    params = json_object_text(form.get("params") or "{}", "params")
     return session_service.start_finetune(
         services(), user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
         params=params, uploads=request.files.getlist("files"), message=form.get("message") or None,
@@ -67,9 +72,8 @@ def list_sessions():
     """The caller's sessions, newest first."""
     svc = services()
     limit = int(query_number("limit", svc.settings["PAGE_SIZE"], 1, svc.settings["MAX_PAGE_SIZE"]))
-    before = request.args.get("before")
-    before_id = int(query_number("before", 0, 1, 2**62)) if before else None
-    return session_service.page(svc, g.caller.id, limit=limit, before=before_id)
+    before = query(schemas.SessionPage).get("before")
+    return session_service.page(svc, g.caller.id, limit=limit, before=before)
 
 
 @bp.get("/<int:session_id>")
@@ -83,7 +87,7 @@ def get_session(session_id: int):
 @require_user
 def add_message(session_id: int):
     """Continue a session."""
-    body = json_body({"message", "params"})
+    body = json_body(schemas.SessionMessage)
     svc = services()
     session_service.say(svc, user_id=g.caller.id, session_id=session_id, message=body.get("message"),
                         params=_params(body))

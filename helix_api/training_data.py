@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Protocol
 
 from .errors import InvalidTrainingData
+from .schemas.base import json_problem
 from .storage import safe_name
 
 ROLES = ("system", "user", "assistant")
@@ -125,6 +127,10 @@ def check_text(uploads: list[Upload], min_examples: int) -> TextSet:
             except ValueError as exc:
                 problems.add(name, f"not valid JSON ({exc.msg})", number)
                 continue
+            problem = json_problem(record)  # NaN, NUL, a lone surrogate: nothing a trainer should get
+            if problem:
+                problems.add(name, f"{problem[0].lstrip('.') or 'the line'} holds {problem[1]}", number)
+                continue
             chat, why = _chat_of(record)
             if chat is None:
                 problems.add(name, why or "not a training example", number)
@@ -157,10 +163,16 @@ def _image_problem(upload: Upload, max_bytes: int, max_side: int) -> str | None:
     if size > max_bytes:
         return f"the image is {size} bytes; the limit is {max_bytes}"
     try:
-        with Image.open(stream) as image:
-            width, height = image.size
-            kind = (image.format or "").lower()
-            image.verify()
+        with warnings.catch_warnings():
+            # Pillow's pixel limit: a header claiming more pixels than it allows is a decompression
+            # bomb (a few KB of PNG that would take gigabytes to decode), refused before decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                width, height = image.size
+                kind = (image.format or "").lower()
+                image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"the image claims too many pixels to decode (over Pillow's limit of {Image.MAX_IMAGE_PIXELS})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"not a readable image ({exc.__class__.__name__})"
     finally:

@@ -1,39 +1,69 @@
-"""Reading request input: JSON bodies, query strings and event cursors, with 400s that name the field at fault."""
+"""Reading request input through the schemas (helix_api/schemas): bodies, query strings, headers, forms.
+
+Each helper validates what the request carries against a TypedDict schema and hands back plain values,
+or raises a 400 whose `field` names what is wrong.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 from flask import request
+from pydantic import TypeAdapter, ValidationError
 
-from .errors import BadRequest, InvalidField, UnknownMode, UnknownType
+from .errors import InvalidField, UnknownMode, UnknownType
 from .feed import Cursor
 from .models import Mode, SessionType
+from .schemas import base
+from .schemas.sessions import EventCursor
 
 # `inference` is what people call it; `create` is the word the runner URL has always used.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                dict: "an object", list: "an array"}
+_CURSOR_HEADER = "Last-Event-ID"
 
 
-def json_body(allowed: Iterable[str]) -> dict[str, Any]:
-    """The request's JSON object, refusing malformed JSON and fields not in `allowed`."""
-    raw = request.get_data(cache=True)
-    if not raw:
-        raise BadRequest("The request body is empty; send a JSON object.")
+@functools.cache
+def _adapter(schema: Any) -> tuple[TypeAdapter, frozenset[str]]:
+    # Built once per schema: building a TypeAdapter costs far more than validating with one.
+    return base.adapter(schema), base.fields_of(schema)
+
+
+def json_body(schema: Any) -> dict[str, Any]:
+    """The request's JSON body validated by `schema` (a TypedDict of helix_api/schemas)."""
+    adapter, allowed = _adapter(schema)
+    return base.validate_json(adapter, request.get_data(cache=True), allowed)
+
+
+def values(schema: Any, source: Mapping[str, Any]) -> dict[str, Any]:
+    """Text values (a query string, a form, headers) validated by `schema`; the last value of a repeated name."""
+    adapter, allowed = _adapter(schema)
+    return base.validate(adapter, dict(source.items()), allowed)
+
+
+def query(schema: Any) -> dict[str, Any]:
+    """The query string validated by `schema`."""
+    return values(schema, request.args)
+
+
+_JSON_OBJECT = base.adapter(base.JsonObject)
+
+
+def json_object_text(raw: str, name: str) -> dict[str, Any]:
+    """A form field's text holding a JSON object (a fine-tune's `params`), checked as a JSON body is."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise InvalidField(f"Unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}.",
-                           field=unknown[0])
-    return body
+        return _JSON_OBJECT.validate_json(raw)
+    except ValidationError as err:
+        error = err.errors(include_url=False)[0]
+        ctx = error.get("ctx") or {}
+        if error["type"] == "unsafe_json":
+            where = name + ctx["at"]
+            raise InvalidField(f"Field {where!r} is {ctx['problem']}, which cannot be stored.", field=where) from None
+        why = ctx["error"] if error["type"] == "json_invalid" else error["msg"]
+        raise InvalidField(f"Field {name!r} must be a JSON object: {why}.", field=name) from None
 
 
 def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True, default: Any = None) -> Any:
@@ -48,7 +78,7 @@ def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True,
         ok = True
     if not ok:
         raise InvalidField(f"Field {name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
-                           f"not {json.dumps(value)[:40]}.", field=name)
+                           f"not {base.shown(value)}.", field=name)
     return value
 
 
@@ -56,7 +86,7 @@ def parse_mode(value: Any, name: str = "mode") -> Mode:
     """A mode from `create`/`inference`/`finetune`, any case."""
     mode = _MODES.get(value.lower()) if isinstance(value, str) else None
     if mode is None:
-        raise UnknownMode(f"Unknown mode {value!r}; allowed: create (or inference), finetune.", field=name)
+        raise UnknownMode(f"Unknown mode {str(value)[:40]!r}; allowed: create (or inference), finetune.", field=name)
     return mode
 
 
@@ -65,18 +95,18 @@ def parse_type(value: Any, name: str = "type") -> SessionType:
     try:
         return SessionType(value.lower())
     except (AttributeError, ValueError):
-        raise UnknownType(f"Unknown type {value!r}; allowed: text, image.", field=name) from None
+        raise UnknownType(f"Unknown type {str(value)[:40]!r}; allowed: text, image.", field=name) from None
 
 
 def query_number(name: str, default: float, low: float, high: float) -> float:
-    """A numeric query parameter within [low, high]."""
+    """A numeric query parameter within [low, high] (NaN and infinities are never within)."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidField(f"Query parameter {name!r} must be a number, not {raw!r}.", field=name) from None
+        raise InvalidField(f"Query parameter {name!r} must be a number, not {raw[:40]!r}.", field=name) from None
     if not low <= value <= high:
         raise InvalidField(f"Query parameter {name!r} must be between {low:g} and {high:g}.", field=name)
     return value
@@ -92,11 +122,16 @@ def allow_uploads(limit: int) -> None:
 
 def event_cursor() -> tuple[Cursor, bool]:
     """Where an event stream resumes (Last-Event-ID, else `?after=`, else 0) and whether it `follow`s."""
-    raw_after = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+    given = request.headers.get(_CURSOR_HEADER) or request.args.get("after") or "0"
     try:
-        cursor = Cursor.parse(raw_after)
-    except ValueError:
-        raise InvalidField(f"Last-Event-ID must be an event id (N or N.K, whole numbers), not {raw_after[:40]!r}.",
-                           field="Last-Event-ID") from None
+        # The schema takes ASCII digits only (`²` is a digit to str.isdigit(), and `٣` to int()), and no
+        # row number beyond what the column holds.
+        values(EventCursor, {"after": given})
+        cursor = Cursor.parse(given)
+    except (InvalidField, ValueError):
+        cursor = None
+    if cursor is None or cursor.seq > base.INT32_MAX:
+        raise InvalidField(f"{_CURSOR_HEADER} (or ?after=) must be an event id (N or N.K, whole numbers, N at "
+                           f"most {base.INT32_MAX}), not {given[:40]!r}.", field=_CURSOR_HEADER) from None
     follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
     return cursor, follow

@@ -12,7 +12,7 @@ from flask import Blueprint, render_template, request
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from ..errors import HelixError
+from ..errors import RETRY_AFTER_SECONDS, HelixError, database_down
 from ..services import services
 from ..validation import allow_uploads
 
@@ -71,8 +71,12 @@ def _http_error(err: HTTPException):
 
 @bp.errorhandler(Exception)
 def _unexpected(err: Exception):
+    outage = database_down(err)
+    if outage is not None:
+        page, status = error_page(503, "Try again shortly", outage.message)
+        return page, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
     logger.exception("unhandled error in the web app")
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 
 
-from . import signin, views  # noqa: E402,F401  (they add their routes to `bp`)
+from . import docs, signin, views  # noqa: E402,F401  (they add their routes to `bp`)

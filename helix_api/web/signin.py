@@ -50,8 +50,13 @@ def _here() -> str:
 
 
 def safe_next(target: str | None) -> str:
-    """`target` if it is a path on this site, else the session list: sign-in never sends anyone elsewhere."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    """`target` if it is a path on this site, else the session list: sign-in never sends anyone elsewhere.
+
+    Control characters (CR/LF above all) fall back too: they have no place in a path, and a Location
+    header cannot carry them.
+    """
+    if (target and target.startswith("/") and not target.startswith("//") and "\\" not in target
+            and target.isprintable()):
         parts = urlsplit(target)
         if not parts.scheme and not parts.netloc:
             return target

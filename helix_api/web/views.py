@@ -14,6 +14,7 @@ from flask import flash, g, redirect, render_template, request, url_for
 from .. import overview, responses, session_service
 from ..errors import Forbidden, HelixError, NotCancellable
 from ..models import OPEN_INTERACTION_STATES, Mode, SessionType
+from ..schemas.base import INT32_MAX
 from ..services import services
 from ..validation import event_cursor
 from . import bp
@@ -42,6 +43,8 @@ def session_list():
     """The user's sessions, newest first, a page at a time."""
     svc = services()
     before = request.args.get("before", type=int)
+    if before is not None and not 1 <= before <= INT32_MAX:
+        before = None  # a cursor no session id can have: the first page
     page = session_service.page(svc, g.caller.id, limit=svc.settings["PAGE_SIZE"], before=before)
     return render_template("web/sessions.html", page=page, before=before)
 

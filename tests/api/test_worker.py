@@ -152,14 +152,14 @@ def test_events_of_several_tasks_in_one_request_each_answer_for_themselves(clien
         assert s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task2["id"],
                                                                           TaskEvent.kind == "token")) == 0
     bad = client.post("/api/v1/worker/events", headers=runner, json={"posts": [{"task_id": task1["id"]}]})
-    assert bad.status_code == 400 and bad.json["field"] == "posts"
+    assert bad.status_code == 400 and bad.json["field"] == "posts[0].lease_token"
 
 
 def test_complete_with_bad_events_is_400_and_changes_nothing(client, runner, task_factory, db):
     _, task, token = _claimed(client, runner, task_factory)
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "x"},
                      events=[{"seq": 1, "kind": "shout"}])
-    assert response.status_code == 400 and response.json["field"] == "events"
+    assert response.status_code == 400 and response.json["field"] == "events[0].kind"
     with db.read() as s:
         assert s.get(Task, task["id"]).status == TaskStatus.CLAIMED
 

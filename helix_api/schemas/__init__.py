@@ -1,0 +1,1 @@
+"""Pydantic schemas of every request the API reads, one module per resource; `openapi` publishes them."""

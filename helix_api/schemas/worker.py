@@ -1,0 +1,136 @@
+"""What runners send: claims, heartbeats, events, results and errors, checked before anything is stored.
+
+The worker endpoints are the hot paths, so each schema is a TypedDict whose TypeAdapter (built once)
+parses the raw body in Rust and hands back plain dicts, with no Python call per event unless a
+backend added nested JSON to it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Required
+
+from pydantic import Field, with_config
+from typing_extensions import TypedDict
+
+from .base import BODY, EVENT, INT64_MAX, QUERY, Id, JsonObject, JsonValue, Seq, text, union_tags
+
+MAX_EVENTS_PER_POST = 1000
+MAX_POSTS_PER_REQUEST = 256
+
+LeaseToken = text(64)  # tasks.lease_token is VARCHAR(64)
+# An integer stays one (a step count reads back as 3, not 3.0).
+Number = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | Annotated[float, Field(allow_inf_nan=False)]
+# What a backend may add to an event (a progress event's `loss`): numbers and text checked in Rust,
+# nested JSON walked in Python (rare, so the common event costs no Python call).
+Extra = Number | text(100_000) | bool | None | JsonObject | list[JsonValue]
+
+
+@with_config(EVENT)
+class TokenEvent(TypedDict, extra_items=Extra):
+    """Text the model produced."""
+
+    seq: Seq
+    kind: Literal["token"]
+    text: text()
+
+
+@with_config(EVENT)
+class ProgressEvent(TypedDict, total=False, extra_items=Extra):
+    """A step out of a total (denoising, training), with what the backend adds."""
+
+    seq: Required[Seq]
+    kind: Required[Literal["progress"]]
+    step: Number | None
+    total: Number | None
+    message: text(100_000) | None
+
+
+@with_config(EVENT)
+class LogEvent(TypedDict, total=False, extra_items=Extra):
+    """A line the user may see next to the reply."""
+
+    seq: Required[Seq]
+    kind: Required[Literal["log"]]
+    message: Required[text(100_000)]
+    level: text(16) | None
+
+
+union_tags("token", "progress", "log")
+# Discriminated by kind: one dict lookup picks the schema, in Rust.
+Event = Annotated[TokenEvent | ProgressEvent | LogEvent, Field(discriminator="kind")]
+Events = Annotated[list[Event], Field(max_length=MAX_EVENTS_PER_POST)]
+
+
+@with_config(BODY)
+class Lease(TypedDict):
+    """POST .../heartbeat and .../release: the lease this runner holds."""
+
+    lease_token: LeaseToken
+
+
+@with_config(BODY)
+class EventsPost(TypedDict):
+    """POST /api/v1/worker/task/<id>/events: tokens, progress and log lines, each stored once by seq."""
+
+    lease_token: LeaseToken
+    events: Events
+
+
+@with_config(BODY)
+class TaskEvents(TypedDict):
+    """One task's events in a POST /api/v1/worker/events."""
+
+    task_id: Id
+    lease_token: LeaseToken
+    events: Events
+
+
+@with_config(BODY)
+class EventsMany(TypedDict):
+    """POST /api/v1/worker/events: the events of several tasks a runner holds."""
+
+    posts: Annotated[list[TaskEvents], Field(max_length=MAX_POSTS_PER_REQUEST)]
+
+
+@with_config(BODY)
+class Complete(TypedDict, total=False):
+    """POST .../complete: the result (any JSON object; `text` becomes the reply) and the last events."""
+
+    lease_token: Required[LeaseToken]
+    result: Required[JsonObject]
+    events: Events | None
+
+
+@with_config(BODY)
+class Fail(TypedDict, total=False):
+    """POST .../fail: the error, and whether a retry makes sense."""
+
+    lease_token: Required[LeaseToken]
+    error: Required[text()]
+    retry: bool | None
+
+
+@with_config(QUERY)
+class Claim(TypedDict, total=False):
+    """GET /api/v1/worker/task: what this runner serves, and how long to wait for work."""
+
+    mode: text(32)
+    type: text(32)
+    model_name: Required[text(500, min_length=1)]
+    wait: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)]
+
+
+@with_config(QUERY)
+class RunnerHeaders(TypedDict, total=False):
+    """Headers a runner sends: its own name, and (for files) the lease it holds."""
+
+    runner: Annotated[text(10_000), Field(alias="X-Helix-Runner")]
+    lease: Annotated[LeaseToken, Field(alias="X-Helix-Lease")]
+
+
+@with_config(QUERY)
+class Upload(TypedDict):
+    """POST .../files (multipart, with the file in `file`): a file the task made."""
+
+    lease_token: LeaseToken
+    kind: Literal["output", "adapter"]

@@ -1,0 +1,73 @@
+"""The OpenAPI 3.1 document at /api/v1/openapi.json: valid, built from the schemas the views use, and
+covering every route under /api and /v1; the web app's reference page renders it from its own files."""
+
+from __future__ import annotations
+
+import re
+
+from openapi_spec_validator import validate
+
+from helix_api.schemas.openapi import OPERATIONS, PREFIXES
+
+
+def _document(client) -> dict:
+    response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    return response.json
+
+
+def test_the_document_is_valid_openapi_3_1(client):
+    document = _document(client)
+    assert document["openapi"].startswith("3.1")
+    validate(document)  # raises on anything invalid
+
+
+def test_every_api_and_v1_route_of_the_url_map_is_in_the_document(app, client):
+    paths = _document(client)["paths"]
+    missing = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(PREFIXES):
+            continue
+        path = re.sub(r"<(?:\w+(?:\([^)]*\))?:)?(\w+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            if method.lower() not in paths.get(path, {}):
+                missing.append(f"{method} {path}")
+    assert not missing, missing
+    assert {"/api/v1/sessions", "/api/v1/worker/task/{task_id}/events", "/api/v1/admin/overview",
+            "/v1/chat/completions", "/api/v1/openapi.json"} <= set(paths)
+
+
+def test_every_endpoint_that_reads_a_body_has_its_schema(app):
+    readers = {rule.endpoint for rule in app.url_map.iter_rules()
+               if rule.rule.startswith(PREFIXES) and "POST" in (rule.methods or set())}
+    bodiless = {"sessions.cancel"}  # POSTs that read nothing
+    described = {name for name, op in OPERATIONS.items() if op.json is not None or op.form is not None}
+    assert readers - bodiless == described, (readers - bodiless) ^ described
+
+
+def test_the_document_carries_the_limits_the_schemas_enforce(client):
+    document = _document(client)
+    schemas = document["components"]["schemas"]
+    seq = schemas["TokenEvent"]["properties"]["seq"]
+    assert seq["maximum"] == 2**31 - 1 and seq["minimum"] == 1
+    assert schemas["SessionCreate"]["properties"]["name"]["anyOf"][0]["maxLength"] == 200
+    assert schemas["SessionCreate"]["additionalProperties"] is False
+    temperature = schemas["ParamsTextCreate"]["properties"]["temperature"]
+    assert temperature["maximum"] == 100 and "a number" in temperature["description"]
+    claim = document["paths"]["/api/v1/worker/task"]["get"]["parameters"]
+    assert {"name": "model_name", "in": "query", "required": True} .items() <= next(
+        p for p in claim if p["name"] == "model_name").items()
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+
+
+def test_the_reference_page_draws_the_document_from_the_apps_own_files(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert 'data-spec="/api/v1/openapi.json"' in html
+    scripts = re.findall(r'<(?:script|link)[^>]+(?:src|href)="([^"]+)"', html)
+    assert scripts and all(src.startswith("/") and not src.startswith("//") for src in scripts), scripts
+    script = client.get(next(s for s in scripts if s.endswith("api-docs.js")))
+    assert script.status_code == 200 and b"fetch(root.dataset.spec)" in script.data
+    assert not re.search(rb"https?://", script.data)  # nothing loaded from another site
