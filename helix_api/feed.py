@@ -33,7 +33,7 @@ _STATE_AT = (select(_EVENTS.c.task_id, _EVENTS.c.interaction_id, _EVENTS.c.attem
              .where(_EVENTS.c.session_id == bindparam("p_session"), _EVENTS.c.seq <= bindparam("p_seq"),
                     _EVENTS.c.kind == "state")
              .order_by(_EVENTS.c.seq.desc()).limit(1))
-_CURSOR = re.compile(r"(\d{1,18})(?:\.(\d{1,18}))?")
+_CURSOR = re.compile(r"([0-9]{1,18})(?:\.([0-9]{1,18}))?")
 
 
 @dataclass(frozen=True)
