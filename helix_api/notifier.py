@@ -104,26 +104,26 @@ class Notifier:
 
     def notify(self, name: str, count: int = 0) -> None:
         """Wake `count` waiters on `name` in this process (0: all of them)."""
+        self._wake(name, count, text=False)
+
+    def notify_text(self, name: str) -> None:
+        """Wake every waiter on `name` because live text grew; no row was stored."""
+        self._wake(name, 0, text=True)
+
+    def _wake(self, name: str, count: int, *, text: bool) -> None:
         with self._lock:
             topic = self._topics.get(name)
         if topic is None:
             return
         with topic.cond:
-            topic.version += 1
+            if text:
+                topic.text_version += 1
+            else:
+                topic.version += 1
             if count:
                 topic.cond.notify(count)
             else:
                 topic.cond.notify_all()
-
-    def notify_text(self, name: str) -> None:
-        """Wake every waiter on `name` because live text grew; no row was stored."""
-        with self._lock:
-            topic = self._topics.get(name)
-        if topic is None:
-            return
-        with topic.cond:
-            topic.text_version += 1
-            topic.cond.notify_all()
 
     def notify_many(self, topics: dict[str, int]) -> None:
         """Notify each topic with its count."""
