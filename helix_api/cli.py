@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from . import user_cli
 from .config import load_settings
 from .vocabulary import TaskStatus
 
@@ -264,6 +265,8 @@ def tasks_reap() -> None:
     scheduler = Scheduler.from_settings(settings, _database(settings=settings), LocalFileStore(settings["FILES_DIR"]))
     click.echo(f"reaped {scheduler.reap()} task(s)")
 
+
+user_cli.register(main)  # chat, image, finetune, sessions, usage: a user's commands, against a remote API
 
 if __name__ == "__main__":
     sys.exit(main())
