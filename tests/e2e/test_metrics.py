@@ -46,8 +46,8 @@ def test_counters_equal_what_sql_says_under_two_workers_after_a_kill_9(api_serve
     wait_for_session(server, user, doomed["id"], lambda s: bool(reply_of(s)["output"]), 30, "the reply to stream")
     runner_a.signal(signal.SIGKILL)
     assert runner_a.wait(10) == -signal.SIGKILL
-    runner_b = runner_process(server, "runner-b", extra=("--metrics-port", str(runner_port),
-                                                         "--metrics-host", "127.0.0.1"))
+    runner_process(server, "runner-b", extra=("--metrics-port", str(runner_port),
+                                              "--metrics-host", "127.0.0.1"))
     sessions = [doomed] + [create_session(server, user, f"quick reply number {n}") for n in range(5)]
     for session in sessions:
         assert wait_for_reply(server, user, session["id"], 60)["state"] == "complete"
