@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import click
 
+from . import user_cli
 from .config import load_settings
 from .vocabulary import TaskStatus
 
@@ -58,13 +61,16 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     # Refuse to start on an old schema before forking anything; a child process does the checking.
     if subprocess.run([sys.executable, "-m", "helix_api.cli", "db", "check"]).returncode != 0:
         raise SystemExit(1)
-    dialect = "sqlite" if load_settings()["DATABASE_URL"].startswith("sqlite") else "postgresql"
+    settings = load_settings()
+    dialect = "sqlite" if settings["DATABASE_URL"].startswith("sqlite") else "postgresql"
     if workers is None:
         workers = 1 if dialect == "sqlite" else (os.cpu_count() or 1)
+    binds = [f"{host}:{port}"] + ([settings["METRICS_BIND"]] if settings["METRICS_BIND"] else [])
+    metrics_dir = _metrics_dir()
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
-            for key, value in {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+            for key, value in {"bind": binds, "workers": workers, "child_exit": _child_exit, "threads": threads,
                                "worker_class": "gthread", "timeout": 120, "graceful_timeout": 10,
                                "keepalive": 75, "accesslog": None, "errorlog": "-",
                                # Several servers on one machine would fight over one socket path.
@@ -77,7 +83,38 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
             return create_app()
 
     click.echo(f"Helix API on http://{host}:{port} ({dialect}, {workers} process(es) x {threads} threads)")
-    _Server().run()
+    if settings["METRICS_BIND"]:
+        click.echo(f"metrics on http://{settings['METRICS_BIND']}/metrics")
+    try:
+        _Server().run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_dir() -> str | None:
+    """Give gunicorn's workers one folder for their metrics, before any forks; ours to remove, if we made it.
+
+    An operator's own PROMETHEUS_MULTIPROC_DIR is emptied instead: figures of a previous run's
+    processes would otherwise be added to this one's.
+    """
+    own = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own:
+        os.makedirs(own, exist_ok=True)
+        for name in os.listdir(own):
+            if name.endswith(".db"):
+                os.remove(os.path.join(own, name))
+        return None
+    made = tempfile.mkdtemp(prefix="helix-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """A gunicorn worker exited: its live gauges go; its counters stay in the totals."""
+    from prometheus_client import multiprocess  # not helix_api.metrics: the master stays free of SQLAlchemy
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 @main.group()
@@ -228,6 +265,8 @@ def tasks_reap() -> None:
     scheduler = Scheduler.from_settings(settings, _database(settings=settings), LocalFileStore(settings["FILES_DIR"]))
     click.echo(f"reaped {scheduler.reap()} task(s)")
 
+
+user_cli.register(main)  # chat, image, finetune, sessions, usage: a user's commands, against a remote API
 
 if __name__ == "__main__":
     sys.exit(main())

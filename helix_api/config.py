@@ -75,6 +75,10 @@ class Config:
     # How long a signed-in browser stays signed in, and how long an image link from /v1/images works.
     SIGN_IN_HOURS = 12.0
     IMAGE_URL_SECONDS = 3600.0
+    # /metrics is off the public API: served on this extra address of `helix serve` ("127.0.0.1:9464"),
+    # and/or to scrapers that send `Authorization: Bearer <METRICS_TOKEN>`. Neither set: no /metrics.
+    METRICS_BIND = ""
+    METRICS_TOKEN = ""
     # How long a /v1 request that does not stream waits for its reply (then 504, and the task is cancelled).
     OPENAI_WAIT_SECONDS = 600.0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from . import events, leases
+from . import events, leases, metrics, usage
 from .bus import NoBus, RedisBus
 from .db import Database
 from .errors import EventsGap, HelixError, LeaseLost, TaskCancelled, TaskNotFound
@@ -101,6 +101,9 @@ class Intake:
         entry = self.live.forget(task.id)
         if entry is not None and (entry.attempt != task.attempt or entry.lease_token != task.lease_token):
             entry = None
+        if entry is not None and entry.first_token_at is not None:
+            # Sampled where the first tokens arrived: a runner keeps its connection, so that is nearly always here.
+            metrics.time_per_token(task.model_name, self.clock() - entry.first_token_at, usage.counts(result)[1])
         if entry is None:
             stored = events.stored_text(conn, task.id)
             text, after = (stored.output if stored else ""), task.last_event_seq
@@ -121,6 +124,7 @@ class Intake:
         """Take a post with SQL at hand: the lease checked, the entry made or brought in line, rows stored."""
         task = leases.held(conn, task_id, token, now, for_update=self._for_update)
         entry = self.live.get(task_id)
+        fresh_attempt = task.last_event_seq == 0  # SQL holds nothing of this attempt yet
         if entry is None or entry.attempt != task.attempt or entry.lease_token != token:
             stored = events.stored_text(conn, task_id)
             text = stored.output if stored else ""
@@ -151,6 +155,10 @@ class Intake:
             taken += len(batch)
         with entry.lock:
             self._store(conn, entry, token, now)  # renews the lease too
+        if fresh_attempt and entry.first_token_at is None and entry.text:
+            # Only here, off the hot path: an attempt's first post always comes this way.
+            entry.first_token_at = self.clock()
+            metrics.first_token(task, now)
         return entry, taken
 
     def _flush(self, conn: Connection, entry: LiveReply, token: str, now: datetime) -> HelixError | None:

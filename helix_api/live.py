@@ -52,6 +52,8 @@ class LiveReply:
     touched: float = field(default_factory=time.monotonic)
     # (seq, end offset) of each token not stored yet, to agree with another process's flush.
     marks: list[tuple[int, int]] = field(default_factory=list)
+    # When this process took the attempt's first token (monotonic), for the time per output token.
+    first_token_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

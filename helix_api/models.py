@@ -6,7 +6,18 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -18,7 +29,7 @@ from .vocabulary import FINAL_INTERACTION_STATES as FINAL_INTERACTION_STATES
 from .vocabulary import FINAL_TASK_STATUSES as FINAL_TASK_STATUSES
 from .vocabulary import OPEN_INTERACTION_STATES as OPEN_INTERACTION_STATES
 from .vocabulary import OPEN_TASK_STATUSES as OPEN_TASK_STATUSES
-from .vocabulary import Creator, InteractionState, Mode, SessionType, TaskStatus
+from .vocabulary import AttemptEnd, Creator, InteractionState, Mode, SessionType, TaskStatus
 
 
 def utcnow() -> datetime:
@@ -241,3 +252,33 @@ class Runner(Base):
     model_name: Mapped[str] = mapped_column(String(500))
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TaskUsage(Base):
+    """What one attempt at a task used, recorded as it ended: the user's bill and the operator's cost.
+
+    A row per attempt end: a completed attempt carries the runner's token counts and the images it
+    made; an attempt that failed, was lost or handed back carries only its runner seconds, which no
+    user is billed for (`billed` false).
+    """
+
+    __tablename__ = "task_usage"
+    __table_args__ = (Index("ix_task_usage_user_finished", "user_id", "finished_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Usage outlives what it was for: a deleted session leaves its bill.
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id", ondelete="SET NULL"), index=True)
+    session_id: Mapped[int | None] = mapped_column(ForeignKey("sessions.id", ondelete="SET NULL"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    mode: Mapped[Mode] = mapped_column(_enum(Mode))
+    type: Mapped[SessionType] = mapped_column(_enum(SessionType))
+    model_name: Mapped[str] = mapped_column(String(500))
+    attempt: Mapped[int] = mapped_column(default=0)
+    outcome: Mapped[AttemptEnd] = mapped_column(_enum(AttemptEnd))
+    billed: Mapped[bool] = mapped_column(default=False)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    images: Mapped[int] = mapped_column(default=0)
+    # From the claim to the attempt's end (its lease's expiry, for a runner that vanished).
+    runner_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, String, bindparam, func, select, update
 
-from . import events, files, leases, queues
+from . import events, files, leases, metrics, queues, usage
 from .bus import make_bus
 from .db import Database
 from .errors import HelixError, NotCancellable, TaskCancelled
@@ -39,6 +39,7 @@ from .models import (
 from .notifier import publish, queue_topic, session_topic
 from .queues import QueueFilter
 from .storage import FileStore, StoredBlob
+from .vocabulary import AttemptEnd
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class Scheduler:
             conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
             events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
         logger.info("task %s: claimed by %s (attempt %s)", task.id, runner, task.attempt)
+        metrics.claimed(task)
         return task, lease
 
     def claim_waiting(self, filt: QueueFilter, *, wait: float, client_gone: Callable[[], bool] | None = None,
@@ -216,7 +218,9 @@ class Scheduler:
             conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
                                        "p_output": output})
             events.state_event(conn, task, InteractionState.COMPLETE.value)
+            usage.record(conn, task, AttemptEnd.COMPLETE, now, result)
         files.discard(self.store, dropped)  # files of lost attempts, or not named in the result
+        metrics.ended(task, AttemptEnd.COMPLETE, result)
         logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
 
     def fail(self, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:
@@ -241,6 +245,7 @@ class Scheduler:
             else:
                 status = _finish_error(conn, task, now, TaskStatus.FAILED, error, dropped)
         files.discard(self.store, dropped)
+        metrics.ended(task, AttemptEnd.RETRIED if status == TaskStatus.QUEUED else AttemptEnd(status.value))
         logger.info("task %s: runner reported failure (retry=%s) -> %s", task_id, retry, status.value)
         return status
 
@@ -254,6 +259,7 @@ class Scheduler:
             leases.check(task, token, now)
             self.intake.live.forget(task_id)
             _requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
+        metrics.ended(task, AttemptEnd.RELEASED)
         logger.info("task %s: released by its runner", task_id)
 
     def reap(self, now: datetime | None = None) -> int:
@@ -282,10 +288,13 @@ class Scheduler:
                           f"{task.attempt} of {task.max_attempts}")
                 if task.attempt >= task.max_attempts:
                     _finish_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up", dropped)
+                    outcome = AttemptEnd.DEAD
                 else:
                     _requeue(conn, task, now, reason)
-                reaped += 1
-                logger.warning("task %s: %s", task_id, reason)
+                    outcome = AttemptEnd.RETRIED
+            metrics.ended(task, outcome, lease_expired=True)
+            reaped += 1
+            logger.warning("task %s: %s", task_id, reason)
         files.discard(self.store, dropped)
         return reaped
 
@@ -330,6 +339,7 @@ def _requeue(conn: Connection, task: Any, now: datetime, reason: str, give_back:
     # The next attempt streams the reply from the start; clients drop the partial text on this event.
     _update_reply(conn, task, state=InteractionState.QUEUED, output="", progress=None)
     events.state_event(conn, task, InteractionState.QUEUED.value, reason=reason, attempts_used=attempt)
+    usage.record(conn, task, AttemptEnd.RELEASED if give_back else AttemptEnd.RETRIED, now)
     publish(conn, queue_topic(task.mode.value, task.type.value, task.model_name), 1)
     return TaskStatus.QUEUED
 
@@ -342,6 +352,7 @@ def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus
     _update_task(conn, task, status=status, error=error, finished_at=now, lease_expires_at=None)
     _update_reply(conn, task, state=InteractionState.ERROR, error=error, finished_at=now)
     events.state_event(conn, task, InteractionState.ERROR.value, error=error, task_status=status.value)
+    usage.record(conn, task, AttemptEnd(status.value), now)
     return status
 
 
@@ -365,4 +376,7 @@ def cancel(database: Database, session_id: int) -> None:
         _update_task(conn, task, status=TaskStatus.CANCELLED, cancelled_at=now, finished_at=now)
         _update_reply(conn, task, state=InteractionState.CANCELLED, finished_at=now)
         events.state_event(conn, task, InteractionState.CANCELLED.value)
+        # A queued task's claimed_at is an earlier, lost attempt's: no runner holds it now.
+        usage.record(conn, task, AttemptEnd.CANCELLED, now, held=task.status != TaskStatus.QUEUED)
+    metrics.ended(task, AttemptEnd.CANCELLED)
     logger.info("task %s: cancelled by its user", task.id)

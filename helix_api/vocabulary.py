@@ -69,3 +69,20 @@ OPEN_INTERACTION_STATES = frozenset({InteractionState.QUEUED, InteractionState.R
 # A reply that has ended, one way or another.
 FINAL_INTERACTION_STATES = frozenset({InteractionState.COMPLETE, InteractionState.ERROR,
                                       InteractionState.CANCELLED})
+
+
+class AttemptEnd(enum.StrEnum):
+    """How one attempt at a task ended, as `task_usage.outcome` records it."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"  # failed for good (retry: false)
+    DEAD = "dead"  # out of attempts
+    CANCELLED = "cancelled"  # by its user
+    RETRIED = "retried"  # failed or its lease expired, and the task went back to the queue
+    RELEASED = "released"  # its runner handed it back while stopping
+
+
+# The ends that finish a task (the others send it back to the queue).
+FINAL_ATTEMPT_ENDS = frozenset({AttemptEnd.COMPLETE, AttemptEnd.FAILED, AttemptEnd.DEAD, AttemptEnd.CANCELLED})
+# What a user's bill counts: runner time of an attempt that failed, or was lost, is the operator's.
+BILLED_ATTEMPT_ENDS = frozenset({AttemptEnd.COMPLETE, AttemptEnd.CANCELLED})

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
+from runner import metrics
 from runner.errors import BadTaskInput
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class AdapterCache:
     def _load(self, key: str, path: str) -> None:
         from peft import PeftModel
 
+        started = time.monotonic()
         name = f"adapter_{hashlib.sha256(key.encode()).hexdigest()[:16]}"  # a valid module name, unique per key
         try:
             if self.peft_model is None:
@@ -73,8 +76,11 @@ class AdapterCache:
         self.peft_model.eval()
         self._loaded[key] = name
         self.loads += 1
+        metrics.ADAPTER_LOADS.inc()
+        metrics.ADAPTER_LOAD_SECONDS.observe(time.monotonic() - started)
         logger.info("adapter %s loaded from %s (%d in memory)", key[:12], path, len(self._loaded))
         while len(self._loaded) > self.capacity:
             old_key, old_name = self._loaded.popitem(last=False)
             self.peft_model.delete_adapter(old_name)
+            metrics.ADAPTER_EVICTIONS.inc()
             logger.info("adapter %s evicted (least recently used)", old_key[:12])

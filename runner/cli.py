@@ -10,6 +10,7 @@ from types import FrameType
 import click
 from click.core import ParameterSource
 
+from runner import metrics
 from runner.backends import load_backend
 from runner.client import CONNECTIONS_PER_SLOT, ApiClient
 from runner.config import (
@@ -67,6 +68,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
               type=click.IntRange(1, 256), help="Tasks held at once and generated together on the loaded model.")
 @click.option("--cache-dir", envvar="HELIX_RUNNER_CACHE", show_envvar=True, default=default_cache_dir,
               show_default="~/.cache/helix-runner", help="Where fetched files and adapters are kept.")
+@click.option("--metrics-port", envvar="HELIX_RUNNER_METRICS_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+              default=None, help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).")
+@click.option("--metrics-host", envvar="HELIX_RUNNER_METRICS_HOST", show_envvar=True, default="0.0.0.0",
+              show_default=True, help="The address --metrics-port listens on.")
 @click.option("--log-level", envvar="HELIX_LOG_LEVEL", show_envvar=True, default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.pass_context
@@ -74,7 +79,7 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
          type_: str | None, model_name: str | None, token: str | None, runner_name: str,
          wait: float | None, max_tasks: int | None, grace: float, device: str, dtype: str,
          gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int,
-         cache_dir: str, log_level: str) -> None:
+         cache_dir: str, metrics_port: int | None, metrics_host: str, log_level: str) -> None:
     """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     target = _target(ctx, job_url, api_url, mode, type_, model_name)
@@ -98,6 +103,11 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
     client = ApiClient(config.api_url, config.token, config.runner_name, timeout=config.request_timeout,
                        retry=config.retry, pool_size=CONNECTIONS_PER_SLOT * config.max_parallel)
     runner = Runner(config, model, client)
+    if metrics_port is not None:
+        try:
+            metrics.serve(metrics_port, metrics_host)
+        except OSError as exc:
+            raise click.UsageError(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from exc
     previous = _install_signal_handlers(runner)
     try:
         runner.run()

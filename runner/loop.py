@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.attempt import STOPPING, Attempt, Release
+from runner import metrics
+from runner.attempt import STOPPING, Attempt, Complete, Release
 from runner.backends.base import Backend
 from runner.batcher import EventBatcher
 from runner.client import ApiClient
@@ -51,8 +52,11 @@ class Runner:
         cfg = self.config
         try:
             logger.info("runner %s: setting up backend %s", cfg.runner_name, cfg.backend or self.backend)
+            loading = metrics.Timer()
             self.backend.setup()
+            metrics.MODEL_LOAD_SECONDS.set(loading.elapsed)
             slots = self.slots()
+            metrics.SLOTS.set(slots)
             logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s (%d at a time)",
                         cfg.runner_name, cfg.mode, cfg.type, cfg.model_name, cfg.api_url, slots)
             if slots == 1:
@@ -205,13 +209,20 @@ class Runner:
                     task.session_id, task.interaction_id)
         attempt = self._attempt(claim)
         self._reports[task.id] = attempt.report
+        held = metrics.Timer()
+        metrics.SLOTS_IN_USE.inc()
         try:
-            # A stop() that came between the claim and now hands the task straight back.
-            outcome = STOPPING if self._stopping.is_set() else attempt.run()
+            try:
+                # A stop() that came between the claim and now hands the task straight back.
+                outcome = STOPPING if self._stopping.is_set() else attempt.run()
+            finally:
+                # Before settling: from here on, a stop() must not cut the task's end short.
+                self._reports.pop(task.id, None)
+            attempt.settle(outcome)
         finally:
-            # Before settling: from here on, a stop() must not cut the task's end short.
-            self._reports.pop(task.id, None)
-        attempt.settle(outcome)
+            metrics.SLOTS_IN_USE.dec()
+        metrics.attempt_ended(task.mode, outcome.action, held.elapsed,
+                              outcome.result if isinstance(outcome, Complete) else None)
 
     def _attempt(self, claim: Claim) -> Attempt:
         """An attempt at a claimed task; with several slots, its events share the batcher's requests."""

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from ..params import Limits
 from ..params import schemas as param_schemas
-from . import admin, openai, sessions, worker
+from . import admin, openai, sessions, usage, worker
 from .base import INT32_MAX, adapter
 
 PREFIXES = ("/api/", "/v1/")
@@ -53,6 +53,7 @@ OPERATIONS: dict[str, Operation] = {
         {"type": "string", "maxLength": 64}, "the task's lease token")}),
     "worker.upload_file": Operation(form=worker.Upload, form_files=("file", False)),
     "admin.show_overview": Operation(query=admin.Overview),
+    "usage.show_usage": Operation(query=usage.UsageQuery),
     "openai.chat_completions": Operation(json=openai.ChatCompletion),
     "openai.generate_images": Operation(json=openai.ImageGeneration),
     "openai.file_content": Operation(query=openai.FileLink),

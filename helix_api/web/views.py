@@ -7,13 +7,14 @@ shown again with what was typed and the API's message next to the field at fault
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from flask import flash, g, redirect, render_template, request, url_for
 
-from .. import overview, responses, session_service
+from .. import overview, responses, session_service, usage
 from ..errors import Forbidden, HelixError, NotCancellable
-from ..models import OPEN_INTERACTION_STATES, Mode, SessionType
+from ..models import OPEN_INTERACTION_STATES, Mode, SessionType, utcnow
 from ..schemas.base import INT32_MAX
 from ..services import services
 from ..validation import event_cursor
@@ -177,4 +178,15 @@ def admin_page():
     """For admins: the runners seen, each model's queue, and recent failures with their errors."""
     if not g.caller.is_admin:
         raise Forbidden("This page is for admins (helix users create NAME --admin).")
-    return render_template("web/admin.html", overview=overview.overview(services().database))
+    database = services().database
+    return render_template("web/admin.html", overview=overview.overview(database), usage=usage.per_user(database))
+
+
+@bp.get("/usage")
+@signed_in
+def usage_page():
+    """What the signed-in user has used: per model, and per day over the last 30 days."""
+    database = services().database
+    since = utcnow() - timedelta(days=30)
+    return render_template("web/usage.html", by_model=usage.report(database, g.caller.id),
+                           by_day=usage.report(database, g.caller.id, start=since, group_by="day"))
