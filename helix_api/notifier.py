@@ -5,6 +5,9 @@ commits, waiters on those topics in this process wake at once. On PostgreSQL the
 with NOTIFY inside the transaction, and a listener thread in every API process passes them on, so a
 runner long-polling one replica wakes when another replica queues work. Waiters also re-check on a
 timer, so a lost wake-up (or work queued by another process on SQLite) costs a delay, never a task.
+That timer is one ticker thread per process, which wakes one waiter of each queue topic per tick:
+a thousand idle long-polls then cost a few wake-ups a second, not a thousand (each of them re-reading
+the queue), and each waiter otherwise sleeps until it is woken or its wait ends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "helix"
 _INFO_KEY = "helix_topics"
+QUEUE_PREFIX = "queue:"
 
 
 def publish(db: Any, topic: str, count: int = 1) -> None:
@@ -38,7 +42,7 @@ def take_published(db: Any) -> dict[str, int]:
 
 def queue_topic(mode: str, type_: str, model_name: str) -> str:
     """The topic runners polling one (mode, type, model) wait on."""
-    return f"queue:{mode}:{type_}:{model_name}"
+    return f"{QUEUE_PREFIX}{mode}:{type_}:{model_name}"
 
 
 def session_topic(session_id: int) -> str:
@@ -87,6 +91,8 @@ class Notifier:
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
         self._listening = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._tick_seconds = 0.0
 
     @contextmanager
     def watch(self, name: str) -> Iterator[Watch]:
@@ -125,6 +131,30 @@ class Notifier:
             else:
                 topic.cond.notify_all()
 
+    def poke(self, name: str) -> None:
+        """Wake one waiter on `name` without news: it re-checks, as if its timer had run out."""
+        with self._lock:
+            topic = self._topics.get(name)
+        if topic is not None:
+            with topic.cond:
+                topic.cond.notify(1)
+
+    def tick_every(self, seconds: float) -> None:
+        """Poke one waiter of every queue topic each `seconds` (the re-check), from one thread."""
+        with self._lock:
+            self._tick_seconds = seconds
+            if self._ticker is not None:
+                return
+            self._ticker = threading.Thread(target=self._tick_loop, name="helix-recheck", daemon=True)
+        self._ticker.start()
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(self._tick_seconds):
+            with self._lock:
+                names = [name for name in self._topics if name.startswith(QUEUE_PREFIX)]
+            for name in names:
+                self.poke(name)
+
     def notify_many(self, topics: dict[str, int]) -> None:
         """Notify each topic with its count."""
         for name, count in topics.items():
@@ -142,7 +172,7 @@ class Notifier:
             logger.warning("LISTEN not ready after %.0fs; waiters fall back to re-checking", ready_timeout)
 
     def stop(self) -> None:
-        """Stop the listener thread (at most a second later)."""
+        """Stop the listener and ticker threads (at most a second or a tick later)."""
         self._stopping.set()
 
     def _listen_loop(self, dsn: str) -> None:

@@ -8,7 +8,9 @@ the state machine.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import logging
 import secrets
 import threading
@@ -65,6 +67,9 @@ def _claim_statement(skip_locked: bool):
 
 
 _CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
+# The task a `complete` claimed next, found again by the lease token derived from the completed one.
+_HELD_BY = select(*_TASKS.c).where(_TASKS.c.status.in_(ACTIVE_TASK_STATUSES),
+                                   _TASKS.c.lease_token == bindparam("p_token"))
 _COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
              .values(status=TaskStatus.COMPLETE, result=bindparam("p_result"), finished_at=bindparam("p_now"),
                      lease_expires_at=None))
@@ -108,7 +113,13 @@ class Scheduler:
 
     def claim(self, filt: QueueFilter, *, runner: str, runner_token_id: int | None,
               look_first: bool = True) -> tuple[Any, Lease] | None:
-        """Lease the first queued task matching `filt` to `runner`, or None when there is none.
+        """Lease the first queued task matching `filt` to `runner`, or None when there is none."""
+        claimed = self.claim_many(filt, 1, runner=runner, runner_token_id=runner_token_id, look_first=look_first)
+        return claimed[0] if claimed else None
+
+    def claim_many(self, filt: QueueFilter, count: int, *, runner: str, runner_token_id: int | None,
+                   look_first: bool = True) -> list[tuple[Any, Lease]]:
+        """Lease up to `count` queued tasks matching `filt` to `runner`, in queue order, each its own lease.
 
         `look_first` reads before writing, so that an empty queue costs no write lock: idle runners
         poll all the time. A runner woken because work was queued skips the look.
@@ -116,33 +127,50 @@ class Scheduler:
         if look_first:
             with self.database.reading() as conn:
                 if not conn.execute(queues.HAS_WORK, filt.params()).scalar():
-                    return None
-        now, policy = utcnow(), self.policy
-        lease = Lease(secrets.token_urlsafe(24), now + timedelta(seconds=policy.ttl_seconds),
-                      policy.ttl_seconds, policy.heartbeat_seconds)
+                    return []
         with self.database.transaction() as conn:
-            task = conn.execute(_CLAIM[self._for_update], {
-                **filt.params(), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
-                "p_runner": runner, "p_runner_token": runner_token_id}).one_or_none()
-            if task is None:
-                return None
-            conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
-            events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
-        logger.info("task %s: claimed by %s (attempt %s)", task.id, runner, task.attempt)
-        metrics.claimed(task)
+            claimed = []
+            for _ in range(count):
+                one = self._claim_in(conn, filt, secrets.token_urlsafe(24), runner, runner_token_id)
+                if one is None:
+                    break
+                claimed.append(one)
+        for task, _ in claimed:
+            logger.info("task %s: claimed by %s (attempt %s)", task.id, runner, task.attempt)
+            metrics.claimed(task)
+        return claimed
+
+    def _claim_in(self, conn: Connection, filt: QueueFilter, token: str, runner: str,
+                  runner_token_id: int | None) -> tuple[Any, Lease] | None:
+        """Claim the first queued task of `filt` under lease `token`, in `conn`'s transaction."""
+        now, policy = utcnow(), self.policy
+        lease = Lease(token, now + timedelta(seconds=policy.ttl_seconds), policy.ttl_seconds,
+                      policy.heartbeat_seconds)
+        task = conn.execute(_CLAIM[self._for_update], {
+            **filt.params(), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
+            "p_runner": runner, "p_runner_token": runner_token_id}).one_or_none()
+        if task is None:
+            return None
+        conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
+        events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
         return task, lease
 
     def claim_waiting(self, filt: QueueFilter, *, wait: float, client_gone: Callable[[], bool] | None = None,
-                      runner: str, runner_token_id: int | None) -> tuple[Any, Lease] | None:
-        """Claim, long-polling up to `wait` seconds for a matching task to be queued.
+                      runner: str, runner_token_id: int | None, count: int = 1) -> list[tuple[Any, Lease]]:
+        """Claim up to `count` tasks, long-polling up to `wait` seconds for a matching task to be queued.
 
         `client_gone` says whether the runner hung up meanwhile (it stopped, or died): a task claimed
         for it would wait out a whole lease before going to anyone else, so it claims nothing. Expired
         leases are reaped on the way.
+
+        A waiter sleeps until it is woken or its wait ends: the safety-net re-check every `recheck`
+        seconds wakes one waiter per queue (the notifier's ticker), not every waiter, so a thousand
+        idle runners cost a few wake-ups a second, not a thousand.
         """
         deadline = time.monotonic() + wait
         woken = False
         notifier = self.database.notifier
+        notifier.tick_every(self.recheck)
         with notifier.watch(filt.topic) as watch:
             while True:
                 self.reap_if_due()
@@ -150,12 +178,13 @@ class Scheduler:
                     if woken:
                         notifier.notify(filt.topic, 1)  # the wake-up was for a runner: pass it on
                     logger.info("long poll for %s: the runner hung up; claiming nothing", filt.topic)
-                    return None
-                claimed = self.claim(filt, runner=runner, runner_token_id=runner_token_id, look_first=not woken)
+                    return []
+                claimed = self.claim_many(filt, count, runner=runner, runner_token_id=runner_token_id,
+                                          look_first=not woken)
                 remaining = deadline - time.monotonic()
-                if claimed is not None or remaining <= 0:
+                if claimed or remaining <= 0:
                     return claimed
-                woken = watch.wait(min(self.recheck, remaining))
+                woken = watch.wait(remaining)
 
     def _held(self, conn: Connection, task_id: int, token: str, now: datetime) -> Any:
         return leases.held(conn, task_id, token, now, for_update=self._for_update)
@@ -200,17 +229,20 @@ class Scheduler:
                              content_type=content_type, attempt=task.attempt)
 
     def complete(self, task_id: int, token: str, result: dict[str, Any],
-                 last_events: list[dict[str, Any]] | None = None) -> None:
+                 last_events: list[dict[str, Any]] | None = None, *,
+                 claim_next: str | None = None) -> tuple[Any, Lease] | None:
         """Store the result of a task whose lease `token` still holds.
 
         `last_events` are the runner's events not posted yet, stored first in the same transaction:
-        the end of a reply costs one round trip, not two.
+        the end of a reply costs one round trip, not two. With `claim_next` (the runner's name) the
+        same transaction also claims the runner's next task of the same queue, returned with its lease.
         """
         now = utcnow()
         with self.database.transaction() as conn:
             task = leases.load(conn, task_id, for_update=self._for_update)
             if task.lease_token == token and task.status == TaskStatus.COMPLETE:
-                return  # a retry of a call whose answer was lost: it already took effect
+                # A retry of a call whose answer was lost: it already took effect, claim included.
+                return self._claimed_next(conn, token, now) if claim_next else None
             leases.check(task, token, now)
             dropped = files.settle_result(conn, task, result)
             output = self.intake.finish(conn, task, result, last_events or [])
@@ -219,9 +251,35 @@ class Scheduler:
                                        "p_output": output})
             events.state_event(conn, task, InteractionState.COMPLETE.value)
             usage.record(conn, task, AttemptEnd.COMPLETE, now, result)
+            claimed = self._claim_next(conn, task, token, claim_next) if claim_next else None
         files.discard(self.store, dropped)  # files of lost attempts, or not named in the result
         metrics.ended(task, AttemptEnd.COMPLETE, result)
         logger.info("task %s: complete (attempt %s)", task_id, task.attempt)
+        if claimed is not None:
+            metrics.claimed(claimed[0])
+        return claimed
+
+    def _claim_next(self, conn: Connection, done: Any, token: str, runner: str) -> tuple[Any, Lease] | None:
+        """Claim the next task of `done`'s queue, under a lease token only `token`'s holder can derive."""
+        filt = QueueFilter(done.mode, done.type, done.model_name)
+        claimed = self._claim_in(conn, filt, _next_token(token), runner, done.runner_token_id)
+        if claimed is not None:
+            logger.info("task %s: claimed by %s with the completion of task %s (attempt %s)",
+                        claimed[0].id, runner, done.id, claimed[0].attempt)
+        return claimed
+
+    def _claimed_next(self, conn: Connection, token: str, now: datetime) -> tuple[Any, Lease] | None:
+        """The task the completion under `token` claimed, if that lease still holds it.
+
+        The lease is found by its derived token, so a retried `complete` hands back what the first one
+        claimed and never claims twice; a lease that ran out (the task went back to the queue, maybe to
+        another runner, under another token) answers nothing.
+        """
+        task = conn.execute(_HELD_BY, {"p_token": _next_token(token)}).one_or_none()
+        if task is None or task.lease_expires_at is None or task.lease_expires_at < now:
+            return None
+        policy = self.policy
+        return task, Lease(task.lease_token, task.lease_expires_at, policy.ttl_seconds, policy.heartbeat_seconds)
 
     def fail(self, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:
         """Record a failure: requeue if `retry` and attempts are left, else fail for good.
@@ -320,6 +378,12 @@ def _mirror(database: Database, live: LiveReplies, message: dict[str, Any]) -> N
 
     if live.mirror(message, stored):
         database.notifier.notify_text(session_topic(message["session_id"]))
+
+
+def _next_token(token: str) -> str:
+    """The lease token of the task claimed with the completion under `token`: derived, so a retry finds it."""
+    digest = hashlib.sha256(b"helix-next:" + token.encode()).digest()[:24]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def _update_task(conn: Connection, task: Any, **values: Any) -> None:

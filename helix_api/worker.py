@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import select
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -42,23 +43,29 @@ def _runner_name() -> str:
 @bp.get("/task")
 @require_runner
 def claim():
-    """Claim the next matching task (200 with a lease) or say there is none (204)."""
+    """Claim the next matching task (200 with a lease), or up to `max` of them, or say there is none (204)."""
     svc = services()
     args = query(schemas.Claim)
     mode = parse_mode(args.get("mode", "create"))
     type_ = parse_type(args.get("type", "text"))
     model_name = args["model_name"]
     wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])
+    most = args.get("max")
     runner = _runner_name()
     runners.seen(svc.database, runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
-    sock = request.environ.get("gunicorn.socket")  # absent under test clients: nobody can hang up there
+    gone = hang_up_check(request.environ) if wait else None
     claimed = svc.scheduler.claim_waiting(
-        QueueFilter(mode, type_, model_name), wait=wait,
-        client_gone=functools.partial(hung_up, sock) if wait and sock is not None else None,
-        runner=runner, runner_token_id=g.caller.id)
-    if claimed is None:
+        QueueFilter(mode, type_, model_name), wait=wait, client_gone=gone, runner=runner,
+        runner_token_id=g.caller.id, count=most or 1)
+    if not claimed:
         return Response(status=204)
-    task, lease = claimed
+    if most is None:  # the single-task shape, which every runner before `max` reads
+        return claimed_payload(*claimed[0])
+    return {"tasks": [claimed_payload(task, lease) for task, lease in claimed]}
+
+
+def claimed_payload(task: Any, lease: Any) -> dict[str, Any]:
+    """A claimed task and its lease, as a claim (or a complete that claimed the next task) answers."""
     return {"task": task_payload(task), "lease": lease.to_json()}
 
 
@@ -68,6 +75,16 @@ def task_payload(task: Any) -> dict[str, Any]:
             "mode": task.mode.value, "type": task.type.value, "model_name": task.model_name,
             "attempt": task.attempt, "input": task.input, "params": task.params,
             "adapter": task.input.get("adapter"), "files": task.input.get("files", [])}
+
+
+def hang_up_check(environ: dict[str, Any]) -> Callable[[], bool] | None:
+    """A check that the runner behind this request hung up, or None where the server gives no socket.
+
+    gunicorn hands the connection's socket to the app (`gunicorn.socket`); test clients have none,
+    and nobody can hang up there.
+    """
+    sock = environ.get("gunicorn.socket")
+    return functools.partial(hung_up, sock) if sock is not None else None
 
 
 def hung_up(sock: socket.socket) -> bool:
@@ -110,10 +127,14 @@ def post_events_many():
 @bp.post("/task/<int:task_id>/complete")
 @require_runner
 def complete(task_id: int):
-    """Store the result, and the events the runner had not posted yet."""
+    """Store the result, and the events the runner had not posted yet; with `claim_next`, claim its next task."""
     body = json_body(schemas.Complete)
-    services().scheduler.complete(task_id, body["lease_token"], body["result"], body.get("events") or [])
-    return {"status": "complete"}
+    claim_next = bool(body.get("claim_next"))
+    claimed = services().scheduler.complete(task_id, body["lease_token"], body["result"], body.get("events") or [],
+                                            claim_next=_runner_name() if claim_next else None)
+    if not claim_next:
+        return {"status": "complete"}
+    return {"status": "complete", "next": claimed_payload(*claimed) if claimed else None}
 
 
 @bp.get("/task/<int:task_id>/files/<int:file_id>")

@@ -129,11 +129,13 @@ class Attempt:
             return self._backend.train(self.task, self.report)
         return self._backend.predict(self.task, self.report)
 
-    def settle(self, outcome: Outcome) -> None:
+    def settle(self, outcome: Outcome, claim_next: bool = False) -> Claim | None:
         """End the attempt: close its report as the outcome needs, then tell the API (nothing, for a drop).
 
-        Never raises for what the API answers: the loop goes on to the next task, and an attempt the
-        API never hears about goes back to the queue when its lease runs out.
+        With `claim_next`, a `complete` also claims the runner's next task, which is returned (None
+        when there was none, or the outcome was not a completion). Never raises for what the API
+        answers: the loop goes on to the next task, and an attempt the API never hears about goes back
+        to the queue when its lease runs out.
         """
         carried: list[dict[str, Any]] = []
         if isinstance(outcome, Complete):
@@ -150,16 +152,17 @@ class Attempt:
         elif isinstance(outcome, Release | Drop):
             # Nothing more can be stored once cancelled or lost, and a released attempt starts afresh.
             self.report.close(flush=False)
-        self._tell(outcome, carried)
+        return self._tell(outcome, carried, claim_next)
 
-    def _tell(self, outcome: Outcome, carried: list[dict[str, Any]]) -> None:
-        """Send the outcome to the API, logging whatever goes wrong."""
+    def _tell(self, outcome: Outcome, carried: list[dict[str, Any]], claim_next: bool = False) -> Claim | None:
+        """Send the outcome to the API, logging whatever goes wrong; the next task a completion claimed."""
         task_id, token = self.task.id, self.lease.token
         try:
             match outcome:
                 case Complete(result=result, elapsed=elapsed):
-                    self._complete(result, carried)
+                    claimed = self._complete(result, carried, claim_next)
                     logger.info("task %s: complete in %.2fs (%d events)", task_id, elapsed, self.report.last_seq)
+                    return claimed
                 case Fail(error=error, retry=retry):
                     reply = self._client.fail(task_id, token, error, retry)
                     logger.info("task %s: fail -> %s", task_id, reply.get("status", "ok"))
@@ -181,18 +184,23 @@ class Attempt:
         except ApiError as exc:
             if not isinstance(outcome, Complete):
                 logger.exception("task %s: %s refused", task_id, outcome.action)
-                return
+                return None
             # A result the API will never take would only be refused again: fail the task for good.
             logger.error("task %s: result refused: %s", task_id, exc)
             self._tell(Fail(f"the API refused the result: {exc.api_message}", retry=False), [])
+        return None
 
-    def _complete(self, result: dict[str, Any], carried: list[dict[str, Any]]) -> None:
+    def _complete(self, result: dict[str, Any], carried: list[dict[str, Any]], claim_next: bool) -> Claim | None:
         try:
-            self._client.complete(self.task.id, self.lease.token, result, carried)
+            claimed = self._client.complete(self.task.id, self.lease.token, result, carried, claim_next=claim_next)
         except ApiError as exc:
+            if claim_next and exc.code == "invalid_field" and "claim_next" in exc.api_message:
+                # An API from before `claim_next` refuses the field: complete as it expects.
+                return self._complete(result, carried, claim_next=False)
             if not carried or isinstance(exc, LeaseLost):
                 raise
             # Events the API will never take (as a post would have been) must not cost the result.
             logger.exception("task %s: events %d-%d refused with the result; completing without them",
                              self.task.id, carried[0]["seq"], carried[-1]["seq"])
-            self._client.complete(self.task.id, self.lease.token, result)
+            claimed = self._client.complete(self.task.id, self.lease.token, result, claim_next=claim_next)
+        return claimed

@@ -81,6 +81,24 @@ class ApiClient:
         except (ValueError, KeyError, TypeError) as exc:
             raise ApiError(response.status_code, "bad_response", f"unreadable claim reply: {exc!r}") from exc
 
+    def claim_many(self, mode: str, type: str, model_name: str, count: int, wait: float = 0,
+                   interrupt: threading.Event | None = None) -> list[Claim]:
+        """Take up to `count` matching tasks in one request (a runner's free slots), long-polling like claim()."""
+        params = {"mode": mode, "type": type, "model_name": model_name, "max": str(count)}
+        if wait:
+            params["wait"] = str(math.ceil(wait))
+        response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN,
+                                 interrupt=interrupt)
+        if response.status_code == 204:
+            return []
+        try:
+            body = response.json()
+            if "tasks" not in body:  # an API from before `max` ignores it and answers one task
+                return [Claim.from_json(body)]
+            return [Claim.from_json(item) for item in body["tasks"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApiError(response.status_code, "bad_response", f"unreadable claim reply: {exc!r}") from exc
+
     def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
         """Renew the lease; the reply says whether the user cancelled the task."""
         return self._post(task_id, "heartbeat", {"lease_token": lease_token})
@@ -98,12 +116,22 @@ class ApiClient:
             raise ApiError(response.status_code, "bad_response", f"unreadable events reply: {exc!r}") from exc
 
     def complete(self, task_id: int, lease_token: str, result: dict[str, Any],
-                 events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Finish the task with its result, and the events not posted yet (stored once each, like posts)."""
+                 events: list[dict[str, Any]] | None = None, claim_next: bool = False) -> Claim | None:
+        """Finish the task with its result, and the events not posted yet (stored once each, like posts).
+
+        With `claim_next`, the same request claims this runner's next task: returned, or None when
+        there was none. A retry after a lost answer gets the same task back, never a second one.
+        """
         body: dict[str, Any] = {"lease_token": lease_token, "result": result}
         if events:
             body["events"] = events
-        return self._post(task_id, "complete", body)
+        if claim_next:
+            body["claim_next"] = True
+        reply = self._post(task_id, "complete", body)
+        try:
+            return Claim.from_json(reply["next"]) if claim_next and reply.get("next") else None
+        except (KeyError, TypeError) as exc:
+            raise ApiError(200, "bad_response", f"unreadable next task in the complete reply: {exc!r}") from exc
 
     def fail(self, task_id: int, lease_token: str, error: str, retry: bool) -> dict[str, Any]:
         """Fail the task; with `retry` the API requeues it while it has attempts left."""

@@ -6,6 +6,8 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ class Runner:
     With N > 1 slots (the backend's `max_parallel`, read after setup(), capped by `config.max_parallel`),
     each slot claims and works one task at a time on its own thread, so the backend's predict() or
     train() runs for up to N held tasks at once; the main thread only waits, free for signals.
+
+    Round trips: a `complete` also claims the slot's next task, and with several slots one long-poll
+    at a time claims for every idle slot (`max=`), handing the extra tasks to the others.
     """
 
     def __init__(self, config: RunnerConfig, backend: Backend, client: ApiClient) -> None:
@@ -45,6 +50,11 @@ class Runner:
         self._reserved = 0  # tasks claimed or being claimed, against max_tasks
         self._slot_error: BaseException | None = None
         self._batcher: EventBatcher | None = None
+        # With several slots: one slot at a time polls for all idle ones; what it gets beyond its own
+        # task waits here for the others.
+        self._spare: deque[Claim] = deque()
+        self._poll_lock = threading.Lock()
+        self._hungry = 0  # slots waiting for the poll lock
 
     def run(self, max_tasks: int | None = None) -> int:
         """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
@@ -104,14 +114,21 @@ class Runner:
 
     def _serve(self, limit: int | None) -> None:
         """Claim and work one task at a time until stopped or `limit` tasks are taken (by all slots)."""
-        while not self._stopping.is_set() and self._reserve(limit):
-            claim = self._next_claim()
+        claim: Claim | None = None  # a task in hand, reserved: claimed by the last complete
+        while not self._stopping.is_set():
             if claim is None:
-                self._unreserve()
-                continue
-            self._work(claim)
+                if not self._reserve(limit):
+                    break
+                claim = self._next_claim()
+                if claim is None:
+                    self._unreserve()
+                    continue
+            claim = self._work(claim, limit)
             with self._counting:
                 self.handled += 1
+        if claim is not None:  # stopped holding the task its last complete claimed: hand it back
+            self._attempt(claim).settle(STOPPING)
+            self._unreserve()
 
     def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
         """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
@@ -123,6 +140,8 @@ class Runner:
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.1)  # short joins leave the main thread free to run signal handlers
+        while self._spare:  # claimed for slots that stopped before taking them
+            self._attempt(self._spare.popleft()).settle(STOPPING)
         if self._slot_error is not None:
             raise self._slot_error
 
@@ -149,38 +168,74 @@ class Runner:
 
     def _next_claim(self) -> Claim | None:
         """The next task, or None after a pause when there is none or the API is unavailable."""
+        if self._batcher is not None:  # several slots
+            return self._next_shared_claim()
+        return self._claim_or_pause(functools.partial(self._poll, 1))
+
+    def _next_shared_claim(self) -> Claim | None:
+        """With several slots: a spare task another slot claimed, else one poll for every idle slot."""
+        while not self._stopping.is_set():
+            try:
+                return self._spare.popleft()
+            except IndexError:
+                pass
+            with self._counting:
+                self._hungry += 1
+            got = self._poll_lock.acquire(timeout=0.1)
+            with self._counting:
+                self._hungry -= 1
+            if not got:
+                continue
+            try:
+                if self._spare:
+                    continue
+                with self._counting:
+                    count = 1 + self._hungry  # this slot and every slot waiting for the poll
+                return self._claim_or_pause(functools.partial(self._poll, count))
+            finally:
+                self._poll_lock.release()
+        return None
+
+    def _claim_or_pause(self, poll: Callable[[], list[Claim]]) -> Claim | None:
         started = time.monotonic()
         try:
-            claim = self._poll()
+            claims: list[Claim] = poll()
         except ApiUnavailable as exc:
             # The client already backed off; keep polling for as long as it takes the API to return.
             logger.warning("runner %s: API unavailable, polling again in %.1fs: %s", self.config.runner_name,
                            self.config.error_backoff, exc)
             self._stopping.wait(self.config.error_backoff)
             return None
-        if claim is None:
+        if not claims:
             # Keeps an API that answers a long poll at once from being hammered.
             rest = self.config.idle_sleep - (time.monotonic() - started)
             if rest > 0:
                 self._stopping.wait(rest)
-        return claim
+            return None
+        self._spare.extend(claims[1:])
+        return claims[0]
 
-    def _poll(self) -> Claim | None:
-        """Claim on a helper thread, so a stop() need not wait out a long poll."""
+    def _poll(self, count: int) -> list[Claim]:
+        """Claim up to `count` tasks on a helper thread, so a stop() need not wait out a long poll."""
         cfg = self.config
         done, guard = threading.Event(), threading.Lock()
         box: dict[str, Any] = {"abandoned": False}
 
         def poll() -> None:
             try:
-                box["claim"] = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait,
-                                                 interrupt=self._stopping)
+                if self._batcher is None:  # one slot: the single-task claim every API version answers
+                    one = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait,
+                                            interrupt=self._stopping)
+                    box["claims"] = [one] if one is not None else []
+                else:
+                    box["claims"] = self.client.claim_many(cfg.mode, cfg.type, cfg.model_name, count,
+                                                           wait=cfg.wait, interrupt=self._stopping)
             except BaseException as exc:  # handed to the main thread, which decides
                 box["error"] = exc
             with guard:
                 done.set()
-                orphan = box["abandoned"] and box.get("claim")
-            if orphan:
+                orphans = box.get("claims", []) if box["abandoned"] else []
+            for orphan in orphans:
                 self._attempt(orphan).settle(Release("the runner stopped while claiming"))
 
         threading.Thread(target=poll, name="helix-claim", daemon=True).start()
@@ -191,19 +246,24 @@ class Runner:
                 if box["abandoned"]:
                     # An idle runner holds nothing, so it exits at once. Should the poll still bring a
                     # task, the helper hands it back; if the process is gone by then, its lease runs out.
-                    return None
+                    return []
         if "error" in box:
             raise box["error"]
-        claim: Claim | None = box.get("claim")
-        if claim is not None and self._stopping.is_set():
-            self._attempt(claim).settle(STOPPING)
-            return None
-        return claim
+        claims: list[Claim] = box.get("claims", [])
+        if claims and self._stopping.is_set():
+            for claim in claims:
+                self._attempt(claim).settle(STOPPING)
+            return []
+        return claims
 
     # Working.
 
-    def _work(self, claim: Claim) -> None:
-        """Run one claimed task to its end, then settle that end with the API."""
+    def _work(self, claim: Claim, limit: int | None) -> Claim | None:
+        """Run one claimed task to its end, then settle that end with the API; the next task, if it came along.
+
+        A completion asks for the next task when the runner goes on and `limit` allows one more
+        (reserved here, given back when none came).
+        """
         task = claim.task
         logger.info("task %s: claimed (attempt %s, session %s, interaction %s)", task.id, task.attempt,
                     task.session_id, task.interaction_id)
@@ -218,11 +278,15 @@ class Runner:
             finally:
                 # Before settling: from here on, a stop() must not cut the task's end short.
                 self._reports.pop(task.id, None)
-            attempt.settle(outcome)
+            ask = isinstance(outcome, Complete) and not self._stopping.is_set() and self._reserve(limit)
+            following = attempt.settle(outcome, claim_next=ask)
+            if ask and following is None:
+                self._unreserve()
         finally:
             metrics.SLOTS_IN_USE.dec()
         metrics.attempt_ended(task.mode, outcome.action, held.elapsed,
                               outcome.result if isinstance(outcome, Complete) else None)
+        return following
 
     def _attempt(self, claim: Claim) -> Attempt:
         """An attempt at a claimed task; with several slots, its events share the batcher's requests."""

@@ -16,6 +16,7 @@ from .base import BODY, EVENT, INT64_MAX, QUERY, Id, JsonObject, JsonValue, Seq,
 
 MAX_EVENTS_PER_POST = 1000
 MAX_POSTS_PER_REQUEST = 256
+MAX_CLAIM = 64  # tasks one claim may take (`max`): a runner's free slots
 
 LeaseToken = text(64)  # tasks.lease_token is VARCHAR(64)
 # An integer stays one (a step count reads back as 3, not 3.0).
@@ -99,6 +100,8 @@ class Complete(TypedDict, total=False):
     lease_token: Required[LeaseToken]
     result: Required[JsonObject]
     events: Events | None
+    # Also claim the runner's next task of the same queue, in the same transaction.
+    claim_next: bool | None
 
 
 @with_config(BODY)
@@ -118,6 +121,8 @@ class Claim(TypedDict, total=False):
     type: text(32)
     model_name: Required[text(500, min_length=1)]
     wait: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)]
+    # Up to this many tasks, each with its own lease (a runner's free slots); absent: one, in the old shape.
+    max: Annotated[int, Field(ge=1, le=MAX_CLAIM)]
 
 
 @with_config(QUERY)

@@ -53,3 +53,72 @@ def test_topics_without_watchers_are_forgotten():
         pass
     notifier.notify("session:1")
     assert notifier._topics == {}
+
+
+def test_poke_wakes_one_waiter_without_news():
+    notifier = Notifier()
+    woken: list[bool] = []
+    ready = threading.Barrier(3)
+
+    def waiter() -> None:
+        with notifier.watch("queue:a") as watch:
+            ready.wait()
+            started = time.monotonic()
+            published = watch.wait(3.0)
+            if time.monotonic() - started < 2.0:
+                woken.append(published)
+
+    threads = [threading.Thread(target=waiter) for _ in range(2)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    time.sleep(0.1)
+    notifier.poke("queue:a")
+    for t in threads:
+        t.join()
+    assert woken == [False]  # one waiter, early, told nothing was published
+
+
+def test_the_ticker_wakes_one_waiter_of_each_queue_per_tick():
+    notifier = Notifier()
+    wakes: dict[str, int] = {"queue:a": 0, "queue:b": 0, "session:1": 0}
+    pokes: dict[str, int] = {}
+    lock, stop = threading.Lock(), threading.Event()
+    ready = threading.Barrier(7)
+    poke = notifier.poke
+
+    def counted_poke(name: str) -> None:
+        with lock:
+            pokes[name] = pokes.get(name, 0) + 1
+        poke(name)
+
+    notifier.poke = counted_poke  # type: ignore[method-assign]
+
+    def waiter(name: str) -> None:
+        with notifier.watch(name) as watch:
+            ready.wait()
+            while not stop.is_set():
+                watch.wait(30.0)
+                with lock:
+                    wakes[name] += not stop.is_set()
+
+    threads = [threading.Thread(target=waiter, args=(name,)) for name in wakes for _ in range(2)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    notifier.tick_every(0.05)
+    while True:
+        with lock:
+            if min(wakes["queue:a"], wakes["queue:b"]) >= 4:
+                seen, poked = dict(wakes), dict(pokes)
+                break
+        time.sleep(0.01)
+    stop.set()
+    notifier.stop()
+    for name in wakes:
+        notifier.notify(name)
+    for t in threads:
+        t.join()
+    # Each tick woke one of the two waiters of each queue, never both, and no event stream's.
+    assert seen["queue:a"] <= poked["queue:a"] and seen["queue:b"] <= poked["queue:b"]
+    assert seen["session:1"] == 0 and "session:1" not in poked

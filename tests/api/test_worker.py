@@ -320,3 +320,76 @@ def test_result_without_text_keeps_the_streamed_output(client, runner, task_fact
     _post(client, runner, task["id"], "complete", lease_token=token, result={"files": []})
     reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
     assert reply["state"] == "complete" and reply["output"] == "so far"
+
+
+def test_claim_max_takes_up_to_n_tasks_in_queue_order_each_with_its_own_lease(client, runner, task_factory, db):
+    sessions = [task_factory(message=f"m{n}")["id"] for n in range(3)]
+    response = claim(client, runner, max="2")
+    assert response.status_code == 200
+    claimed = response.json["tasks"]
+    assert [c["task"]["session_id"] for c in claimed] == sessions[:2]
+    assert len({c["lease"]["token"] for c in claimed}) == 2
+    with db.read() as s:
+        rows = {t.session_id: t for t in s.scalars(select(Task))}
+    assert [rows[sid].status for sid in sessions] == [TaskStatus.CLAIMED, TaskStatus.CLAIMED, TaskStatus.QUEUED]
+    assert [rows[sid].lease_token for sid in sessions[:2]] == [c["lease"]["token"] for c in claimed]
+    # Fewer queued than asked for: what there is; then nothing, as the single claim says it.
+    assert [c["task"]["session_id"] for c in claim(client, runner, max="5").json["tasks"]] == sessions[2:]
+    assert claim(client, runner, max="5").status_code == 204
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "1.5", "-1"])
+def test_claim_max_out_of_range_is_400_naming_it(client, runner, value):
+    response = claim(client, runner, max=value)
+    assert response.status_code == 400 and response.json["field"] == "max"
+
+
+def _complete_claiming_next(client, runner, task, token):
+    return _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "done"},
+                 claim_next=True)
+
+
+def test_complete_can_claim_the_next_task_of_the_same_queue(client, runner, task_factory, db):
+    first, task, token = _claimed(client, runner, task_factory)
+    task_factory(model_name=IMAGE_MODEL, type="image", message="a cat")  # another queue: not for this runner
+    second = task_factory(message="next")
+    response = _complete_claiming_next(client, runner, task, token)
+    assert response.status_code == 200 and response.json["status"] == "complete"
+    following = response.json["next"]
+    assert following["task"]["session_id"] == second["id"] and following["task"]["attempt"] == 1
+    with db.read() as s:
+        row = s.get(Task, following["task"]["id"])
+        assert row.status == TaskStatus.CLAIMED and row.lease_token == following["lease"]["token"]
+        assert s.get(Task, task["id"]).status == TaskStatus.COMPLETE
+    # The lease it came with works like a claimed one, and the queue holds nothing more for this runner.
+    assert _complete_claiming_next(client, runner, following["task"], following["lease"]["token"]).json == {
+        "status": "complete", "next": None}
+
+
+def test_a_retried_complete_hands_back_what_it_claimed_and_never_claims_twice(client, runner, task_factory, db):
+    _, task, token = _claimed(client, runner, task_factory)
+    task_factory(message="next")
+    task_factory(message="after that")
+    first = _complete_claiming_next(client, runner, task, token).json["next"]
+    again = _complete_claiming_next(client, runner, task, token).json["next"]  # the answer was lost: retry
+    assert again["task"]["id"] == first["task"]["id"] and again["lease"]["token"] == first["lease"]["token"]
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Task).where(Task.status == TaskStatus.CLAIMED)) == 1
+    # Once that lease has run out, the retry answers nothing (the task went back to the queue).
+    with db.write() as s:
+        s.execute(update(Task).where(Task.id == first["task"]["id"])
+                  .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert _complete_claiming_next(client, runner, task, token).json == {"status": "complete", "next": None}
+    # A complete that claimed nothing, retried, still claims nothing.
+    with db.write() as s:
+        s.execute(update(Task).where(Task.id == first["task"]["id"]).values(status=TaskStatus.COMPLETE))
+    lone = claim(client, runner).json
+    assert _complete_claiming_next(client, runner, lone["task"], lone["lease"]["token"]).json["next"] is None
+    task_factory(message="late")
+    assert _complete_claiming_next(client, runner, lone["task"], lone["lease"]["token"]).json["next"] is None
+
+
+def test_claim_next_must_be_a_boolean(client, runner, task_factory):
+    _, task, token = _claimed(client, runner, task_factory)
+    response = _post(client, runner, task["id"], "complete", lease_token=token, result={}, claim_next="yes")
+    assert response.status_code == 400 and response.json["field"] == "claim_next"
