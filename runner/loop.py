@@ -54,7 +54,8 @@ class Runner:
         # task waits here for the others.
         self._spare: deque[Claim] = deque()
         self._poll_lock = threading.Lock()
-        self._hungry = 0  # slots waiting for the poll lock
+        self._idle = 0  # slots holding no task: what one poll claims for
+        self._limit: int | None = None
 
     def run(self, max_tasks: int | None = None) -> int:
         """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
@@ -133,6 +134,7 @@ class Runner:
     def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
         """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
         self._batcher = EventBatcher(self.client)  # the slots' event posts share requests
+        self._idle, self._limit = slots, limit
         threads = [threading.Thread(target=self._serve_slot, args=(limit,), name=f"helix-slot-{index}",
                                     daemon=True) for index in range(slots)]
         for thread in threads:
@@ -179,18 +181,16 @@ class Runner:
                 return self._spare.popleft()
             except IndexError:
                 pass
-            with self._counting:
-                self._hungry += 1
-            got = self._poll_lock.acquire(timeout=0.1)
-            with self._counting:
-                self._hungry -= 1
-            if not got:
+            if not self._poll_lock.acquire(timeout=0.1):
                 continue
             try:
                 if self._spare:
                     continue
                 with self._counting:
-                    count = 1 + self._hungry  # this slot and every slot waiting for the poll
+                    # Every slot holding no task, as far as max_tasks leaves room (this one has reserved).
+                    count = max(1, self._idle)
+                    if self._limit is not None:
+                        count = max(1, min(count, 1 + self._limit - self._reserved))
                 return self._claim_or_pause(functools.partial(self._poll, count))
             finally:
                 self._poll_lock.release()
@@ -271,6 +271,9 @@ class Runner:
         self._reports[task.id] = attempt.report
         held = metrics.Timer()
         metrics.SLOTS_IN_USE.inc()
+        with self._counting:
+            self._idle -= 1
+        following: Claim | None = None
         try:
             try:
                 # A stop() that came between the claim and now hands the task straight back.
@@ -284,6 +287,8 @@ class Runner:
                 self._unreserve()
         finally:
             metrics.SLOTS_IN_USE.dec()
+            with self._counting:
+                self._idle += following is None
         metrics.attempt_ended(task.mode, outcome.action, held.elapsed,
                               outcome.result if isinstance(outcome, Complete) else None)
         return following

@@ -302,3 +302,42 @@ def test_idle_runner_stops_promptly(api, api_client, config):
     assert runner.run() == 0
     assert len(api.calls) >= 1
 
+
+
+def test_a_complete_brings_the_next_task_without_a_claim(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1))
+    api.post(f"{TASK_URL}/1/complete", json={"status": "complete", "next": claim_json(task_id=2)})
+    api.post(f"{TASK_URL}/2/complete", json={"status": "complete", "next": None})
+    fake_worker_api(api)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=2) == 2
+    assert actions(api) == ["claim", "1/complete", "2/complete"]
+    # It asks for the next task only while max_tasks leaves room for one.
+    assert [body.get("claim_next") for body in bodies(api, "/complete")] == [True, None]
+
+
+def test_a_next_task_that_arrives_as_the_runner_stops_goes_back(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1))
+    backend = EchoBackend(config)
+    runner = Runner(config, backend, api_client)
+
+    def complete_then_stop(request):
+        runner.stop()
+        return 200, {}, json.dumps({"status": "complete", "next": claim_json(task_id=2)})
+
+    api.add_callback(responses.POST, f"{TASK_URL}/1/complete", callback=complete_then_stop)
+    fake_worker_api(api)
+    assert runner.run() == 1
+    assert actions(api) == ["claim", "1/complete", "2/release"]
+
+
+def test_an_api_without_claim_next_is_completed_the_old_way(api, api_client, config, claim_json):
+    api.get(TASK_URL, json=claim_json(task_id=1))
+    api.post(f"{TASK_URL}/1/complete", status=400,
+             json={"error": "invalid_field", "message": "Unknown field 'claim_next'; allowed: ..."})
+    api.post(f"{TASK_URL}/1/complete", json={"status": "complete"})
+    api.get(TASK_URL, json=claim_json(task_id=2))
+    fake_worker_api(api)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=2) == 2
+    first, second = bodies(api, "/1/complete")
+    assert first["claim_next"] is True and "claim_next" not in second
+    assert not bodies(api, "/1/fail")

@@ -123,3 +123,14 @@ def test_a_claim_refused_for_good_stops_every_slot_and_is_raised(api, api_client
 
     with pytest.raises(ApiError, match="unknown runner token"):
         Runner(replace(config, max_parallel=3), EchoBackend(config), api_client).run()
+
+
+def test_one_poll_claims_for_every_idle_slot(api, api_client, config, claim_json):
+    api.get(TASK_URL, json={"tasks": [claim_json(task_id=1), claim_json(task_id=2)]})
+    api.get(TASK_URL, status=204)
+    fake_worker_api(api)
+    backend = Meeting(config, size=2)
+    assert Runner(replace(config, max_parallel=2), backend, api_client).run(max_tasks=2) == 2
+    assert backend.most == 2
+    claims = [call.request for call in api.calls if "/task?" in call.request.url]
+    assert len(claims) == 1 and "max=2" in claims[0].url
