@@ -76,18 +76,23 @@ def _stop_runners(api: HelixApi, procs: list[Any], runners: int, model: str, sto
 
 
 def measure_latency(ctx: Any, api: HelixApi, *, model: str, runners: int, mode: str, samples: int,
-                    warmup: int, monitor: TreeMemory | None = None) -> Latency:
-    """Create one task at a time while `runners` wait; time create sent -> claim received."""
+                    warmup: int, monitor: TreeMemory | None = None, idle_seconds: float = 1.5,
+                    settle_seconds: float = 0.5) -> Latency:
+    """Create one task at a time while `runners` wait; time create sent -> claim received.
+
+    Before the first task, the API's CPU is measured over `idle_seconds` once the runners have had
+    `settle_seconds` to reach their long-polls (with `monitor`).
+    """
     label = f"{'long' if mode == 'long' else 'short'}-poll, {runners} runner(s)"
     result = Latency(label)
     out, stop = ctx.Queue(), ctx.Event()
     counter = ctx.Value("q", 0)
     cfg = api.runner_cfg(model=model, mode=mode, wait=30, period=SHORT_POLL_PERIOD, purpose="latency")
     procs = _start_runners(ctx, cfg, runners, out, stop, counter)
-    time.sleep(0.5)  # let every long-poll reach the server
+    time.sleep(settle_seconds)  # let every long-poll reach the server
     if monitor is not None:  # what waiting runners cost the API while nothing is queued
         cpu0, t0 = monitor.cpu_seconds(), time.monotonic()
-        time.sleep(1.5)
+        time.sleep(idle_seconds)
         result.idle_cpu_pct = 100 * (monitor.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     client = api.user_client()
     client.connect()

@@ -52,8 +52,9 @@ def main(log_level: str) -> None:
 @click.option("--workers", type=int, default=None,
               help="Processes (default: 1 on SQLite, which serialises writes anyway; one per core on "
               "PostgreSQL).")
-@click.option("--threads", default=256, show_default=True, type=int,
-              help="Threads per process: each waiting runner (long-poll) or event stream holds one.")
+@click.option("--threads", default=1024, show_default=True, type=int,
+              help="Threads per process: each waiting runner (long-poll) or event stream holds one. They "
+              "start as they are needed, so a high ceiling costs nothing until runners wait.")
 def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     """Serve the API with gunicorn."""
     from gunicorn.app.base import BaseApplication
@@ -70,8 +71,11 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
+            # Idle keep-alive connections wait in the worker's selector, not on a thread: room for a
+            # fleet of them beside the busy ones.
             for key, value in {"bind": binds, "workers": workers, "child_exit": _child_exit, "threads": threads,
-                               "worker_class": "gthread", "timeout": 120, "graceful_timeout": 10,
+                               "worker_connections": threads + 1000, "worker_class": "gthread",
+                               "timeout": 120, "graceful_timeout": 10,
                                "keepalive": 75, "accesslog": None, "errorlog": "-",
                                # Several servers on one machine would fight over one socket path.
                                "control_socket_disable": True}.items():

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .db import Database
@@ -23,25 +23,65 @@ WRITE_EVERY_SECONDS = 5.0
 ALIVE_SECONDS = 60.0
 
 _RUNNERS = Runner.__table__
+_REFRESH = update(_RUNNERS).where(_RUNNERS.c.name == bindparam("p_name")).values(last_seen_at=bindparam("p_seen"))
 _lock = threading.Lock()
+_clock = time.monotonic  # a module attribute, so tests can move it
 
 
-def _due(database: Database, name: str, what: tuple[Any, ...]) -> bool:
-    """Whether this process should write runner `name`'s row now (kept per database: tests have many)."""
-    now = time.monotonic()
+class _Sightings:
+    """One API process's record of when it last wrote each runner's row, and the refreshes not written yet.
+
+    A runner seen for the first time, or asking for another model, is written at once. A mere "still
+    here" waits, and every refresh due is written together in one transaction at most once per
+    WRITE_EVERY_SECONDS: a thousand runners re-polling at once cost one write, not a thousand.
+    """
+
+    def __init__(self) -> None:
+        self.written: dict[str, tuple[float, tuple[Any, ...]]] = {}
+        self.pending: dict[str, datetime] = {}
+        self.flushed = float("-inf")
+
+
+def _sightings(database: Database) -> _Sightings:
+    """This process's sightings of `database`'s runners (kept per database: tests have many)."""
+    return database.__dict__.setdefault("runner_sightings", _Sightings())
+
+
+def _note(database: Database, name: str, what: tuple[Any, ...]) -> bool:
+    """Whether runner `name` must be written now; otherwise queue a refresh when one is due."""
+    now = _clock()
+    sightings = _sightings(database)
     with _lock:
-        writes: dict[str, tuple[float, tuple[Any, ...]]] = database.__dict__.setdefault("runner_writes", {})
-        last = writes.get(name)
-        if last is not None and last[1] == what and now - last[0] < WRITE_EVERY_SECONDS:
-            return False
-        writes[name] = (now, what)
-        return True
+        last = sightings.written.get(name)
+        if last is None or last[1] != what:
+            sightings.written[name] = (now, what)
+            return True
+        if now - last[0] >= WRITE_EVERY_SECONDS:
+            sightings.written[name] = (now, what)
+            sightings.pending[name] = utcnow()
+        return False
+
+
+def _flush(database: Database) -> None:
+    """Write the refreshes waiting, in one transaction, if the last flush is old enough."""
+    sightings = _sightings(database)
+    with _lock:
+        if not sightings.pending or _clock() - sightings.flushed < WRITE_EVERY_SECONDS:
+            return
+        pending, sightings.pending = sightings.pending, {}
+        sightings.flushed = _clock()
+    try:
+        with database.transaction() as conn:
+            conn.execute(_REFRESH, [{"p_name": name, "p_seen": seen_at} for name, seen_at in pending.items()])
+    except Exception:
+        logger.exception("recording %d runners as heard from failed", len(pending))
 
 
 def seen(database: Database, name: str, *, runner_token_id: int | None, mode: Any, type_: Any,
          model_name: str) -> None:
     """Record that runner `name` asked for work of (mode, type, model); a few writes a minute at most."""
-    if not _due(database, name, (mode, type_, model_name)):
+    if not _note(database, name, (mode, type_, model_name)):
+        _flush(database)
         return
     now = utcnow()
     values = {"runner_token_id": runner_token_id, "mode": mode, "type": type_, "model_name": model_name,
@@ -59,13 +99,15 @@ def seen(database: Database, name: str, *, runner_token_id: int | None, mode: An
 
 def touched(database: Database, name: str) -> None:
     """Record that runner `name` reported on a task it holds (a heartbeat or events)."""
-    if not _due(database, name, ("touch",)):
-        return
-    try:
-        with database.transaction() as conn:
-            conn.execute(update(_RUNNERS).where(_RUNNERS.c.name == name).values(last_seen_at=utcnow()))
-    except Exception:
-        logger.exception("recording runner %s failed", name)
+    sightings = _sightings(database)
+    with _lock:
+        last = sightings.written.get(name)
+        if last is None or _clock() - last[0] >= WRITE_EVERY_SECONDS:
+            # A row this process never wrote is refreshed all the same: its claim may have come
+            # through another process (an UPDATE of a row that is not there changes nothing).
+            sightings.written[name] = (_clock(), last[1] if last else ("touch",))
+            sightings.pending[name] = utcnow()
+    _flush(database)
 
 
 def alive_since(now: datetime | None = None) -> datetime:

@@ -88,10 +88,19 @@ def hang_up_check(environ: dict[str, Any]) -> Callable[[], bool] | None:
 
 
 def hung_up(sock: socket.socket) -> bool:
-    """True once the client closed its end: a waiting runner sends nothing, so readable means EOF."""
+    """True once the client closed its end: a waiting runner sends nothing, so readable means EOF.
+
+    poll(), not select(): select() refuses descriptors past 1024, which a node holding a thousand
+    runners' connections hands out (and every poll would then look hung up).
+    """
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        if not poller.poll(0):
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # readable, yet nothing to read after all: still there
+        return False
     except (OSError, ValueError):  # closed or reset under us
         return True
 

@@ -47,7 +47,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @click.option("--runner-name", envvar="HELIX_RUNNER_NAME", show_envvar=True, default=default_runner_name,
               show_default="hostname-pid", help="The name operators see on the tasks this runner holds.")
 @click.option("--wait", type=click.FloatRange(0, 30), default=None,
-              help="Long-poll seconds per claim. [default: the job URL's wait, else 20]")
+              help="Long-poll seconds per claim. [default: the job URL's wait, else 30, the API's most]")
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after this many tasks.")
 @click.option("--grace", type=click.FloatRange(min=0), default=8.0, show_default=True,
               help="Seconds a stopping runner lets the task in hand finish before handing it back.")
@@ -87,7 +87,7 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
         raise click.UsageError("no runner token: set HELIX_RUNNER_TOKEN or pass --token "
                                "(make one with `helix runner-token create`)")
     if wait is None:
-        wait = target.wait if target.wait is not None else 20.0
+        wait = target.wait if target.wait is not None else RunnerConfig.wait
     config = RunnerConfig(
         api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
         model_name=target.model_name or "", backend=backend, runner_name=runner_name, wait=wait,

@@ -55,7 +55,9 @@ class RunnerConfig:
     model_name: str
     backend: str = ""
     runner_name: str = field(default_factory=default_runner_name)
-    wait: float = 20.0  # long-poll seconds per claim (the API caps it at 30)
+    # Long-poll seconds per claim, the most the API allows: an idle fleet costs the API one request per
+    # runner per `wait`, so the longest wait is the cheapest.
+    wait: float = 30.0
     idle_sleep: float = 1.0  # least time between two claims that found no work
     error_backoff: float = 5.0  # pause after the API stayed unavailable through all retries
     grace_seconds: float = 8.0  # how long a stopping runner lets the task in hand finish

@@ -72,3 +72,21 @@ def test_served_models_are_those_of_runners_heard_from_lately(client, runner, db
         conn.execute(update(Runner).where(Runner.name == "gpu-2")
                      .values(last_seen_at=utcnow() - timedelta(seconds=runners.ALIVE_SECONDS + 1)))
         assert runners.served_models(conn) == [("create", "text", TEXT_MODEL)]
+
+
+def test_refreshes_of_many_runners_are_written_together(client, runner, db, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(runners, "_clock", lambda: now[0])
+    names = ["gpu-a", "gpu-b", "gpu-c"]
+    for name in names:  # first sightings: written at once
+        claim(client, {**runner, "X-Helix-Runner": name})
+    long_ago = utcnow() - timedelta(minutes=5)
+    with db.transaction() as conn:
+        conn.execute(update(Runner).values(last_seen_at=long_ago))
+    now[0] += runners.WRITE_EVERY_SECONDS
+    for name in names:  # the first refresh is written with its poll; the others wait for the next flush
+        claim(client, {**runner, "X-Helix-Runner": name})
+    assert [r.last_seen_at > long_ago for r in _rows(db)] == [True, False, False]
+    now[0] += runners.WRITE_EVERY_SECONDS
+    claim(client, {**runner, "X-Helix-Runner": "gpu-a"})  # one request writes every refresh waiting
+    assert all(r.last_seen_at > long_ago for r in _rows(db))

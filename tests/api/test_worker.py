@@ -393,3 +393,26 @@ def test_claim_next_must_be_a_boolean(client, runner, task_factory):
     _, task, token = _claimed(client, runner, task_factory)
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={}, claim_next="yes")
     assert response.status_code == 400 and response.json["field"] == "claim_next"
+
+
+def test_hung_up_tells_a_waiting_runner_from_a_gone_one_past_descriptor_1024():
+    # A node holding a thousand runners' connections hands out descriptors past select()'s limit.
+    import fcntl
+    import resource
+    import socket
+
+    from helix_api.worker import hung_up
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1600:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    server_end, runner_end = socket.socketpair()
+    high = socket.socket(fileno=fcntl.fcntl(server_end.fileno(), fcntl.F_DUPFD, 1500))
+    try:
+        assert high.fileno() >= 1500
+        assert hung_up(high) is False  # waiting: sends nothing
+        runner_end.close()
+        assert hung_up(high) is True
+    finally:
+        high.close()
+        server_end.close()
