@@ -50,8 +50,8 @@ def main(log_level: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--workers", type=int, default=None,
-              help="Processes (default: 1 on SQLite, which serialises writes anyway; one per core on "
-              "PostgreSQL).")
+              help="Processes (default: 1 on SQLite, which serialises writes anyway; one per two cores on "
+              "PostgreSQL, whose server needs cores of its own).")
 @click.option("--threads", default=1024, show_default=True, type=int,
               help="Threads per process: each waiting runner (long-poll) or event stream holds one. They "
               "start as they are needed, so a high ceiling costs nothing until runners wait.")
@@ -65,7 +65,9 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     settings = load_settings()
     dialect = "sqlite" if settings["DATABASE_URL"].startswith("sqlite") else "postgresql"
     if workers is None:
-        workers = 1 if dialect == "sqlite" else (os.cpu_count() or 1)
+        # Each process runs Python on one core at a time and costs ~80 MB; the database server does a
+        # large share of every request's work on the other cores (measured in notes.md).
+        workers = 1 if dialect == "sqlite" else max(1, (os.cpu_count() or 1) // 2)
     binds = [f"{host}:{port}"] + ([settings["METRICS_BIND"]] if settings["METRICS_BIND"] else [])
     metrics_dir = _metrics_dir()
 
