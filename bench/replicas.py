@@ -10,7 +10,9 @@ received, one task at a time as bench.dispatch's long-poll rows do:
 - single replica: the creator and the waiting runners on replica 0;
 - across replicas: the creator on replica 0, the runners long-polling replica 1. The runners wake
   only by PostgreSQL NOTIFY relayed to replica 1 (the re-check timer is set to 60 s, beyond the
-  30 s long-poll, so a wake-up that did not travel would show as a lost sample).
+  30 s long-poll, so a wake-up that did not travel would show as a lost sample);
+- then whether tokens a runner posts to replica 1 reach a follower of the session's event stream on
+  the last replica, and how long after the post (without HELIX_BUS_URL: at the 0.25 s flush).
 
 `measure(...)` returns the figures as a dict, so an aggregate report can import it; run alone it
 prints them beside the issue's target (across <= 2x single). See bench/README.md.
@@ -25,6 +27,7 @@ import multiprocessing as mp
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from bench.measures import fmt_summary  # noqa: E402
 logger = logging.getLogger("bench.replicas")
 
 TARGET_RATIO = 2.0
+QUICK = {"samples": 20, "warmup": 3}  # what bench.all passes with --quick
 RECHECK_SECONDS = "60"  # beyond the long-poll: only a relayed wake-up can bring a task in time
 
 
@@ -64,6 +68,52 @@ def _replica(first: HelixApi, index: int, workdir: Path, args: argparse.Namespac
     api.env = {**first.env, "HELIX_DATA_DIR": str(api.workdir / "data")}
     api.key, api.token = first.key, first.token
     return api
+
+
+def _tokens_cross(creator: HelixApi, runner: HelixApi, follower: HelixApi, model: str) -> dict[str, Any]:
+    """Tokens a runner posts to one replica, read live by a follower of the session on another."""
+    import requests
+
+    text = "tokens across replicas"
+    client = creator.user_client()
+    status, session = client.request("POST", "/api/v1/sessions", {"model_name": model, "message": "follow me"})
+    client.close()
+    if status != 201:
+        return {"tokens_cross": False, "why": f"create answered {status}"}
+    runner_http = Http(runner.host, runner.port, runner.token, runner_name="bench-follow")
+    status, claimed = runner_http.request(
+        "GET", f"/api/v1/worker/task?mode=create&type=text&model_name={model}&wait=10")
+    if status != 200:
+        return {"tokens_cross": False, "why": f"claim answered {status}"}
+    seen: list[str] = []
+    arrived = threading.Event()
+
+    def follow() -> None:
+        url = f"http://{follower.host}:{follower.port}/api/v1/sessions/{session['id']}/events"
+        with requests.get(url, headers={"Authorization": f"Bearer {follower.key}"}, stream=True,
+                          timeout=(5, 15)) as response:
+            for line in response.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:") and '"token"' in line:
+                    seen.append(json.loads(line[5:])["text"])
+                    if "".join(seen) == text:
+                        arrived.set()
+                        return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the follower is attached before the tokens come
+    task, token = claimed["task"], claimed["lease"]["token"]
+    posted = time.monotonic()
+    words = text.split(" ")
+    events = [{"seq": i + 1, "kind": "token", "text": w + (" " if i < len(words) - 1 else "")}
+              for i, w in enumerate(words)]
+    runner_http.request("POST", f"/api/v1/worker/task/{task['id']}/events", {"lease_token": token, "events": events})
+    ok = arrived.wait(10)
+    delay_ms = (time.monotonic() - posted) * 1000
+    runner_http.request("POST", f"/api/v1/worker/task/{task['id']}/complete",
+                        {"lease_token": token, "result": {"text": text}})
+    runner_http.close()
+    return {"tokens_cross": ok, "tokens_cross_ms": round(delay_ms, 1) if ok else None}
 
 
 def measure(replicas: int = 3, runners: int = 10, *, samples: int = 50, warmup: int = 5,
@@ -94,6 +144,9 @@ def measure(replicas: int = 3, runners: int = 10, *, samples: int = 50, warmup: 
                                  mode="long", samples=samples, warmup=warmup).summary()
         logger.info("  across replicas: %s", fmt_summary(across))
         out.update(same=same, across=across)
+        # Tokens: the runner posts to replica 1, a follower reads on the last replica.
+        out.update(_tokens_cross(first, apis[1], apis[-1], "bench/across"))
+        logger.info("  tokens across replicas: %s", {k: out.get(k) for k in ("tokens_cross", "tokens_cross_ms")})
     except Exception:
         for api in apis:
             logger.error("replica on port %s, log tail:\n%s", api.port, api.log_tail())
@@ -106,6 +159,7 @@ def measure(replicas: int = 3, runners: int = 10, *, samples: int = 50, warmup: 
             shutil.rmtree(workdir, ignore_errors=True)
     one, two = out["same"].get("sent_p50_ms"), out["across"].get("sent_p50_ms")
     out["p50_ratio"] = two / one if one and two else None
+    out["single_p50_ms"], out["p50_ms"] = one, two  # the names bench.all reads
     return out
 
 
@@ -123,6 +177,9 @@ def report(result: dict[str, Any]) -> str:
              f"{across.get('sent_p99_ms', nan):.2f}", ""),
             ("p50 across / p50 on one", f"{ratio or nan:.2f}x",
              f"<= {TARGET_RATIO:g}x  {'PASS' if ratio and ratio <= TARGET_RATIO else 'MISS'}")]
+    rows.append(("tokens posted to one replica reach a live follower on another",
+                 "yes" if result.get("tokens_cross") else "NO",
+                 f"{result.get('tokens_cross_ms')} ms after the post" if result.get("tokens_cross") else ""))
     lines += [f"{name:<60} {value:>9}  {target}" for name, value, target in rows]
     lost, errors = same["lost"] + across["lost"], same["errors"] + across["errors"]
     lines += ["", f"problems: lost {lost}, errors {errors}" if lost or errors else "problems: none"]
