@@ -122,3 +122,30 @@ def test_the_ticker_wakes_one_waiter_of_each_queue_per_tick():
     # Each tick woke one of the two waiters of each queue, never both, and no event stream's.
     assert seen["queue:a"] <= poked["queue:a"] and seen["queue:b"] <= poked["queue:b"]
     assert seen["session:1"] == 0 and "session:1" not in poked
+
+
+def test_waiters_are_woken_first_come_first_served():
+    notifier = Notifier()
+    order: list[int] = []
+    arrived = [threading.Event() for _ in range(3)]
+
+    def waiter(n: int) -> None:
+        with notifier.watch("queue:q") as watch:
+            arrived[n].set()
+            if watch.wait(10.0):
+                order.append(n)
+
+    threads = []
+    for n in range(3):  # one after another, so their order of arrival is known
+        threads.append(threading.Thread(target=waiter, args=(n,)))
+        threads[-1].start()
+        arrived[n].wait(5)
+        time.sleep(0.05)
+    for woken in range(1, 4):
+        notifier.notify("queue:q", 1)
+        deadline = time.monotonic() + 10
+        while len(order) < woken and time.monotonic() < deadline:  # the one woken has said so
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2]  # a queued task goes to the runner that has waited longest
