@@ -11,17 +11,18 @@ the lease and by the stored seq, so a cancel or a reap takes effect at the next 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
 
 from . import events, leases, metrics, usage
-from .bus import NoBus, RedisBus
+from .bus import NoBus, RedisBus, make_bus
 from .db import Database
 from .errors import EventsGap, HelixError, LeaseLost, TaskCancelled, TaskNotFound
 from .leases import LeasePolicy
@@ -47,6 +48,13 @@ class Intake:
         # Without a bus, followers in other processes learn of a flush by NOTIFY (PostgreSQL) or by
         # re-checking (SQLite); with one, the bus has already carried the tokens.
         self._notify_flush = self._for_update and self.bus.url is None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], database: Database, policy: LeasePolicy) -> Intake:
+        """The intake FLUSH_SECONDS and the bus settings describe, with a fresh set of live replies."""
+        live = LiveReplies()
+        bus = make_bus(settings["BUS_URL"], functools.partial(_mirror, database, live), settings["BUS_NAMESPACE"])
+        return cls(database, live, policy, bus=bus, flush_every=settings["FLUSH_SECONDS"])
 
     def add(self, posts: list[Post]) -> list[dict[str, Any] | HelixError]:
         """Take each post (task id, lease token, events); one answer per post, in order.
@@ -195,6 +203,17 @@ class Intake:
         for session_id, messages in out.items():
             notifier.notify_text(session_topic(session_id))
             self.bus.publish(session_id, messages)
+
+
+def _mirror(database: Database, live: LiveReplies, message: dict[str, Any]) -> None:
+    """Apply another process's tokens from the bus, and wake this process's followers of the session."""
+    def stored(task_id: int, attempt: int) -> str | None:
+        with database.reading() as conn:
+            row = events.stored_text(conn, task_id)
+        return row.output if row is not None and row.attempt == attempt else None
+
+    if live.mirror(message, stored):
+        database.notifier.notify_text(session_topic(message["session_id"]))
 
 
 def _seq(event: dict[str, Any]) -> int:

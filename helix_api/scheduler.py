@@ -8,21 +8,17 @@ the state machine.
 
 from __future__ import annotations
 
-import base64
-import functools
-import hashlib
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, String, bindparam, func, select, update
 
-from . import events, files, leases, metrics, queues, usage
-from .bus import make_bus
+from . import claims, events, files, leases, metrics, queues, usage
 from .db import Database
 from .errors import HelixError, NotCancellable, TaskCancelled
 from .intake import Intake
@@ -38,7 +34,7 @@ from .models import (
     TaskStatus,
     utcnow,
 )
-from .notifier import publish, queue_topic, session_topic
+from .notifier import publish, queue_topic
 from .queues import QueueFilter
 from .storage import FileStore, StoredBlob
 from .vocabulary import AttemptEnd
@@ -53,28 +49,9 @@ _TASKS, _REPLIES = Task.__table__, Interaction.__table__
 
 
 # Statements built once: on the hot paths, building a statement costs more than running it.
-def _claim_statement(skip_locked: bool):
-    candidate = select(_TASKS.c.id).where(queues.QUEUED).order_by(_TASKS.c.priority, _TASKS.c.id).limit(1)
-    if skip_locked:
-        # Concurrent claimers skip a row another transaction is taking instead of queueing on it.
-        candidate = candidate.with_for_update(skip_locked=True)
-    return (update(_TASKS)
-            .where(_TASKS.c.id == candidate.scalar_subquery(), _TASKS.c.status == TaskStatus.QUEUED)
-            .values(status=TaskStatus.CLAIMED, attempt=_TASKS.c.attempt + 1, lease_token=bindparam("p_token"),
-                    lease_expires_at=bindparam("p_expires"), claimed_at=bindparam("p_now"), started_at=None,
-                    runner=bindparam("p_runner"), runner_token_id=bindparam("p_runner_token"), last_event_seq=0)
-            .returning(*_TASKS.c))
-
-
-_CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
-# The task a `complete` claimed next, found again by the lease token derived from the completed one.
-_HELD_BY = select(*_TASKS.c).where(_TASKS.c.status.in_(ACTIVE_TASK_STATUSES),
-                                   _TASKS.c.lease_token == bindparam("p_token"))
 _COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
              .values(status=TaskStatus.COMPLETE, result=bindparam("p_result"), finished_at=bindparam("p_now"),
                      lease_expires_at=None))
-_REPLY_RUNNING = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-                  .values(state=InteractionState.RUNNING))
 # A result without `text` (an image, say) keeps the output streamed so far.
 _REPLY_DONE = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
@@ -104,12 +81,8 @@ class Scheduler:
     def from_settings(cls, settings: Mapping[str, Any], database: Database, store: FileStore) -> Scheduler:
         """The scheduler the lease, REAP_SECONDS and RECHECK_SECONDS settings describe."""
         policy = LeasePolicy.from_settings(settings)
-        live = LiveReplies()
-        intake = Intake(database, live, policy, flush_every=settings["FLUSH_SECONDS"],
-                        bus=make_bus(settings["BUS_URL"], functools.partial(_mirror, database, live),
-                                     settings["BUS_NAMESPACE"]))
         return cls(database, store, policy, reap_every=settings["REAP_SECONDS"],
-                   recheck=settings["RECHECK_SECONDS"], intake=intake)
+                   recheck=settings["RECHECK_SECONDS"], intake=Intake.from_settings(settings, database, policy))
 
     def claim(self, filt: QueueFilter, *, runner: str, runner_token_id: int | None,
               look_first: bool = True) -> tuple[Any, Lease] | None:
@@ -142,18 +115,8 @@ class Scheduler:
 
     def _claim_in(self, conn: Connection, filt: QueueFilter, token: str, runner: str,
                   runner_token_id: int | None) -> tuple[Any, Lease] | None:
-        """Claim the first queued task of `filt` under lease `token`, in `conn`'s transaction."""
-        now, policy = utcnow(), self.policy
-        lease = Lease(token, now + timedelta(seconds=policy.ttl_seconds), policy.ttl_seconds,
-                      policy.heartbeat_seconds)
-        task = conn.execute(_CLAIM[self._for_update], {
-            **filt.params(), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
-            "p_runner": runner, "p_runner_token": runner_token_id}).one_or_none()
-        if task is None:
-            return None
-        conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
-        events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
-        return task, lease
+        return claims.take(conn, filt, token, self.policy, runner=runner, runner_token_id=runner_token_id,
+                           skip_locked=self._for_update)
 
     def claim_waiting(self, filt: QueueFilter, *, wait: float, client_gone: Callable[[], bool] | None = None,
                       runner: str, runner_token_id: int | None, count: int = 1) -> list[tuple[Any, Lease]]:
@@ -262,7 +225,7 @@ class Scheduler:
     def _claim_next(self, conn: Connection, done: Any, token: str, runner: str) -> tuple[Any, Lease] | None:
         """Claim the next task of `done`'s queue, under a lease token only `token`'s holder can derive."""
         filt = QueueFilter(done.mode, done.type, done.model_name)
-        claimed = self._claim_in(conn, filt, _next_token(token), runner, done.runner_token_id)
+        claimed = self._claim_in(conn, filt, claims.next_token(token), runner, done.runner_token_id)
         if claimed is not None:
             logger.info("task %s: claimed by %s with the completion of task %s (attempt %s)",
                         claimed[0].id, runner, done.id, claimed[0].attempt)
@@ -275,11 +238,7 @@ class Scheduler:
         claimed and never claims twice; a lease that ran out (the task went back to the queue, maybe to
         another runner, under another token) answers nothing.
         """
-        task = conn.execute(_HELD_BY, {"p_token": _next_token(token)}).one_or_none()
-        if task is None or task.lease_expires_at is None or task.lease_expires_at < now:
-            return None
-        policy = self.policy
-        return task, Lease(task.lease_token, task.lease_expires_at, policy.ttl_seconds, policy.heartbeat_seconds)
+        return claims.held_by(conn, claims.next_token(token), now, self.policy)
 
     def fail(self, task_id: int, token: str, error: str, retry: bool) -> TaskStatus:
         """Record a failure: requeue if `retry` and attempts are left, else fail for good.
@@ -367,23 +326,6 @@ class Scheduler:
             logger.exception("reaping expired leases failed")
         finally:
             self._reap_lock.release()
-
-
-def _mirror(database: Database, live: LiveReplies, message: dict[str, Any]) -> None:
-    """Apply another process's tokens from the bus, and wake this process's followers of the session."""
-    def stored(task_id: int, attempt: int) -> str | None:
-        with database.reading() as conn:
-            row = events.stored_text(conn, task_id)
-        return row.output if row is not None and row.attempt == attempt else None
-
-    if live.mirror(message, stored):
-        database.notifier.notify_text(session_topic(message["session_id"]))
-
-
-def _next_token(token: str) -> str:
-    """The lease token of the task claimed with the completion under `token`: derived, so a retry finds it."""
-    digest = hashlib.sha256(b"helix-next:" + token.encode()).digest()[:24]
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def _update_task(conn: Connection, task: Any, **values: Any) -> None:
