@@ -142,14 +142,20 @@ class StateCollector:
         running = GaugeMetricFamily("helix_tasks_running", "Tasks a runner holds now.", labels=KIND)
         oldest = GaugeMetricFamily("helix_queue_oldest_wait_seconds", "How long the oldest queued task has waited.",
                                    labels=KIND)
+        seen = set()
         for entry in depths:
             labels = [entry["mode"], entry["type"], entry["model_name"]]
+            seen.add(tuple(labels))
             queued.add_metric(labels, entry["queued"])
             running.add_metric(labels, entry["running"])
             oldest.add_metric(labels, entry["oldest_queued_seconds"] or 0.0)
         alive = GaugeMetricFamily("helix_runners_live", "Runners heard from in the last minute.", labels=KIND)
         for mode, type_, model, count in live:
-            alive.add_metric([mode.value, type_.value, model], count)
+            labels = [mode.value, type_.value, model]
+            alive.add_metric(labels, count)
+            if tuple(labels) not in seen:  # an empty queue that runners serve reads 0, rather than vanishing
+                for family in (queued, running, oldest):
+                    family.add_metric(labels, 0)
         yield from (queued, running, oldest, alive)
 
 

@@ -75,3 +75,10 @@ def test_counters_and_gauges_follow_the_work(client, user, runner, task_factory)
     requests = delta("helix_http_request_duration_seconds_count", (("group", "worker"), ("method", "POST"),
                                                                     ("status", "2xx")))
     assert requests == 3
+
+
+def test_an_empty_queue_that_runners_serve_reads_zero(client, runner):
+    assert claim(client, {**runner, "X-Helix-Runner": "gpu-1"}).status_code == 204  # a runner asks: nothing
+    samples = scrape(client)
+    assert samples[("helix_runners_live", kind())] == 1
+    assert samples[("helix_queue_depth", kind())] == 0 and samples[("helix_tasks_running", kind())] == 0
