@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.routing import IntegerConverter
 
-from . import admin, meta, metrics_api, openai_api, schema, sessions, usage_api, web, worker
+from . import admin, knowledge, meta, metrics_api, openai_api, schema, sessions, usage_api, web, worker
 from .config import load_settings
 from .db import Database
 from .errors import register_error_handlers
@@ -46,7 +46,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     # CSRF tokens are checked by the web blueprint's own forms only: bearer-token JSON clients send none.
     app.config.update(WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
     web.csrf.init_app(app)
-    for blueprint in (sessions.bp, worker.bp, meta.bp, admin.bp, openai_api.bp, usage_api.bp, web.bp):
+    for blueprint in (sessions.bp, knowledge.bp, worker.bp, meta.bp, admin.bp, openai_api.bp, usage_api.bp,
+                      web.bp):
         app.register_blueprint(blueprint)
     metrics_api.init_app(app)
     logger.info("Helix API on %s (%s)", database.engine.url.render_as_string(), database.dialect)

@@ -27,6 +27,7 @@ from .live import LiveReplies
 from .models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from .notifier import session_topic
 from .openai_models import Model
+from .retrieval import RetrievalSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class Request:
     task_id: int
     model: str
     created: int
+    # The documents and chunks retrieval gave the model (None: the request named no knowledge base).
+    sources: list[dict[str, Any]] | None = None
 
     @property
     def id(self) -> str:
@@ -50,13 +53,17 @@ class Request:
 
 
 def start(database: Database, policy: LeasePolicy, *, user_id: int, model: Model, requested: str,
-          messages: list[dict[str, str]], params: dict[str, Any]) -> Request:
-    """Start the session of a /v1 request with its task queued; `requested` is the model id it named."""
+          messages: list[dict[str, str]], params: dict[str, Any], knowledge_bases: list[int] | None = None,
+          knowledge: RetrievalSettings | None = None) -> Request:
+    """Start the session of a /v1 request with its task queued; `requested` is the model id it named.
+
+    With `knowledge_bases` (the user's, checked), the last message's turn retrieves from them.
+    """
     session, task = conversations.create_from_messages(
         database, user_id=user_id, type_=model.type, model_name=model.name, messages=messages, params=params,
-        policy=policy, adapter=model.adapter)
+        policy=policy, adapter=model.adapter, knowledge_bases=knowledge_bases, knowledge=knowledge)
     return Request(session_id=session.id, task_id=task.id, model=requested,
-                   created=int(session.created_at.timestamp()))
+                   created=int(session.created_at.timestamp()), sources=(task.input or {}).get("sources"))
 
 
 def _task(database: Database, task_id: int) -> Any:
@@ -147,7 +154,13 @@ def chat_completion(request: Request, task: Any) -> dict[str, Any]:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": str(result.get("text") or "")},
                      "finish_reason": finish_reason(result), "logprobs": None}],
         "usage": usage(result), "system_fingerprint": None,
-    }
+    } | _sources(task)
+
+
+def _sources(task: Any) -> dict[str, Any]:
+    """`{"sources": [...]}` when the request drew on knowledge bases: an extra field clients may ignore."""
+    found = (task.input or {}).get("sources")
+    return {} if found is None else {"sources": found}
 
 
 def _data(body: dict[str, Any] | str) -> str:
@@ -161,11 +174,11 @@ class _Chunks:
         self.request = request
         self.include_usage = include_usage
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {
             "id": self.request.id, "object": "chat.completion.chunk", "created": self.request.created,
             "model": self.request.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **(extra or {})}
         if self.include_usage:
             body["usage"] = None  # as OpenAI does: only the last chunk carries it
         return _data(body)
@@ -219,7 +232,9 @@ def stream_chat(database: Database, live: LiveReplies, request: Request, *, incl
     text = _Text()
     ended = False
     try:
-        yield chunks.chunk({"role": "assistant", "content": ""})
+        # Sources are known up front: the first chunk carries them, an extra field clients may ignore.
+        extra = {} if request.sources is None else {"sources": request.sources}
+        yield chunks.chunk({"role": "assistant", "content": ""}, extra=extra)
         for event in feed.feed(database, live, request.session_id, feed.Cursor(), follow=True, keepalive=keepalive,
                                recheck=recheck, bus=bus, text_every=text_every):
             if event is None:

@@ -63,6 +63,18 @@ class Config:
     MIN_TRAINING_IMAGES = 3
     MAX_TRAINING_IMAGE_BYTES = 20 * 1024**2
     MAX_TRAINING_IMAGE_SIDE = 4096
+    # Comparisons (prompt, chosen, rejected) a `dpo` or `reward_model` fine-tune needs at least.
+    MIN_COMPARISONS = 10
+    # Knowledge bases (retrieval): how documents are cut into chunks, how many chunks (and characters)
+    # a turn carries to the model, and how big one document may be.
+    KNOWLEDGE_CHUNK_CHARS = 1000
+    KNOWLEDGE_CHUNK_OVERLAP = 150
+    KNOWLEDGE_TOP_K = 4
+    KNOWLEDGE_MAX_CONTEXT_CHARS = 4000
+    KNOWLEDGE_MAX_DOCUMENT_BYTES = 5 * 1024**2
+    # Candidates one `POST /api/v1/sessions/<id>/score` may send, and how long it waits for the runner.
+    MAX_SCORE_CANDIDATES = 16
+    SCORE_WAIT_SECONDS = 300.0
     # Signs the web app's session cookies and the time-limited image links of /v1/images. Every API
     # replica must share it; empty means a random key kept in DATA_DIR/secret_key (one machine only).
     SECRET_KEY = ""

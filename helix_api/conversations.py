@@ -8,7 +8,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
-from . import files, queues, training_data
+from . import files, queues, retrieval, training_data
 from .db import Database
 from .errors import NotReady, SessionBusy, SessionNotFound
 from .files import FileKind
@@ -66,8 +66,13 @@ def conversation(session: Session) -> list[dict[str, str]]:
 
 def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str, params: dict[str, Any],
               priority: int, policy: LeasePolicy, history: list[dict[str, str]],
-              extra_input: dict[str, Any] | None = None, adapter: Any | None = None) -> list[tuple]:
-    """Store the user's message and a queued reply with its task; returns (interaction, task) pairs."""
+              extra_input: dict[str, Any] | None = None, adapter: Any | None = None,
+              knowledge: retrieval.RetrievalSettings | None = None) -> list[tuple]:
+    """Store the user's message and a queued reply with its task; returns (interaction, task) pairs.
+
+    A session that names knowledge bases gets the chunks that best match the message in its task's
+    system message (with `knowledge`, the app's retrieval settings), and their list as `sources`.
+    """
     now = utcnow()
     asked = db.execute(_INSERT_INTERACTION, {
         "session_id": session.id, "creator": Creator.USER, "message": message, "params": params,
@@ -76,6 +81,11 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
         "session_id": session.id, "creator": Creator.ASSISTANT, "message": "", "params": params,
         "state": InteractionState.QUEUED, "output": "", "created_at": now, "finished_at": None}).one()
     task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
+    kb_ids = getattr(session, "knowledge_bases", None) or []
+    if kb_ids and knowledge is not None:
+        grounding = retrieval.ground(db, kb_ids, message, knowledge)
+        task_input["messages"] = retrieval.with_context(task_input["messages"], grounding)
+        task_input["sources"] = grounding.sources if grounding else []
     if session.type == SessionType.IMAGE:
         task_input["prompt"] = message
     if session.mode == Mode.CREATE:
@@ -90,11 +100,11 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
 
 
 def _insert_session(conn: Connection, *, user_id: int, name: str, mode: Mode, type_: SessionType,
-                    model_name: str) -> Any:
+                    model_name: str, knowledge_bases: list[int] | None = None) -> Any:
     now = utcnow()
     return conn.execute(_INSERT_SESSION, {
         "user_id": user_id, "name": name[:200], "mode": mode, "type": type_, "model_name": model_name,
-        "event_seq": 0, "created_at": now, "updated_at": now}).one()
+        "event_seq": 0, "knowledge_bases": knowledge_bases or [], "created_at": now, "updated_at": now}).one()
 
 
 def _first_line(text: str) -> str:
@@ -104,19 +114,25 @@ def _first_line(text: str) -> str:
 
 def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, model_name: str,
            message: str, params: dict[str, Any], name: str | None,
-           policy: LeasePolicy) -> dict[str, Any]:
-    """Start a session with its first message and queue the task that answers it; returns its JSON."""
+           policy: LeasePolicy, knowledge_bases: list[int] | None = None,
+           knowledge: retrieval.RetrievalSettings | None = None) -> dict[str, Any]:
+    """Start a session with its first message and queue the task that answers it; returns its JSON.
+
+    `knowledge_bases` (ids the caller checked are the user's) are searched on every turn.
+    """
     with database.transaction() as conn:
         session = _insert_session(conn, user_id=user_id, name=name or _first_line(message), mode=mode,
-                                  type_=type_, model_name=model_name)
-        turns = _add_turn(conn, session, user_id, message, params, queues.PRIORITY_NEW, policy, history=[])
+                                  type_=type_, model_name=model_name, knowledge_bases=knowledge_bases)
+        turns = _add_turn(conn, session, user_id, message, params, queues.PRIORITY_NEW, policy, history=[],
+                          knowledge=knowledge)
         # Shown from what is in hand: a new session has no files, and its one event is "queued".
         return _session_body(conn, session, turns, file_rows=[], event_seq=1)
 
 
 def create_from_messages(database: Database, *, user_id: int, type_: SessionType, model_name: str,
                          messages: list[dict[str, str]], params: dict[str, Any], policy: LeasePolicy,
-                         adapter: Any | None = None) -> tuple[Any, Any]:
+                         adapter: Any | None = None, knowledge_bases: list[int] | None = None,
+                         knowledge: retrieval.RetrievalSettings | None = None) -> tuple[Any, Any]:
     """Start a session from a whole chat (the OpenAI way) and queue the reply to its last user message.
 
     Earlier user and assistant messages become completed interactions without a task, so the session
@@ -127,7 +143,8 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
     first_user = next(m["content"] for m in messages if m["role"] == "user")
     with database.transaction() as conn:
         session = _insert_session(conn, user_id=user_id, name=_first_line(first_user) or "chat",
-                                  mode=Mode.CREATE, type_=type_, model_name=model_name)
+                                  mode=Mode.CREATE, type_=type_, model_name=model_name,
+                                  knowledge_bases=knowledge_bases)
         now = utcnow()
         for past in earlier:
             if past["role"] not in (Creator.USER, Creator.ASSISTANT):
@@ -138,7 +155,7 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
                 "message": past["content"] if said else "", "output": "" if said else past["content"],
                 "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now})
         [_, (_, task)] = _add_turn(conn, session, user_id, last["content"], params, queues.PRIORITY_NEW,
-                                   policy, history=earlier, adapter=adapter)
+                                   policy, history=earlier, adapter=adapter, knowledge=knowledge)
         return session, task
 
 
@@ -157,7 +174,9 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
         if isinstance(data, training_data.TextSet):
             saved.append((FileKind.DATASET, "train.jsonl", store.save(data.jsonl, "uploads", "train.jsonl",
                                                                       max_file_bytes), "application/jsonl"))
-            summary = f"Fine-tune {model_name} on {data.examples} examples"
+            method = params.get("method") or "sft"
+            summary = (f"Fine-tune {model_name} on {data.examples} examples" if method == "sft" else
+                       f"Fine-tune {model_name} ({method}) on {data.examples} comparisons")
         else:
             summary = f"Fine-tune {model_name} on {len(data.images)} captioned images"
         now = utcnow()
@@ -187,7 +206,8 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
 
 
 def add_message(database: Database, *, user_id: int, session_id: int, message: str,
-                params: dict[str, Any], policy: LeasePolicy, limits: Limits) -> None:
+                params: dict[str, Any], policy: LeasePolicy, limits: Limits,
+                knowledge: retrieval.RetrievalSettings | None = None) -> None:
     """Continue a session; its task goes ahead of tasks that start new sessions."""
     with database.write() as db:
         session = owned(db, user_id, session_id, load=True)
@@ -199,7 +219,7 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
             raise SessionBusy(f"Session {session_id} is still answering its previous message: "
                               "wait for it (GET the session or follow its events) or cancel it.")
         _add_turn(db, session, user_id, message, params, queues.PRIORITY_CONTINUE, policy,
-                  history=conversation(session), adapter=files.session_adapter(db, session.id))
+                  history=conversation(session), adapter=files.session_adapter(db, session.id), knowledge=knowledge)
         session.updated_at = utcnow()
 
 
@@ -215,6 +235,8 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached
         body["result"] = item.result
         body["task"] = {"id": task.id, "status": task.status.value, "attempt": task.attempt,
                         "max_attempts": task.max_attempts}
+        if "sources" in (task.input or {}):
+            body["sources"] = task.input["sources"]  # the documents and chunks retrieval gave the model
         body["phase"] = phase(task, item)
         if task.status == TaskStatus.QUEUED:
             body["queue_position"] = queues.queue_position(db, task)
@@ -242,7 +264,7 @@ def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] |
     """A session as JSON, from ORM objects or Core rows; `turns` are (interaction, task) pairs."""
     body: dict[str, Any] = {
         "id": session.id, "name": session.name, "mode": session.mode.value, "type": session.type.value,
-        "model_name": session.model_name, "state": None,
+        "model_name": session.model_name, "knowledge_bases": list(session.knowledge_bases or []), "state": None,
         "created_at": session.created_at.isoformat(), "updated_at": session.updated_at.isoformat(),
         "last_event_seq": event_seq,
     }

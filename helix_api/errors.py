@@ -73,6 +73,12 @@ class InvalidTrainingData(BadRequest):
     code = "invalid_training_data"
 
 
+class InvalidDocument(BadRequest):
+    """A document cannot be added to a knowledge base; `problems` names each file."""
+
+    code = "invalid_document"
+
+
 class Unauthorized(HelixError):
     """Missing or unknown credentials: send `Authorization: Bearer <key>`."""
 
@@ -110,6 +116,10 @@ class TaskNotFound(NotFound):
 
 class FileNotFound(NotFound):
     """No such file."""
+
+
+class KnowledgeBaseNotFound(NotFound):
+    """No such knowledge base."""
 
 
 class Conflict(HelixError):

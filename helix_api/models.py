@@ -128,6 +128,8 @@ class Session(Base):
     # Last sequence number given to an event of this session: event ids are gap-free per session,
     # so a client resuming with Last-Event-ID misses nothing.
     event_seq: Mapped[int] = mapped_column(default=0)
+    # Ids of the user's knowledge bases each turn retrieves from (see retrieval.py); empty: none.
+    knowledge_bases: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -282,3 +284,49 @@ class TaskUsage(Base):
     # From the claim to the attempt's end (its lease's expiry, for a runner that vanished).
     runner_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     finished_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+class KnowledgeBase(Base):
+    """A user's collection of documents that chats may draw on."""
+
+    __tablename__ = "knowledge_bases"
+    __table_args__ = (Index("ix_knowledge_bases_user_id_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KnowledgeDocument(Base):
+    """A text or Markdown document in a knowledge base, split into chunks."""
+
+    __tablename__ = "knowledge_documents"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    knowledge_base_id: Mapped[int] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"),
+                                                   index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    chunks: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KnowledgeChunk(Base):
+    """A passage of a document: what retrieval ranks and hands to the model.
+
+    Full-text search over `text` is the database's own and lives outside these models (migration
+    0006): an FTS5 table `knowledge_fts` kept by triggers on SQLite, a stored generated column
+    `search` = `to_tsvector('english', text)` with a GIN index on PostgreSQL.
+    """
+
+    __tablename__ = "knowledge_chunks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Denormalised from the document, so a search filters by knowledge base without a join.
+    knowledge_base_id: Mapped[int] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"),
+                                                   index=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("knowledge_documents.id", ondelete="CASCADE"),
+                                             index=True)
+    ordinal: Mapped[int]  # the chunk's place in its document, from 0
+    text: Mapped[str] = mapped_column(Text)

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, g, url_for
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from . import completions, openai_models, responses
+from . import completions, openai_models, responses, session_service
 from .auth import require_user
 from .errors import Forbidden, InvalidField, ModelNotFound
 from .models import Mode, SessionType
@@ -159,10 +159,11 @@ def _chat_params(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start(model: openai_models.Model, requested: str, messages: list[dict[str, str]],
-           params: dict[str, Any]) -> completions.Request:
+           params: dict[str, Any], knowledge: Any = None) -> completions.Request:
     svc = services()
+    kb_ids = session_service.knowledge_bases(svc, g.caller.id, knowledge, model.type)
     return completions.start(svc.database, svc.policy, user_id=g.caller.id, model=model, requested=requested,
-                             messages=messages, params=params)
+                             messages=messages, params=params, knowledge_bases=kb_ids, knowledge=svc.retrieval)
 
 
 def _wait(started: completions.Request) -> Any:
@@ -194,7 +195,7 @@ def chat_completions():
         raise InvalidField("stream_options is only allowed with stream: true.", field="stream_options")
     include_usage = field(options or {}, "include_usage", bool, required=False, default=False)
     model = _resolve(requested, SessionType.TEXT)
-    started = _start(model, requested, messages, params)
+    started = _start(model, requested, messages, params, body.get("knowledge"))
     if stream:
         svc = services()
         intake = svc.scheduler.intake

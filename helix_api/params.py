@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
@@ -63,6 +63,18 @@ _BOOLEAN = Annotated[bool, Field(description="true or false", strict=True)]
 _NEGATIVE = Annotated[str, Field(description="a string of at most 2000 characters", strict=True, max_length=2000)]
 
 
+# How a text fine-tune trains: supervised on chats (the default), DPO on comparisons, or a reward model
+# (a scoring head) on comparisons, which then scores replies (POST /api/v1/sessions/<id>/score).
+METHODS = ("sft", "dpo", "reward_model")
+COMPARISON_METHODS = frozenset({"dpo", "reward_model"})
+_METHOD = Annotated[Literal[METHODS], Field(description=f"one of {', '.join(METHODS)}")]
+
+
+def training_method(params: dict[str, Any]) -> str:
+    """A text fine-tune's method (checked params): `sft` unless `method` says otherwise."""
+    return params.get("method") or "sft"
+
+
 def _schema(name: str, fields: dict[str, Any]) -> Any:
     return with_config({"extra": "forbid", "strict": True})(TypedDict(name, fields, total=False))
 
@@ -102,6 +114,9 @@ def schemas(limits: Limits) -> dict[tuple[Mode, SessionType], Any]:
             **training,
             "num_epochs": _number(1, 1000, integer=True),
             "lora_alpha": _number(1, 4096, integer=True),
+            "method": _METHOD,
+            "beta": _number(0, 10, low_open=True),  # DPO's KL weight (TRL's default 0.1)
+            "sft_weight": _number(0, 10),  # DPO: weight of the chosen replies' likelihood beside it (0: none)
         }),
         (Mode.FINETUNE, SessionType.IMAGE): _schema("ParamsImageFinetune", {
             **training,

@@ -17,6 +17,22 @@ from sqlalchemy import Engine
 from .db import normalize_url
 from .errors import SchemaOutOfDate
 
+# What the database's own full-text search keeps (SQLite's FTS5 table and its shadow tables, PostgreSQL's
+# stored tsvector column and its GIN index; made by revision 0006): not in the models, so autogenerate
+# leaves them alone.
+SEARCH_TABLE = "knowledge_fts"
+SEARCH_INDEX = "ix_knowledge_chunks_search"
+SEARCH_COLUMN = ("knowledge_chunks", "search")
+
+
+def include_name(name: str | None, type_: str, parent_names: dict[str, str | None]) -> bool:
+    """Whether autogenerate compares a reflected object: everything but the full-text search's own."""
+    if type_ == "table" and name is not None and name.startswith(SEARCH_TABLE):
+        return False
+    if type_ == "column" and (parent_names.get("table_name"), name) == SEARCH_COLUMN:
+        return False
+    return not (type_ == "index" and name == SEARCH_INDEX)
+
 
 def migrations_dir() -> str:
     """The folder of env.py and versions/, wherever Helix is installed (a wheel or an editable checkout)."""

@@ -17,6 +17,7 @@ from .catalog import Catalog
 from .db import Database
 from .leases import LeasePolicy
 from .params import Limits
+from .retrieval import RetrievalSettings
 from .scheduler import Scheduler
 from .storage import FileStore, LocalFileStore
 
@@ -33,6 +34,8 @@ class Services:
     limits: Limits
     # Claims, leases and how attempts end; it keeps the app's reap clock.
     scheduler: Scheduler
+    # How documents are chunked and how much retrieval adds to a turn.
+    retrieval: RetrievalSettings
     # Read-only: settings are read at the edges and never changed after start-up.
     settings: Mapping[str, Any]
 
@@ -48,7 +51,8 @@ class Services:
         scheduler = Scheduler.from_settings(settings, database, store)
         return cls(
             database=database, store=store, catalog=Catalog.from_setting(settings["MODELS"]),
-            limits=Limits.from_settings(settings), scheduler=scheduler, settings=MappingProxyType(settings))
+            limits=Limits.from_settings(settings), scheduler=scheduler,
+            retrieval=RetrievalSettings.from_settings(settings), settings=MappingProxyType(settings))
 
     def init_app(self, app: Flask) -> None:
         """Make these the services of `app`."""

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from . import conversations, events, feed, files, scheduler, training_data
-from .errors import InvalidField
+from . import completions, conversations, events, feed, files, knowledge_service, scheduler, scoring, training_data
+from .errors import InvalidField, NotReady
 from .models import File, Mode, SessionType
-from .params import check_params
+from .params import COMPARISON_METHODS, check_params, training_method
 from .services import Services
 from .validation import field, parse_type
 
@@ -30,20 +30,38 @@ def _message(value: Any) -> str:
 
 
 def start(services: Services, *, user_id: int, mode: Mode, type_: SessionType, model_name: str, params: dict,
-          message: Any, name: str | None = None) -> dict[str, Any]:
-    """Check a new session's model, params and first message, and queue its reply; the session's JSON."""
+          message: Any, name: str | None = None, knowledge: Any = None) -> dict[str, Any]:
+    """Check a new session's model, params, first message and knowledge bases (ids of the user's, searched
+    on every turn), and queue its reply; the session's JSON."""
     model = services.catalog.get(model_name, type_.value)
     params = check_params(params, mode, type_, services.limits)
+    kb_ids = knowledge_bases(services, user_id, knowledge, type_)
     return conversations.create(
         services.database, user_id=user_id, mode=mode, type_=type_, model_name=model.name,
-        message=_message(message), params=params, name=name, policy=services.policy)
+        message=_message(message), params=params, name=name, policy=services.policy, knowledge_bases=kb_ids,
+        knowledge=services.retrieval)
+
+
+def knowledge_bases(services: Services, user_id: int, value: Any, type_: SessionType) -> list[int]:
+    """Knowledge base ids from a request, each checked to be the user's (404 otherwise)."""
+    kb_ids = knowledge_service.parse_ids(value)
+    if kb_ids and type_ != SessionType.TEXT:
+        raise InvalidField("Only text sessions draw on knowledge bases.", field="knowledge")
+    if kb_ids:
+        with services.database.reading() as conn:
+            knowledge_service.owned(conn, user_id, kb_ids)
+    return kb_ids
 
 
 def say(services: Services, *, user_id: int, session_id: int, message: Any, params: dict) -> None:
     """Continue a session with a message (params checked against the session's kind of task)."""
+    with services.database.reading() as conn:
+        if scoring.adapter_method(conn, session_id) == scoring.REWARD_MODEL:
+            raise NotReady(f"Session {session_id} is a reward model: it scores replies "
+                           f"(POST /api/v1/sessions/{session_id}/score) rather than answering messages.")
     conversations.add_message(services.database, user_id=user_id, session_id=session_id,
                               message=_message(message), params=params, policy=services.policy,
-                              limits=services.limits)
+                              limits=services.limits, knowledge=services.retrieval)
 
 
 def start_finetune(services: Services, *, user_id: int, type_name: str, model_name: str, params: dict,
@@ -59,7 +77,9 @@ def start_finetune(services: Services, *, user_id: int, type_name: str, model_na
         raise InvalidField("Field 'model_name' is required.", field="model_name")
     model = services.catalog.get(model_name, type_.value)
     check_params(params, Mode.FINETUNE, type_, services.limits)
-    if type_ == SessionType.TEXT:
+    if type_ == SessionType.TEXT and training_method(params) in COMPARISON_METHODS:
+        data = training_data.check_comparisons(uploads, settings["MIN_COMPARISONS"])
+    elif type_ == SessionType.TEXT:
         data = training_data.check_text(uploads, settings["MIN_TEXT_EXAMPLES"])
     else:
         data = training_data.check_images(uploads, min_images=settings["MIN_TRAINING_IMAGES"],
@@ -69,6 +89,17 @@ def start_finetune(services: Services, *, user_id: int, type_name: str, model_na
         services.database, services.store, user_id=user_id, type_=type_, model_name=model.name,
         message=message, params=params, name=name, data=data, uploads=uploads, policy=services.policy,
         max_file_bytes=settings["MAX_FILE_BYTES"])
+
+
+def score(services: Services, *, user_id: int, session_id: int, prompt: Any, candidates: Any) -> dict[str, Any]:
+    """Score candidate replies to a prompt with one of the user's completed reward models; waits for the runner."""
+    settings = services.settings
+    prompt, candidates = scoring.check_request(prompt, candidates, int(settings["MAX_SCORE_CANDIDATES"]))
+    started = scoring.start(services.database, services.policy, user_id=user_id, session_id=session_id,
+                            prompt=prompt, candidates=candidates)
+    task = completions.wait(services.database, started, timeout=float(settings["SCORE_WAIT_SECONDS"]),
+                            recheck=settings["RECHECK_SECONDS"])
+    return scoring.answer(started, task, candidates)
 
 
 def cancel_reply(services: Services, user_id: int, session_id: int) -> None:

@@ -44,7 +44,8 @@ def create_session():
                            "'files' and mode, type, model_name and params as form fields.", field="mode")
     return session_service.start(
         services(), user_id=g.caller.id, mode=mode, type_=type_, model_name=field(body, "model_name", str),
-        params=_params(body), message=body.get("message"), name=field(body, "name", str, required=False)), 201
+        params=_params(body), message=body.get("message"), name=field(body, "name", str, required=False),
+        knowledge=body.get("knowledge")), 201
 
 
 def _create_finetune():
@@ -92,6 +93,15 @@ def add_message(session_id: int):
     session_service.say(svc, user_id=g.caller.id, session_id=session_id, message=body.get("message"),
                         params=_params(body))
     return session_service.shown(svc, g.caller.id, session_id), 201
+
+
+@bp.post("/<int:session_id>/score")
+@require_user
+def score(session_id: int):
+    """Score candidate replies to a prompt with a completed reward-model fine-tune: one score per candidate."""
+    body = json_body(schemas.ScoreRequest)
+    return session_service.score(services(), user_id=g.caller.id, session_id=session_id, prompt=body.get("prompt"),
+                                 candidates=body.get("candidates"))
 
 
 @bp.post("/<int:session_id>/cancel")

@@ -2,6 +2,9 @@
 
 Text: JSONL of chats (`{"messages": [{"role", "content"}, ...]}`) or question/answer pairs
 (`question`/`answer`, or `prompt`/`completion`), normalised to one `train.jsonl` of chats.
+Comparisons (DPO, reward models): JSONL of `{"prompt", "chosen", "rejected"}`, or a chat `messages`
+ending with the user's turn and a `chosen` and a `rejected` reply (strings or assistant messages),
+normalised to one `train.jsonl` of `{"messages", "chosen", "rejected"}`.
 Images: each image with a caption: `x.png` + `x.txt`, or one `captions.json` of `{"x.png": "..."}`.
 """
 
@@ -71,24 +74,31 @@ class Problems:
         raise InvalidTrainingData(f"{summary}: {lines}{more}", field="files", problems=shown)
 
 
+def _messages_of(messages: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    """A `messages` array as role/content messages, or why it is not one."""
+    if not isinstance(messages, list) or not messages:
+        return None, "'messages' must be a non-empty array"
+    chat = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return None, f"messages[{i}] must be an object"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return None, f"messages[{i}] has unknown role {role!r} (allowed: {', '.join(ROLES)})"
+        if not isinstance(content, str) or not content.strip():
+            return None, f"messages[{i}] needs a non-empty string 'content'"
+        chat.append({"role": role, "content": content})
+    return chat, None
+
+
 def _chat_of(record: Any) -> tuple[list[dict[str, str]] | None, str | None]:
     """The chat a JSONL record stands for, or why it is not one."""
     if not isinstance(record, dict):
         return None, "each line must be a JSON object"
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return None, "'messages' must be a non-empty array"
-        chat = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                return None, f"messages[{i}] must be an object"
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLES:
-                return None, f"messages[{i}] has unknown role {role!r} (allowed: {', '.join(ROLES)})"
-            if not isinstance(content, str) or not content.strip():
-                return None, f"messages[{i}] needs a non-empty string 'content'"
-            chat.append({"role": role, "content": content})
+        chat, why = _messages_of(record["messages"])
+        if chat is None:
+            return None, why
         if not any(m["role"] == "assistant" for m in chat) or not any(m["role"] == "user" for m in chat):
             return None, "a chat needs at least one user and one assistant message"
         return chat, None
@@ -101,7 +111,51 @@ def _chat_of(record: Any) -> tuple[list[dict[str, str]] | None, str | None]:
     return None, "expected 'messages', or 'question' and 'answer' (or 'prompt' and 'completion')"
 
 
-def check_text(uploads: list[Upload], min_examples: int) -> TextSet:
+def _reply_of(record: dict[str, Any], name: str) -> tuple[str | None, str | None]:
+    """The text of a comparison's `chosen` or `rejected` reply, or why it is not one."""
+    value = record.get(name)
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant":
+            return None, f"'{name}' must be the assistant's reply, not a {value.get('role')!r} message"
+        value = value.get("content")
+    if not isinstance(value, str) or not value.strip():
+        return None, f"'{name}' must be a non-empty string (or an assistant message with one)"
+    return value, None
+
+
+def _comparison_of(record: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The comparison a JSONL record stands for, or why it is not one."""
+    if not isinstance(record, dict):
+        return None, "each line must be a JSON object"
+    if "chosen" not in record or "rejected" not in record:
+        return None, "a comparison needs 'chosen' and 'rejected' replies"
+    if "messages" in record:
+        chat, why = _messages_of(record["messages"])
+        if chat is None:
+            return None, why
+        if chat[-1]["role"] != "user":
+            return None, "'messages' must end with the user's turn that 'chosen' and 'rejected' answer"
+    elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        chat = [{"role": "user", "content": record["prompt"]}]
+    else:
+        return None, "expected 'prompt' (a non-empty string) or 'messages' ending with the user's turn"
+    chosen, why = _reply_of(record, "chosen")
+    if chosen is None:
+        return None, why
+    rejected, why = _reply_of(record, "rejected")
+    if rejected is None:
+        return None, why
+    if chosen == rejected:
+        return None, "'chosen' and 'rejected' are the same reply: nothing to learn from"
+    return {"messages": chat, "chosen": chosen, "rejected": rejected}, None
+
+
+def check_comparisons(uploads: list[Upload], min_examples: int) -> TextSet:
+    """Every line checked as a comparison; normalised ones, or InvalidTrainingData naming each bad line."""
+    return check_text(uploads, min_examples, comparisons=True)
+
+
+def check_text(uploads: list[Upload], min_examples: int, *, comparisons: bool = False) -> TextSet:
     """Every line of every file checked; normalised chats, or InvalidTrainingData naming each bad line."""
     problems = Problems()
     out = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
@@ -131,16 +185,18 @@ def check_text(uploads: list[Upload], min_examples: int) -> TextSet:
             if problem:
                 problems.add(name, f"{problem[0].lstrip('.') or 'the line'} holds {problem[1]}", number)
                 continue
-            chat, why = _chat_of(record)
-            if chat is None:
+            normalised, why = _comparison_of(record) if comparisons else _chat_of(record)
+            if normalised is None:
                 problems.add(name, why or "not a training example", number)
                 continue
             examples += 1
-            out.write(json.dumps({"messages": chat}, ensure_ascii=False).encode() + b"\n")
+            line_out = normalised if comparisons else {"messages": normalised}
+            out.write(json.dumps(line_out, ensure_ascii=False).encode() + b"\n")
         upload.stream.seek(0)
     problems.raise_if_any("The training data has problems")
     if examples < min_examples:
-        problems.add("files", f"only {examples} training examples; at least {min_examples} are needed")
+        what = "comparisons" if comparisons else "training examples"
+        problems.add("files", f"only {examples} {what}; at least {min_examples} are needed")
         problems.raise_if_any("Too few training examples")
     out.seek(0)
     return TextSet(examples=examples, jsonl=out)

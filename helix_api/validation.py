@@ -21,6 +21,8 @@ from .schemas.sessions import EventCursor
 
 # `inference` is what people call it; `create` is the word the runner URL has always used.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}
+# Runners may also claim `score` tasks (a reward model rating replies); sessions are never in that mode.
+_CLAIM_MODES = {**_MODES, "score": Mode.SCORE}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                dict: "an object", list: "an array"}
 _CURSOR_HEADER = "Last-Event-ID"
@@ -82,11 +84,13 @@ def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True,
     return value
 
 
-def parse_mode(value: Any, name: str = "mode") -> Mode:
-    """A mode from `create`/`inference`/`finetune`, any case."""
-    mode = _MODES.get(value.lower()) if isinstance(value, str) else None
+def parse_mode(value: Any, name: str = "mode", *, claim: bool = False) -> Mode:
+    """A mode from `create`/`inference`/`finetune`, any case; with `claim` (a runner's), `score` too."""
+    modes = _CLAIM_MODES if claim else _MODES
+    mode = modes.get(value.lower()) if isinstance(value, str) else None
     if mode is None:
-        raise UnknownMode(f"Unknown mode {str(value)[:40]!r}; allowed: create (or inference), finetune.", field=name)
+        allowed = "create (or inference), finetune" + (", score" if claim else "")
+        raise UnknownMode(f"Unknown mode {str(value)[:40]!r}; allowed: {allowed}.", field=name)
     return mode
 
 

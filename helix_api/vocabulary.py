@@ -10,10 +10,12 @@ import enum
 
 
 class Mode(enum.StrEnum):
-    """What a session does: inference (`create`) or training (`finetune`)."""
+    """What a session or task does: inference (`create`), training (`finetune`), or scoring replies
+    with a reward model (`score`, a task kind only: its session stays `create`)."""
 
     CREATE = "create"
     FINETUNE = "finetune"
+    SCORE = "score"
 
 
 class SessionType(enum.StrEnum):

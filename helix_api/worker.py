@@ -46,7 +46,7 @@ def claim():
     """Claim the next matching task (200 with a lease), or up to `max` of them, or say there is none (204)."""
     svc = services()
     args = query(schemas.Claim)
-    mode = parse_mode(args.get("mode", "create"))
+    mode = parse_mode(args.get("mode", "create"), claim=True)
     type_ = parse_type(args.get("type", "text"))
     model_name = args["model_name"]
     wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])

@@ -7,6 +7,7 @@ from sqlalchemy import pool
 
 from helix_api.db import make_engine
 from helix_api.models import Base
+from helix_api.schema import include_name
 
 config = context.config
 target_metadata = Base.metadata
@@ -25,7 +26,8 @@ def run_migrations_online() -> None:
     engine = make_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
     with engine.connect() as connection:
         # Batch mode lets later revisions alter columns on SQLite (it recreates the table).
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                          include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

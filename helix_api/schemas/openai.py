@@ -11,7 +11,7 @@ from typing import Annotated, Required
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import BODY, INT64_MAX, QUERY, JsonObject, JsonValue, text
+from .base import BODY, INT64_MAX, QUERY, Id, JsonObject, JsonValue, text
 
 Int = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
@@ -67,6 +67,8 @@ class ChatCompletion(TypedDict, total=False):
     user: text(500) | None
     store: bool | None
     metadata: JsonObject | None
+    knowledge: Annotated[list[Id] | None, Field(max_length=16, description=(
+        "Helix's own: ids of the caller's knowledge bases to retrieve from; the answer lists its `sources`"))]
 
 
 @with_config(BODY)

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from ..params import Limits
 from ..params import schemas as param_schemas
-from . import admin, openai, sessions, usage, worker
+from . import admin, knowledge, openai, sessions, usage, worker
 from .base import INT32_MAX, adapter
 
 PREFIXES = ("/api/", "/v1/")
@@ -40,6 +40,9 @@ OPERATIONS: dict[str, Operation] = {
                                          form_files=("files", True)),
     "sessions.list_sessions": Operation(query=sessions.SessionPage),
     "sessions.add_message": Operation(json=sessions.SessionMessage),
+    "sessions.score": Operation(json=sessions.ScoreRequest),
+    "knowledge.create_knowledge_base": Operation(json=knowledge.KnowledgeBaseCreate),
+    "knowledge.add_files": Operation(form=knowledge.DocumentUpload, form_files=("files", True)),
     "sessions.session_events": Operation(query=sessions.EventCursor, headers={"Last-Event-ID": (
         {"type": "integer", "minimum": 0, "maximum": INT32_MAX}, "resume after this event id")}),
     "worker.claim": Operation(query=worker.Claim, headers=_RUNNER_NAME),

@@ -26,6 +26,8 @@ class SessionCreate(TypedDict, total=False):
     message: Required[text()]
     params: Annotated[JsonObject | None, Field(description="the params of this kind of task (see Params*)")]
     name: text(200) | None
+    knowledge: Annotated[list[Id] | None, Field(max_length=16, description=(
+        "ids of the caller's knowledge bases that every turn retrieves from (text sessions)"))]
 
 
 @with_config(QUERY)
@@ -62,3 +64,11 @@ class EventCursor(TypedDict, total=False):
 
     after: Annotated[text(40), Field(pattern=EVENT_ID, description="an event id: N, or N.K inside a reply's text")]
     follow: text(8)
+
+
+@with_config(BODY)
+class ScoreRequest(TypedDict, total=False):
+    """POST /api/v1/sessions/<id>/score: candidate replies to a prompt, scored by a reward-model fine-tune."""
+
+    prompt: Required[text()]
+    candidates: Required[Annotated[list[text()], Field(description="the replies to score, 1 to MAX_SCORE_CANDIDATES")]]

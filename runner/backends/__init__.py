@@ -18,6 +18,7 @@ __all__ = ["BACKENDS", "Backend", "load_backend"]
 BACKENDS: dict[str, str] = {
     "mistral": "runner.backends.mistral:MistralBackend",
     "sdxl": "runner.backends.sdxl:SDXLBackend",
+    "reward": "runner.backends.reward:RewardBackend",  # --mode score: a reward model scores replies
 }
 
 

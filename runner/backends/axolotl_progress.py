@@ -25,6 +25,8 @@ from transformers import TrainerCallback
 PROGRESS_ENV = "HELIX_PROGRESS_FILE"
 PARENT_ENV = "HELIX_PARENT_PID"
 PLUGIN_NAME = "runner.backends.axolotl_progress.ProgressPlugin"
+REWARD_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+                  "margin": "reward_margin", "accuracy": "reward_accuracy"}
 
 
 class ProgressCallback(TrainerCallback):
@@ -41,23 +43,27 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         """The total is known once the trainer has sized its schedule."""
         if state.is_world_process_zero:
-            self._write({"event": "begin", "step": state.global_step, "total": state.max_steps})
+            self._write({"event": "begin", "step": state.global_step, "total": state.max_steps, "time": time.time()})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Each logged step (logging_steps: 1) carries the loss of that step."""
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         record: dict[str, Any] = {"event": "step", "step": state.global_step, "total": state.max_steps,
-                                  "loss": _number(logs["loss"])}
+                                  "loss": _number(logs["loss"]), "time": time.time()}
         for key in ("learning_rate", "epoch", "grad_norm"):
             if key in logs:
                 record[key] = _number(logs[key])
+        # What preference trainers report: TRL's DPO as rewards/*, its reward trainer as accuracy and margin.
+        for key, name in REWARD_METRICS.items():
+            if key in logs:
+                record[name] = _number(logs[key])
         self._write(record)
 
     def on_train_end(self, args, state, control, **kwargs):
         """Training finished (the adapter is saved after this)."""
         if state.is_world_process_zero:
-            self._write({"event": "end", "step": state.global_step, "total": state.max_steps})
+            self._write({"event": "end", "step": state.global_step, "total": state.max_steps, "time": time.time()})
 
 
 class ProgressPlugin(BasePlugin):

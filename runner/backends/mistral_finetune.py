@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.backends import params as param
+from runner.backends import preference
 from runner.backends.axolotl_progress import PARENT_ENV, PLUGIN_NAME, PROGRESS_ENV
 from runner.errors import BadTaskInput, RunnerError
 
@@ -104,20 +105,20 @@ def train_lora(task: Task, report: Report, *, config: RunnerConfig,
     work_root = Path(config.work_path)
     work_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"finetune-{task.id}-", dir=work_root))
+    method = preference.method_of(task.params)
     try:
-        examples = load_examples([(str(ref.get("name") or ref.get("id")), report.files.fetch(ref))
-                                  for ref in refs])
+        fetched = [(str(ref.get("name") or ref.get("id")), report.files.fetch(ref)) for ref in refs]
+        examples = load_examples(fetched) if method == preference.SFT else preference.load_comparisons(fetched)
         data_path = workdir / "data.jsonl"
-        with data_path.open("w", encoding="utf-8") as handle:
-            for example in examples:
-                handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+        preference.write_jsonl(data_path, preference.training_rows(method, examples))
         device = training_device(config.device)
         quantized = device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
-        cfg = axolotl_config(config.model_name, data_path, workdir, params, settings, device=device,
-                             quantized=quantized)
+        cfg = preference.preference_config(
+            axolotl_config(config.model_name, data_path, workdir, params, settings, device=device,
+                           quantized=quantized), method, task.params)
         cfg_path = workdir / "axolotl.yml"
         cfg_path.write_text(_dump_yaml(cfg))
-        kind = "QLoRA (4-bit)" if quantized else "LoRA"
+        kind = ("QLoRA (4-bit)" if quantized else "LoRA") + ("" if method == preference.SFT else f" {method}")
         logger.info("task %s: training %s on %s with %d examples on %s", task.id, kind, config.model_name,
                     len(examples), device)
         report.log(f"training a {kind} adapter on {len(examples)} examples ({device})")
@@ -125,8 +126,9 @@ def train_lora(task: Task, report: Report, *, config: RunnerConfig,
         adapter_dir = collect_adapter(workdir / "out", workdir / "adapter")
         ref = report.files.upload_dir(adapter_dir, kind="adapter")
         loss_text = f"{loss:.4f}" if loss is not None else "unknown"
-        return {"text": f"Fine-tuned {config.model_name} for {steps} steps; final loss {loss_text}",
-                "adapter_file_id": ref["id"], "steps": steps, "loss": loss}
+        how = "" if method == preference.SFT else f" ({method})"
+        return {"text": f"Fine-tuned {config.model_name}{how} for {steps} steps; final loss {loss_text}",
+                "adapter_file_id": ref["id"], "steps": steps, "loss": loss, "method": method}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -285,7 +287,8 @@ def run_axolotl(cfg_path: Path, workdir: Path, report: Report, *, device: str,
                     report.progress(0, int(record.get("total") or 0), message="training")
                 elif record.get("event") == "step":
                     steps, loss = int(record["step"]), record.get("loss")
-                    report.progress(steps, int(record.get("total") or 0), message="training", loss=loss)
+                    rewards = {k: record[k] for k in ("reward_margin", "reward_accuracy") if k in record}
+                    report.progress(steps, int(record.get("total") or 0), message="training", loss=loss, **rewards)
             if finished:
                 break
             report.check()

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_migrations_match_the_models(database_url):
     engine = make_engine(database_url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        context = MigrationContext.configure(conn, opts={"include_name": schema.include_name})
+        diff = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert diff == []
 
@@ -60,4 +61,18 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    engine.dispose()
+
+
+def test_revision_0006_allows_the_score_mode_and_no_other(database_url):
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(database_url)
+    insert = ("INSERT INTO runners (name, mode, type, model_name, first_seen_at, last_seen_at) "
+              "VALUES (:name, :mode, 'text', 'm', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
+    with engine.begin() as conn:
+        conn.execute(text(insert), {"name": "scorer", "mode": "score"})
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(text(insert), {"name": "bad", "mode": "bogus"})
     engine.dispose()
