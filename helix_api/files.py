@@ -92,6 +92,18 @@ def session_adapter(db: DBSession | Connection, session_id: int) -> Any | None:
     return db.execute(stmt).one_or_none()
 
 
+def adapter_method(db: DBSession | Connection, session_id: int) -> str | None:
+    """How the session's completed fine-tune trained (`sft`, `dpo`, `reward_model`); None without one.
+
+    A reward model's adapter carries a score head, not a chat model: it scores (scoring.py), never chats.
+    """
+    adapter = session_adapter(db, session_id)
+    if adapter is None:
+        return None
+    params = db.execute(select(Interaction.params).where(Interaction.id == adapter.interaction_id)).scalar()
+    return (params or {}).get("method") or "sft"
+
+
 def sessions_with_adapters() -> Any:
     """A subquery of the ids of sessions with a completed fine-tune's adapter."""
     return _completed_adapters(_FILES.c.session_id)

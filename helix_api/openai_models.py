@@ -17,6 +17,7 @@ from .catalog import Catalog
 from .db import Database
 from .errors import ModelNotFound
 from .models import Mode, Session, SessionType
+from .params import REWARD_MODEL
 
 FT_PREFIX = "ft:"
 
@@ -57,7 +58,8 @@ def listing(database: Database, catalog: Catalog, *, user_id: int, user_name: st
                 for name, (type_, served) in sorted(_offered(db.connection(), catalog).items())]
         data += [_model_json(f"{FT_PREFIX}{row.model_name}:{row.id}", row.type.value, owned_by=user_name,
                              created=int(row.created_at.timestamp()), helix_base_model=row.model_name,
-                             helix_session_id=row.id) for row in _fine_tunes(db, user_id)]
+                             helix_session_id=row.id) for row in _fine_tunes(db, user_id)
+                 if files.adapter_method(db, row.id) != REWARD_MODEL]  # a reward model scores, it does not chat
     return data
 
 
@@ -70,7 +72,7 @@ def resolve(database: Database, catalog: Catalog, *, user_id: int, model: str, t
             session = db.get(Session, int(session_id)) if session_id.isdigit() and len(session_id) < 19 else None
             adapter = files.session_adapter(db, session.id) if session is not None else None
             if (adapter is None or session.user_id != user_id or session.model_name != base
-                    or session.type != type_):
+                    or session.type != type_ or files.adapter_method(db, session.id) == REWARD_MODEL):
                 raise ModelNotFound(f"No {type_.value} fine-tune {model!r} of yours: its id is "
                                     f"ft:<base model>:<session id> of a completed fine-tune session "
                                     "(GET /v1/models).", field="model")

@@ -65,14 +65,15 @@ _NEGATIVE = Annotated[str, Field(description="a string of at most 2000 character
 
 # How a text fine-tune trains: supervised on chats (the default), DPO on comparisons, or a reward model
 # (a scoring head) on comparisons, which then scores replies (POST /api/v1/sessions/<id>/score).
-METHODS = ("sft", "dpo", "reward_model")
-COMPARISON_METHODS = frozenset({"dpo", "reward_model"})
+SFT, DPO, REWARD_MODEL = "sft", "dpo", "reward_model"
+METHODS = (SFT, DPO, REWARD_MODEL)
+COMPARISON_METHODS = frozenset({DPO, REWARD_MODEL})
 _METHOD = Annotated[Literal[METHODS], Field(description=f"one of {', '.join(METHODS)}")]
 
 
 def training_method(params: dict[str, Any]) -> str:
     """A text fine-tune's method (checked params): `sft` unless `method` says otherwise."""
-    return params.get("method") or "sft"
+    return params.get("method") or SFT
 
 
 def _schema(name: str, fields: dict[str, Any]) -> Any:

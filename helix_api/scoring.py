@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
-from sqlalchemy.orm import Session as DBSession
+from sqlalchemy import insert
 
 from . import completions, conversations, files, queues
 from .db import Database
@@ -27,20 +26,11 @@ from .models import (
     Mode,
     utcnow,
 )
+from .params import REWARD_MODEL
 
 logger = logging.getLogger(__name__)
 
-REWARD_MODEL = "reward_model"
 _INSERT_INTERACTION = insert(Interaction.__table__).returning(*Interaction.__table__.c)
-
-
-def adapter_method(db: DBSession | Connection, session_id: int) -> str | None:
-    """How the session's completed fine-tune trained (`sft`, `dpo`, `reward_model`); None without one."""
-    adapter = files.session_adapter(db, session_id)
-    if adapter is None:
-        return None
-    params = db.execute(select(Interaction.params).where(Interaction.id == adapter.interaction_id)).scalar()
-    return (params or {}).get("method") or "sft"
 
 
 def check_request(prompt: Any, candidates: Any, max_candidates: int) -> tuple[str, list[str]]:
@@ -60,7 +50,7 @@ def start(database: Database, policy: LeasePolicy, *, user_id: int, session_id: 
     """Queue the score task of one of the user's completed reward-model sessions; where to wait for it."""
     with database.write() as db:
         session = conversations.owned(db, user_id, session_id, load=True)
-        if session.mode != Mode.CREATE or adapter_method(db, session_id) != REWARD_MODEL:
+        if session.mode != Mode.CREATE or files.adapter_method(db, session_id) != REWARD_MODEL:
             raise NotReady(f"Session {session_id} is not a completed reward-model fine-tune: train one with "
                            "params.method=reward_model on comparisons, then score with it.")
         if any(i.task is not None and i.task.status in OPEN_TASK_STATUSES for i in session.interactions):

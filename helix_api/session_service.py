@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 from . import completions, conversations, events, feed, files, knowledge_service, scheduler, scoring, training_data
 from .errors import InvalidField, NotReady
 from .models import File, Mode, SessionType
-from .params import COMPARISON_METHODS, check_params, training_method
+from .params import COMPARISON_METHODS, REWARD_MODEL, check_params, training_method
 from .services import Services
 from .validation import field, parse_type
 
@@ -56,7 +56,7 @@ def knowledge_bases(services: Services, user_id: int, value: Any, type_: Session
 def say(services: Services, *, user_id: int, session_id: int, message: Any, params: dict) -> None:
     """Continue a session with a message (params checked against the session's kind of task)."""
     with services.database.reading() as conn:
-        if scoring.adapter_method(conn, session_id) == scoring.REWARD_MODEL:
+        if files.adapter_method(conn, session_id) == REWARD_MODEL:
             raise NotReady(f"Session {session_id} is a reward model: it scores replies "
                            f"(POST /api/v1/sessions/{session_id}/score) rather than answering messages.")
     conversations.add_message(services.database, user_id=user_id, session_id=session_id,

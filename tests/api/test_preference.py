@@ -75,6 +75,11 @@ def test_a_reward_model_scores_candidates_through_a_score_task(client, user, run
     # A reward model does not chat.
     said = client.post(f"/api/v1/sessions/{session_id}/messages", headers=user, json={"message": "hi"})
     assert said.status_code == 409 and "scores replies" in said.json["message"]
+    # Nor is it a chat model under /v1.
+    assert all(not m["id"].startswith("ft:") for m in client.get("/v1/models", headers=user).json["data"])
+    ft = client.post("/v1/chat/completions", headers=user, json={
+        "model": f"ft:{TEXT_MODEL}:{session_id}", "messages": [{"role": "user", "content": "hi"}]})
+    assert ft.status_code == 404 and ft.json["error"]["code"] == "model_not_found"
     # Nothing to score yet: a chat runner never gets a score task.
     assert claim(client, runner).status_code == 204
 
