@@ -39,6 +39,7 @@ def reward_model(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -
     return _train(tiny_mistral, tmp_path_factory.mktemp("rm"), preference.REWARD_MODEL)
 
 
+@pytest.mark.slow  # axolotl in a subprocess: about 20 s a training
 def test_dpo_trains_an_adapter_reporting_loss_and_reward_margin(tiny_mistral, tmp_path):
     trained = _train(tiny_mistral, tmp_path, preference.DPO)
     result, report = trained["result"], trained["report"]
@@ -52,6 +53,7 @@ def test_dpo_trains_an_adapter_reporting_loss_and_reward_margin(tiny_mistral, tm
     assert (adapter / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # axolotl in a subprocess: about 20 s a training
 def test_a_reward_model_adapter_scores_candidates_with_its_trained_head(reward_model, tiny_mistral, tmp_path):
     result, files = reward_model["result"], reward_model["files"]
     assert result["method"] == "reward_model"
@@ -72,6 +74,7 @@ def test_a_reward_model_adapter_scores_candidates_with_its_trained_head(reward_m
     assert backend.predict(task, FakeReport(files))["scores"] == scored["scores"]
 
 
+@pytest.mark.slow  # axolotl in a subprocess: about 20 s a training
 def test_a_score_task_without_candidates_or_adapter_fails_without_retry(reward_model, tiny_mistral, tmp_path):
     backend = RewardBackend(runner_config(tiny_mistral, tmp_path))
     backend.setup()
