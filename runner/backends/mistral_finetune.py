@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runner.backends import jsonl, preference
 from runner.backends import params as param
-from runner.backends import preference
 from runner.backends.axolotl_progress import PARENT_ENV, PLUGIN_NAME, PROGRESS_ENV
 from runner.errors import BadTaskInput, RunnerError
 
@@ -44,7 +44,6 @@ QUIET_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "WANDB_MODE": "di
 POLL_SECONDS = 0.2  # how often the progress file and the cancel flag are looked at
 STOP_SECONDS = 10.0  # how long a stopped training gets to exit after SIGTERM before SIGKILL
 LOG_TAIL_LINES = 12  # lines of axolotl's log in the error of a failed run
-BAD_LINES_SHOWN = 5
 
 
 class FinetuneError(RunnerError):
@@ -134,25 +133,9 @@ def train_lora(task: Task, report: Report, *, config: RunnerConfig,
 
 
 def load_examples(files: list[tuple[str, Path]]) -> list[dict[str, Any]]:
-    """Every line of the JSONL files as `{"messages": [...]}`; FinetuneError naming the bad lines."""
-    examples: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for name, path in files:
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    examples.append({"messages": _messages_of(json.loads(line))})
-                except (ValueError, TypeError) as exc:
-                    problems.append(f"{name} line {number}: {exc}")
-    if problems:
-        shown = "; ".join(problems[:BAD_LINES_SHOWN])
-        more = f" (and {len(problems) - BAD_LINES_SHOWN} more)" if len(problems) > BAD_LINES_SHOWN else ""
-        raise BadTrainingData(f"bad training data: {shown}{more}")
-    if not examples:
-        raise BadTrainingData("bad training data: no examples")
-    return examples
+    """Every line of the JSONL files as `{"messages": [...]}`; BadTrainingData naming the bad lines."""
+    return jsonl.read(files, lambda row: {"messages": _messages_of(row)}, error=BadTrainingData,
+                      what="training data")
 
 
 def _messages_of(row: Any) -> list[dict[str, str]]:

@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.backends import jsonl
 from runner.errors import BadTaskInput
 
 SFT, DPO, REWARD_MODEL = "sft", "dpo", "reward_model"
 METHODS = (SFT, DPO, REWARD_MODEL)
 ROLES = ("system", "user", "assistant")
-BAD_LINES_SHOWN = 5
 DEFAULT_BETA = 0.1  # TRL's own default for DPO's KL weight
 
 
@@ -59,24 +59,7 @@ def _comparison_of(row: Any) -> dict[str, Any]:
 
 def load_comparisons(files: list[tuple[str, Path]]) -> list[dict[str, Any]]:
     """Every line of the JSONL files as a comparison; BadTaskInput naming the bad lines."""
-    comparisons: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for name, path in files:
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    comparisons.append(_comparison_of(json.loads(line)))
-                except (ValueError, TypeError) as exc:
-                    problems.append(f"{name} line {number}: {exc}")
-    if problems:
-        shown = "; ".join(problems[:BAD_LINES_SHOWN])
-        more = f" (and {len(problems) - BAD_LINES_SHOWN} more)" if len(problems) > BAD_LINES_SHOWN else ""
-        raise BadTaskInput(f"bad comparisons: {shown}{more}")
-    if not comparisons:
-        raise BadTaskInput("bad comparisons: none in the training data")
-    return comparisons
+    return jsonl.read(files, _comparison_of, error=BadTaskInput, what="comparisons")
 
 
 def training_rows(method: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
