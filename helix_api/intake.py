@@ -101,10 +101,12 @@ class Intake:
                            "durable_seq": entries[i].durable_seq, "cancelled": False}
                 for i, answer in enumerate(answers)]
 
-    def finish(self, conn: Connection, task: Any, result: dict[str, Any], last_events: list[dict[str, Any]]) -> str:
+    def finish(self, conn: Connection, task: Any, result: dict[str, Any],
+               last_events: list[dict[str, Any]]) -> str | None:
         """The reply's final output, the runner's last events stored; in `complete`'s transaction.
 
-        A result's `text` is the reply; otherwise (an image, say) the text streamed so far stands.
+        A result's `text` is the reply; otherwise (an image, say) the text streamed so far stands:
+        None when SQL already holds all of it, so `complete` reads nothing it need not.
         """
         entry = self.live.forget(task.id)
         if entry is not None and (entry.attempt != task.attempt or entry.lease_token != task.lease_token):
@@ -112,18 +114,21 @@ class Intake:
         if entry is not None and entry.first_token_at is not None:
             # Sampled where the first tokens arrived: a runner keeps its connection, so that is nearly always here.
             metrics.time_per_token(task.model_name, self.clock() - entry.first_token_at, usage.counts(result)[1])
-        if entry is None:
-            stored = events.stored_text(conn, task.id)
-            text, after = (stored.output if stored else ""), task.last_event_seq
-        else:
-            text, after = entry.text, entry.last_seq
+        after = entry.last_seq if entry is not None else task.last_event_seq
         fresh = sorted((e for e in last_events if e["seq"] > after), key=_seq)
-        text += "".join(e["text"] for e in fresh if e["kind"] == "token")
         others = [e for e in fresh if e["kind"] != "token"]
         if others:
             events.rows(conn, task, others)
         final = result.get("text")
-        return final if isinstance(final, str) else text
+        if isinstance(final, str):
+            return final
+        tail = "".join(e["text"] for e in fresh if e["kind"] == "token")
+        if entry is not None:
+            return entry.text + tail
+        if not tail:
+            return None
+        stored = events.stored_text(conn, task.id)
+        return (stored.output if stored else "") + tail
 
     # Internals.
 
