@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _console_script(name: str) -> list[str]:
     beside = Path(sys.executable).with_name(name)
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "helix_api.cli"]
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "helix_api.cli.operator"]
 
 
 class HelixApi:

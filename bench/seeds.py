@@ -57,16 +57,17 @@ def _corpus(chunks: int, rng: random.Random) -> list[_Upload]:
 
 
 def _retrieval_on(url: str, data_dir: Path, chunks: int, queries: int, seed: int) -> dict[str, Any]:
-    from helix_api import knowledge_service, retrieval
+    from helix_api.accounts.auth import create_user
     from helix_api.app import create_app
-    from helix_api.auth import create_user
+    from helix_api.knowledge import bases as knowledge_service
+    from helix_api.knowledge import retrieval
     from helix_api.services import services
 
     app = create_app({"DATABASE_URL": url, "DATA_DIR": str(data_dir), "AUTO_UPGRADE": True})
     with app.app_context():
         svc = services()
     rng = random.Random(seed)
-    with svc.database.write() as session:
+    with svc.database.orm_write() as session:
         user, _ = create_user(session, f"bench-{uuid.uuid4().hex[:6]}")
         user_id = user.id
     kb = knowledge_service.create(svc.database, user_id, "bench")
@@ -75,7 +76,7 @@ def _retrieval_on(url: str, data_dir: Path, chunks: int, queries: int, seed: int
     for i in range(0, len(uploads), 10):
         knowledge_service.add_documents(svc.database, user_id, kb["id"], uploads[i:i + 10], svc.retrieval)
     load_s = time.perf_counter() - started
-    with svc.database.reading() as conn:
+    with svc.database.connect() as conn:
         stored = conn.execute(text("SELECT count(*) FROM knowledge_chunks")).scalar_one()
     texts = [u.stream.getvalue().decode().split() for u in uploads]
     questions = [" ".join(rng.choice(rng.choice(texts)) for _ in range(6)) + "?" for _ in range(queries)]
@@ -83,7 +84,7 @@ def _retrieval_on(url: str, data_dir: Path, chunks: int, queries: int, seed: int
     cpu0 = time.process_time()
     for question in questions:
         t0 = time.perf_counter()
-        with svc.database.reading() as conn:
+        with svc.database.connect() as conn:
             grounding = retrieval.ground(conn, [kb["id"]], question, svc.retrieval)
         walls.append((time.perf_counter() - t0) * 1000)
         hits += grounding is not None

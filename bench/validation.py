@@ -23,7 +23,7 @@ _KINDS = ("token", "progress", "log")
 
 
 def _old_parse(raw: bytes) -> tuple[str, list[dict[str, Any]]]:
-    """The checks the schema replaced (helix_api/worker.py before it): json.loads, then a loop per event."""
+    """The checks the schema replaced (helix_api/tasks/routes.py before it): json.loads, then a loop per event."""
     body = json.loads(raw)
     if not isinstance(body, dict) or set(body) - {"lease_token", "events"}:
         raise ValueError("bad body")
@@ -75,9 +75,9 @@ def parse_figures(calls: int) -> list[tuple[str, float, float]]:
 
 def whole_post(posts: int) -> tuple[float, float]:
     """CPU µs per whole events post (8 events) through the app on SQLite, and the share that is the schema."""
+    from helix_api.accounts.auth import create_runner_token, create_user
     from helix_api.app import create_app
-    from helix_api.auth import create_runner_token, create_user
-    from helix_api.schema import upgrade
+    from helix_api.ops.schema_version import upgrade
     from helix_api.services import services
 
     data = tempfile.mkdtemp(prefix="helix-bench-validation-")
@@ -86,7 +86,7 @@ def whole_post(posts: int) -> tuple[float, float]:
     app = create_app({"DATABASE_URL": url, "DATA_DIR": data, "AUTO_UPGRADE": False})
     with app.app_context():
         database = services().database
-    with database.write() as session:
+    with database.orm_write() as session:
         _, key = create_user(session, "bench")
         token = create_runner_token(session, "bench")
     client = app.test_client()

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 def create_app(overrides=None):
     """Build the API (see helix_api.app.create_app); imported lazily to keep `import helix_api` light."""
-    from .app import create_app as factory
+    from helix_api.app import create_app as factory
 
     return factory(overrides)

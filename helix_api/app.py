@@ -9,12 +9,18 @@ from typing import Any
 from flask import Flask
 from werkzeug.routing import IntegerConverter
 
-from . import admin, knowledge, meta, metrics_api, openai_api, schema, sessions, usage_api, web, worker
-from .config import load_settings
-from .db import Database
-from .errors import register_error_handlers
-from .schemas.base import INT32_MAX
-from .services import Services
+from helix_api import web
+from helix_api.accounts.routes import bp as usage_bp
+from helix_api.config import load_settings
+from helix_api.db import Database
+from helix_api.errors import register_error_handlers
+from helix_api.knowledge.routes import bp as knowledge_bp
+from helix_api.openai.routes import bp as openai_bp
+from helix_api.ops import admin, meta, schema_version, scrape
+from helix_api.schemas.base import INT32_MAX
+from helix_api.services import Services
+from helix_api.sessions.routes import bp as sessions_bp
+from helix_api.tasks.routes import bp as worker_bp
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +43,17 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     database = Database()
     database.init_app(app)
-    schema.ensure_current(database.engine, app.config["DATABASE_URL"], app.config["AUTO_UPGRADE"])
+    schema_version.ensure_current(database.engine, app.config["DATABASE_URL"], app.config["AUTO_UPGRADE"])
     database.listen()
 
     Services.from_settings(app.config, database).init_app(app)
 
-    register_error_handlers(app)
+    register_error_handlers(app, database)
     # CSRF tokens are checked by the web blueprint's own forms only: bearer-token JSON clients send none.
     app.config.update(WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
     web.csrf.init_app(app)
-    for blueprint in (sessions.bp, knowledge.bp, worker.bp, meta.bp, admin.bp, openai_api.bp, usage_api.bp,
-                      web.bp):
+    for blueprint in (sessions_bp, knowledge_bp, worker_bp, meta.bp, admin.bp, openai_bp, usage_bp, web.bp):
         app.register_blueprint(blueprint)
-    metrics_api.init_app(app)
+    scrape.init_app(app)
     logger.info("Helix API on %s (%s)", database.engine.url.render_as_string(), database.dialect)
     return app

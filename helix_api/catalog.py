@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidField, UnknownModel
+from helix_api.errors import InvalidField, UnknownModel
 
 TYPES = ("text", "image")
 

@@ -14,7 +14,7 @@ from flask import Flask
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from .notifier import CHANNEL, Notifier, notify_payload, take_published
+from helix_api.tasks.notifier import CHANNEL, Notifier, notify_payload, take_published
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ class Database:
         self._down_since: float | None = None
         self._outage_lock = threading.Lock()
         if url:
-            self.connect(url)
+            self.open(url)
 
-    def connect(self, url: str) -> None:
+    def open(self, url: str) -> None:
         """Create the engine and session factories for `url`."""
         self.engine = make_engine(url)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
@@ -120,7 +120,7 @@ class Database:
 
     def init_app(self, app: Flask) -> None:
         """Connect to the app's DATABASE_URL; the app reaches the database through `services()`."""
-        self.connect(app.config["DATABASE_URL"])
+        self.open(app.config["DATABASE_URL"])
 
     @property
     def dialect(self) -> str:
@@ -130,17 +130,17 @@ class Database:
 
     def ping(self) -> None:
         """Raise unless the database answers a query."""
-        with self.reading() as conn:
+        with self.connect() as conn:
             conn.execute(_PING)
 
     @contextmanager
-    def read(self) -> Iterator[Session]:
+    def orm_read(self) -> Iterator[Session]:
         """A session for reading; nothing it changes is committed."""
         with self._reader() as session:
             yield session
 
     @contextmanager
-    def write(self) -> Iterator[Session]:
+    def orm_write(self) -> Iterator[Session]:
         """A session whose changes are committed at the end, or rolled back on error.
 
         Topics published in it (see notifier.publish) wake their waiters once it has committed.
@@ -152,7 +152,7 @@ class Database:
             self._wake(topics)
 
     @contextmanager
-    def reading(self) -> Iterator[Connection]:
+    def connect(self) -> Iterator[Connection]:
         """A plain connection for reading, cheaper than a session on hot paths."""
         assert self.engine is not None
         with self.engine.connect() as conn:
@@ -160,7 +160,7 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """Like `write()`, on a plain connection: for the hot paths, which use Core statements."""
+        """Like `orm_write()`, on a plain connection: for the hot paths, which use Core statements."""
         with self._write_engine.connect() as conn:
             take_published(conn)  # the info dict outlives a checkout: start clean
             try:

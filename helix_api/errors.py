@@ -209,7 +209,7 @@ def database_down(err: Exception) -> DatabaseUnavailable | None:
     """`unavailable(err)`, telling the app's database so that it logs the outage once, not per request."""
     outage = unavailable(err)
     if outage is not None:
-        from .services import services  # services import the scheduler, which imports this module
+        from helix_api.services import services
 
         services().database.went_down(err)
     return outage
@@ -258,7 +258,7 @@ def _openai_response(status: int, body: dict[str, Any], retryable: bool | None =
     return jsonify(body), status, headers
 
 
-def register_error_handlers(app: Flask) -> None:
+def register_error_handlers(app: Flask, database: Any) -> None:
     """Turn HelixError, HTTP errors and anything unexpected into JSON.
 
     Under /v1 (the OpenAI-compatible API) errors take OpenAI's shape, so its clients raise the right
@@ -291,7 +291,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):
-        outage = database_down(err)
+        outage = database_down(err, database)
         if outage is not None:
             return _helix(outage)
         logger.exception("unhandled error")

@@ -23,13 +23,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # The vocabulary lives in its own SQLAlchemy-free module (the CLI reads it); it is re-exported here,
 # next to the columns that store it, so `from .models import TaskStatus, OPEN_TASK_STATUSES` works.
-from .vocabulary import ACTIVE_TASK_STATUSES as ACTIVE_TASK_STATUSES
-from .vocabulary import FAILED_TASK_STATUSES as FAILED_TASK_STATUSES
-from .vocabulary import FINAL_INTERACTION_STATES as FINAL_INTERACTION_STATES
-from .vocabulary import FINAL_TASK_STATUSES as FINAL_TASK_STATUSES
-from .vocabulary import OPEN_INTERACTION_STATES as OPEN_INTERACTION_STATES
-from .vocabulary import OPEN_TASK_STATUSES as OPEN_TASK_STATUSES
-from .vocabulary import AttemptEnd, Creator, InteractionState, Mode, SessionType, TaskStatus
+from helix_api.vocabulary import ACTIVE_TASK_STATUSES as ACTIVE_TASK_STATUSES
+from helix_api.vocabulary import FAILED_TASK_STATUSES as FAILED_TASK_STATUSES
+from helix_api.vocabulary import FINAL_INTERACTION_STATES as FINAL_INTERACTION_STATES
+from helix_api.vocabulary import FINAL_TASK_STATUSES as FINAL_TASK_STATUSES
+from helix_api.vocabulary import OPEN_INTERACTION_STATES as OPEN_INTERACTION_STATES
+from helix_api.vocabulary import OPEN_TASK_STATUSES as OPEN_TASK_STATUSES
+from helix_api.vocabulary import AttemptEnd, Creator, InteractionState, Mode, SessionType, TaskStatus
 
 
 def utcnow() -> datetime:

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from .errors import InvalidField
-from .models import Mode, SessionType
-from .schemas.base import INT64_MAX, json_problem, shown
+from helix_api.errors import InvalidField
+from helix_api.models import Mode, SessionType
+from helix_api.schemas.base import INT64_MAX, json_problem, shown
 
 
 @dataclass(frozen=True)

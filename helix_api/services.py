@@ -13,13 +13,13 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from .catalog import Catalog
-from .db import Database
-from .leases import LeasePolicy
-from .params import Limits
-from .retrieval import RetrievalSettings
-from .scheduler import Scheduler
-from .storage import FileStore, LocalFileStore
+from helix_api.catalog import Catalog
+from helix_api.db import Database
+from helix_api.knowledge.retrieval import RetrievalSettings
+from helix_api.params import Limits
+from helix_api.sessions.storage import FileStore, LocalFileStore
+from helix_api.tasks.leases import LeasePolicy
+from helix_api.tasks.scheduler import Scheduler
 
 _EXTENSION = "helix"
 

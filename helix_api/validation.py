@@ -13,11 +13,11 @@ from typing import Any
 from flask import request
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import InvalidField, UnknownMode, UnknownType
-from .feed import Cursor
-from .models import Mode, SessionType
-from .schemas import base
-from .schemas.sessions import EventCursor
+from helix_api.errors import InvalidField, UnknownMode, UnknownType
+from helix_api.models import Mode, SessionType
+from helix_api.schemas import base
+from helix_api.schemas.sessions import EventCursor
+from helix_api.streaming.feed import Cursor
 
 # `inference` is what people call it; `create` is the word the runner URL has always used.
 _MODES = {"create": Mode.CREATE, "inference": Mode.CREATE, "finetune": Mode.FINETUNE}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .app import create_app
+from helix_api.app import create_app
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 app = create_app()

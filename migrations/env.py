@@ -7,7 +7,7 @@ from sqlalchemy import pool
 
 from helix_api.db import make_engine
 from helix_api.models import Base
-from helix_api.schema import include_name
+from helix_api.ops.schema_version import include_name
 
 config = context.config
 target_metadata = Base.metadata

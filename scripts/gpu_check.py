@@ -245,7 +245,7 @@ def _api_round_trip(machine: Machine, type_: str, backend: str, model: Path, bod
     env = {**os.environ, "HELIX_DATA_DIR": str(data), "HELIX_MODELS": f"{type_}:{model}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("HELIX_DATABASE_URL", None)
-    helix = [sys.executable, "-c", "from helix_api.cli import main; main()"]
+    helix = [sys.executable, "-c", "from helix_api.cli.operator import main; main()"]
 
     def run_helix(*args: str) -> str:
         done = subprocess.run([*helix, "--log-level", "WARNING", *args], env=env, capture_output=True, text=True,

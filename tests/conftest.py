@@ -14,11 +14,11 @@ from flask import Flask
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from helix_api.accounts.auth import create_runner_token, create_user
 from helix_api.app import create_app
-from helix_api.auth import create_runner_token, create_user
 from helix_api.db import Database
 from helix_api.models import Base
-from helix_api.schema import upgrade
+from helix_api.ops.schema_version import upgrade
 from helix_api.services import services
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -164,7 +164,7 @@ def bearer(secret: str) -> dict[str, str]:
 def make_user(db: Database) -> Callable[[str], dict[str, str]]:
     """Create a user; returns the headers that authenticate as them."""
     def make(name: str | None = None) -> dict[str, str]:
-        with db.write() as session:
+        with db.orm_write() as session:
             _, key = create_user(session, name or f"user-{uuid.uuid4().hex[:8]}")
         return bearer(key)
     return make
@@ -179,7 +179,7 @@ def user(make_user) -> dict[str, str]:
 @pytest.fixture
 def runner(db: Database) -> dict[str, str]:
     """Headers of a runner."""
-    with db.write() as session:
+    with db.orm_write() as session:
         token = create_runner_token(session, "test-runner")
     return bearer(token)
 

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from helix_api import metrics as api_metrics
+from helix_api.ops import metrics as api_metrics
 from runner import metrics as runner_metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "helix.json"

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import QUERY
+from helix_api.schemas.base import QUERY
 
 
 @with_config(QUERY)

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ..errors import BadRequest, InvalidField
+from helix_api.errors import BadRequest, InvalidField
 
 INT32_MAX = 2**31 - 1  # every id column and event seq
 INT64_MAX = 2**63 - 1

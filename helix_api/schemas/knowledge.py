@@ -7,7 +7,7 @@ from typing import Required
 from pydantic import with_config
 from typing_extensions import TypedDict
 
-from .base import BODY, QUERY, text
+from helix_api.schemas.base import BODY, QUERY, text
 
 
 @with_config(BODY)

@@ -11,7 +11,7 @@ from typing import Annotated, Required
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import BODY, INT64_MAX, QUERY, Id, JsonObject, JsonValue, text
+from helix_api.schemas.base import BODY, INT64_MAX, QUERY, Id, JsonObject, JsonValue, text
 
 Int = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Number = Annotated[float, Field(allow_inf_nan=False)]

@@ -13,10 +13,10 @@ from typing import Any
 from flask import Flask
 from pydantic import TypeAdapter
 
-from ..params import Limits
-from ..params import schemas as param_schemas
-from . import admin, knowledge, openai, sessions, usage, worker
-from .base import INT32_MAX, adapter
+from helix_api.params import Limits
+from helix_api.params import schemas as param_schemas
+from helix_api.schemas import admin, knowledge, openai, sessions, usage, worker
+from helix_api.schemas.base import INT32_MAX, adapter
 
 PREFIXES = ("/api/", "/v1/")
 _REF = "#/components/schemas/{model}"

@@ -7,7 +7,7 @@ from typing import Annotated, Required
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import BODY, QUERY, Id, JsonObject, text
+from helix_api.schemas.base import BODY, QUERY, Id, JsonObject, text
 
 Mode = Annotated[text(32), Field(description="create (or inference), finetune; any case")]
 Type = Annotated[text(32), Field(description="text or image; any case")]

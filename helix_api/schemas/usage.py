@@ -9,7 +9,7 @@ from pydantic import AfterValidator, Field, with_config
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from .base import QUERY, text
+from helix_api.schemas.base import QUERY, text
 
 
 def instant(value: str) -> datetime:

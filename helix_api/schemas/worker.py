@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Required
 from pydantic import Field, with_config
 from typing_extensions import TypedDict
 
-from .base import BODY, EVENT, INT64_MAX, QUERY, Id, JsonObject, JsonValue, Seq, text, union_tags
+from helix_api.schemas.base import BODY, EVENT, INT64_MAX, QUERY, Id, JsonObject, JsonValue, Seq, text, union_tags
 
 MAX_EVENTS_PER_POST = 1000
 MAX_POSTS_PER_REQUEST = 256

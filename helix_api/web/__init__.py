@@ -12,9 +12,9 @@ from flask import Blueprint, render_template, request
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from ..errors import RETRY_AFTER_SECONDS, HelixError, database_down
-from ..services import services
-from ..validation import allow_uploads
+from helix_api.errors import RETRY_AFTER_SECONDS, HelixError, database_down
+from helix_api.services import services
+from helix_api.validation import allow_uploads
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _http_error(err: HTTPException):
 
 @bp.errorhandler(Exception)
 def _unexpected(err: Exception):
-    outage = database_down(err)
+    outage = database_down(err, services().database)
     if outage is not None:
         page, status = error_page(503, "Try again shortly", outage.message)
         return page, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -79,4 +79,4 @@ def _unexpected(err: Exception):
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 
 
-from . import docs, signin, views  # noqa: E402,F401  (they add their routes to `bp`)
+from helix_api.web import docs, signin, views  # noqa: E402,F401  (they add their routes to `bp`)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import render_template, url_for
 
-from . import bp
+from helix_api.web import bp
 
 
 @bp.get("/docs")

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import HelixError, InvalidField
+from helix_api.errors import HelixError, InvalidField
 
 # Param fields each form offers, with their types; an empty field is left out (the default applies).
 CHAT_PARAMS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}

@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 
 from flask import flash, g, redirect, render_template, request, session, url_for
 
-from ..auth import RUNNER_TOKEN_PREFIX, key_owner, key_user
-from ..errors import Unauthorized
-from ..services import services
-from . import bp
+from helix_api.accounts.auth import RUNNER_TOKEN_PREFIX, key_owner, key_user
+from helix_api.errors import Unauthorized
+from helix_api.services import services
+from helix_api.web import bp
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The web app's pages: sessions, the forms that start and continue them, and what their script follows.
 
-Every form ends in the functions the JSON API calls (helix_api/session_service.py); a refused form is
+Every form ends in the functions the JSON API calls (helix_api/sessions/actions.py); a refused form is
 shown again with what was typed and the API's message next to the field at fault.
 """
 
@@ -12,15 +12,18 @@ from typing import Any
 
 from flask import flash, g, redirect, render_template, request, url_for
 
-from .. import overview, responses, session_service, usage
-from ..errors import Forbidden, HelixError, NotCancellable
-from ..models import OPEN_INTERACTION_STATES, Mode, SessionType, utcnow
-from ..schemas.base import INT32_MAX
-from ..services import services
-from ..validation import event_cursor
-from . import bp
-from .forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
-from .signin import signed_in, signed_in_feed
+from helix_api import responses
+from helix_api.accounts import usage
+from helix_api.errors import Forbidden, HelixError, NotCancellable
+from helix_api.models import OPEN_INTERACTION_STATES, Mode, SessionType, utcnow
+from helix_api.ops import overview
+from helix_api.schemas.base import INT32_MAX
+from helix_api.services import services
+from helix_api.sessions import actions
+from helix_api.validation import event_cursor
+from helix_api.web import bp
+from helix_api.web.forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
+from helix_api.web.signin import signed_in, signed_in_feed
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def session_list():
     before = request.args.get("before", type=int)
     if before is not None and not 1 <= before <= INT32_MAX:
         before = None  # a cursor no session id can have: the first page
-    page = session_service.page(svc, g.caller.id, limit=svc.settings["PAGE_SIZE"], before=before)
+    page = actions.page(svc, g.caller.id, limit=svc.settings["PAGE_SIZE"], before=before)
     return render_template("web/sessions.html", page=page, before=before)
 
 
@@ -57,7 +60,7 @@ def _new_session(kind: str):
     if request.method == "GET":
         return render_template(template, models=models, form=form, errors={})
     try:
-        created = session_service.start(services(), user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
+        created = actions.start(services(), user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
                                         model_name=form.get("model_name", ""), message=form.get("message", ""),
                                         params=params_from(form, param_fields))
     except HelixError as err:
@@ -89,7 +92,7 @@ def new_finetune():
     if request.method == "GET":
         return render_template("web/new_finetune.html", models=models, form=form, errors={})
     try:
-        created = session_service.start_finetune(
+        created = actions.start_finetune(
             services(), user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
             params=params_from(form, FINETUNE_PARAMS), uploads=request.files.getlist("files"),
             name=form.get("name", "").strip() or None)
@@ -101,11 +104,11 @@ def new_finetune():
 
 def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
     svc = services()
-    session = session_service.shown(svc, g.caller.id, session_id)
+    session = actions.shown(svc, g.caller.id, session_id)
     last = session["interactions"][-1] if session.get("interactions") else None
     live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_INTERACTION_STATES else None
     # The page replays its open reply from the start (see events.before_first).
-    stream_after = session_service.replay_start(svc, live["task"]["id"]) if live and live.get("task") else None
+    stream_after = actions.replay_start(svc, live["task"]["id"]) if live and live.get("task") else None
     param_fields = CHAT_PARAMS if session["type"] == SessionType.TEXT.value else IMAGE_PARAMS
     return render_template("web/session.html", session=session, live=live, stream_after=stream_after,
                            can_continue=session["mode"] == Mode.CREATE.value and live is None,
@@ -125,10 +128,10 @@ def session_message(session_id: int):
     """Continue a session (a chat message or a prompt, with optional params)."""
     form = request.form
     svc = services()
-    type_ = session_service.session_type(svc, g.caller.id, session_id)
+    type_ = actions.session_type(svc, g.caller.id, session_id)
     param_fields = CHAT_PARAMS if type_ == SessionType.TEXT else IMAGE_PARAMS
     try:
-        session_service.say(svc, user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
+        actions.say(svc, user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
                             params=params_from(form, param_fields))
     except HelixError as err:
         if err.status_code == 404:
@@ -143,7 +146,7 @@ def session_message(session_id: int):
 def session_cancel(session_id: int):
     """Cancel the session's queued or running reply."""
     try:
-        session_service.cancel_reply(services(), g.caller.id, session_id)
+        actions.cancel_reply(services(), g.caller.id, session_id)
     except NotCancellable as err:
         flash(err.message)  # it finished meanwhile: the page shows how
     return redirect(url_for("web.session_page", session_id=session_id))
@@ -153,7 +156,7 @@ def session_cancel(session_id: int):
 @signed_in_feed
 def session_events(session_id: int):
     """The session's event stream for its page (EventSource sends the cookie, not a Bearer header)."""
-    feed = session_service.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
+    feed = actions.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
     after, follow = event_cursor()
     return responses.event_stream(feed(after, follow=follow))
 
@@ -162,14 +165,14 @@ def session_events(session_id: int):
 @signed_in_feed
 def session_state(session_id: int) -> dict[str, Any]:
     """The session as JSON, for the page's script: its place in the queue, the finished reply."""
-    return session_service.shown(services(), g.caller.id, session_id)
+    return actions.shown(services(), g.caller.id, session_id)
 
 
 @bp.get("/sessions/<int:session_id>/files/<int:file_id>")
 @signed_in_feed
 def session_file(session_id: int, file_id: int):
     """A file of the session, for its page: images inline, the rest as downloads."""
-    return responses.owner_file(*session_service.open_file(services(), g.caller.id, session_id, file_id))
+    return responses.owner_file(*actions.open_file(services(), g.caller.id, session_id, file_id))
 
 
 @bp.get("/admin")

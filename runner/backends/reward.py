@@ -1,6 +1,6 @@
 """Scoring replies with a reward model: the base model with a one-label score head and a session's adapter.
 
-A runner started with `--backend reward --mode score` claims `score` tasks (see helix_api/scoring.py):
+A runner started with `--backend reward --mode score` claims `score` tasks (see helix_api/sessions/scoring.py):
 `{"prompt", "candidates": [...], "adapter": FILE_REF}`. setup() loads the base model once as a
 sequence classifier; each task applies the reward-model fine-tune's adapter (its LoRA and the trained
 score head, kept loaded until another adapter is asked for) and scores each candidate as the reply to

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from helix_api.auth import create_user
+from helix_api.accounts.auth import create_user
 from tests.conftest import IMAGE_MODEL, TEXT_MODEL, bearer, claim
 
 
 def _admin(db) -> dict[str, str]:
-    with db.write() as s:
+    with db.orm_write() as s:
         _, key = create_user(s, "root", is_admin=True)
     return bearer(key)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, update
 
-from helix_api import auth
+from helix_api.accounts import auth
 from helix_api.models import ApiKey, RunnerToken, utcnow
 from tests.conftest import SEED_CLAIM_URL, bearer
 
@@ -39,7 +39,7 @@ def test_keys_are_stored_hashed(db, make_user, runner):
     headers = make_user("carol")
     key = headers["Authorization"].split()[1]
     token = runner["Authorization"].split()[1]
-    with db.read() as s:
+    with db.orm_read() as s:
         hashes = set(s.scalars(select(ApiKey.key_hash))) | set(s.scalars(select(RunnerToken.token_hash)))
     assert key not in hashes and auth.hash_secret(key) in hashes and auth.hash_secret(token) in hashes
     assert key.startswith("hx_") and token.startswith("hxr_")
@@ -50,7 +50,7 @@ def test_revoked_key_is_refused(settings, request):
     client, db, make_user = (request.getfixturevalue(name) for name in ("client", "db", "make_user"))
     headers = make_user("dave")
     assert client.get("/api/v1/sessions", headers=headers).status_code == 200
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(ApiKey).values(revoked_at=utcnow()))
     assert client.get("/api/v1/sessions", headers=headers).status_code == 401
 
@@ -60,7 +60,7 @@ def test_a_key_revoked_elsewhere_is_refused_once_its_cache_entry_expires(client,
     monkeypatch.setattr(auth, "_callers", auth._CallerCache(clock=lambda: now[0]))
     headers = make_user("erin")
     assert client.get("/api/v1/sessions", headers=headers).status_code == 200
-    with db.write() as s:  # as another process would: this one is not told
+    with db.orm_write() as s:  # as another process would: this one is not told
         s.execute(update(ApiKey).values(revoked_at=utcnow()))
     assert client.get("/api/v1/sessions", headers=headers).status_code == 200  # looked up once per key
     now[0] += 5.0  # AUTH_CACHE_SECONDS, by default

@@ -10,7 +10,7 @@ from tests.conftest import TEXT_MODEL
 
 
 def _counts(db) -> tuple[int, ...]:
-    with db.read() as s:
+    with db.orm_read() as s:
         return tuple(s.scalar(select(func.count()).select_from(m)) for m in (Session, Interaction, Task, TaskEvent))
 
 

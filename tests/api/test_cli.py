@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helix_api.cli import main
+from helix_api.cli.operator import main
 
 
 @pytest.fixture
@@ -75,12 +75,12 @@ def test_tasks_reap_ends_an_expired_task_and_deletes_its_earlier_attempts_files(
     from tests.api.test_files import _two_attempts_then_expired
 
     _, task, first, second = _two_attempts_then_expired(client, user, runner, db)
-    with db.read() as s:
+    with db.orm_read() as s:
         paths = {f.id: Path(settings["DATA_DIR"]) / "files" / f.path for f in s.query(File)}
     assert paths[first["id"]].is_file() and paths[second["id"]].is_file()
 
     assert "reaped 1 task(s)" in cli("tasks", "reap").output
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, task["id"]).status == TaskStatus.DEAD
     assert not paths[first["id"]].exists()  # the dropped attempt's bytes, not only its row
     assert paths[second["id"]].is_file()  # the last attempt's stay with the error reply
@@ -95,14 +95,14 @@ def test_commands_refuse_an_old_schema(monkeypatch, tmp_path):
 def test_db_upgrade_brings_a_fresh_database_to_head(monkeypatch, tmp_path):
     monkeypatch.setenv("HELIX_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
     result = CliRunner().invoke(main, ["db", "upgrade"])
-    from helix_api.schema import head_revision
+    from helix_api.ops.schema_version import head_revision
 
     assert result.exit_code == 0 and f"revision {head_revision()}" in result.stdout
     assert CliRunner().invoke(main, ["users", "create", "x"]).exit_code == 0
 
 
 def test_task_statuses_match_the_model():
-    from helix_api.cli import TASK_STATUSES
+    from helix_api.cli.operator import TASK_STATUSES
     from helix_api.models import TaskStatus
 
     assert TASK_STATUSES == tuple(s.value for s in TaskStatus)

@@ -61,7 +61,7 @@ def test_a_stale_lease_cannot_upload_and_nothing_is_kept(client, user, runner, d
     _, task, token = _image_task(client, user, runner)
     response = _upload(client, runner, task["id"], "l_not-the-token")
     assert response.status_code == 409 and response.json["error"] == "lease_lost"
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.scalar(select(func.count()).select_from(File)) == 0
     assert _files_on_disk(settings) == []
 
@@ -152,12 +152,12 @@ def _two_attempts_then_expired(client, user, runner, db) -> tuple[dict, dict, di
 
     session, task, token = _image_task(client, user, runner)
     first = _upload(client, runner, task["id"], token, name="attempt1.png").json["file"]
-    with db.write() as s:
+    with db.orm_write() as s:
         s.get(Task, task["id"]).max_attempts = 2
     assert _fail(client, runner, task["id"], token, retry=True).json["status"] == "queued"
     token2 = claim(client, runner, model=IMAGE_MODEL, type="image").json["lease"]["token"]
     second = _upload(client, runner, task["id"], token2, name="attempt2.png").json["file"]
-    with db.write() as s:  # the runner dies: its lease runs out
+    with db.orm_write() as s:  # the runner dies: its lease runs out
         s.get(Task, task["id"]).lease_expires_at = utcnow()
     return session, task, first, second
 

@@ -42,7 +42,7 @@ def start_finetune(client, headers, files, *, type_="text", model=TEXT_MODEL, pa
 
 
 def counts(db, settings) -> tuple[int, ...]:
-    with db.read() as s:
+    with db.orm_read() as s:
         rows = tuple(s.scalar(select(func.count()).select_from(m)) for m in (Session, Interaction, Task, File))
     root = Path(settings["DATA_DIR"]) / "files"
     return (*rows, len([p for p in root.rglob("*") if p.is_file()]) if root.exists() else 0)

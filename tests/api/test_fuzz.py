@@ -18,7 +18,7 @@ from schemathesis.generation import GenerationMode
 from sqlalchemy import func, select
 from werkzeug.serving import make_server
 
-from helix_api.auth import create_runner_token, create_user
+from helix_api.accounts.auth import create_runner_token, create_user
 from helix_api.models import ApiKey, File, Interaction, Runner, RunnerToken, Session, Task, TaskEvent, User
 from tests.conftest import IMAGE_MODEL, TEXT_MODEL, bearer
 
@@ -30,7 +30,7 @@ _TABLES = (User, ApiKey, RunnerToken, Session, Interaction, Task, TaskEvent, Fil
 
 
 def _rows(db) -> tuple[int, ...]:
-    with db.read() as s:
+    with db.orm_read() as s:
         return tuple(s.scalar(select(func.count()).select_from(m)) for m in _TABLES)
 
 
@@ -81,7 +81,7 @@ def _answer_once(http: requests.Session, base: str, headers: dict[str, str], ans
 
 
 def test_fuzzing_every_operation_gives_no_5xx_and_refusals_change_nothing(server, db, database_url):
-    with db.write() as session:
+    with db.orm_write() as session:
         _, key = create_user(session, "fuzzer")
         admin, admin_key = create_user(session, "fuzz-admin", is_admin=True)
         token = create_runner_token(session, "fuzz-runner")
@@ -97,7 +97,7 @@ def test_fuzzing_every_operation_gives_no_5xx_and_refusals_change_nothing(server
 
     schema = schemathesis.openapi.from_dict(http.get(f"{server}/api/v1/openapi.json").json())
     stop, v1, answers, busy = threading.Event(), threading.Event(), Counter(), threading.Lock()
-    with db.write() as session:
+    with db.orm_write() as session:
         answering = bearer(create_runner_token(session, "answers-v1"))
     _answer_once(http, server, answering, answers)  # its runner row exists before any request is checked
     helper = threading.Thread(target=_answer_everything, args=(server, answering, stop, v1, answers, busy),

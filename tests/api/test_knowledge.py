@@ -7,8 +7,8 @@ import io
 
 from sqlalchemy import func, select
 
+from helix_api.knowledge.retrieval import RetrievalSettings, chunk, ground, search, terms, with_context
 from helix_api.models import KnowledgeChunk, KnowledgeDocument, Task
-from helix_api.retrieval import RetrievalSettings, chunk, ground, search, terms, with_context
 from tests.conftest import TEXT_MODEL
 
 ZORBLAX = ("# The planet Zorblax\n\nZorblax is a small cold planet. Its capital city is Quintaria, built on a "
@@ -29,7 +29,7 @@ def _upload(client, headers, kb_id, *files):
 
 
 def _count(db, model) -> int:
-    with db.reading() as conn:
+    with db.connect() as conn:
         return conn.execute(select(func.count()).select_from(model)).scalar_one()
 
 
@@ -85,7 +85,7 @@ def test_a_session_naming_a_knowledge_base_sends_the_best_chunk_and_lists_it_as_
     reply = created.json["interactions"][-1]
     assert reply["sources"][0]["document"] == "zorblax.md" and reply["sources"][0]["chunk"] == 0
     assert all(s["document"] != "soup.txt" for s in reply["sources"])
-    with db.reading() as conn:
+    with db.connect() as conn:
         task_input = conn.execute(select(Task.input)).scalar_one()
     system, question = task_input["messages"]
     assert system["role"] == "system" and "Quintaria" in system["content"] and "onions" not in system["content"]
@@ -100,7 +100,7 @@ def test_a_turn_that_matches_nothing_has_no_context_and_no_sources(client, user,
     created = client.post("/api/v1/sessions", headers=user, json={
         "model_name": TEXT_MODEL, "message": "Hello there!", "knowledge": [kb_id]}).json
     assert created["interactions"][-1]["sources"] == []
-    with db.reading() as conn:
+    with db.connect() as conn:
         messages = conn.execute(select(Task.input)).scalar_one()["messages"]
     assert messages == [{"role": "user", "content": "Hello there!"}]
 
@@ -110,7 +110,7 @@ def test_ranking_puts_the_chunk_that_answers_first_on_either_database(client, us
     filler = "\n\n".join(f"Paragraph {i} talks about weather, rivers and the cost of bread in town {i}."
                          for i in range(40))
     _upload(client, user, kb_id, ("filler.txt", filler.encode()), ("zorblax.md", ZORBLAX.encode()))
-    with db.reading() as conn:
+    with db.connect() as conn:
         hits = search(conn, [kb_id], "Which city is the capital of the planet Zorblax?", 3)
         assert hits[0].document == "zorblax.md" and "Quintaria" in hits[0].text
         assert hits == sorted(hits, key=lambda h: -h.score)
@@ -163,7 +163,7 @@ def test_terms_drop_common_words_and_punctuation():
 
 
 def test_context_goes_into_the_system_message():
-    from helix_api.retrieval import Grounding
+    from helix_api.knowledge.retrieval import Grounding
 
     g = Grounding(system="CONTEXT", sources=[])
     assert with_context([{"role": "user", "content": "q"}], g)[0] == {"role": "system", "content": "CONTEXT"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from helix_api.errors import EventsGap
-from helix_api.intake import Intake
-from helix_api.live import Gap, LiveReplies, LiveReply
 from helix_api.models import Task
+from helix_api.streaming.intake import Intake
+from helix_api.streaming.live import Gap, LiveReplies, LiveReply
 from tests.conftest import claim
 
 
@@ -83,6 +83,6 @@ def test_two_processes_taking_one_tasks_tokens_store_each_once(app, client, runn
     ours.flush_every = 0.0
     answer = post(ours, (5, "e"))  # ours learns SQL is ahead: it stores only what follows
     assert answer["durable_seq"] == 5 and ours.live.get(task_id).text == "abcde"
-    with db.read() as s:
+    with db.orm_read() as s:
         task = s.get(Task, task_id)
         assert (task.interaction.output, task.last_event_seq) == ("abcde", 5)

@@ -13,7 +13,7 @@ import zlib
 import pytest
 from sqlalchemy import func, select
 
-from helix_api.auth import create_user
+from helix_api.accounts.auth import create_user
 from helix_api.models import File, Interaction, Runner, Session, Task, TaskEvent
 from helix_api.web.signin import safe_next
 from tests.api.test_finetune import chats, png, start_finetune
@@ -25,7 +25,7 @@ CHAT = "/v1/chat/completions"
 
 
 def _rows(db) -> tuple[int, ...]:
-    with db.read() as s:
+    with db.orm_read() as s:
         return tuple(s.scalar(select(func.count()).select_from(m)) for m in _TABLES)
 
 
@@ -38,7 +38,7 @@ def _post_raw(client, path: str, body: dict, headers: dict[str, str]):
 def make_key(db):
     """Create a user; returns their API key."""
     def make() -> str:
-        with db.write() as session:
+        with db.orm_write() as session:
             return create_user(session, f"user-{uuid.uuid4().hex[:8]}")[1]
     return make
 
@@ -224,7 +224,7 @@ def test_a_lone_surrogate_in_a_runners_error_is_400(client, runner, db, claimed)
     task, token = claimed
     _refused(_post_raw(client, f"/api/v1/worker/task/{task['id']}/fail",
                        {"lease_token": token, "error": "boom \ud800"}, runner))
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, task["id"]).error is None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from helix_api.notifier import Notifier
+from helix_api.tasks.notifier import Notifier
 
 
 def test_notify_before_wait_is_not_lost():

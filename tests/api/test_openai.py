@@ -107,7 +107,7 @@ def contents(chunks: list[Any]) -> list[str]:
 
 
 def only_task(db) -> Task:
-    with db.read() as s:
+    with db.orm_read() as s:
         [task] = s.scalars(select(Task)).all()
         return task
 
@@ -152,7 +152,7 @@ def test_the_messages_are_stored_as_a_session_whose_task_gets_the_whole_list(cli
     assert task.input["messages"] == [{**m, "content": "Hello."} if m["role"] == "assistant" else m for m in messages]
     assert task.params == {"seed": 4, "temperature": 0.5, "stop": "\n"}
     assert response.headers["X-Helix-Session-Id"] == str(task.session_id)
-    with db.read() as s:
+    with db.orm_read() as s:
         session = s.get(Session, task.session_id)
         turns = [(i.creator, i.message, i.output, i.state.value, i.task is not None) for i in session.interactions]
     assert session.model_name == TEXT_MODEL and session.mode.value == "create" and session.type.value == "text"
@@ -205,7 +205,7 @@ def test_a_bad_request_is_an_openai_400_naming_the_field(client, user, db, chang
     error = response.json["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
     assert param.split("[")[0] in error["message"]
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.scalars(select(Task)).all() == []
 
 
@@ -309,7 +309,7 @@ def test_a_fine_tune_model_id_answers_with_its_base_model_and_adapter(client, us
         response = client.post(CHAT, headers=user, json={"model": model, "messages": HELLO})
     assert response.status_code == 200, response.json
     assert response.json["model"] == model
-    with db.read() as s:
+    with db.orm_read() as s:
         task = s.scalars(select(Task).where(Task.session_id != session_id)).one()
     assert task.model_name == TEXT_MODEL and task.input["adapter"]["id"] == adapter_id
 
@@ -462,7 +462,7 @@ def test_an_image_fine_tune_id_draws_with_its_adapter(client, user, fake, db):
         response = client.post("/v1/images/generations", headers=user, json={
             "prompt": "a square", "model": f"ft:{IMAGE_MODEL}:{session_id}", "response_format": "b64_json"})
     assert response.status_code == 200, response.json
-    with db.read() as s:
+    with db.orm_read() as s:
         task = s.scalars(select(Task).where(Task.session_id != session_id)).one()
         assert s.scalars(select(Interaction).where(Interaction.session_id == task.session_id)).all()
     assert task.model_name == IMAGE_MODEL and task.input["adapter"]["id"] == adapter_id

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from helix_api.accounts.auth import create_runner_token, create_user
 from helix_api.app import create_app
-from helix_api.auth import create_runner_token, create_user
-from helix_api.schema import upgrade
+from helix_api.ops.schema_version import upgrade
 from tests.conftest import TEXT_MODEL, bearer, database_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -88,7 +88,7 @@ def test_an_outage_is_503_logged_once_and_over_when_the_database_is_back(cluster
     app = create_app({"DATABASE_URL": cluster.url, "DATA_DIR": str(tmp_path), "AUTO_UPGRADE": False,
                       "AUTH_CACHE_SECONDS": 0})
     db = database_of(app)
-    with db.write() as session:
+    with db.orm_write() as session:
         _, key = create_user(session, "alice")
         token = create_runner_token(session, "runner")
     user, runner = bearer(key), bearer(token)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helix_api.schema import head_revision
+from helix_api.ops.schema_version import head_revision
 from tests.e2e.processes import free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_the_wheel_carries_every_module_and_the_migrations(wheel):
 def test_the_installed_wheel_migrates_a_fresh_database_and_serves(venv, env, tmp_path):
     run = tmp_path / "elsewhere"
     run.mkdir()
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import helix_api, helix_api.schema as s; "
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import helix_api, helix_api.ops.schema_version as s; "
                             "print(helix_api.__file__); print(s.migrations_dir())"],
                            env=env, cwd=run, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr

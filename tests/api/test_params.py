@@ -15,7 +15,7 @@ def _create(client, user, params, *, type_="text", model=TEXT_MODEL):
 
 
 def _count(db, model) -> int:
-    with db.read() as s:
+    with db.orm_read() as s:
         return s.scalar(select(func.count()).select_from(model))
 
 
@@ -88,7 +88,7 @@ def test_extra_params_pass_only_when_the_operator_lists_them(client, make_client
 
 def test_continuing_a_session_checks_params_too(client, user, db):
     session = _create(client, user, {}).json
-    with db.write() as s:  # let the first reply finish so the session takes another message
+    with db.orm_write() as s:  # let the first reply finish so the session takes another message
         task = s.scalar(select(Task).where(Task.session_id == session["id"]))
         task.status = "complete"
     response = client.post(f"/api/v1/sessions/{session['id']}/messages", headers=user,

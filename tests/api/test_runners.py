@@ -6,13 +6,13 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from helix_api import runners
 from helix_api.models import Runner, utcnow
+from helix_api.tasks import runners
 from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
 
 
 def _rows(db) -> list[Runner]:
-    with db.read() as s:
+    with db.orm_read() as s:
         return list(s.scalars(select(Runner).order_by(Runner.name)))
 
 
@@ -60,7 +60,7 @@ def test_listing_shows_the_task_a_runner_holds_and_heartbeats_count_as_heard_fro
     beat = client.post(f"/api/v1/worker/task/{claimed['task']['id']}/heartbeat", headers=headers,
                        json={"lease_token": claimed["lease"]["token"]})
     assert beat.status_code == 200
-    with db.reading() as conn:
+    with db.connect() as conn:
         listed = runners.listing(conn)
     assert listed[0]["alive"] and listed[0]["tasks"][0]["status"] == "running"
 

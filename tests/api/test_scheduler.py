@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import select, update
 
 from helix_api.models import Mode, SessionType, Task, TaskStatus, utcnow
-from helix_api.queues import QueueFilter
-from helix_api.scheduler import Scheduler
 from helix_api.services import services
+from helix_api.tasks.queues import QueueFilter
+from helix_api.tasks.scheduler import Scheduler
 from tests.conftest import TEXT_MODEL, claim
 
 FILTER = QueueFilter(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
@@ -27,7 +27,7 @@ def sched(app) -> Scheduler:
 
 
 def _expire(db, task_id: int) -> None:
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(Task).where(Task.id == task_id)
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
@@ -69,7 +69,7 @@ def test_expired_lease_goes_back_to_the_queue(client, runner, task_factory, db, 
     first = claim(client, runner).json
     _expire(db, first["task"]["id"])
     assert sched.reap() == 1
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, first["task"]["id"])
     assert row.status == TaskStatus.QUEUED and "stopped heartbeating" in row.error
     again = claim(client, runner).json
@@ -84,7 +84,7 @@ def test_task_is_dead_after_max_attempts_of_expired_leases(client, runner, task_
         _expire(db, claimed["task"]["id"])
         sched.reap()
     assert claim(client, runner).status_code == 204
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.scalar(select(Task).where(Task.session_id == session["id"]))
     assert row.status == TaskStatus.DEAD and row.attempt == 3
     reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
@@ -106,7 +106,7 @@ def test_reap_leaves_live_leases_alone(client, runner, task_factory, db, sched):
     task_factory()
     claimed = claim(client, runner).json
     assert sched.reap() == 0
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.CLAIMED
 
 
@@ -118,12 +118,12 @@ def test_each_app_keeps_its_own_reap_clock(settings, request, make_client):
     claimed = claim(client, runner).json
     _expire(db, claimed["task"]["id"])
     sched.reap_if_due()  # not due for an hour
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.CLAIMED
     other = make_client().application
     with other.app_context():
         services().scheduler.reap_if_due()  # another app's clock has not started
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, claimed["task"]["id"]).status == TaskStatus.QUEUED
 
 
@@ -141,7 +141,7 @@ def test_concurrent_claimers_never_share_a_task(task_factory, db, sched):
         results = list(pool.map(drain, range(8)))
     ids = [task_id for batch in results for task_id in batch]
     assert len(ids) == 120 and len(set(ids)) == 120
-    with db.read() as s:
+    with db.orm_read() as s:
         assert set(s.scalars(select(Task.attempt))) == {1}
 
 

@@ -10,11 +10,11 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from helix_api import schema
 from helix_api.app import create_app
 from helix_api.db import make_engine
 from helix_api.errors import SchemaOutOfDate
 from helix_api.models import Base
+from helix_api.ops import schema_version as schema
 from tests.conftest import database_of
 
 REPO = Path(__file__).resolve().parents[2]

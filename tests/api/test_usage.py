@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from helix_api.auth import create_user
+from helix_api.accounts.auth import create_user
 from tests.conftest import TEXT_MODEL, bearer, claim
 
 OTHER_MODEL = "org/other-model"
@@ -21,7 +21,7 @@ def settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _admin(db) -> dict[str, str]:
-    with db.write() as s:
+    with db.orm_write() as s:
         _, key = create_user(s, "root", is_admin=True)
     return bearer(key)
 
@@ -36,7 +36,7 @@ def _complete(client, runner, model: str, prompt: int, completion: int) -> dict[
 
 
 def _sql(db, statement: str) -> list[Any]:
-    with db.reading() as conn:
+    with db.connect() as conn:
         return list(conn.execute(text(statement)))
 
 

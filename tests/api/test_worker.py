@@ -58,7 +58,7 @@ def test_a_task_is_claimed_once(client, runner, task_factory):
 
 def test_claim_records_runner_and_timestamps(client, runner, task_factory, db):
     _, task, _ = _claimed(client, runner, task_factory)
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, task["id"])
     assert row.status == TaskStatus.CLAIMED
     assert row.runner == "test-runner" and row.runner_token_id is not None
@@ -68,18 +68,18 @@ def test_claim_records_runner_and_timestamps(client, runner, task_factory, db):
 def test_runner_header_names_the_runner(client, runner, task_factory, db):
     task_factory()
     response = client.get(SEED_CLAIM_URL, headers={**runner, "X-Helix-Runner": "gpu7-1234"})
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, response.json["task"]["id"]).runner == "gpu7-1234"
 
 
 def test_heartbeat_renews_lease_and_marks_started(client, runner, task_factory, db):
     _, task, token = _claimed(client, runner, task_factory)
-    with db.read() as s:
+    with db.orm_read() as s:
         before = s.get(Task, task["id"]).lease_expires_at
     response = _post(client, runner, task["id"], "heartbeat", lease_token=token)
     assert response.status_code == 200
     assert response.json["cancelled"] is False
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, task["id"])
     assert row.lease_expires_at >= before
     assert row.status == TaskStatus.RUNNING and row.started_at is not None
@@ -94,7 +94,7 @@ def test_events_are_stored_once_by_seq(client, runner, task_factory, db, user):
     response = _post(client, runner, task["id"], "events", lease_token=token, events=again)
     # A progress event is a row, stored after the text before it: everything up to seq 3 is in SQL.
     assert response.json == {"stored": 1, "last_seq": 3, "durable_seq": 3, "cancelled": False}
-    with db.read() as s:
+    with db.orm_read() as s:
         kinds = list(s.scalars(select(TaskEvent.kind).where(TaskEvent.task_id == task["id"])
                                .order_by(TaskEvent.seq)))
         assert s.get(Task, task["id"]).last_event_seq == 3
@@ -113,7 +113,7 @@ def test_complete_stores_result_and_reply(client, runner, task_factory, db, user
     assert response.status_code == 200 and response.json == {"status": "complete"}
     reply = client.get(f"/api/v1/sessions/{session['id']}", headers=user).json["interactions"][-1]
     assert reply["state"] == "complete" and reply["output"] == "Hi there" and reply["result"] == result
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, task["id"])
     assert row.status == TaskStatus.COMPLETE and row.finished_at is not None and row.result == result
 
@@ -126,12 +126,12 @@ def test_complete_stores_the_events_it_carries_once_and_before_the_end(client, r
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "Hi there"},
                      events=carried)
     assert response.status_code == 200
-    with db.read() as s:
+    with db.orm_read() as s:
         rows = list(s.execute(select(TaskEvent.kind, TaskEvent.data).where(TaskEvent.task_id == task["id"])
                               .order_by(TaskEvent.seq)))
     assert [(kind, data.get("state")) for kind, data in rows] == [
         ("state", "queued"), ("state", "running"), ("state", "complete")]
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, task["id"]).interaction.output == "Hi there"
 
 
@@ -148,7 +148,7 @@ def test_events_of_several_tasks_in_one_request_each_answer_for_themselves(clien
     assert refused["task_id"] == task2["id"] and refused["error"] == "lease_lost"
     reply = client.get(f"/api/v1/sessions/{first['id']}", headers=user).json["interactions"][-1]
     assert reply["output"] == "Hi"
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task2["id"],
                                                                           TaskEvent.kind == "token")) == 0
     bad = client.post("/api/v1/worker/events", headers=runner, json={"posts": [{"task_id": task1["id"]}]})
@@ -160,7 +160,7 @@ def test_complete_with_bad_events_is_400_and_changes_nothing(client, runner, tas
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "x"},
                      events=[{"seq": 1, "kind": "shout"}])
     assert response.status_code == 400 and response.json["field"] == "events[0].kind"
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.get(Task, task["id"]).status == TaskStatus.CLAIMED
 
 
@@ -219,7 +219,7 @@ def test_wrong_lease_token_is_409_and_changes_nothing(client, runner, task_facto
     _, task, token = _claimed(client, runner, task_factory)
     response = _post(client, runner, task["id"], action, lease_token="not-the-token", **body)
     assert response.status_code == 409 and response.json["error"] == "lease_lost"
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, task["id"])
         events = s.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task["id"]))
     assert row.status == TaskStatus.CLAIMED and row.result is None and row.attempt == 1
@@ -228,7 +228,7 @@ def test_wrong_lease_token_is_409_and_changes_nothing(client, runner, task_facto
 
 def test_expired_lease_is_409_even_before_reaping(client, runner, task_factory, db, app):
     _, task, token = _claimed(client, runner, task_factory)
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(Task).where(Task.id == task["id"])
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     response = _post(client, runner, task["id"], "complete", lease_token=token, result={"text": "late"})
@@ -237,7 +237,7 @@ def test_expired_lease_is_409_even_before_reaping(client, runner, task_factory, 
 
 def test_stale_runner_after_requeue_cannot_store_its_result(client, runner, task_factory, db, user):
     session, task, old_token = _claimed(client, runner, task_factory)
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(Task).where(Task.id == task["id"])
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     second = claim(client, runner).json  # the claim path reaps the expired lease first
@@ -329,7 +329,7 @@ def test_claim_max_takes_up_to_n_tasks_in_queue_order_each_with_its_own_lease(cl
     claimed = response.json["tasks"]
     assert [c["task"]["session_id"] for c in claimed] == sessions[:2]
     assert len({c["lease"]["token"] for c in claimed}) == 2
-    with db.read() as s:
+    with db.orm_read() as s:
         rows = {t.session_id: t for t in s.scalars(select(Task))}
     assert [rows[sid].status for sid in sessions] == [TaskStatus.CLAIMED, TaskStatus.CLAIMED, TaskStatus.QUEUED]
     assert [rows[sid].lease_token for sid in sessions[:2]] == [c["lease"]["token"] for c in claimed]
@@ -357,7 +357,7 @@ def test_complete_can_claim_the_next_task_of_the_same_queue(client, runner, task
     assert response.status_code == 200 and response.json["status"] == "complete"
     following = response.json["next"]
     assert following["task"]["session_id"] == second["id"] and following["task"]["attempt"] == 1
-    with db.read() as s:
+    with db.orm_read() as s:
         row = s.get(Task, following["task"]["id"])
         assert row.status == TaskStatus.CLAIMED and row.lease_token == following["lease"]["token"]
         assert s.get(Task, task["id"]).status == TaskStatus.COMPLETE
@@ -373,15 +373,15 @@ def test_a_retried_complete_hands_back_what_it_claimed_and_never_claims_twice(cl
     first = _complete_claiming_next(client, runner, task, token).json["next"]
     again = _complete_claiming_next(client, runner, task, token).json["next"]  # the answer was lost: retry
     assert again["task"]["id"] == first["task"]["id"] and again["lease"]["token"] == first["lease"]["token"]
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.scalar(select(func.count()).select_from(Task).where(Task.status == TaskStatus.CLAIMED)) == 1
     # Once that lease has run out, the retry answers nothing (the task went back to the queue).
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(Task).where(Task.id == first["task"]["id"])
                   .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert _complete_claiming_next(client, runner, task, token).json == {"status": "complete", "next": None}
     # A complete that claimed nothing, retried, still claims nothing.
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(Task).where(Task.id == first["task"]["id"]).values(status=TaskStatus.COMPLETE))
     lone = claim(client, runner).json
     assert _complete_claiming_next(client, runner, lone["task"], lone["lease"]["token"]).json["next"] is None
@@ -401,7 +401,7 @@ def test_hung_up_tells_a_waiting_runner_from_a_gone_one_past_descriptor_1024():
     import resource
     import socket
 
-    from helix_api.worker import hung_up
+    from helix_api.tasks.routes import hung_up
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1600:

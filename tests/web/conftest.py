@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from helix_api.auth import create_user
+from helix_api.accounts.auth import create_user
 from helix_api.db import Database
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -45,7 +45,7 @@ def sign_in(client: FlaskClient, key: str, next_path: str | None = None):
 def make_key(db: Database) -> Callable[..., str]:
     """Create a user; returns their API key."""
     def make(name: str | None = None, *, admin: bool = False) -> str:
-        with db.write() as session:
+        with db.orm_write() as session:
             _, key = create_user(session, name or f"user-{uuid.uuid4().hex[:8]}", is_admin=admin)
         return key
     return make

@@ -50,7 +50,7 @@ def test_a_bad_key_shows_the_error_next_to_the_field(client, key, message):
 
 def test_a_revoked_key_signs_its_browsers_out(browser, db):
     assert browser.get("/").status_code == 200
-    with db.write() as s:
+    with db.orm_write() as s:
         s.execute(update(ApiKey).values(revoked_at=utcnow()))
 
     response = browser.get("/")
@@ -95,7 +95,7 @@ def test_a_form_post_without_a_valid_token_is_a_400_page(browser, db):
         response = browser.post("/new/chat", data=data)
         assert response.status_code == 400 and response.mimetype == "text/html"
         assert b"CSRF" in response.data
-    with db.read() as s:
+    with db.orm_read() as s:
         assert s.scalars(select(Task)).all() == []
 
 

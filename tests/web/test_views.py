@@ -23,7 +23,7 @@ def session_id_of(response) -> int:
 
 
 def tasks(db) -> list[Task]:
-    with db.read() as s:
+    with db.orm_read() as s:
         return list(s.scalars(select(Task).order_by(Task.id)))
 
 

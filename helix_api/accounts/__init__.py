@@ -1,0 +1,1 @@
+"""Accounts: credentials and the checks every endpoint makes, and usage accounting."""

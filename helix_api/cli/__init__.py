@@ -1,0 +1,1 @@
+"""The `helix` command: operators' commands and a user's everyday ones."""

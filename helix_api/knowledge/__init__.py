@@ -1,0 +1,1 @@
+"""Knowledge bases: documents a user's chats draw on, and retrieval over them."""

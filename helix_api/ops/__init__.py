@@ -1,0 +1,1 @@
+"""Operations: metrics, the admin views, health, and schema versions."""

@@ -1,0 +1,1 @@
+"""Sessions and their files: starting and continuing chats, uploads, training data, scores."""

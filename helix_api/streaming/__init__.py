@@ -1,0 +1,1 @@
+"""Streaming: runners' events taken in, live replies, the token bus, and following a session."""

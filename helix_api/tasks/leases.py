@@ -1,0 +1,90 @@
+"""Leases: a runner's right to work on a task, its terms, and the fencing every worker call goes through.
+
+A lease is the task's current token with an expiry. Every call a runner makes checks, in the same
+transaction as its write, that its token is still the task's, the task still active and the lease not
+expired; otherwise it gets the 404/409 that explains why and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, func, select, update
+
+from helix_api.errors import LeaseLost, TaskCancelled, TaskNotFound
+from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
+
+_TASKS = Task.__table__
+# Built once: on the hot paths, building a statement costs more than running it.
+_SELECT = select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))
+_TASK = {False: _SELECT, True: _SELECT.with_for_update()}
+_RENEW = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
+          .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
+                  started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A runner's right to work on a task until `expires_at`."""
+
+    token: str
+    expires_at: datetime
+    ttl_seconds: float
+    heartbeat_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The lease as the worker API returns it."""
+        return {"token": self.token, "expires_at": self.expires_at.isoformat(),
+                "ttl_seconds": self.ttl_seconds, "heartbeat_seconds": self.heartbeat_seconds}
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How long leases last, how often runners renew them, how many attempts a task gets."""
+
+    ttl_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    max_attempts: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> LeasePolicy:
+        """The policy the LEASE_SECONDS, HEARTBEAT_SECONDS and MAX_ATTEMPTS settings describe."""
+        return cls(ttl_seconds=settings["LEASE_SECONDS"], heartbeat_seconds=settings["HEARTBEAT_SECONDS"],
+                   max_attempts=settings["MAX_ATTEMPTS"])
+
+
+def load(conn: Connection, task_id: int, *, for_update: bool) -> Any:
+    """The task's row, or 404; `for_update` where the database locks rows (SQLite locks it all)."""
+    task = conn.execute(_TASK[for_update], {"p_id": task_id}).one_or_none()
+    if task is None:
+        raise TaskNotFound(f"No task {task_id}.")
+    return task
+
+
+def check(task: Any, token: str, now: datetime) -> Any:
+    """`task` if `token` is its live lease; otherwise the 409 that explains why not."""
+    if task.lease_token != token:
+        raise LeaseLost(f"Task {task.id} is no longer leased with this token (it is at attempt "
+                        f"{task.attempt}, status {task.status.value}).")
+    if task.status == TaskStatus.CANCELLED:
+        raise TaskCancelled(f"Task {task.id} was cancelled by its user.")
+    if task.status not in ACTIVE_TASK_STATUSES:
+        raise LeaseLost(f"Task {task.id} is {task.status.value}; this lease no longer holds it.")
+    if task.lease_expires_at is None or task.lease_expires_at < now:
+        raise LeaseLost(f"The lease on task {task.id} expired at {task.lease_expires_at}.")
+    return task
+
+
+def held(conn: Connection, task_id: int, token: str, now: datetime, *, for_update: bool) -> Any:
+    """The task, if `token` is its live lease; otherwise the 404/409 that explains why not."""
+    return check(load(conn, task_id, for_update=for_update), token, now)
+
+
+def renew(conn: Connection, task: Any, now: datetime, policy: LeasePolicy) -> datetime:
+    """Extend the task's lease by the policy's TTL (it is running now); the new expiry."""
+    expires = now + timedelta(seconds=policy.ttl_seconds)
+    conn.execute(_RENEW, {"p_id": task.id, "p_expires": expires, "p_now": now})
+    return expires
