@@ -11,14 +11,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, case, cast, func, insert, select
+from sqlalchemy import Connection, Float, bindparam, case, cast, func, insert, select
 
 from helix_api.db import Database
 from helix_api.models import TaskUsage, User
 from helix_api.vocabulary import BILLED_ATTEMPT_ENDS, FINAL_ATTEMPT_ENDS, AttemptEnd, Mode, SessionType
 
 _USAGE, _USERS = TaskUsage.__table__, User.__table__
-_INSERT = insert(_USAGE)
 GROUPINGS = ("model", "day")
 # Far beyond any real count, within BIGINT: a runner's absurd number must not break the insert.
 _MAX_COUNT = 2**53
@@ -54,16 +53,25 @@ def runner_seconds(task: Any, now: datetime) -> float:
     return max((end - task.claimed_at).total_seconds(), 0.0)
 
 
-def record(conn: Connection, task: Any, outcome: AttemptEnd, now: datetime,
-           result: Mapping[str, Any] | None = None, *, held: bool = True) -> None:
-    """Record the end of the current attempt at `task`; `held` is false when no runner held it (a queued cancel)."""
+def row(task: Any, outcome: AttemptEnd, now: datetime, result: Mapping[str, Any] | None = None, *,
+        held: bool = True) -> dict[str, Any]:
+    """The `task_usage` row of the end of `task`'s current attempt; `held` is false when no runner held it
+    (a queued cancel). The task's transition writes it (tasks/transitions.py)."""
     prompt, completion = counts(result) if outcome == AttemptEnd.COMPLETE else (0, 0)
-    conn.execute(_INSERT, {
+    return {
         "task_id": task.id, "session_id": task.session_id, "user_id": task.user_id, "mode": task.mode,
         "type": task.type, "model_name": task.model_name, "attempt": task.attempt, "outcome": outcome,
         "billed": outcome in BILLED_ATTEMPT_ENDS, "prompt_tokens": prompt, "completion_tokens": completion,
         "images": images_of(task, result) if outcome == AttemptEnd.COMPLETE else 0,
-        "runner_seconds": runner_seconds(task, now) if held else 0.0, "finished_at": now})
+        "runner_seconds": runner_seconds(task, now) if held else 0.0, "finished_at": now}
+
+
+_INSERT_BOUND = insert(_USAGE).values({c.name: bindparam(f"u_{c.name}") for c in _USAGE.c if c.name != "id"})
+
+
+def record_row(conn: Connection, params: Mapping[str, Any]) -> None:
+    """Insert a usage row given as `u_<column>` parameters (see `row`), where no CTE carries it (SQLite)."""
+    conn.execute(_INSERT_BOUND, params)
 
 
 def _day(dialect: str) -> Any:

@@ -6,11 +6,11 @@ import enum
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select
 from sqlalchemy.orm import Session as DBSession
 
 from helix_api.errors import FileNotFound, InvalidField
-from helix_api.models import File, Interaction, InteractionState, Mode, Session, utcnow
+from helix_api.models import File, Interaction, InteractionState, Mode, utcnow
 from helix_api.sessions.storage import FileStore, StoredBlob
 
 logger = logging.getLogger(__name__)
@@ -109,23 +109,26 @@ def sessions_with_adapters() -> Any:
     return _completed_adapters(_FILES.c.session_id)
 
 
-def settle_result(conn: Connection, task: Any, result: dict[str, Any]) -> list[str]:
-    """Keep the files a result names, drop the rest the runner uploaded for this reply.
+def named_in_result(conn: Connection, task: Any, result: dict[str, Any]) -> list[str] | None:
+    """Check the files a result names and drop the other files the runner uploaded for this reply.
 
-    Files uploaded by a lost attempt, or not named in the result, are dropped; a fine-tune's adapter
-    switches its session to inference. Returns the store keys to delete once the transaction commits.
+    None when the result names no file (the common case): the completion itself drops every runner
+    file of the reply then, without reading them (transitions.complete). Otherwise the store keys of
+    the files dropped here (uploaded by a lost attempt, or not named), deleted once the transaction
+    commits. A fine-tune's result must name its adapter.
     """
+    named = result.get("files")
+    adapter_id = result.get("adapter_file_id")
+    if task.mode != Mode.FINETUNE and not named and adapter_id is None:
+        return None
     uploaded = {row.id: row for row in conn.execute(select(*_FILES.c).where(
         _FILES.c.interaction_id == task.interaction_id, _FILES.c.kind.in_([k.value for k in RUNNER_KINDS])))}
-    keep = _named_files(result.get("files") or [], "result.files", uploaded, FileKind.OUTPUT)
-    adapter_id = result.get("adapter_file_id")
+    keep = _named_files(named or [], "result.files", uploaded, FileKind.OUTPUT)
     if task.mode == Mode.FINETUNE:
         if adapter_id is None:
             raise InvalidField("A fine-tune result needs 'adapter_file_id': upload the adapter first.",
                                field="result.adapter_file_id")
         keep |= _named_files([adapter_id], "result.adapter_file_id", uploaded, FileKind.ADAPTER)
-        conn.execute(update(Session.__table__).where(Session.id == task.session_id)
-                     .values(mode=Mode.CREATE, updated_at=utcnow()))
     dropped = [row for file_id, row in uploaded.items() if file_id not in keep]
     if dropped:
         conn.execute(delete(_FILES).where(_FILES.c.id.in_([row.id for row in dropped])))

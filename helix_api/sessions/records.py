@@ -28,7 +28,7 @@ from helix_api.params import Limits, check_params
 from helix_api.sessions import files, training_data
 from helix_api.sessions.files import FileKind
 from helix_api.sessions.storage import FileStore, safe_name
-from helix_api.tasks import queues
+from helix_api.tasks import queues, transitions
 from helix_api.tasks.leases import LeasePolicy
 
 _INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
@@ -94,7 +94,7 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
         # Always set, so a runner can tell "no adapter" from "forgot to say": it never keeps one by accident.
         task_input["adapter"] = files.file_ref(adapter) if adapter is not None else None
     task_input.update(extra_input or {})
-    task = queues.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
+    task = transitions.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
                           mode=session.mode, type_=session.type, model_name=session.model_name,
                           input=task_input, params=params, priority=priority,
                           max_attempts=policy.max_attempts)

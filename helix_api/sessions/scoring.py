@@ -21,7 +21,7 @@ from helix_api.openai import completions
 from helix_api.params import REWARD_MODEL
 from helix_api.sessions import files
 from helix_api.sessions import records as conversations
-from helix_api.tasks import queues
+from helix_api.tasks import queues, transitions
 from helix_api.tasks.leases import LeasePolicy
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def start(database: Database, policy: LeasePolicy, *, user_id: int, session_id: 
         reply = db.execute(_INSERT_INTERACTION, {
             "session_id": session_id, "creator": Creator.ASSISTANT, "message": "", "params": {},
             "state": InteractionState.QUEUED, "output": "", "created_at": now, "finished_at": None}).one()
-        task = queues.enqueue(db, session_id=session_id, interaction_id=reply.id, user_id=user_id, mode=Mode.SCORE,
+        task = transitions.enqueue(db, session_id=session_id, interaction_id=reply.id, user_id=user_id, mode=Mode.SCORE,
                               type_=session.type, model_name=session.model_name,
                               input={"prompt": prompt, "candidates": candidates, "adapter": files.file_ref(adapter)},
                               params={}, priority=queues.PRIORITY_CONTINUE, max_attempts=policy.max_attempts)

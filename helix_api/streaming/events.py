@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
-from helix_api.models import ACTIVE_TASK_STATUSES, Interaction, Session, Task, TaskEvent, TaskStatus, utcnow
+from helix_api.models import Interaction, Session, Task, TaskEvent, utcnow
 from helix_api.tasks.notifier import publish, session_topic
 
 BATCH = 500
@@ -27,14 +27,6 @@ _SINCE = (select(_EVENTS).where(_EVENTS.c.session_id == bindparam("p_session"),
           .order_by(_EVENTS.c.seq).limit(bindparam("p_limit")))
 _REPLY_APPEND = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
                  .values(output=_REPLIES.c.output + bindparam("p_text", type_=String)))
-# Guarded by the lease and the stored seq, so two processes never store the same tokens twice.
-_STORE_SEQ = (update(_TASKS)
-              .where(_TASKS.c.id == bindparam("p_id"), _TASKS.c.lease_token == bindparam("p_token"),
-                     _TASKS.c.status.in_(ACTIVE_TASK_STATUSES), _TASKS.c.lease_expires_at >= bindparam("p_now"),
-                     _TASKS.c.last_event_seq == bindparam("p_after"))
-              .values(last_event_seq=bindparam("p_seq"), status=TaskStatus.RUNNING,
-                      lease_expires_at=bindparam("p_expires"),
-                      started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
 _STORED = (select(_TASKS.c.attempt, _REPLIES.c.output, _TASKS.c.last_event_seq)
            .join_from(_TASKS, _REPLIES, _REPLIES.c.id == _TASKS.c.interaction_id)
            .where(_TASKS.c.id == bindparam("p_id")))
@@ -77,18 +69,10 @@ def rows(db: DBSession | Connection, task: Any, items: list[dict[str, Any]]) -> 
                                         for e in items])
 
 
-def store_text(db: DBSession | Connection, *, task_id: int, interaction_id: int, lease_token: str, now: Any,
-               expires: Any, after_seq: int, last_seq: int, text: str) -> bool:
-    """Append `text` to the reply and move the task from `after_seq` to `last_seq`, renewing its lease.
-
-    False, changing nothing, unless the lease still holds and the stored text ends at `after_seq`:
-    another process may have stored more meanwhile (see live.LiveReply.agree).
-    """
-    moved = db.execute(_STORE_SEQ, {"p_id": task_id, "p_token": lease_token, "p_now": now, "p_expires": expires,
-                                    "p_after": after_seq, "p_seq": last_seq}).rowcount
-    if moved and text:
+def append_text(db: Connection, interaction_id: int, text: str) -> None:
+    """Append flushed text to a reply's output; its task's seq moved in the same transaction (intake.py)."""
+    if text:
         db.execute(_REPLY_APPEND, {"p_id": interaction_id, "p_text": text})
-    return bool(moved)
 
 
 def stored_text(db: DBSession | Connection, task_id: int) -> Any:

@@ -29,7 +29,7 @@ from helix_api.ops import metrics
 from helix_api.streaming import events
 from helix_api.streaming.bus import NoBus, RedisBus, make_bus
 from helix_api.streaming.live import Gap, LiveReplies, LiveReply
-from helix_api.tasks import leases
+from helix_api.tasks import leases, transitions
 from helix_api.tasks.leases import LeasePolicy
 from helix_api.tasks.notifier import publish, session_topic
 
@@ -196,10 +196,10 @@ class Intake:
     def _store(self, conn: Connection, entry: LiveReply, token: str, now: datetime) -> bool:
         """Flush `entry` (caller holds its lock): its tail and seq, and a renewed lease."""
         expires = now + timedelta(seconds=self.policy.ttl_seconds)
-        if not events.store_text(conn, task_id=entry.task_id, interaction_id=entry.interaction_id, lease_token=token,
-                                 now=now, expires=expires, after_seq=entry.durable_seq, last_seq=entry.last_seq,
-                                 text=entry.pending):
+        if not transitions.advance(conn, task_id=entry.task_id, lease_token=token, now=now, expires=expires,
+                                   after_seq=entry.durable_seq, last_seq=entry.last_seq):
             return False
+        events.append_text(conn, entry.interaction_id, entry.pending)
         entry.stored(entry.last_seq, len(entry.text))
         entry.lease_expires_at = expires
         if self._notify_flush:

@@ -1,64 +1,77 @@
-"""Claims: the statement that hands the first queued task of a queue to a runner, under a new lease.
+"""The claim rule: which queued tasks a runner may take, in what order, and what wakes it up.
 
-A claim is one `UPDATE ... WHERE id = (SELECT ... ORDER BY priority, id LIMIT 1 [FOR UPDATE SKIP
-LOCKED]) AND status = 'queued' RETURNING ...`, in the caller's transaction, so no task is handed to
-two runners. The scheduler decides when to claim (a poll, a long-poll woken by a queued task, a
-`complete` that asks for the next task); this module only how.
+A `ClaimRule` is the one description of a runner's request for work. Its filter, its ordering and its
+wake-up topic are the seams the scheduling rules plug into: today a rule is one (mode, type, model)
+queue served by priority, then first come first served. The claim statement itself, built from the
+rule, is in transitions.py; the lease token a `complete` derives for the next task is here.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import and_, bindparam, exists, select
 
-from helix_api.models import ACTIVE_TASK_STATUSES, Interaction, InteractionState, Task, TaskStatus, utcnow
-from helix_api.streaming import events
-from helix_api.tasks import queues
+from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
 from helix_api.tasks.leases import Lease, LeasePolicy
-from helix_api.tasks.queues import QueueFilter
+from helix_api.tasks.notifier import queue_topic
+from helix_api.tasks.rows import TaskRow
+from helix_api.vocabulary import Mode, SessionType
 
-_TASKS, _REPLIES = Task.__table__, Interaction.__table__
+_TASKS = Task.__table__
 
+# Lower goes first: a user already in a chat is waiting on every reply.
+PRIORITY_CONTINUE = 0
+PRIORITY_NEW = 1
 
-# Statements built once: on the hot paths, building a statement costs more than running it.
-def _claim_statement(skip_locked: bool):
-    candidate = select(_TASKS.c.id).where(queues.QUEUED).order_by(_TASKS.c.priority, _TASKS.c.id).limit(1)
-    if skip_locked:
-        # Concurrent claimers skip a row another transaction is taking instead of queueing on it.
-        candidate = candidate.with_for_update(skip_locked=True)
-    return (update(_TASKS)
-            .where(_TASKS.c.id == candidate.scalar_subquery(), _TASKS.c.status == TaskStatus.QUEUED)
-            .values(status=TaskStatus.CLAIMED, attempt=_TASKS.c.attempt + 1, lease_token=bindparam("p_token"),
-                    lease_expires_at=bindparam("p_expires"), claimed_at=bindparam("p_now"), started_at=None,
-                    runner=bindparam("p_runner"), runner_token_id=bindparam("p_runner_token"), last_event_seq=0)
-            .returning(*_TASKS.c))
+# The tasks waiting in one queue: the only place the (mode, type, model) triple is spelled in SQL.
+QUEUED = and_(_TASKS.c.status == TaskStatus.QUEUED, _TASKS.c.mode == bindparam("p_mode"),
+               _TASKS.c.type == bindparam("p_type"), _TASKS.c.model_name == bindparam("p_model"))
+_HAS_WORK = select(exists().where(QUEUED))
 
 
-_CLAIM = {False: _claim_statement(False), True: _claim_statement(True)}
-# The task a `complete` claimed next, found again by the lease token derived from the completed one.
-_HELD_BY = select(*_TASKS.c).where(_TASKS.c.status.in_(ACTIVE_TASK_STATUSES),
-                                   _TASKS.c.lease_token == bindparam("p_token"))
-_REPLY_RUNNING = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-                  .values(state=InteractionState.RUNNING))
+@dataclass(frozen=True)
+class ClaimRule:
+    """What a runner may take: its filter, its ordering and its wake-up topic."""
 
+    mode: Mode
+    type: SessionType
+    model_name: str
 
-def take(conn: Connection, filt: QueueFilter, token: str, policy: LeasePolicy, *, runner: str,
-         runner_token_id: int | None, skip_locked: bool) -> tuple[Any, Lease] | None:
-    """Claim the first queued task of `filt` under lease `token`, in `conn`'s transaction; None if none."""
-    now = utcnow()
-    lease = Lease(token, now + timedelta(seconds=policy.ttl_seconds), policy.ttl_seconds, policy.heartbeat_seconds)
-    task = conn.execute(_CLAIM[skip_locked], {
-        **filt.params(), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
-        "p_runner": runner, "p_runner_token": runner_token_id}).one_or_none()
-    if task is None:
-        return None
-    conn.execute(_REPLY_RUNNING, {"p_id": task.interaction_id})
-    events.state_event(conn, task, InteractionState.RUNNING.value, phase="claimed", runner=runner)
-    return task, lease
+    @classmethod
+    def of_task(cls, task: Any) -> ClaimRule:
+        """The rule of the runners that may take `task` (whose queue it joins)."""
+        return cls(task.mode, task.type, task.model_name)
+
+    @property
+    def topic(self) -> str:
+        """The wake-up topic of this rule's runners: a task they may take was queued."""
+        return queue_topic(self.mode.value, self.type.value, self.model_name)
+
+    @property
+    def shape(self) -> tuple[str, ...]:
+        """What the rule's SQL depends on besides its parameters: statements are built once per shape."""
+        return ("queue",)
+
+    def where(self) -> Any:
+        """The filter: the queued tasks this rule may take, its values bound by `params()`."""
+        return QUEUED
+
+    def order_by(self) -> tuple[Any, ...]:
+        """The ordering: which of those goes first."""
+        return (_TASKS.c.priority, _TASKS.c.id)
+
+    def params(self) -> dict[str, Any]:
+        """The bound parameters of `where()`."""
+        return {"p_mode": self.mode, "p_type": self.type, "p_model": self.model_name}
+
+    def has_work(self) -> Any:
+        """A statement saying whether anything matches: idle polls read it and take no write lock."""
+        return _HAS_WORK
 
 
 def next_token(token: str) -> str:
@@ -67,9 +80,14 @@ def next_token(token: str) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
-def held_by(conn: Connection, token: str, now: datetime, policy: LeasePolicy) -> tuple[Any, Lease] | None:
+# The task a `complete` claimed next, found again by the lease token derived from the completed one.
+_HELD_BY = select(*_TASKS.c).where(_TASKS.c.status.in_(ACTIVE_TASK_STATUSES),
+                                   _TASKS.c.lease_token == bindparam("p_token"))
+
+
+def held_by(conn: Any, token: str, now: datetime, policy: LeasePolicy) -> tuple[TaskRow, Lease] | None:
     """The task leased under `token` and its lease, if that lease still holds."""
-    task = conn.execute(_HELD_BY, {"p_token": token}).one_or_none()
-    if task is None or task.lease_expires_at is None or task.lease_expires_at < now:
+    row = conn.execute(_HELD_BY, {"p_token": token}).one_or_none()
+    if row is None or row.lease_expires_at is None or row.lease_expires_at < now:
         return None
-    return task, Lease(task.lease_token, task.lease_expires_at, policy.ttl_seconds, policy.heartbeat_seconds)
+    return TaskRow.of(row), Lease(row.lease_token, row.lease_expires_at, policy.ttl_seconds, policy.heartbeat_seconds)

@@ -12,18 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, select
 
 from helix_api.errors import LeaseLost, TaskCancelled, TaskNotFound
 from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
+from helix_api.tasks.rows import TaskRow
 
 _TASKS = Task.__table__
 # Built once: on the hot paths, building a statement costs more than running it.
 _SELECT = select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))
 _TASK = {False: _SELECT, True: _SELECT.with_for_update()}
-_RENEW = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
-          .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
-                  started_at=func.coalesce(_TASKS.c.started_at, bindparam("p_now"))))
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,10 @@ class LeasePolicy:
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
 
+    def lease(self, token: str, now: datetime) -> Lease:
+        """A new lease under `token`, from `now` for this policy's TTL."""
+        return Lease(token, now + timedelta(seconds=self.ttl_seconds), self.ttl_seconds, self.heartbeat_seconds)
+
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> LeasePolicy:
         """The policy the LEASE_SECONDS, HEARTBEAT_SECONDS and MAX_ATTEMPTS settings describe."""
@@ -56,12 +58,12 @@ class LeasePolicy:
                    max_attempts=settings["MAX_ATTEMPTS"])
 
 
-def load(conn: Connection, task_id: int, *, for_update: bool) -> Any:
+def load(conn: Connection, task_id: int, *, for_update: bool) -> TaskRow:
     """The task's row, or 404; `for_update` where the database locks rows (SQLite locks it all)."""
-    task = conn.execute(_TASK[for_update], {"p_id": task_id}).one_or_none()
-    if task is None:
+    row = conn.execute(_TASK[for_update], {"p_id": task_id}).one_or_none()
+    if row is None:
         raise TaskNotFound(f"No task {task_id}.")
-    return task
+    return TaskRow.of(row)
 
 
 def check(task: Any, token: str, now: datetime) -> Any:
@@ -78,13 +80,6 @@ def check(task: Any, token: str, now: datetime) -> Any:
     return task
 
 
-def held(conn: Connection, task_id: int, token: str, now: datetime, *, for_update: bool) -> Any:
+def held(conn: Connection, task_id: int, token: str, now: datetime, *, for_update: bool) -> TaskRow:
     """The task, if `token` is its live lease; otherwise the 404/409 that explains why not."""
     return check(load(conn, task_id, for_update=for_update), token, now)
-
-
-def renew(conn: Connection, task: Any, now: datetime, policy: LeasePolicy) -> datetime:
-    """Extend the task's lease by the policy's TTL (it is running now); the new expiry."""
-    expires = now + timedelta(seconds=policy.ttl_seconds)
-    conn.execute(_RENEW, {"p_id": task.id, "p_expires": expires, "p_now": now})
-    return expires

@@ -21,8 +21,7 @@ from helix_api.schemas import worker as schemas
 from helix_api.services import services
 from helix_api.sessions import files
 from helix_api.tasks import files as task_files
-from helix_api.tasks import runners
-from helix_api.tasks.queues import QueueFilter
+from helix_api.tasks.claims import ClaimRule
 from helix_api.validation import field, json_body, parse_mode, parse_type, query, query_number, values
 
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
@@ -55,10 +54,9 @@ def claim():
     wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])
     most = args.get("max")
     runner = _runner_name()
-    runners.seen(svc.database, runner, runner_token_id=g.caller.id, mode=mode, type_=type_, model_name=model_name)
     gone = hang_up_check(request.environ) if wait else None
     claimed = svc.scheduler.claim_waiting(
-        QueueFilter(mode, type_, model_name), wait=wait, client_gone=gone, runner=runner,
+        ClaimRule(mode, type_, model_name), wait=wait, client_gone=gone, runner=runner,
         runner_token_id=g.caller.id, count=most or 1)
     if not claimed:
         return Response(status=204)
@@ -114,8 +112,7 @@ def heartbeat(task_id: int):
     """Renew the lease; tells the runner if the task was cancelled."""
     body = json_body(schemas.Lease)
     svc = services()
-    runners.touched(svc.database, _runner_name())
-    expires = svc.scheduler.heartbeat(task_id, _lease_token(body))
+    expires = svc.scheduler.heartbeat(task_id, _lease_token(body), runner=_runner_name())
     return {"cancelled": expires is None, "lease_expires_at": expires.isoformat() if expires else None}
 
 

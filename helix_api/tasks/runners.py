@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,90 +25,77 @@ ALIVE_SECONDS = 60.0
 
 _RUNNERS = Runner.__table__
 _REFRESH = update(_RUNNERS).where(_RUNNERS.c.name == bindparam("p_name")).values(last_seen_at=bindparam("p_seen"))
-_lock = threading.Lock()
-_clock = time.monotonic  # a module attribute, so tests can move it
+class Registry:
+    """One API process's record of the runners it hears from, written to the `runners` table.
 
-
-class _Sightings:
-    """One API process's record of when it last wrote each runner's row, and the refreshes not written yet.
-
-    A runner seen for the first time, or asking for another model, is written at once. A mere "still
+    A runner seen for the first time, or asking for other work, is written at once. A mere "still
     here" waits, and every refresh due is written together in one transaction at most once per
-    WRITE_EVERY_SECONDS: a thousand runners re-polling at once cost one write, not a thousand.
+    WRITE_EVERY_SECONDS: a thousand runners re-polling at once cost one write, not a thousand. The
+    scheduler owns one, and records sightings on its claim and heartbeat paths.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, database: Database, clock: Callable[[], float] = time.monotonic) -> None:
+        self.database, self.clock = database, clock
+        self._lock = threading.Lock()
         self.written: dict[str, tuple[float, tuple[Any, ...]]] = {}
         self.pending: dict[str, datetime] = {}
         self.flushed = float("-inf")
 
-
-def _sightings(database: Database) -> _Sightings:
-    """This process's sightings of `database`'s runners (kept per database: tests have many)."""
-    return database.__dict__.setdefault("runner_sightings", _Sightings())
-
-
-def _note(database: Database, name: str, what: tuple[Any, ...]) -> bool:
-    """Whether runner `name` must be written now; otherwise queue a refresh when one is due."""
-    now = _clock()
-    sightings = _sightings(database)
-    with _lock:
-        last = sightings.written.get(name)
-        if last is None or last[1] != what:
-            sightings.written[name] = (now, what)
-            return True
-        if now - last[0] >= WRITE_EVERY_SECONDS:
-            sightings.written[name] = (now, what)
-            sightings.pending[name] = utcnow()
-        return False
-
-
-def _flush(database: Database) -> None:
-    """Write the refreshes waiting, in one transaction, if the last flush is old enough."""
-    sightings = _sightings(database)
-    with _lock:
-        if not sightings.pending or _clock() - sightings.flushed < WRITE_EVERY_SECONDS:
+    def seen(self, name: str, *, runner_token_id: int | None, asks_for: tuple[Any, ...]) -> None:
+        """Record that runner `name` asked for work (`asks_for`: mode, type, model); a few writes a minute."""
+        if not self._note(name, asks_for):
+            self._flush()
             return
-        pending, sightings.pending = sightings.pending, {}
-        sightings.flushed = _clock()
-    try:
-        with database.transaction() as conn:
-            conn.execute(_REFRESH, [{"p_name": name, "p_seen": seen_at} for name, seen_at in pending.items()])
-    except Exception:
-        logger.exception("recording %d runners as heard from failed", len(pending))
+        mode, type_, model_name = asks_for
+        now = utcnow()
+        values = {"runner_token_id": runner_token_id, "mode": mode, "type": type_, "model_name": model_name,
+                  "last_seen_at": now}
+        try:
+            with self.database.transaction() as conn:
+                if conn.execute(update(_RUNNERS).where(_RUNNERS.c.name == name).values(**values)).rowcount:
+                    return
+                conn.execute(insert(_RUNNERS).values(name=name, first_seen_at=now, **values))
+        except IntegrityError:  # another API process inserted it first: it is recorded either way
+            pass
+        except Exception:
+            logger.exception("recording runner %s failed", name)  # never worth failing a claim over
 
+    def touched(self, name: str) -> None:
+        """Record that runner `name` reported on a task it holds (a heartbeat or events)."""
+        with self._lock:
+            last = self.written.get(name)
+            if last is None or self.clock() - last[0] >= WRITE_EVERY_SECONDS:
+                # A row this process never wrote is refreshed all the same: its claim may have come
+                # through another process (an UPDATE of a row that is not there changes nothing).
+                self.written[name] = (self.clock(), last[1] if last else ("touch",))
+                self.pending[name] = utcnow()
+        self._flush()
 
-def seen(database: Database, name: str, *, runner_token_id: int | None, mode: Any, type_: Any,
-         model_name: str) -> None:
-    """Record that runner `name` asked for work of (mode, type, model); a few writes a minute at most."""
-    if not _note(database, name, (mode, type_, model_name)):
-        _flush(database)
-        return
-    now = utcnow()
-    values = {"runner_token_id": runner_token_id, "mode": mode, "type": type_, "model_name": model_name,
-              "last_seen_at": now}
-    try:
-        with database.transaction() as conn:
-            if conn.execute(update(_RUNNERS).where(_RUNNERS.c.name == name).values(**values)).rowcount:
+    def _note(self, name: str, what: tuple[Any, ...]) -> bool:
+        """Whether runner `name` must be written now; otherwise queue a refresh when one is due."""
+        now = self.clock()
+        with self._lock:
+            last = self.written.get(name)
+            if last is None or last[1] != what:
+                self.written[name] = (now, what)
+                return True
+            if now - last[0] >= WRITE_EVERY_SECONDS:
+                self.written[name] = (now, what)
+                self.pending[name] = utcnow()
+            return False
+
+    def _flush(self) -> None:
+        """Write the refreshes waiting, in one transaction, if the last flush is old enough."""
+        with self._lock:
+            if not self.pending or self.clock() - self.flushed < WRITE_EVERY_SECONDS:
                 return
-            conn.execute(insert(_RUNNERS).values(name=name, first_seen_at=now, **values))
-    except IntegrityError:  # another API process inserted it first: it is recorded either way
-        pass
-    except Exception:
-        logger.exception("recording runner %s failed", name)  # never worth failing a claim over
-
-
-def touched(database: Database, name: str) -> None:
-    """Record that runner `name` reported on a task it holds (a heartbeat or events)."""
-    sightings = _sightings(database)
-    with _lock:
-        last = sightings.written.get(name)
-        if last is None or _clock() - last[0] >= WRITE_EVERY_SECONDS:
-            # A row this process never wrote is refreshed all the same: its claim may have come
-            # through another process (an UPDATE of a row that is not there changes nothing).
-            sightings.written[name] = (_clock(), last[1] if last else ("touch",))
-            sightings.pending[name] = utcnow()
-    _flush(database)
+            pending, self.pending = self.pending, {}
+            self.flushed = self.clock()
+        try:
+            with self.database.transaction() as conn:
+                conn.execute(_REFRESH, [{"p_name": name, "p_seen": seen_at} for name, seen_at in pending.items()])
+        except Exception:
+            logger.exception("recording %d runners as heard from failed", len(pending))
 
 
 def alive_since(now: datetime | None = None) -> datetime:

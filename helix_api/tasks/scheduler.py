@@ -1,9 +1,9 @@
-"""Scheduling rules: which task a runner gets, and how its attempt ends: complete, fail, release, reap, cancel.
+"""The scheduler: when a runner gets a task, and how its attempt ends: complete, fail, release, reap, cancel.
 
-Every change of a task's status happens here, in one short transaction guarded by the task's state
-and lease token, so no task is handed to two runners and no late runner can overwrite a result.
-Tasks join their queue in queues.py; the lease checks themselves are in leases.py. See notes.md for
-the state machine.
+Each of these is one short transaction: the lease checks (leases.py) decide whether the change may
+happen, and transitions.py writes it, so no task is handed to two runners and no late runner can
+overwrite a result. Which task a runner gets is its claim rule's (claims.py). See notes.md for the
+state machine.
 """
 
 from __future__ import annotations
@@ -16,31 +16,21 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, String, bindparam, func, select, update
+from sqlalchemy import Connection, select
 
-from helix_api.accounts import usage
 from helix_api.db import Database
 from helix_api.errors import HelixError, NotCancellable, TaskCancelled
-from helix_api.models import (
-    ACTIVE_TASK_STATUSES,
-    FAILED_TASK_STATUSES,
-    OPEN_TASK_STATUSES,
-    Interaction,
-    InteractionState,
-    Task,
-    TaskStatus,
-    utcnow,
-)
+from helix_api.models import ACTIVE_TASK_STATUSES, FAILED_TASK_STATUSES, Task, TaskStatus, utcnow
 from helix_api.ops import metrics
 from helix_api.sessions import files
 from helix_api.sessions.storage import FileStore, StoredBlob
-from helix_api.streaming import events
 from helix_api.streaming.intake import Intake
 from helix_api.streaming.live import LiveReplies
-from helix_api.tasks import claims, leases, queues
+from helix_api.tasks import claims, leases, transitions
+from helix_api.tasks.claims import ClaimRule
 from helix_api.tasks.leases import Lease, LeasePolicy
-from helix_api.tasks.notifier import publish, queue_topic
-from helix_api.tasks.queues import QueueFilter
+from helix_api.tasks.rows import TaskRow
+from helix_api.tasks.runners import Registry
 from helix_api.vocabulary import AttemptEnd
 
 logger = logging.getLogger(__name__)
@@ -49,18 +39,7 @@ MAX_ERROR_CHARS = 20_000
 # Where a task can be right after its lease holder's `fail`; a new claim changes the lease token.
 _AFTER_FAIL = frozenset({TaskStatus.QUEUED, *FAILED_TASK_STATUSES})
 
-_TASKS, _REPLIES = Task.__table__, Interaction.__table__
-
-
-# Statements built once: on the hot paths, building a statement costs more than running it.
-_COMPLETE = (update(_TASKS).where(_TASKS.c.id == bindparam("p_id"))
-             .values(status=TaskStatus.COMPLETE, result=bindparam("p_result"), finished_at=bindparam("p_now"),
-                     lease_expires_at=None))
-# A result without `text` (an image, say) keeps the output streamed so far.
-_REPLY_DONE = (update(_REPLIES).where(_REPLIES.c.id == bindparam("p_id"))
-               .values(state=InteractionState.COMPLETE, result=bindparam("p_result"),
-                       finished_at=bindparam("p_now"),
-                       output=func.coalesce(bindparam("p_output", type_=String), _REPLIES.c.output)))
+_TASKS = Task.__table__
 
 
 class Scheduler:
@@ -78,6 +57,7 @@ class Scheduler:
         self.intake = intake or Intake(database, LiveReplies(), policy)
         self.reap_every, self.recheck = reap_every, recheck
         self._for_update = database.dialect == "postgresql"
+        self.runners = Registry(database)  # who asked for work, written to the runners table
         self._last_reap = float("-inf")  # monotonic time of the last sweep: never, so the first call sweeps
         self._reap_lock = threading.Lock()
 
@@ -88,27 +68,27 @@ class Scheduler:
         return cls(database, store, policy, reap_every=settings["REAP_SECONDS"],
                    recheck=settings["RECHECK_SECONDS"], intake=Intake.from_settings(settings, database, policy))
 
-    def claim(self, filt: QueueFilter, *, runner: str, runner_token_id: int | None,
-              look_first: bool = True) -> tuple[Any, Lease] | None:
-        """Lease the first queued task matching `filt` to `runner`, or None when there is none."""
-        claimed = self.claim_many(filt, 1, runner=runner, runner_token_id=runner_token_id, look_first=look_first)
+    def claim(self, rule: ClaimRule, *, runner: str, runner_token_id: int | None,
+              look_first: bool = True) -> tuple[TaskRow, Lease] | None:
+        """Lease the first queued task `rule` picks to `runner`, or None when there is none."""
+        claimed = self.claim_many(rule, 1, runner=runner, runner_token_id=runner_token_id, look_first=look_first)
         return claimed[0] if claimed else None
 
-    def claim_many(self, filt: QueueFilter, count: int, *, runner: str, runner_token_id: int | None,
-                   look_first: bool = True) -> list[tuple[Any, Lease]]:
-        """Lease up to `count` queued tasks matching `filt` to `runner`, in queue order, each its own lease.
+    def claim_many(self, rule: ClaimRule, count: int, *, runner: str, runner_token_id: int | None,
+                   look_first: bool = True) -> list[tuple[TaskRow, Lease]]:
+        """Lease up to `count` tasks `rule` picks to `runner`, in its order, each under its own lease.
 
         `look_first` reads before writing, so that an empty queue costs no write lock: idle runners
         poll all the time. A runner woken because work was queued skips the look.
         """
         if look_first:
             with self.database.connect() as conn:
-                if not conn.execute(queues.HAS_WORK, filt.params()).scalar():
+                if not conn.execute(rule.has_work(), rule.params()).scalar():
                     return []
         with self.database.transaction() as conn:
             claimed = []
             for _ in range(count):
-                one = self._claim_in(conn, filt, secrets.token_urlsafe(24), runner, runner_token_id)
+                one = self._claim_in(conn, rule, secrets.token_urlsafe(24), runner, runner_token_id)
                 if one is None:
                     break
                 claimed.append(one)
@@ -117,14 +97,18 @@ class Scheduler:
             metrics.claimed(task)
         return claimed
 
-    def _claim_in(self, conn: Connection, filt: QueueFilter, token: str, runner: str,
-                  runner_token_id: int | None) -> tuple[Any, Lease] | None:
-        return claims.take(conn, filt, token, self.policy, runner=runner, runner_token_id=runner_token_id,
-                           skip_locked=self._for_update)
+    def _claim_in(self, conn: Connection, rule: ClaimRule, token: str, runner: str,
+                  runner_token_id: int | None) -> tuple[TaskRow, Lease] | None:
+        now = utcnow()
+        lease = self.policy.lease(token, now)
+        task = transitions.claim(conn, rule, lease, now, runner=runner, runner_token_id=runner_token_id)
+        return (task, lease) if task is not None else None
 
-    def claim_waiting(self, filt: QueueFilter, *, wait: float, client_gone: Callable[[], bool] | None = None,
-                      runner: str, runner_token_id: int | None, count: int = 1) -> list[tuple[Any, Lease]]:
-        """Claim up to `count` tasks, long-polling up to `wait` seconds for a matching task to be queued.
+    def claim_waiting(self, rule: ClaimRule, *, wait: float, client_gone: Callable[[], bool] | None = None,
+                      runner: str, runner_token_id: int | None, count: int = 1) -> list[tuple[TaskRow, Lease]]:
+        """Claim up to `count` tasks, long-polling up to `wait` seconds for one `rule` picks to be queued.
+
+        The runner's sighting is recorded on the way (batched: see runners.Registry).
 
         `client_gone` says whether the runner hung up meanwhile (it stopped, or died): a task claimed
         for it would wait out a whole lease before going to anyone else, so it claims nothing. Expired
@@ -134,34 +118,37 @@ class Scheduler:
         seconds wakes one waiter per queue (the notifier's ticker), not every waiter, so a thousand
         idle runners cost a few wake-ups a second, not a thousand.
         """
+        self.runners.seen(runner, runner_token_id=runner_token_id, asks_for=(rule.mode, rule.type, rule.model_name))
         deadline = time.monotonic() + wait
         woken = False
         notifier = self.database.notifier
         notifier.tick_every(self.recheck)
-        with notifier.watch(filt.topic) as watch:
+        with notifier.watch(rule.topic) as watch:
             while True:
                 self.reap_if_due()
                 if client_gone is not None and client_gone():
                     if woken:
-                        notifier.notify(filt.topic, 1)  # the wake-up was for a runner: pass it on
-                    logger.info("long poll for %s: the runner hung up; claiming nothing", filt.topic)
+                        notifier.notify(rule.topic, 1)  # the wake-up was for a runner: pass it on
+                    logger.info("long poll for %s: the runner hung up; claiming nothing", rule.topic)
                     return []
-                claimed = self.claim_many(filt, count, runner=runner, runner_token_id=runner_token_id,
+                claimed = self.claim_many(rule, count, runner=runner, runner_token_id=runner_token_id,
                                           look_first=not woken)
                 remaining = deadline - time.monotonic()
                 if claimed or remaining <= 0:
                     return claimed
                 woken = watch.wait(remaining)
 
-    def _held(self, conn: Connection, task_id: int, token: str, now: datetime) -> Any:
+    def _held(self, conn: Connection, task_id: int, token: str, now: datetime) -> TaskRow:
         return leases.held(conn, task_id, token, now, for_update=self._for_update)
 
-    def heartbeat(self, task_id: int, token: str) -> datetime | None:
+    def heartbeat(self, task_id: int, token: str, runner: str | None = None) -> datetime | None:
         """Renew the lease; None when the user cancelled the task (the runner should stop)."""
+        if runner is not None:
+            self.runners.touched(runner)
         now = utcnow()
         with self.database.transaction() as conn:
             try:
-                return leases.renew(conn, self._held(conn, task_id, token, now), now, self.policy)
+                return transitions.start(conn, self._held(conn, task_id, token, now), now, self.policy.ttl_seconds)
             except TaskCancelled:
                 return None
 
@@ -197,7 +184,7 @@ class Scheduler:
 
     def complete(self, task_id: int, token: str, result: dict[str, Any],
                  last_events: list[dict[str, Any]] | None = None, *,
-                 claim_next: str | None = None) -> tuple[Any, Lease] | None:
+                 claim_next: str | None = None) -> tuple[TaskRow, Lease] | None:
         """Store the result of a task whose lease `token` still holds.
 
         `last_events` are the runner's events not posted yet, stored first in the same transaction:
@@ -211,13 +198,10 @@ class Scheduler:
                 # A retry of a call whose answer was lost: it already took effect, claim included.
                 return self._claimed_next(conn, token, now) if claim_next else None
             leases.check(task, token, now)
-            dropped = files.settle_result(conn, task, result)
+            dropped = files.named_in_result(conn, task, result)
             output = self.intake.finish(conn, task, result, last_events or [])
-            conn.execute(_COMPLETE, {"p_id": task.id, "p_result": result, "p_now": now})
-            conn.execute(_REPLY_DONE, {"p_id": task.interaction_id, "p_result": result, "p_now": now,
-                                       "p_output": output})
-            events.state_event(conn, task, InteractionState.COMPLETE.value)
-            usage.record(conn, task, AttemptEnd.COMPLETE, now, result)
+            dropped = (dropped or []) + transitions.complete(conn, task, result, output, now,
+                                                             drop_runner_files=dropped is None)
             claimed = self._claim_next(conn, task, token, claim_next) if claim_next else None
         files.discard(self.store, dropped)  # files of lost attempts, or not named in the result
         metrics.ended(task, AttemptEnd.COMPLETE, result)
@@ -226,16 +210,16 @@ class Scheduler:
             metrics.claimed(claimed[0])
         return claimed
 
-    def _claim_next(self, conn: Connection, done: Any, token: str, runner: str) -> tuple[Any, Lease] | None:
+    def _claim_next(self, conn: Connection, done: TaskRow, token: str, runner: str) -> tuple[TaskRow, Lease] | None:
         """Claim the next task of `done`'s queue, under a lease token only `token`'s holder can derive."""
-        filt = QueueFilter(done.mode, done.type, done.model_name)
-        claimed = self._claim_in(conn, filt, claims.next_token(token), runner, done.runner_token_id)
+        rule = ClaimRule.of_task(done)
+        claimed = self._claim_in(conn, rule, claims.next_token(token), runner, done.runner_token_id)
         if claimed is not None:
             logger.info("task %s: claimed by %s with the completion of task %s (attempt %s)",
                         claimed[0].id, runner, done.id, claimed[0].attempt)
         return claimed
 
-    def _claimed_next(self, conn: Connection, token: str, now: datetime) -> tuple[Any, Lease] | None:
+    def _claimed_next(self, conn: Connection, token: str, now: datetime) -> tuple[TaskRow, Lease] | None:
         """The task the completion under `token` claimed, if that lease still holds it.
 
         The lease is found by its derived token, so a retried `complete` hands back what the first one
@@ -259,12 +243,12 @@ class Scheduler:
             error = error[-MAX_ERROR_CHARS:]
             dropped: list[str] = []
             if retry and task.attempt < task.max_attempts:
-                status = _requeue(conn, task, now, f"attempt {task.attempt} failed: {error}")
+                status = transitions.requeue(conn, task, now, f"attempt {task.attempt} failed: {error}")
             elif retry:
-                status = _finish_error(conn, task, now, TaskStatus.DEAD,
+                status = _end_with_error(conn, task, now, TaskStatus.DEAD,
                                        f"gave up after {task.attempt} attempts; last error: {error}", dropped)
             else:
-                status = _finish_error(conn, task, now, TaskStatus.FAILED, error, dropped)
+                status = _end_with_error(conn, task, now, TaskStatus.FAILED, error, dropped)
         files.discard(self.store, dropped)
         metrics.ended(task, AttemptEnd.RETRIED if status == TaskStatus.QUEUED else AttemptEnd(status.value))
         logger.info("task %s: runner reported failure (retry=%s) -> %s", task_id, retry, status.value)
@@ -279,7 +263,7 @@ class Scheduler:
                 return  # a retry of a call whose answer was lost: it already took effect
             leases.check(task, token, now)
             self.intake.live.forget(task_id)
-            _requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
+            transitions.requeue(conn, task, now, f"runner {task.runner} handed the task back", give_back=True)
         metrics.ended(task, AttemptEnd.RELEASED)
         logger.info("task %s: released by its runner", task_id)
 
@@ -301,17 +285,18 @@ class Scheduler:
                                                _TASKS.c.lease_expires_at < now)
                 if self._for_update:
                     stmt = stmt.with_for_update(skip_locked=True)
-                task = conn.execute(stmt).one_or_none()
-                if task is None:  # renewed, finished or reaped by someone else meanwhile
+                row = conn.execute(stmt).one_or_none()
+                if row is None:  # renewed, finished or reaped by someone else meanwhile
                     continue
+                task = TaskRow.of(row)
                 self.intake.live.forget(task_id)
                 reason = (f"lease expired: runner {task.runner} stopped heartbeating during attempt "
                           f"{task.attempt} of {task.max_attempts}")
                 if task.attempt >= task.max_attempts:
-                    _finish_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up", dropped)
+                    _end_with_error(conn, task, now, TaskStatus.DEAD, f"{reason}; gave up", dropped)
                     outcome = AttemptEnd.DEAD
                 else:
-                    _requeue(conn, task, now, reason)
+                    transitions.requeue(conn, task, now, reason)
                     outcome = AttemptEnd.RETRIED
             metrics.ended(task, outcome, lease_expired=True)
             reaped += 1
@@ -332,38 +317,12 @@ class Scheduler:
             self._reap_lock.release()
 
 
-def _update_task(conn: Connection, task: Any, **values: Any) -> None:
-    conn.execute(update(_TASKS).where(_TASKS.c.id == task.id).values(**values))
-
-
-def _update_reply(conn: Connection, task: Any, **values: Any) -> None:
-    """Change the reply interaction of `task` without loading it."""
-    conn.execute(update(_REPLIES).where(_REPLIES.c.id == task.interaction_id).values(**values))
-
-
-def _requeue(conn: Connection, task: Any, now: datetime, reason: str, give_back: bool = False) -> TaskStatus:
-    # Keeps its id and priority, so it goes back to its old place in line, not to the end.
-    attempt = task.attempt - 1 if give_back else task.attempt
-    _update_task(conn, task, status=TaskStatus.QUEUED, error=reason, queued_at=now, lease_expires_at=None,
-                 attempt=attempt)
-    # The next attempt streams the reply from the start; clients drop the partial text on this event.
-    _update_reply(conn, task, state=InteractionState.QUEUED, output="", progress=None)
-    events.state_event(conn, task, InteractionState.QUEUED.value, reason=reason, attempts_used=attempt)
-    usage.record(conn, task, AttemptEnd.RELEASED if give_back else AttemptEnd.RETRIED, now)
-    publish(conn, queue_topic(task.mode.value, task.type.value, task.model_name), 1)
-    return TaskStatus.QUEUED
-
-
-def _finish_error(conn: Connection, task: Any, now: datetime, status: TaskStatus, error: str,
-                  dropped: list[str]) -> TaskStatus:
+def _end_with_error(conn: Connection, task: TaskRow, now: datetime, status: TaskStatus, error: str,
+                    dropped: list[str]) -> TaskStatus:
     # The reply keeps what its last attempt uploaded (partial outputs help explain the error); the
     # store keys of older attempts' files go to `dropped`, deleted once this commits.
     dropped.extend(files.drop_earlier_attempts(conn, task))
-    _update_task(conn, task, status=status, error=error, finished_at=now, lease_expires_at=None)
-    _update_reply(conn, task, state=InteractionState.ERROR, error=error, finished_at=now)
-    events.state_event(conn, task, InteractionState.ERROR.value, error=error, task_status=status.value)
-    usage.record(conn, task, AttemptEnd(status.value), now)
-    return status
+    return transitions.end_with_error(conn, task, now, status, error)
 
 
 def cancel(database: Database, session_id: int) -> None:
@@ -372,21 +331,9 @@ def cancel(database: Database, session_id: int) -> None:
     The one way to cancel, for the session API and /v1 alike: it needs no lease or file store, so it
     takes only the database.
     """
-    now = utcnow()
     with database.transaction() as conn:
-        stmt = (select(*_TASKS.c).where(_TASKS.c.session_id == session_id,
-                                        _TASKS.c.status.in_(OPEN_TASK_STATUSES))
-                .order_by(_TASKS.c.id.desc()).limit(1))
-        if database.dialect == "postgresql":
-            stmt = stmt.with_for_update()
-        task = conn.execute(stmt).one_or_none()
+        task = transitions.cancel(conn, session_id, utcnow())
         if task is None:
             raise NotCancellable(f"Session {session_id} has nothing queued or running to cancel.")
-        # The lease token stays, so the runner's next heartbeat is told "cancelled", not "lost".
-        _update_task(conn, task, status=TaskStatus.CANCELLED, cancelled_at=now, finished_at=now)
-        _update_reply(conn, task, state=InteractionState.CANCELLED, finished_at=now)
-        events.state_event(conn, task, InteractionState.CANCELLED.value)
-        # A queued task's claimed_at is an earlier, lost attempt's: no runner holds it now.
-        usage.record(conn, task, AttemptEnd.CANCELLED, now, held=task.status != TaskStatus.QUEUED)
     metrics.ended(task, AttemptEnd.CANCELLED)
     logger.info("task %s: cancelled by its user", task.id)

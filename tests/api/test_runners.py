@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from helix_api.models import Runner, utcnow
+from helix_api.services import services
 from helix_api.tasks import runners
 from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
 
@@ -74,9 +75,11 @@ def test_served_models_are_those_of_runners_heard_from_lately(client, runner, db
         assert runners.served_models(conn) == [("create", "text", TEXT_MODEL)]
 
 
-def test_refreshes_of_many_runners_are_written_together(client, runner, db, monkeypatch):
+def test_refreshes_of_many_runners_are_written_together(app, client, runner, db, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(runners, "_clock", lambda: now[0])
+    with app.app_context():
+        registry = services().scheduler.runners
+    monkeypatch.setattr(registry, "clock", lambda: now[0])
     names = ["gpu-a", "gpu-b", "gpu-c"]
     for name in names:  # first sightings: written at once
         claim(client, {**runner, "X-Helix-Runner": name})

@@ -12,11 +12,11 @@ from sqlalchemy import select, update
 
 from helix_api.models import Mode, SessionType, Task, TaskStatus, utcnow
 from helix_api.services import services
-from helix_api.tasks.queues import QueueFilter
+from helix_api.tasks.claims import ClaimRule
 from helix_api.tasks.scheduler import Scheduler
 from tests.conftest import TEXT_MODEL, claim
 
-FILTER = QueueFilter(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
+FILTER = ClaimRule(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
 
 
 @pytest.fixture
