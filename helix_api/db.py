@@ -195,3 +195,69 @@ class Database:
         self.notifier.stop()
         if self.engine is not None:
             self.engine.dispose()
+
+
+class Prepared:
+    """A Core statement compiled once per dialect and run on the DBAPI cursor of a connection.
+
+    On the dispatch hot paths SQLAlchemy's execution machinery costs several times the statement
+    itself (~70 us against ~16 us for a claim on SQLite, measured). This keeps what matters of it:
+    the statement's own bind and result types (enums, UTC times, JSON), `before_cursor_execute`
+    listeners, and DBAPI errors wrapped (and dead connections invalidated) as SQLAlchemy does, so
+    an outage is still a 503. It runs in the caller's transaction.
+    """
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self._by_dialect: dict[str, tuple[Any, ...]] = {}
+
+    def _prepare(self, dialect: Any) -> tuple[Any, ...]:
+        compiled = self.statement.compile(dialect=dialect)
+        if "POSTCOMPILE" in compiled.string:  # an IN of a list: its parameters are made per execution
+            raise ValueError("a Prepared statement cannot hold an expanding IN; spell it with OR")
+        processors = dict(compiled._bind_processors)
+        constants = {}
+        for name, value in compiled.construct_params(_check=False).items():
+            if value is not None and name in processors:
+                value = processors[name](value)
+            constants[name] = value
+        order = tuple(compiled.positiontup) if compiled.positional else None
+        results = tuple(column[3]._cached_result_processor(dialect, None) for column in compiled._result_columns)
+        prepared = (compiled.string, order, constants, processors, results)
+        self._by_dialect[dialect.name] = prepared
+        return prepared
+
+    def run(self, conn: Connection, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
+        """Execute with `params` (names as bound); the processed rows returned, and the rowcount."""
+        sql, order, constants, processors, results = (self._by_dialect.get(conn.dialect.name)
+                                                      or self._prepare(conn.dialect))
+        values = dict(constants)
+        for name, value in params.items():
+            if name in values:
+                processor = processors.get(name)
+                values[name] = processor(value) if processor is not None and value is not None else value
+        args: Any = tuple(values[name] for name in order) if order is not None else values
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            if conn._has_events or conn.engine._has_events:
+                conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
+            cursor.execute(sql, args)
+            rows = cursor.fetchall() if cursor.description else []
+            count = cursor.rowcount
+        except Exception as err:
+            conn._handle_dbapi_exception(err, sql, args, cursor, None)  # raises, wrapped
+            raise
+        finally:
+            cursor.close()
+        if rows and any(results):
+            rows = [tuple(p(v) if p is not None else v for p, v in zip(results, row, strict=True)) for row in rows]
+        return rows, count
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows the statement returns."""
+        return self.run(conn, params)[0]
+
+    def one_or_none(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The one row it returns, or None."""
+        rows = self.run(conn, params)[0]
+        return rows[0] if rows else None

@@ -205,13 +205,11 @@ def unavailable(err: Exception) -> DatabaseUnavailable | None:
     return None
 
 
-def database_down(err: Exception) -> DatabaseUnavailable | None:
-    """`unavailable(err)`, telling the app's database so that it logs the outage once, not per request."""
+def database_down(err: Exception, database: Any) -> DatabaseUnavailable | None:
+    """`unavailable(err)`, telling `database` (a `db.Database`) so that it logs the outage once, not per request."""
     outage = unavailable(err)
     if outage is not None:
-        from helix_api.services import services
-
-        services().database.went_down(err)
+        database.went_down(err)
     return outage
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Float, bindparam, case, cast, func, insert, select
 
-from helix_api.db import Database
+from helix_api.db import Database, Prepared
 from helix_api.models import TaskUsage, User
 from helix_api.vocabulary import BILLED_ATTEMPT_ENDS, FINAL_ATTEMPT_ENDS, AttemptEnd, Mode, SessionType
 
@@ -66,12 +66,12 @@ def row(task: Any, outcome: AttemptEnd, now: datetime, result: Mapping[str, Any]
         "runner_seconds": runner_seconds(task, now) if held else 0.0, "finished_at": now}
 
 
-_INSERT_BOUND = insert(_USAGE).values({c.name: bindparam(f"u_{c.name}") for c in _USAGE.c if c.name != "id"})
+_INSERT_BOUND = Prepared(insert(_USAGE).values({c.name: bindparam(f"u_{c.name}") for c in _USAGE.c if c.name != "id"}))
 
 
 def record_row(conn: Connection, params: Mapping[str, Any]) -> None:
     """Insert a usage row given as `u_<column>` parameters (see `row`), where no CTE carries it (SQLite)."""
-    conn.execute(_INSERT_BOUND, params)
+    _INSERT_BOUND.run(conn, params)
 
 
 def _day(dialect: str) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Connection, String, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 
+from helix_api.db import Prepared
 from helix_api.models import Interaction, Session, Task, TaskEvent, utcnow
 from helix_api.tasks.notifier import publish, session_topic
 
@@ -22,6 +23,8 @@ _TASKS, _REPLIES = Task.__table__, Interaction.__table__
 _BUMP_SEQ = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("p_session"))
              .values(event_seq=_SESSIONS.c.event_seq + bindparam("p_count")).returning(_SESSIONS.c.event_seq))
 _INSERT = insert(_EVENTS)
+_INSERT_ONE = Prepared(insert(_EVENTS).values({c.name: bindparam(c.name) for c in _EVENTS.c if c.name != "id"}))
+_BUMP_ONE = Prepared(_BUMP_SEQ)
 _SINCE = (select(_EVENTS).where(_EVENTS.c.session_id == bindparam("p_session"),
                                 _EVENTS.c.seq > bindparam("p_after"))
           .order_by(_EVENTS.c.seq).limit(bindparam("p_limit")))
@@ -54,8 +57,16 @@ def append(db: DBSession | Connection, *, session_id: int, task_id: int, interac
 
 def state_event(db: DBSession | Connection, task: Any, state: str, **data: Any) -> None:
     """Record that a task's reply changed state (queued, running, complete, error, cancelled)."""
-    append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
-           attempt=task.attempt, items=[("state", {"state": state, **data})])
+    if not isinstance(db, Connection):
+        append(db, session_id=task.session_id, task_id=task.id, interaction_id=task.interaction_id,
+               attempt=task.attempt, items=[("state", {"state": state, **data})])
+        return
+    # The hot paths' way (claims and ends on SQLite): the same two statements, prepared.
+    seq = _BUMP_ONE.rows(db, {"p_session": task.session_id, "p_count": 1})[0][0]
+    _INSERT_ONE.run(db, {"session_id": task.session_id, "seq": seq, "task_id": task.id,
+                         "interaction_id": task.interaction_id, "attempt": task.attempt, "kind": "state",
+                         "data": {"state": state, **data}, "created_at": utcnow()})
+    publish(db, session_topic(task.session_id), 0)
 
 
 def rows(db: DBSession | Connection, task: Any, items: list[dict[str, Any]]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, select
 
+from helix_api.db import Prepared
 from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
 from helix_api.tasks.leases import Lease, LeasePolicy
 from helix_api.tasks.notifier import queue_topic
@@ -31,7 +32,7 @@ PRIORITY_NEW = 1
 # The tasks waiting in one queue: the only place the (mode, type, model) triple is spelled in SQL.
 QUEUED = and_(_TASKS.c.status == TaskStatus.QUEUED, _TASKS.c.mode == bindparam("p_mode"),
                _TASKS.c.type == bindparam("p_type"), _TASKS.c.model_name == bindparam("p_model"))
-_HAS_WORK = select(exists().where(QUEUED))
+_HAS_WORK = Prepared(select(exists().where(QUEUED)))
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ class ClaimRule:
         """The bound parameters of `where()`."""
         return {"p_mode": self.mode, "p_type": self.type, "p_model": self.model_name}
 
-    def has_work(self) -> Any:
-        """A statement saying whether anything matches: idle polls read it and take no write lock."""
-        return _HAS_WORK
+    def has_work(self, conn: Any) -> bool:
+        """Whether anything matches: idle polls read this and take no write lock."""
+        row = _HAS_WORK.one_or_none(conn, self.params())
+        return bool(row and row[0])
 
 
 def next_token(token: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select
 
+from helix_api.db import Prepared
 from helix_api.errors import LeaseLost, TaskCancelled, TaskNotFound
 from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
 from helix_api.tasks.rows import TaskRow
@@ -21,7 +22,7 @@ from helix_api.tasks.rows import TaskRow
 _TASKS = Task.__table__
 # Built once: on the hot paths, building a statement costs more than running it.
 _SELECT = select(*_TASKS.c).where(_TASKS.c.id == bindparam("p_id"))
-_TASK = {False: _SELECT, True: _SELECT.with_for_update()}
+_TASK = {False: Prepared(_SELECT), True: Prepared(_SELECT.with_for_update())}
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class LeasePolicy:
 
 def load(conn: Connection, task_id: int, *, for_update: bool) -> TaskRow:
     """The task's row, or 404; `for_update` where the database locks rows (SQLite locks it all)."""
-    row = conn.execute(_TASK[for_update], {"p_id": task_id}).one_or_none()
+    row = _TASK[for_update].one_or_none(conn, {"p_id": task_id})
     if row is None:
         raise TaskNotFound(f"No task {task_id}.")
     return TaskRow.of(row)

@@ -83,7 +83,7 @@ class Scheduler:
         """
         if look_first:
             with self.database.connect() as conn:
-                if not conn.execute(rule.has_work(), rule.params()).scalar():
+                if not rule.has_work(conn):
                     return []
         with self.database.transaction() as conn:
             claimed = []

@@ -26,12 +26,14 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
 from sqlalchemy.orm import Session as DBSession
 
 from helix_api.accounts import usage
+from helix_api.db import Prepared
 from helix_api.models import (
     ACTIVE_TASK_STATUSES,
     File,
@@ -61,7 +63,14 @@ _EVENTS, _USAGE, _FILES = TaskEvent.__table__, TaskUsage.__table__, File.__table
 _ID, _REPLY, _SESSION = bindparam("p_id", type_=Integer), bindparam("p_reply", type_=Integer), \
     bindparam("p_session", type_=Integer)
 _NOW = bindparam("p_now", type_=UTCDateTime())
-_RUNNER_FILES = ("output", "adapter")
+# The files a runner uploads for a reply (an output, an adapter), spelled with OR: prepared statements
+# (db.Prepared) cannot hold an expanding IN.
+def _runner_file() -> Any:
+    return or_(_FILES.c.kind == "output", _FILES.c.kind == "adapter")
+
+
+def _active() -> Any:
+    return or_(*(_TASKS.c.status == status for status in sorted(ACTIVE_TASK_STATUSES)))
 
 
 def _state_event_cte(seq_cte: Any) -> Any:
@@ -94,7 +103,7 @@ def _end_statement(task_values: dict[str, Any], reply_values: dict[str, Any], *,
     event = _state_event_cte(bump)
     used = insert(_USAGE).values(_usage_values()).returning(_USAGE.c.id).cte("used")
     if drop_files:
-        dropped = (delete(_FILES).where(_FILES.c.interaction_id == _REPLY, _FILES.c.kind.in_(_RUNNER_FILES))
+        dropped = (delete(_FILES).where(_FILES.c.interaction_id == _REPLY, _runner_file())
                    .returning(_FILES.c.path).cte("dropped"))
         return select(dropped.c.path).add_cte(task, reply, bump, event, used)
     return select(bump.c.event_seq).add_cte(task, reply, event, used)
@@ -121,13 +130,13 @@ _ENDS = {name: (task_values, reply_values) for name, task_values, reply_values i
     ("complete", _COMPLETE_TASK, _COMPLETE_REPLY), ("requeue", _REQUEUE_TASK, _REQUEUE_REPLY),
     ("error", _ERROR_TASK, _ERROR_REPLY), ("cancel", _CANCEL_TASK, _CANCEL_REPLY))}
 # Statements built once: on the hot paths, building a statement costs more than running it.
-_PG_END = {(name, drop): _end_statement(*values, drop_files=drop) for name, values in _ENDS.items()
+_PG_END = {(name, drop): Prepared(_end_statement(*values, drop_files=drop)) for name, values in _ENDS.items()
            for drop in (False, True)}
-_LITE_END = {name: (update(_TASKS).where(_TASKS.c.id == _ID).values(**task_values),
-                    update(_REPLIES).where(_REPLIES.c.id == _REPLY).values(**reply_values))
+_LITE_END = {name: (Prepared(update(_TASKS).where(_TASKS.c.id == _ID).values(**task_values)),
+                    Prepared(update(_REPLIES).where(_REPLIES.c.id == _REPLY).values(**reply_values)))
              for name, (task_values, reply_values) in _ENDS.items()}
-_LITE_DROP = (delete(_FILES).where(_FILES.c.interaction_id == _REPLY, _FILES.c.kind.in_(_RUNNER_FILES))
-              .returning(_FILES.c.path))
+_LITE_DROP = Prepared(delete(_FILES).where(_FILES.c.interaction_id == _REPLY, _runner_file())
+                      .returning(_FILES.c.path))
 _FINETUNED = (update(_SESSIONS).where(_SESSIONS.c.id == _SESSION)
               .values(mode=Mode.CREATE, updated_at=_NOW))
 
@@ -141,13 +150,13 @@ def _end(conn: Connection, name: str, task: TaskRow, now: datetime, outcome: Att
     params.update(_usage_params(task, outcome, now, result, held))
     if conn.dialect.name == "postgresql":
         params["p_event"] = json.dumps(event)
-        rows = conn.execute(_PG_END[name, drop_files], params).all()
+        rows = _PG_END[name, drop_files].rows(conn, params)
         publish(conn, session_topic(task.session_id), 0)
-        return [row.path for row in rows] if drop_files else []
+        return [row[0] for row in rows] if drop_files else []
     update_task, update_reply = _LITE_END[name]
-    conn.execute(update_task, params)
-    conn.execute(update_reply, params)
-    dropped = [row.path for row in conn.execute(_LITE_DROP, params)] if drop_files else []
+    update_task.run(conn, params)
+    update_reply.run(conn, params)
+    dropped = [row[0] for row in _LITE_DROP.rows(conn, params)] if drop_files else []
     events.state_event(conn, task, event.pop("state"), **event)
     usage.record_row(conn, params)
     return dropped
@@ -206,41 +215,41 @@ def _claim_statement(rule: ClaimRule, skip_locked: bool, postgresql: bool) -> An
     return select(*claimed.c).add_cte(reply, bump, event)
 
 
-_CLAIMS: dict[tuple[Any, bool, bool], Any] = {}
-_REPLY_RUNNING = update(_REPLIES).where(_REPLIES.c.id == _REPLY).values(state=InteractionState.RUNNING)
+_CLAIMS: dict[tuple[Any, bool], Prepared] = {}
+_REPLY_RUNNING = Prepared(update(_REPLIES).where(_REPLIES.c.id == _REPLY).values(state=InteractionState.RUNNING))
 
 
 def claim(conn: Connection, rule: ClaimRule, lease: Lease, now: datetime, *, runner: str,
           runner_token_id: int | None) -> TaskRow | None:
     """Lease the first task `rule` picks to `runner` under `lease`, in `conn`'s transaction; None if none."""
     postgresql = conn.dialect.name == "postgresql"
-    key = (rule.shape, postgresql, postgresql)
+    key = (rule.shape, postgresql)
     stmt = _CLAIMS.get(key)
     if stmt is None:
-        stmt = _CLAIMS[key] = _claim_statement(rule, skip_locked=postgresql, postgresql=postgresql)
+        stmt = _CLAIMS[key] = Prepared(_claim_statement(rule, skip_locked=postgresql, postgresql=postgresql))
     event = {"state": InteractionState.RUNNING.value, "phase": "claimed", "runner": runner}
-    row = conn.execute(stmt, {**rule.params(), "p_token": lease.token, "p_expires": lease.expires_at, "p_now": now,
-                              "p_runner": runner, "p_runner_token": runner_token_id,
-                              "p_event": json.dumps(event)}).one_or_none()
+    row = stmt.one_or_none(conn, {**rule.params(), "p_token": lease.token, "p_expires": lease.expires_at,
+                                  "p_now": now, "p_runner": runner, "p_runner_token": runner_token_id,
+                                  "p_event": json.dumps(event)})
     if row is None:
         return None
     task = TaskRow.of(row)
     if postgresql:
         publish(conn, session_topic(task.session_id), 0)
     else:
-        conn.execute(_REPLY_RUNNING, {"p_reply": task.interaction_id})
+        _REPLY_RUNNING.run(conn, {"p_reply": task.interaction_id})
         events.state_event(conn, task, event.pop("state"), **event)
     return task
 
 
-_START = (update(_TASKS).where(_TASKS.c.id == _ID)
+_START = Prepared(update(_TASKS).where(_TASKS.c.id == _ID)
           .values(status=TaskStatus.RUNNING, lease_expires_at=bindparam("p_expires"),
                   started_at=func.coalesce(_TASKS.c.started_at, _NOW)))
 # A flush of streamed text: guarded by the lease and the stored seq, so two processes never store the
 # same tokens twice; it renews the lease and marks the task running in the same statement.
-_ADVANCE = (update(_TASKS)
+_ADVANCE = Prepared(update(_TASKS)
             .where(_TASKS.c.id == _ID, _TASKS.c.lease_token == bindparam("p_token"),
-                   _TASKS.c.status.in_(ACTIVE_TASK_STATUSES), _TASKS.c.lease_expires_at >= _NOW,
+                   _active(), _TASKS.c.lease_expires_at >= _NOW,
                    _TASKS.c.last_event_seq == bindparam("p_after"))
             .values(last_event_seq=bindparam("p_seq"), status=TaskStatus.RUNNING,
                     lease_expires_at=bindparam("p_expires"), started_at=func.coalesce(_TASKS.c.started_at, _NOW)))
@@ -249,7 +258,7 @@ _ADVANCE = (update(_TASKS)
 def start(conn: Connection, task: TaskRow, now: datetime, ttl_seconds: float) -> datetime:
     """Renew a held task's lease by `ttl_seconds` (a heartbeat): it is running now. The new expiry."""
     expires = now + timedelta(seconds=ttl_seconds)
-    conn.execute(_START, {"p_id": task.id, "p_expires": expires, "p_now": now})
+    _START.run(conn, {"p_id": task.id, "p_expires": expires, "p_now": now})
     return expires
 
 
@@ -259,8 +268,8 @@ def advance(conn: Connection, *, task_id: int, lease_token: str, now: datetime, 
 
     False, changing nothing, unless the lease still holds and SQL's seq is still `after_seq`.
     """
-    return bool(conn.execute(_ADVANCE, {"p_id": task_id, "p_token": lease_token, "p_now": now, "p_expires": expires,
-                                        "p_after": after_seq, "p_seq": last_seq}).rowcount)
+    return bool(_ADVANCE.run(conn, {"p_id": task_id, "p_token": lease_token, "p_now": now, "p_expires": expires,
+                                    "p_after": after_seq, "p_seq": last_seq})[1])
 
 
 def complete(conn: Connection, task: TaskRow, result: dict[str, Any], output: str | None, now: datetime, *,
