@@ -35,7 +35,7 @@ from bench.report import _git_revision, describe_machine  # noqa: E402
 
 logger = logging.getLogger("bench.all")
 
-PHASES = ("dispatch", "streaming", "fleet", "replicas")
+PHASES = ("dispatch", "cycle", "streaming", "fleet", "replicas")
 # What bench.fleet.measure() and bench.replicas.measure() return, by the names this table reads
 # (the first that is present wins; a dotted name reads a nested dict), so either module can be
 # written without waiting on this one.
@@ -44,6 +44,8 @@ FIGURE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
               "rss_mb": ("rss_mb", "api_rss_mb", "memory.rss_sum_mb"),
               "p50_ms": ("p50_ms", "dispatch_p50_ms", "many.sent_p50_ms"),
               "p50_1_ms": ("p50_1_ms", "one_runner_p50_ms", "one.sent_p50_ms")},
+    "cycle": {f"{db}.{protocol}_ms": (f"current.{db}.{protocol}.cycle_ms",)
+              for db in ("sqlite", "postgres") for protocol in ("seed", "runner")},
     "replicas": {"p50_ms": ("p50_ms", "dispatch_p50_ms", "cross_p50_ms", "cross.sent_p50_ms"),
                  "single_p50_ms": ("single_p50_ms", "one_replica_p50_ms", "single.sent_p50_ms"),
                  "tokens_cross": ("tokens_cross", "follower_ok", "tokens_reach_follower")},
@@ -211,6 +213,7 @@ def run_phases(only: list[str], quick: bool) -> dict[str, Outcome]:
     """Each selected phase in turn, none able to stop the next; an Outcome for every phase."""
     runners: dict[str, Callable[[], Outcome]] = {
         "dispatch": lambda: run_dispatch(quick), "streaming": lambda: run_streaming(quick),
+        "cycle": lambda: run_module("cycle", quick),
         "fleet": lambda: run_module("fleet", quick), "replicas": lambda: run_module("replicas", quick)}
     outcomes: dict[str, Outcome] = {}
     for phase in PHASES:

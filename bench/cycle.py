@@ -103,7 +103,7 @@ def _phase(cpu: TreeMemory, count: int, step) -> tuple[float, int]:
     return 1000 * (cpu.cpu_seconds() - before) / count, requests
 
 
-def measure(api: HelixApi, cycles: int) -> dict[str, Any]:
+def measure_api(api: HelixApi, cycles: int) -> dict[str, Any]:
     """API CPU per request kind for both protocols, on a started `api`."""
     cpu = TreeMemory(api.proc.pid)
     user = Http(api.host, api.port, api.key)
@@ -167,25 +167,27 @@ def measure(api: HelixApi, cycles: int) -> dict[str, Any]:
     return out
 
 
+QUICK_CYCLES = 100
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, action="append", default=None,
-                   help="a checkout to serve (repeatable; default: this one)")
+                   help="a checkout to serve (repeatable; default: this one); the last is the one judged")
     p.add_argument("--only", default="sqlite,postgres")
     p.add_argument("--cycles", type=int, default=400)
-    p.add_argument("--quick", action="store_true", help="100 cycles")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_CYCLES} cycles")
     p.add_argument("--pg-admin-url", default=DEFAULT_PG_ADMIN_URL)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every backend and source in `args`: rows for the report, and the last source's figures by backend."""
     args.api_log_level, args.api_workers, args.api_threads = "WARNING", 1, None
-    cycles = 100 if args.quick else args.cycles
+    cycles = QUICK_CYCLES if args.quick else args.cycles
     sources = [s.resolve() for s in (args.source or [ROOT])]
-    rows = []
+    rows, current = [], {}
     for backend in args.only.split(","):
         for source in sources:
             _serve_from(source)
@@ -196,25 +198,41 @@ def main(argv: list[str] | None = None) -> int:
                     api.setup()
                     api.start()
                     time.sleep(1)
-                    figures = measure(api, cycles)
+                    figures = measure_api(api, cycles)
                     figures["statements"] = count_statements(
                         source, api.env.get("HELIX_DATABASE_URL") if backend == "postgres" else None)
                 finally:
                     api.stop()
                     api.teardown()
             rows.append({"backend": backend, "source": str(source), **figures})
+            current[backend] = figures
             logger.info("%s %s: %s", backend, source, figures)
-    print(f"\nOne cycle, {cycles} of each request kind, `helix serve --workers 1` (API CPU ms from its process tree)")
-    print("| db | code | create | claim | complete | seed cycle (3 req) | runner claim+complete | runner cycle "
-          "(req) | SQL create/claim/complete |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    return {"cycles": cycles, "rows": rows, "current": current}
+
+
+def report(result: dict[str, Any], args: argparse.Namespace | None = None) -> str:
+    """The table of every row measured."""
+    lines = [f"One cycle, {result['cycles']} of each request kind, `helix serve --workers 1` "
+             "(API CPU ms, from the server's process tree)",
+             "| db | code | create | claim | complete | seed cycle (3 req) | runner claim+complete "
+             "| runner cycle (req) | SQL create/claim/complete |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
         s, n, q = r["seed"], r["runner"], r["statements"]
-        print(f"| {r['backend']} | {r['source']} | {s['create_ms']:.2f} | {s['claim_ms']:.2f} | {s['complete_ms']:.2f} "
-              f"| {s['cycle_ms']:.2f} | {n['claim_and_complete_ms']:.2f} | {n['cycle_ms']:.2f} ({n['requests']:.2f}) "
-              f"| {q['create']}/{q['claim']}/{q['complete']} |")
+        lines.append(f"| {r['backend']} | {r['source']} | {s['create_ms']:.2f} | {s['claim_ms']:.2f} "
+                     f"| {s['complete_ms']:.2f} | {s['cycle_ms']:.2f} | {n['claim_and_complete_ms']:.2f} "
+                     f"| {n['cycle_ms']:.2f} ({n['requests']:.2f}) | {q['create']}/{q['claim']}/{q['complete']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    result = measure(args)
+    print()
+    print(report(result, args))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=str))
     return 0
 
 
