@@ -16,8 +16,9 @@ from helix_api.web import bp
 
 # CommonMark with raw HTML off: a description's `<id>` is text to show, never a tag.
 _MARKDOWN = MarkdownIt("commonmark", {"html": False})
-# Where a model name or path may break: after a slash, before a dash, dot, underscore or colon.
-_BREAKS = re.compile(r"(?<=/)|(?=[-._:])")
+# Where a model name or path may break: after a slash, before a dash, underscore or colon (not a dot,
+# which would split a version: Mistral-7B-Instruct-v0<wbr>.1).
+_BREAKS = re.compile(r"(?<=/)|(?=[-_:])")
 
 
 @bp.app_template_filter("breakable")
