@@ -430,3 +430,17 @@ def test_a_chat_message_folds_its_params_and_shows_only_those_changed(site, tabs
     params.locator("summary").click()
     assert params.locator("dl").inner_text().split() == ["max_new_tokens", "96", "do_sample", "true", "temperature",
                                                          "0.7", "seed", "3"]
+
+
+def test_the_admin_page_refreshes_its_figures_in_place(site, tabs):
+    page = tabs[True]
+    page.goto(f"{site.server.url}/admin")
+    queued = f'tr[data-model="{TEXT_MODEL}"] td.queued'
+    before = int(page.inner_text(queued))
+    page.evaluate("window.__notReloaded = true")
+    create_session(site.server, bearer(site.admin_key), "One more in line.")
+
+    page.wait_for_function("([s, n]) => document.querySelector(s)?.textContent === String(n)",
+                           arg=[queued, before + 1], timeout=15_000)  # within one 5 s tick, on a busy machine
+    assert page.evaluate("window.__notReloaded") is True  # swapped in: the page kept its state
+    assert page.is_checked("[data-refresh-toggle]")
