@@ -126,6 +126,23 @@ def schemas(limits: Limits) -> dict[tuple[Mode, SessionType], Any]:
     }
 
 
+# What a runner uses for a param that a create task leaves out (runner/backends: text_generation's
+# SamplingParams, sdxl's DEFAULT_*; tests/api/test_params.py holds them equal). The web app shows a
+# message's params against these. A seed, an image's size and stop strings have no fixed default (a
+# random seed, the model's native size, none), so a message that gives one always shows it.
+DEFAULTS: dict[SessionType, dict[str, Any]] = {
+    SessionType.TEXT: {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "repetition_penalty": 1.0},
+    SessionType.IMAGE: {"num_inference_steps": 30, "guidance_scale": 5.0, "num_images": 1, "negative_prompt": ""},
+}
+
+
+def not_default(params: dict[str, Any], type_: SessionType | str) -> dict[str, Any]:
+    """The params that differ from the create defaults of `type_` (training params have none: all kept)."""
+    defaults = DEFAULTS.get(SessionType(type_), {})
+    return {name: value for name, value in params.items() if name not in defaults or value != defaults[name]}
+
+
 @functools.lru_cache(maxsize=32)
 def _adapter(schema: Any) -> TypeAdapter:
     return TypeAdapter(schema)

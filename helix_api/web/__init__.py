@@ -79,4 +79,4 @@ def _unexpected(err: Exception):
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 
 
-from helix_api.web import docs, signin, views  # noqa: E402,F401  (they add their routes to `bp`)
+from helix_api.web import docs, signin, text, views  # noqa: E402,F401  (they add their routes and filters to `bp`)

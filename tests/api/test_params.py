@@ -95,3 +95,15 @@ def test_continuing_a_session_checks_params_too(client, user, db):
                            json={"message": "more", "params": {"temperature": -1}})
     assert response.status_code == 400 and response.json["field"] == "params.temperature"
     assert _count(db, Task) == 1
+
+
+def test_the_defaults_the_web_app_shows_against_are_the_runners_own():
+    from helix_api.models import SessionType
+    from helix_api.params import DEFAULTS
+    from runner.backends import sdxl
+    from runner.backends.text_generation import SamplingParams
+
+    runner = SamplingParams()
+    assert DEFAULTS[SessionType.TEXT] == {name: getattr(runner, name) for name in DEFAULTS[SessionType.TEXT]}
+    assert DEFAULTS[SessionType.IMAGE] == {"num_inference_steps": sdxl.DEFAULT_STEPS, "num_images": 1,
+                                          "guidance_scale": sdxl.DEFAULT_GUIDANCE, "negative_prompt": ""}

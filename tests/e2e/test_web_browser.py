@@ -2,12 +2,16 @@
 
 The web app's behaviour does not depend on the database, so these run on SQLite only. A failing test
 leaves a screenshot of every open page under test-artifacts/screenshots/ (see the conftest).
+Every page is also checked at a desktop's and a phone's width (fits, nav usable, axe-core) against one
+server and one browser context for the whole module, so the checks add seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +19,11 @@ import pytest
 import requests
 
 from tests.conftest import TEXT_MODEL, bearer
+from tests.e2e.browser import axe_violations, nav_problems, sideways_scroll
 from tests.e2e.client import create_finetune, create_session, get_session, reply_of
-from tests.e2e.processes import CLAIM_PARAMS, SQLITE_ONLY, ApiServer
+from tests.e2e.processes import CLAIM_PARAMS, ApiServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), SQLITE_ONLY]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 WAIT_MS = 120_000  # a runner loading a tiny model on a shared 2-core machine
 
@@ -37,6 +42,12 @@ document.addEventListener("DOMContentLoaded", () => {
                                                attributes: true, attributeFilter: ["data-phase"]});
 });
 """
+
+
+@pytest.fixture
+def e2e_database(tmp_path: Path) -> str:
+    """SQLite only, in place of the conftest's pair: the web app's behaviour does not depend on the database."""
+    return f"sqlite:///{tmp_path / 'helix.db'}"
 
 
 @pytest.fixture
@@ -190,9 +201,9 @@ class FakeRunner:
         self.headers = {**server.runner_headers, "X-Helix-Runner": "test-hand"}
         self.seq = 0
 
-    def claim(self, mode: str = "create") -> tuple[int, str]:
+    def claim(self, mode: str = "create", **filters: str) -> tuple[int, str]:
         response = requests.get(f"{self.url}/task", headers=self.headers, timeout=30,
-                                params={**CLAIM_PARAMS, "mode": mode})
+                                params={**CLAIM_PARAMS, "mode": mode, **filters})
         assert response.status_code == 200, response.text
         self.seq = 0
         return response.json()["task"]["id"], response.json()["lease"]["token"]
@@ -295,3 +306,141 @@ def test_the_page_follows_training_and_then_chats(api_server, new_page):
     wait_phase(page, "queued", "queued (1 in line)")
     assert requests.get(f"{runner.url}/task", headers=runner.headers, timeout=30,
                         params=CLAIM_PARAMS).json()["task"]["adapter"] is not None
+
+
+# Every page at a desktop's and a phone's width: no sideways scroll, the nav usable, no serious axe-core finding.
+
+VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+# A model named by a long path, as an operator's HELIX_MODELS may name one: pages must wrap it, not widen.
+LONG_MODEL = "/home/operator/checkouts/helix/.helix-data/models/tiny-sdxl-for-the-layout-checks"
+ADMIN = "ada-lovelace"  # an admin: the nav's longest form, with Admin and a longer name
+
+
+@dataclass
+class Site:
+    """One server for the page checks, holding a session of each kind, and an admin's key."""
+
+    server: ApiServer
+    admin_key: str
+    paths: dict[str, str]  # page name -> its path
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """`helix serve` with a finished chat, a finished image, a failed and a queued task, for the page checks.
+
+    The test drives the real worker API by hand (FakeRunner): what the pages show is what a runner would
+    leave, without loading a model.
+    """
+    root = tmp_path_factory.mktemp("pages")
+    server = ApiServer(f"sqlite:///{root / 'helix.db'}", root / "data", root, {"models": f"image:{LONG_MODEL}"},
+                       None, lambda path: None)
+    try:
+        server.migrate()
+        server.start()
+        admin_key = server.helix("users", "create", ADMIN, "--admin").strip().splitlines()[-1]
+        admin = bearer(admin_key)
+        hand = FakeRunner(server)
+        chat = create_session(server, admin, "Tell me about dragons.", max_new_tokens=96, do_sample=True,
+                              temperature=0.7, top_p=1.0, seed=3)
+        task = hand.claim()
+        hand.events(task, {"kind": "token", "text": "Dragons "})
+        hand.post(task, "complete", result={"text": "Dragons are large, winged and made up."})
+        image = create_session(server, admin, "a red fox in the snow", model=LONG_MODEL, type_="image",
+                               width=64, height=64, num_inference_steps=4, seed=1)
+        task = hand.claim(type="image", model_name=LONG_MODEL)
+        uploaded = requests.post(f"{hand.url}/task/{task[0]}/files", headers=hand.headers, timeout=30,
+                                 data={"lease_token": task[1], "kind": "output"},
+                                 files={"file": ("fox-0.png", _png(), "image/png")})
+        assert uploaded.status_code == 201, uploaded.text
+        hand.post(task, "complete", result={"files": [uploaded.json()["file"]["id"]]})
+        create_session(server, admin, "This one fails.")
+        hand.post(hand.claim(), "fail", error="CUDA out of memory. " * 12, retry=False)
+        create_session(server, admin, "This one waits.")  # queued: the admin page's queue table has a row
+        yield Site(server, admin_key, {
+            "sign-in": "/signin", "sessions": "/", "chat": f"/sessions/{chat['id']}", "new chat": "/new/chat",
+            "new image": "/new/image", "image session": f"/sessions/{image['id']}", "fine-tune": "/new/finetune",
+            "usage": "/usage", "admin": "/admin", "docs": "/docs", "404": "/sessions/999999"})
+    finally:
+        server.dispose()
+
+
+@pytest.fixture(scope="module")
+def tabs(chromium, site: Site) -> Iterator[dict[bool, Any]]:
+    """Two pages for the whole module: {True: one signed in as the admin, False: one signed out}."""
+    signed_in, signed_out = chromium.new_context(), chromium.new_context()
+    pages = {True: signed_in.new_page(), False: signed_out.new_page()}
+    for page in pages.values():
+        page.set_default_timeout(30_000)
+    sign_in(pages[True], site.server, site.admin_key)
+    yield pages
+    signed_in.close()
+    signed_out.close()
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS)
+@pytest.mark.parametrize("name", ["sign-in", "sessions", "chat", "new chat", "new image", "image session",
+                                  "fine-tune", "usage", "admin", "docs", "404"])
+def test_every_page_fits_the_screen_keeps_its_nav_usable_and_passes_axe(site, tabs, name, viewport):
+    page = tabs[name != "sign-in"]
+    page.set_viewport_size(VIEWPORTS[viewport])
+    shown = page.goto(f"{site.server.url}{site.paths[name]}")
+    assert shown.status == (404 if name == "404" else 200)
+    page.wait_for_load_state("load")  # images and styles in: widths are final
+
+    assert sideways_scroll(page) is None, sideways_scroll(page)
+    items = page.locator("header.top a, header.top button, header.top .who").all_inner_texts()
+    if name == "sign-in":
+        assert items == ["Helix"]
+    else:
+        assert items == ["Helix", "Sessions", "New chat", "New image", "Fine-tune", "Usage", "Admin", ADMIN, "Sign out"]
+    assert nav_problems(page) == []
+    assert axe_violations(page) == []
+
+
+def test_a_long_model_name_wraps_at_its_slashes_on_a_phone_not_a_letter_a_line(site, tabs):
+    page = tabs[True]
+    page.set_viewport_size(VIEWPORTS["phone"])
+    page.goto(f"{site.server.url}/")
+    cell = page.locator(f'td.model[data-model="{LONG_MODEL}"]')
+    lines = cell.evaluate("""td => {
+      const range = document.createRange();
+      range.selectNodeContents(td);
+      return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+    }""")
+    assert 1 < lines <= 4, f"{len(LONG_MODEL)} characters took {lines} lines"
+    assert cell.inner_text() == LONG_MODEL  # the <wbr>s add break points, not characters
+
+
+def test_a_chat_message_folds_its_params_and_shows_only_those_changed(site, tabs):
+    page = tabs[True]
+    page.set_viewport_size(VIEWPORTS["desktop"])
+    page.goto(f"{site.server.url}{site.paths['chat']}")
+    params = page.locator(".turn.user details.params")
+    assert params.locator("summary").inner_text() == "4 params changed from the defaults"  # top_p=1.0 is one
+    assert not params.locator("dl").is_visible()  # folded until asked for
+    params.locator("summary").click()
+    assert params.locator("dl").inner_text().split() == ["max_new_tokens", "96", "do_sample", "true", "temperature",
+                                                         "0.7", "seed", "3"]
+
+
+def test_the_admin_page_refreshes_its_figures_in_place(site, tabs):
+    page = tabs[True]
+    page.goto(f"{site.server.url}/admin")
+    queued = f'tr[data-model="{TEXT_MODEL}"] td.queued'
+    before = int(page.inner_text(queued))
+    page.evaluate("window.__notReloaded = true")
+    create_session(site.server, bearer(site.admin_key), "One more in line.")
+
+    page.wait_for_function("([s, n]) => document.querySelector(s)?.textContent === String(n)",
+                           arg=[queued, before + 1], timeout=15_000)  # within one 5 s tick, on a busy machine
+    assert page.evaluate("window.__notReloaded") is True  # swapped in: the page kept its state
+    assert page.is_checked("[data-refresh-toggle]")

@@ -34,4 +34,4 @@ def test_admins_see_runners_queues_and_failures(make_browser, browser, client, r
     assert '<td class="queued">1</td>' in queue_row and '<td class="running">1</td>' in queue_row
     assert f'data-task-id="{failing["task"]["id"]}"' in html and "CUDA out of memory on gpu7" in html
     assert "failed after 1 attempt<" in html and "alice" in html
-    assert '<meta http-equiv="refresh"' in html
+    assert 'data-refresh="5000"' in html and "data-refresh-toggle" in html  # refreshed by helix.js, pausable

@@ -198,3 +198,13 @@ def test_pages_and_files_are_served_with_a_strict_policy(browser, client):
         assert "default-src 'self'" in response.headers["Content-Security-Policy"]
         assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert "Content-Security-Policy" not in browser.get("/healthz").headers  # the JSON API is left as it was
+
+
+def test_a_message_shows_only_its_params_that_differ_from_the_defaults_folded_away(browser):
+    session_id = session_id_of(new_chat(browser, "Hi", max_new_tokens="256", temperature="0.5", seed="7"))
+
+    page = browser.get(f"/sessions/{session_id}").data.decode()
+    shown = page.split('<details class="params">')[1].split("</details>")[0]
+    assert "<summary>2 params changed from the defaults</summary>" in shown
+    assert "<dt>temperature</dt><dd>0.5</dd>" in shown and "<dt>seed</dt><dd>7</dd>" in shown
+    assert "max_new_tokens" not in shown  # 256 is what a runner uses anyway

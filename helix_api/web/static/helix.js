@@ -1,4 +1,5 @@
-// Helix web app: follows a session's open reply live. Plain JavaScript, no build step.
+// Helix web app: follows a session's open reply live, and refreshes the admin page's figures.
+// Plain JavaScript, no build step.
 //
 // The page marks the open reply with data-live-reply and data-after (the event id just before the
 // reply's first event). The script clears the reply and rebuilds it from the session's event stream,
@@ -158,9 +159,32 @@
     if (phase === "queued") show("queued");
   }
 
+  // A region marked data-refresh="MS" (the admin page) is fetched again every MS milliseconds and swapped
+  // in place, so the reader keeps their scroll position and focus; a [data-refresh-toggle] box pauses it.
+  function refresh(region) {
+    const toggle = document.querySelector("[data-refresh-toggle]");
+    setInterval(async () => {
+      if ((toggle && !toggle.checked) || document.hidden) return;
+      let response;
+      try {
+        response = await fetch(location.href, {headers: {Accept: "text/html"}});
+      } catch (err) {
+        return; // the server is away for a moment: the next tick tries again
+      }
+      if (response.redirected || response.status === 401) {
+        location.reload(); // signed out: the page itself sends the browser to sign in
+        return;
+      }
+      if (!response.ok) return; // a hiccup: the figures shown stay until the next try
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html").querySelector("[data-refresh]");
+      if (fresh) region.replaceChildren(...fresh.childNodes);
+    }, Number(region.dataset.refresh));
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const page = document.querySelector("section.session");
     const reply = page && page.querySelector("[data-live-reply]");
     if (reply) follow(page, reply);
+    document.querySelectorAll("[data-refresh]").forEach(refresh);
   });
 })();
