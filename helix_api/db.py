@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from helix_api.tasks.notifier import CHANNEL, Notifier, notify_payload, take_published
@@ -223,14 +224,22 @@ class Prepared:
             constants[name] = value
         order = tuple(compiled.positiontup) if compiled.positional else None
         results = tuple(column[3]._cached_result_processor(dialect, None) for column in compiled._result_columns)
-        prepared = (compiled.string, order, constants, processors, results)
+        # Rows read by name (`row.id`) as well as by position, as SQLAlchemy's own rows are.
+        row_type = namedtuple("Row", [column[0] for column in compiled._result_columns], rename=True)
+        prepared = (compiled.string, order, constants, processors, results, row_type)
         self._by_dialect[dialect.name] = prepared
         return prepared
 
-    def run(self, conn: Connection, params: dict[str, Any]) -> tuple[list[tuple[Any, ...]], int]:
-        """Execute with `params` (names as bound); the processed rows returned, and the rowcount."""
-        sql, order, constants, processors, results = (self._by_dialect.get(conn.dialect.name)
-                                                      or self._prepare(conn.dialect))
+    def run(self, conn: Connection | Session, params: dict[str, Any]) -> tuple[list[Any], int]:
+        """Execute with `params` (names as bound); the processed rows returned, and the rowcount.
+
+        On an ORM session (the slower paths share some statements) it runs the ordinary way.
+        """
+        if not isinstance(conn, Connection):
+            result = conn.execute(self.statement, params)
+            return (list(result) if result.returns_rows else []), result.rowcount
+        sql, order, constants, processors, results, row_type = (self._by_dialect.get(conn.dialect.name)
+                                                                or self._prepare(conn.dialect))
         values = dict(constants)
         for name, value in params.items():
             if name in values:
@@ -249,15 +258,29 @@ class Prepared:
             raise
         finally:
             cursor.close()
-        if rows and any(results):
-            rows = [tuple(p(v) if p is not None else v for p, v in zip(results, row, strict=True)) for row in rows]
+        if rows:
+            rows = [row_type._make(p(v) if p is not None else v for p, v in zip(results, row, strict=True))
+                    for row in rows]
         return rows, count
 
-    def rows(self, conn: Connection, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def rows(self, conn: Connection | Session, params: dict[str, Any]) -> list[Any]:
         """The rows the statement returns."""
         return self.run(conn, params)[0]
 
-    def one_or_none(self, conn: Connection, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def one_or_none(self, conn: Connection | Session, params: dict[str, Any]) -> Any | None:
         """The one row it returns, or None."""
         rows = self.run(conn, params)[0]
         return rows[0] if rows else None
+
+    def one(self, conn: Connection | Session, params: dict[str, Any]) -> Any:
+        """The one row it returns."""
+        rows = self.run(conn, params)[0]
+        if len(rows) != 1:
+            raise ValueError(f"expected one row, got {len(rows)}")
+        return rows[0]
+
+
+def insert_row(table: Any) -> Any:
+    """An INSERT of one row of `table` returning every column, each value bound by its column's name."""
+    return (insert(table).values({c.name: bindparam(c.name) for c in table.c if not c.primary_key})
+            .returning(*table.c))

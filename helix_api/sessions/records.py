@@ -8,7 +8,7 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session as DBSession
 from sqlalchemy.orm import selectinload
 
-from helix_api.db import Database
+from helix_api.db import Database, Prepared, insert_row
 from helix_api.errors import NotReady, SessionBusy, SessionNotFound
 from helix_api.knowledge import retrieval
 from helix_api.models import (
@@ -31,8 +31,12 @@ from helix_api.sessions.storage import FileStore, safe_name
 from helix_api.tasks import queues, transitions
 from helix_api.tasks.leases import LeasePolicy
 
-_INSERT_SESSION = insert(Session.__table__).returning(*Session.__table__.c)
-_INSERT_INTERACTION = insert(Interaction.__table__).returning(*Interaction.__table__.c)
+# Prepared (db.Prepared): a new session's inserts are on the dispatch cycle's hot path.
+_INSERT_SESSION = Prepared(insert_row(Session.__table__))
+_INSERT_INTERACTION = Prepared(insert_row(Interaction.__table__))
+# The same, taking only the columns given (the rest default): for the paths off the hot one.
+_INSERT_SESSION_ANY = insert(Session.__table__).returning(*Session.__table__.c)
+_INSERT_INTERACTION_ANY = insert(Interaction.__table__).returning(*Interaction.__table__.c)
 
 
 def owned(db: DBSession, user_id: int, session_id: int, *, load: bool = False) -> Session:
@@ -76,12 +80,14 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
     system message (with `knowledge`, the app's retrieval settings), and their list as `sources`.
     """
     now = utcnow()
-    asked = db.execute(_INSERT_INTERACTION, {
+    asked = _INSERT_INTERACTION.one(db, {
         "session_id": session.id, "creator": Creator.USER, "message": message, "params": params,
-        "state": InteractionState.COMPLETE, "output": "", "created_at": now, "finished_at": now}).one()
-    reply = db.execute(_INSERT_INTERACTION, {
+        "state": InteractionState.COMPLETE, "output": "", "progress": None, "result": None, "error": None,
+        "created_at": now, "finished_at": now})
+    reply = _INSERT_INTERACTION.one(db, {
         "session_id": session.id, "creator": Creator.ASSISTANT, "message": "", "params": params,
-        "state": InteractionState.QUEUED, "output": "", "created_at": now, "finished_at": None}).one()
+        "state": InteractionState.QUEUED, "output": "", "progress": None, "result": None, "error": None,
+        "created_at": now, "finished_at": None})
     task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
     kb_ids = getattr(session, "knowledge_bases", None) or []
     if kb_ids and knowledge is not None:
@@ -104,9 +110,9 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
 def _insert_session(conn: Connection, *, user_id: int, name: str, mode: Mode, type_: SessionType,
                     model_name: str, knowledge_bases: list[int] | None = None) -> Any:
     now = utcnow()
-    return conn.execute(_INSERT_SESSION, {
+    return _INSERT_SESSION.one(conn, {
         "user_id": user_id, "name": name[:200], "mode": mode, "type": type_, "model_name": model_name,
-        "event_seq": 0, "knowledge_bases": knowledge_bases or [], "created_at": now, "updated_at": now}).one()
+        "event_seq": 0, "knowledge_bases": knowledge_bases or [], "created_at": now, "updated_at": now})
 
 
 def _first_line(text: str) -> str:
@@ -152,7 +158,7 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
             if past["role"] not in (Creator.USER, Creator.ASSISTANT):
                 continue
             said = past["role"] == Creator.USER
-            conn.execute(_INSERT_INTERACTION, {
+            conn.execute(_INSERT_INTERACTION_ANY, {
                 "session_id": session.id, "creator": Creator(past["role"]), "params": {},
                 "message": past["content"] if said else "", "output": "" if said else past["content"],
                 "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now})
@@ -183,7 +189,7 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
             summary = f"Fine-tune {model_name} on {len(data.images)} captioned images"
         now = utcnow()
         with database.transaction() as conn:
-            session = conn.execute(_INSERT_SESSION, {
+            session = conn.execute(_INSERT_SESSION_ANY, {
                 "user_id": user_id, "name": (name or summary)[:200], "mode": Mode.FINETUNE, "type": type_,
                 "model_name": model_name, "event_seq": 0, "created_at": now, "updated_at": now}).one()
             rows = [files.add(conn, session_id=session.id, user_id=user_id, interaction_id=None, kind=kind,

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session as DBSession
 
 from helix_api.accounts import usage
-from helix_api.db import Prepared
+from helix_api.db import Prepared, insert_row
 from helix_api.models import (
     ACTIVE_TASK_STATUSES,
     File,
@@ -169,7 +169,25 @@ def _usage_params(task: TaskRow, outcome: AttemptEnd, now: datetime, result: dic
 
 # --- The transitions -------------------------------------------------------------------------------
 
-_INSERT_TASK = insert(_TASKS).returning(*_TASKS.c)
+def _enqueue_statement(postgresql: bool) -> Prepared:
+    task = insert_row(_TASKS)
+    if not postgresql:
+        return Prepared(task)
+    # One statement: the task and its `queued` event, numbered in its session.
+    task = task.cte("task")
+    bump = (update(_SESSIONS).where(_SESSIONS.c.id == select(task.c.session_id).scalar_subquery())
+            .values(event_seq=_SESSIONS.c.event_seq + 1).returning(_SESSIONS.c.event_seq).cte("bump"))
+    event = insert(_EVENTS).from_select(
+        ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"],
+        select(task.c.session_id, bump.c.event_seq, task.c.id, task.c.interaction_id, task.c.attempt,
+               literal("state", String), cast(bindparam("p_event", type_=String), JSON), task.c.created_at)
+        .select_from(task.join(bump, literal(True))),
+    ).returning(_EVENTS.c.id).cte("event")
+    return Prepared(select(*task.c).add_cte(bump, event))
+
+
+_ENQUEUE = {False: _enqueue_statement(False), True: _enqueue_statement(True)}
+_QUEUED_EVENT = json.dumps({"state": InteractionState.QUEUED.value})
 
 
 def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int, user_id: int, mode: Mode,
@@ -177,12 +195,19 @@ def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int,
             priority: int, max_attempts: int) -> TaskRow:
     """Queue the task that will produce reply `interaction_id`, in the creator's transaction."""
     now = utcnow()
-    task = TaskRow.of(db.execute(_INSERT_TASK, {
+    values = {
         "session_id": session_id, "interaction_id": interaction_id, "user_id": user_id, "mode": mode,
         "type": type_, "model_name": model_name, "priority": priority, "status": TaskStatus.QUEUED,
-        "input": input, "params": params, "attempt": 0, "max_attempts": max_attempts, "last_event_seq": 0,
-        "created_at": now, "queued_at": now}).one())
-    events.state_event(db, task, InteractionState.QUEUED.value)
+        "input": input, "params": params, "result": None, "error": None, "attempt": 0,
+        "max_attempts": max_attempts, "lease_token": None, "lease_expires_at": None, "runner": None,
+        "runner_token_id": None, "last_event_seq": 0, "created_at": now, "queued_at": now, "claimed_at": None,
+        "started_at": None, "finished_at": None, "cancelled_at": None}
+    postgresql = isinstance(db, Connection) and db.dialect.name == "postgresql"
+    task = TaskRow.of(_ENQUEUE[postgresql].one(db, {**values, "p_event": _QUEUED_EVENT}))
+    if postgresql:
+        publish(db, session_topic(session_id), 0)
+    else:
+        events.state_event(db, task, InteractionState.QUEUED.value)
     publish(db, ClaimRule.of_task(task).topic, 1)
     return task
 
