@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from helix_api.accounts import usage
 from helix_api.accounts.auth import require_user
-from helix_api.errors import Forbidden, InvalidField, NotFound
+from helix_api.errors import Forbidden, InvalidField, NotFound, echo
 from helix_api.models import User
 from helix_api.schemas import usage as schemas
 from helix_api.services import services
@@ -33,7 +33,7 @@ def show_usage():
         with database.connect() as conn:
             user_id = conn.execute(select(User.id).where(User.name == wanted)).scalar()
         if user_id is None:
-            raise NotFound(f"No user called {wanted!r}.")
+            raise NotFound(f"No user called {echo(wanted)}.")
         name = wanted
     return {"user": name, **usage.report(database, user_id, start=start, end=end,
                                          group_by=args.get("group_by", "model"))}

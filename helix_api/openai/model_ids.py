@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session as DBSession
 
 from helix_api.catalog import Catalog
 from helix_api.db import Database
-from helix_api.errors import ModelNotFound
+from helix_api.errors import ModelNotFound, echo
 from helix_api.models import Mode, Session, SessionType
 from helix_api.params import REWARD_MODEL
 from helix_api.sessions import files
@@ -74,13 +74,13 @@ def resolve(database: Database, catalog: Catalog, *, user_id: int, model: str, t
             adapter = files.session_adapter(db, session.id) if session is not None else None
             if (adapter is None or session.user_id != user_id or session.model_name != base
                     or session.type != type_ or files.adapter_method(db, session.id) == REWARD_MODEL):
-                raise ModelNotFound(f"No {type_.value} fine-tune {model!r} of yours: its id is "
+                raise ModelNotFound(f"No {type_.value} fine-tune {echo(model)} of yours: its id is "
                                     f"ft:<base model>:<session id> of a completed fine-tune session "
                                     "(GET /v1/models).", field="model")
             return Model(base, type_, adapter)
         offered = _offered(db.connection(), catalog)
     if model not in offered or offered[model][0] != type_.value:
         names = sorted(n for n, (t, _) in offered.items() if t == type_.value)
-        raise ModelNotFound(f"The model {model!r} does not exist as a {type_.value} model here; offered: "
+        raise ModelNotFound(f"The model {echo(model)} does not exist as a {type_.value} model here; offered: "
                             f"{', '.join(names)} (and your ft: fine-tunes).", field="model")
     return Model(model, type_)
