@@ -24,7 +24,8 @@ def show_usage():
     start, end = args.get("from"), args.get("to")
     if start is not None and end is not None and end <= start:
         raise InvalidField("Field 'to' must be after 'from'.", field="to")
-    database = services().database
+    svc = services()
+    database = svc.database
     user_id, name = g.caller.id, g.caller.name
     wanted = args.get("user")
     if wanted is not None and wanted != name:
@@ -36,4 +37,4 @@ def show_usage():
             raise NotFound(f"No user called {echo(wanted)}.")
         name = wanted
     return {"user": name, **usage.report(database, user_id, start=start, end=end,
-                                         group_by=args.get("group_by", "model"))}
+                                         group_by=args.get("group_by", "model"), shown=svc.catalog.shown)}

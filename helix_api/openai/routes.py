@@ -83,9 +83,10 @@ def list_models():
 @bp.get("/models/<path:model>")
 @require_user
 def get_model(model: str):
-    """One model of the listing, or 404 model_not_found."""
+    """One model of the listing (named by its id, or by full name), or 404 model_not_found."""
+    wanted = openai_models.listed_id(services().catalog, model)
     for item in _listing():
-        if item["id"] == model:
+        if item["id"] == wanted:
             return item
     raise ModelNotFound(f"The model {echo(model)} does not exist (GET /v1/models lists them).", field="model")
 
