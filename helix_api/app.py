@@ -72,7 +72,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     Services.from_settings(app.config, database).init_app(app)
 
-    register_error_handlers(app, database)
+    register_error_handlers(app, database, web.error_page)
     # CSRF tokens are checked by the web blueprint's own forms only: bearer-token JSON clients send none.
     app.config.update(WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
     web.csrf.init_app(app)

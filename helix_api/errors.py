@@ -1,8 +1,14 @@
-"""The one error root of the API and the handler that turns every error into JSON."""
+"""The one error root of the API, and the handlers that answer every error in the asker's language.
+
+A program under /api gets `{"error", "message"}` JSON, an OpenAI client under /v1 gets OpenAI's error
+shape, and a browser anywhere else gets the web app's HTML page.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -206,11 +212,40 @@ def unavailable(err: Exception) -> DatabaseUnavailable | None:
 
 
 def database_down(err: Exception, database: Any) -> DatabaseUnavailable | None:
-    """`unavailable(err)`, telling `database` (a `db.Database`) so that it logs the outage once, not per request."""
+    """`unavailable(err)`, telling `database` (the app's) so that it logs the outage once, not per request."""
     outage = unavailable(err)
     if outage is not None:
         database.went_down(err)
     return outage
+
+
+# How much of a request's input an error message quotes back: enough to recognise it, never a whole body.
+ECHO_CHARS = 60
+# A cut looks back this far for a space or punctuation, so it does not fall mid-word.
+_ECHO_LOOKBACK = 15
+_BREAKS = " ,;:)]}"
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """`value` as an error message quotes the request's input: a string in quotes, anything else as JSON,
+    cut at about `limit` characters with an ellipsis. Every message that echoes input quotes it through here."""
+    if isinstance(value, str):
+        text, quote = value, "'"
+    else:
+        try:
+            text, quote = json.dumps(value, ensure_ascii=False, allow_nan=True), ""
+        except (TypeError, ValueError):
+            return type(value).__name__
+    if len(text) > limit:
+        cut = text[:limit]
+        space = max(cut.rfind(c) for c in _BREAKS)
+        if space >= limit - _ECHO_LOOKBACK:
+            cut = cut[:space + 1]
+        text = cut.rstrip() + "…"
+    if not quote:
+        return text
+    # repr's escapes (a newline as \n, a quote inside) keep the message on one line and unambiguous.
+    return repr(text)
 
 
 class TaskFailed(HelixError):
@@ -233,10 +268,30 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 # OpenAI's error types by status; anything else at or above 500 is a server_error.
 _OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 OPENAI_PREFIX = "/v1/"
+API_PREFIX = "/api/"
+# A browser's page titles by status; the rest are werkzeug's names for the status.
+_PAGE_TITLES = {401: "Please sign in", 403: "Not allowed", 404: "Not found", 405: "Method not allowed",
+                500: "Something went wrong", 503: "Try again shortly"}
+
+# Renders the web app's error page: (status, title, message) -> a response. Given by the app factory,
+# so this module needs nothing of the web app.
+ErrorPage = Callable[[int, str, str], Any]
+
+
+def _under(prefix: str) -> bool:
+    return request.path.startswith(prefix) or request.path == prefix.rstrip("/")
 
 
 def _is_openai() -> bool:
-    return request.path.startswith(OPENAI_PREFIX) or request.path == OPENAI_PREFIX.rstrip("/")
+    return _under(OPENAI_PREFIX)
+
+
+def wants_html() -> bool:
+    """Whether the asker is a browser on a page outside the APIs: it prefers HTML to JSON, and the path
+    is neither /api nor /v1, whose clients read JSON whatever they accept."""
+    if _under(API_PREFIX) or _is_openai():
+        return False
+    return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
 
 
 def openai_error(status: int, message: str, code: str | None, param: str | None = None,
@@ -256,12 +311,43 @@ def _openai_response(status: int, body: dict[str, Any], retryable: bool | None =
     return jsonify(body), status, headers
 
 
-def register_error_handlers(app: Flask, database: Any) -> None:
-    """Turn HelixError, HTTP errors and anything unexpected into JSON.
+def _openai_endpoints(app: Flask) -> str:
+    """The /v1 endpoints this server has, for a message about one it has not (parametrised ones left out)."""
+    paths = sorted({rule.rule for rule in app.url_map.iter_rules()
+                    if rule.rule.startswith(OPENAI_PREFIX) and not rule.arguments})
+    return ", ".join(paths[:-1]) + f" and {paths[-1]}" if len(paths) > 1 else "".join(paths)
+
+
+def _http_message(app: Flask, err: HTTPException, status: int) -> str:
+    """What an HTTP error says, naming the path and method where werkzeug's text is generic."""
+    where = request.path if len(request.path) <= 200 else echo(request.path, 200)
+    if status == 413:
+        return f"The request body is over the limit of {app.config.get('MAX_CONTENT_LENGTH')} bytes."
+    if status == 404 and _is_openai():
+        # OpenAI's clients show this to a person: say the endpoint is missing here, not that a URL was mistyped.
+        return f"{where} is not supported by this server (it serves {_openai_endpoints(app)})."
+    if status == 404:
+        return f"There is nothing at {where}."
+    if status == 405:
+        allowed = ", ".join(sorted(set(getattr(err, "valid_methods", None) or []) - {"HEAD", "OPTIONS"}))
+        return f"{request.method} {where} is not supported" + (f"; it takes {allowed}." if allowed else ".")
+    return err.description or err.name
+
+
+def register_error_handlers(app: Flask, database: Any, error_page: ErrorPage | None = None) -> None:
+    """Turn HelixError, HTTP errors and anything unexpected into an answer in the asker's language.
 
     Under /v1 (the OpenAI-compatible API) errors take OpenAI's shape, so its clients raise the right
-    exception with the message; everywhere else they are `{"error", "message"}`.
+    exception with the message; under /api they are `{"error", "message"}`; elsewhere a browser gets
+    `error_page`'s HTML (and a program its JSON).
     """
+
+    def _page(status: int, message: str, title: str | None = None, headers: dict[str, str] | None = None):
+        response = error_page(status, title or _PAGE_TITLES.get(status, "Something is wrong"), message)
+        return app.make_response(response), status, headers or {}
+
+    def _html() -> bool:
+        return error_page is not None and wants_html()
 
     @app.errorhandler(HelixError)
     def _helix(err: HelixError):
@@ -271,21 +357,22 @@ def register_error_handlers(app: Flask, database: Any) -> None:
         if _is_openai():
             return _openai_response(err.status_code, openai_error(err.status_code, err.message, err.code,
                                                                   err.field, **err.extra), err.retryable, headers)
+        if _html():
+            return _page(err.status_code, err.message, headers=headers)
         return jsonify(err.to_dict()), err.status_code, headers
 
     @app.errorhandler(HTTPException)
     def _http(err: HTTPException):
         status = err.code or 500
-        message = err.description or err.name
-        if status == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
-            message = f"The request body is over the limit of {limit} bytes."
+        message = _http_message(app, err, status)
         code = _HTTP_CODES.get(status, "http_error")
+        allowed = getattr(err, "valid_methods", None)
+        headers = {"Allow": ", ".join(allowed)} if status == 405 and allowed else {}
         if _is_openai():
-            if status in (404, 405):
-                message = f"{message} ({request.method} {request.path})"
-            return _openai_response(status, openai_error(status, message, code))
-        return jsonify({"error": code, "message": message}), status
+            return _openai_response(status, openai_error(status, message, code), headers=headers)
+        if _html():
+            return _page(status, message, _PAGE_TITLES.get(status, err.name), headers)
+        return jsonify({"error": code, "message": message}), status, headers
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):
@@ -295,4 +382,6 @@ def register_error_handlers(app: Flask, database: Any) -> None:
         logger.exception("unhandled error")
         if _is_openai():
             return _openai_response(500, openai_error(500, "Internal server error.", "internal_error"))
+        if _html():
+            return _page(500, "An unexpected error happened; it has been logged.")
         return jsonify({"error": "internal_error", "message": "Internal server error."}), 500

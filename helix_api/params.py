@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
-from helix_api.errors import InvalidField
+from helix_api.errors import InvalidField, echo
 from helix_api.models import Mode, SessionType
-from helix_api.schemas.base import INT64_MAX, json_problem, shown
+from helix_api.schemas.base import INT64_MAX, json_problem
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,7 @@ def _adapter(schema: Any) -> TypeAdapter:
 
 
 def _bad(name: str, what: str, value: Any) -> InvalidField:
-    quoted = shown(value) if not isinstance(value, str) else repr(value[:40])
-    return InvalidField(f"Param {name!r} must be {what}, not {quoted}.", field=f"params.{name}")
+    return InvalidField(f"Param {name!r} must be {what}, not {echo(value)}.", field=f"params.{name}")
 
 
 def check_params(params: dict[str, Any], mode: Mode, type_: SessionType, limits: Limits) -> dict[str, Any]:
@@ -165,7 +164,7 @@ def check_params(params: dict[str, Any], mode: Mode, type_: SessionType, limits:
                 raise InvalidField(f"Param {name!r} holds {problem[1]}, which cannot be stored.",
                                    field=f"params.{name}")
         elif name not in known:
-            raise InvalidField(f"Unknown param {name[:40]!r} for a {type_.value} {mode.value} task; allowed: "
+            raise InvalidField(f"Unknown param {echo(name)} for a {type_.value} {mode.value} task; allowed: "
                                f"{', '.join(sorted(known))}.", field=f"params.{name[:200]}")
         elif value is not None:
             problem = json_problem(value)  # NaN is refused below too; NUL and the like only here

@@ -13,7 +13,7 @@ from typing import Any
 from flask import request
 from pydantic import TypeAdapter, ValidationError
 
-from helix_api.errors import InvalidField, UnknownMode, UnknownType
+from helix_api.errors import InvalidField, UnknownMode, UnknownType, echo
 from helix_api.models import Mode, SessionType
 from helix_api.schemas import base
 from helix_api.schemas.sessions import EventCursor
@@ -80,7 +80,7 @@ def field(body: dict[str, Any], name: str, kind: type, *, required: bool = True,
         ok = True
     if not ok:
         raise InvalidField(f"Field {name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
-                           f"not {base.shown(value)}.", field=name)
+                           f"not {echo(value)}.", field=name)
     return value
 
 
@@ -90,7 +90,7 @@ def parse_mode(value: Any, name: str = "mode", *, claim: bool = False) -> Mode:
     mode = modes.get(value.lower()) if isinstance(value, str) else None
     if mode is None:
         allowed = "create (or inference), finetune" + (", score" if claim else "")
-        raise UnknownMode(f"Unknown mode {str(value)[:40]!r}; allowed: {allowed}.", field=name)
+        raise UnknownMode(f"Unknown mode {echo(value)}; allowed: {allowed}.", field=name)
     return mode
 
 
@@ -99,7 +99,7 @@ def parse_type(value: Any, name: str = "type") -> SessionType:
     try:
         return SessionType(value.lower())
     except (AttributeError, ValueError):
-        raise UnknownType(f"Unknown type {str(value)[:40]!r}; allowed: text, image.", field=name) from None
+        raise UnknownType(f"Unknown type {echo(value)}; allowed: text, image.", field=name) from None
 
 
 def query_number(name: str, default: float, low: float, high: float) -> float:
@@ -110,7 +110,7 @@ def query_number(name: str, default: float, low: float, high: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidField(f"Query parameter {name!r} must be a number, not {raw[:40]!r}.", field=name) from None
+        raise InvalidField(f"Query parameter {name!r} must be a number, not {echo(raw)}.", field=name) from None
     if not low <= value <= high:
         raise InvalidField(f"Query parameter {name!r} must be between {low:g} and {high:g}.", field=name)
     return value
@@ -136,6 +136,6 @@ def event_cursor() -> tuple[Cursor, bool]:
         cursor = None
     if cursor is None or cursor.seq > base.INT32_MAX:
         raise InvalidField(f"{_CURSOR_HEADER} (or ?after=) must be an event id (N or N.K, whole numbers, N at "
-                           f"most {base.INT32_MAX}), not {given[:40]!r}.", field=_CURSOR_HEADER) from None
+                           f"most {base.INT32_MAX}), not {echo(given)}.", field=_CURSOR_HEADER) from None
     follow = request.args.get("follow", "1").lower() not in {"0", "false", "no"}
     return cursor, follow

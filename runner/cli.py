@@ -22,7 +22,7 @@ from runner.config import (
     parse_gpu_memory,
     parse_job_url,
 )
-from runner.errors import ApiError, BackendNotFound
+from runner.errors import ApiError, ApiUnavailable, BackendNotFound
 from runner.loop import Runner
 from runner.placement import PlacementError
 
@@ -88,10 +88,13 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
                                "(make one with `helix runner-token create`)")
     if wait is None:
         wait = target.wait if target.wait is not None else RunnerConfig.wait
+    # Sized for every slot --max-parallel may open: the backend's own cap is known only after setup().
+    client = ApiClient(target.api_url, token, runner_name, timeout=RunnerConfig.request_timeout,
+                       pool_size=CONNECTIONS_PER_SLOT * max_parallel)
     config = RunnerConfig(
         api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
-        model_name=target.model_name or "", backend=backend, runner_name=runner_name, wait=wait,
-        grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
+        model_name=_full_model_name(client, target.model_name or ""), backend=backend, runner_name=runner_name,
+        wait=wait, grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
         gpu_memory=_gpu_memory(gpu_memory), cpu_memory=cpu_memory or None, quantize=quantize,
         max_parallel=max_parallel, cache_dir=cache_dir,
     )
@@ -99,9 +102,6 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
         model = load_backend(backend, config)
     except BackendNotFound as exc:
         raise click.UsageError(str(exc)) from exc
-    # Sized for every slot --max-parallel may open: the backend's own cap is known only after setup().
-    client = ApiClient(config.api_url, config.token, config.runner_name, timeout=config.request_timeout,
-                       retry=config.retry, pool_size=CONNECTIONS_PER_SLOT * config.max_parallel)
     runner = Runner(config, model, client)
     if metrics_port is not None:
         try:
@@ -120,6 +120,25 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _full_model_name(client: ApiClient, name: str) -> str:
+    """The full name the API gives the model called `name`: a job URL may name a model by its alias, but the
+    weights are loaded by the full name (a hub id or a path), which the claimed tasks carry too."""
+    if "/" in name:
+        # An alias never holds a slash, and an `org/name` hub id or a path is loaded as it is: no need to ask.
+        return name
+    try:
+        full = client.full_model_name(name)
+    except ApiUnavailable as exc:
+        # The runner waits out an unreachable API later anyway; a full name loads as it is.
+        logger.warning("could not ask the API which model %r names (%s): loading it by that name", name, exc)
+        return name
+    except ApiError as exc:
+        raise click.ClickException(f"the API refused this runner: {exc}") from exc
+    if full != name:
+        logger.info("model %r is the API's alias of %s: loading that", name, full)
+    return full
 
 
 def _gpu_memory(entries: tuple[str, ...]) -> dict[int, str]:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from requests.adapters import DEFAULT_POOLSIZE, HTTPAdapter
@@ -61,6 +62,17 @@ class ApiClient:
             self.session.mount(prefix, HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size))
         self.session.headers.update({"Authorization": f"Bearer {token}", "X-Helix-Runner": runner_name})
         self._backoff = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.cap)
+
+    def full_model_name(self, name: str) -> str:
+        """The full name (hub id or path) of the model the API knows as `name`, an alias or a full name: what
+        this runner loads. `name` itself where the API does not know it (a model served without being configured)."""
+        try:
+            response = self._request("GET", f"/api/v1/models/{quote(name, safe='')}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return name
+            raise
+        return response.json().get("full_name") or name
 
     def claim(self, mode: str, type: str, model_name: str, wait: float = 0,
               interrupt: threading.Event | None = None) -> Claim | None:

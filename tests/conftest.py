@@ -24,6 +24,9 @@ from helix_api.services import services
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TEXT_MODEL = "mistralai/Mistral-7B-Instruct-v0.1"
 IMAGE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+# What users see of the two: their aliases (helix_api/catalog.py).
+TEXT_ALIAS = "mistral-7b-instruct"
+IMAGE_ALIAS = "sdxl-base"
 SEED_CLAIM_URL = f"/api/v1/worker/task?mode=Create&type=Text&model_name={TEXT_MODEL}"
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from helix_api.accounts import usage
 from helix_api.accounts.auth import require_user
-from helix_api.errors import Forbidden, InvalidField, NotFound
+from helix_api.errors import Forbidden, InvalidField, NotFound, echo
 from helix_api.models import User
 from helix_api.schemas import usage as schemas
 from helix_api.services import services
@@ -24,7 +24,8 @@ def show_usage():
     start, end = args.get("from"), args.get("to")
     if start is not None and end is not None and end <= start:
         raise InvalidField("Field 'to' must be after 'from'.", field="to")
-    database = services().database
+    svc = services()
+    database = svc.database
     user_id, name = g.caller.id, g.caller.name
     wanted = args.get("user")
     if wanted is not None and wanted != name:
@@ -33,7 +34,7 @@ def show_usage():
         with database.connect() as conn:
             user_id = conn.execute(select(User.id).where(User.name == wanted)).scalar()
         if user_id is None:
-            raise NotFound(f"No user called {wanted!r}.")
+            raise NotFound(f"No user called {echo(wanted)}.")
         name = wanted
     return {"user": name, **usage.report(database, user_id, start=start, end=end,
-                                         group_by=args.get("group_by", "model"))}
+                                         group_by=args.get("group_by", "model"), shown=svc.catalog.shown)}

@@ -7,7 +7,7 @@ never disagree. Token counts are the runner's (`result.usage`), images the files
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -105,8 +105,11 @@ def _figures(row: Any) -> dict[str, Any]:
 
 
 def report(database: Database, user_id: int, *, start: datetime | None = None, end: datetime | None = None,
-           group_by: str = "model") -> dict[str, Any]:
-    """A user's usage from `start` (inclusive) to `end` (exclusive), per model or per UTC day, and in total."""
+           group_by: str = "model", shown: Callable[[str], str] = str) -> dict[str, Any]:
+    """A user's usage from `start` (inclusive) to `end` (exclusive), per model or per UTC day, and in total.
+
+    `shown` names a model as users see it (the catalog's: an alias, never a path).
+    """
     key = _USAGE.c.model_name if group_by == "model" else _day(database.dialect)
     where = [_USAGE.c.user_id == user_id]
     if start is not None:
@@ -118,7 +121,8 @@ def report(database: Database, user_id: int, *, start: datetime | None = None, e
         total = conn.execute(select(*_sums()).where(*where)).one()
     return {"group_by": group_by, "from": start.isoformat() if start else None,
             "to": end.isoformat() if end else None,
-            "groups": [{group_by: row.key, **_figures(row)} for row in groups], "total": _figures(total)}
+            "groups": [{group_by: shown(row.key) if group_by == "model" else row.key, **_figures(row)}
+                       for row in groups], "total": _figures(total)}
 
 
 def per_user(database: Database) -> list[dict[str, Any]]:

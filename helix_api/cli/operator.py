@@ -46,6 +46,17 @@ def main(log_level: str) -> None:
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _check_models(setting: str) -> None:
+    """Refuse to serve a HELIX_MODELS with a malformed entry or a clashing or unsafe alias: one clear line,
+    before gunicorn forks workers that would each fail with a traceback."""
+    from helix_api.catalog import Catalog, CatalogError
+
+    try:
+        Catalog.from_setting(setting)
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
@@ -63,6 +74,7 @@ def serve(host: str, port: int, workers: int | None, threads: int) -> None:
     if subprocess.run([sys.executable, "-m", "helix_api.cli.operator", "db", "check"]).returncode != 0:
         raise SystemExit(1)
     settings = load_settings()
+    _check_models(settings["MODELS"])
     dialect = "sqlite" if settings["DATABASE_URL"].startswith("sqlite") else "postgresql"
     if workers is None:
         # Each process runs Python on one core at a time and costs ~80 MB; the database server does a

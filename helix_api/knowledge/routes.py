@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, g, request
 
 from helix_api.accounts.auth import require_user
-from helix_api.errors import InvalidField
+from helix_api.errors import InvalidField, echo
 from helix_api.knowledge import bases as knowledge_service
 from helix_api.schemas import knowledge as schemas
 from helix_api.services import services
@@ -46,7 +46,7 @@ def add_files(kb_id: int):
         raise InvalidField("Send the documents as multipart/form-data in the 'files' field.", field="files")
     unknown = sorted(set(request.form) | (set(request.files) - {"files"}))
     if unknown:
-        raise InvalidField(f"Unknown form field {unknown[0]!r}; send documents in 'files'.", field=unknown[0])
+        raise InvalidField(f"Unknown form field {echo(unknown[0])}; send documents in 'files'.", field=unknown[0])
     added = knowledge_service.add_documents(svc.database, g.caller.id, kb_id, request.files.getlist("files"),
                                             svc.retrieval)
     return {"documents": added}, 201

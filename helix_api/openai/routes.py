@@ -8,7 +8,6 @@ operator sees it in SQL; see notes.md ("OpenAI-compatible API") for what maps to
 from __future__ import annotations
 
 import base64
-import json
 import re
 from typing import Any
 
@@ -17,7 +16,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from helix_api import responses
 from helix_api.accounts.auth import require_user
-from helix_api.errors import Forbidden, InvalidField, ModelNotFound
+from helix_api.errors import Forbidden, InvalidField, ModelNotFound, echo
 from helix_api.models import Mode, SessionType
 from helix_api.openai import completions
 from helix_api.openai import model_ids as openai_models
@@ -84,11 +83,12 @@ def list_models():
 @bp.get("/models/<path:model>")
 @require_user
 def get_model(model: str):
-    """One model of the listing, or 404 model_not_found."""
+    """One model of the listing (named by its id, or by full name), or 404 model_not_found."""
+    wanted = openai_models.listed_id(services().catalog, model)
     for item in _listing():
-        if item["id"] == model:
+        if item["id"] == wanted:
             return item
-    raise ModelNotFound(f"The model {model!r} does not exist (GET /v1/models lists them).", field="model")
+    raise ModelNotFound(f"The model {echo(model)} does not exist (GET /v1/models lists them).", field="model")
 
 
 # Request checks.
@@ -108,7 +108,7 @@ def _checked_params(params: dict[str, Any], names: dict[str, str], type_: Sessio
 def _neutral(body: dict[str, Any]) -> None:
     for name, (neutral, why) in _NEUTRAL.items():
         if body.get(name) is not None and not neutral(body[name]):
-            raise InvalidField(f"{name}={json.dumps(body[name])[:60]}: {why}.", field=name)
+            raise InvalidField(f"{name}={echo(body[name])}: {why}.", field=name)
 
 
 def _content(value: Any, where: str) -> str:
@@ -133,7 +133,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
             raise InvalidField(f"{where}.role must be system, user or assistant, not "
-                               f"{json.dumps(message.get('role'))[:40]}.", field=f"{where}.role")
+                               f"{echo(message.get('role'))}.", field=f"{where}.role")
         # A reply sent back as it came (tool_calls: null, refusal: null, ...) asks for nothing more.
         for key, extra in message.items():
             if key not in ("role", "content", "name") and extra not in (None, []):
@@ -227,12 +227,12 @@ def _image_params(body: dict[str, Any]) -> dict[str, Any]:
     if size != "auto":
         match = _SIZE.match(size)
         if match is None:
-            raise InvalidField(f"size must be WIDTHxHEIGHT in pixels, like 1024x1024, not {size[:40]!r}.",
+            raise InvalidField(f"size must be WIDTHxHEIGHT in pixels, like 1024x1024, not {echo(size)}.",
                                field="size")
         params["width"], params["height"] = int(match[1]), int(match[2])
     for name, allowed in (("quality", ("auto", "standard")), ("style", ())):
         if body.get(name) is not None and body[name] not in allowed:
-            raise InvalidField(f"{name}={json.dumps(body[name])[:40]} is not supported; leave it out.", field=name)
+            raise InvalidField(f"{name}={echo(body[name])} is not supported; leave it out.", field=name)
     return _checked_params(params, names, SessionType.IMAGE)
 
 

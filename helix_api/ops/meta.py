@@ -7,8 +7,9 @@ from pathlib import Path
 
 from flask import Blueprint, current_app
 
-from helix_api.accounts.auth import require_user
-from helix_api.errors import RETRY_AFTER_SECONDS, database_down
+from helix_api.accounts.auth import authenticate, require_user
+from helix_api.catalog import is_path
+from helix_api.errors import RETRY_AFTER_SECONDS, ModelNotFound, database_down, echo
 from helix_api.schemas.openapi import document
 from helix_api.services import Services, services
 
@@ -20,6 +21,19 @@ bp = Blueprint("meta", __name__)
 def models():
     """The models sessions may name."""
     return {"models": services().catalog.as_list()}
+
+
+@bp.get("/api/v1/models/<path:name>")
+def model(name: str):
+    """One model, named by its alias or full name. A runner gets its full name even when that is a path:
+    it loads the weights by it, so a runner may be pointed at a model by its alias."""
+    caller = authenticate()  # users and runners alike
+    catalog = services().catalog
+    spec = catalog.find(name)
+    if spec is None:
+        raise ModelNotFound(f"No model called {echo(name)}; offered: {', '.join(catalog.names())}.", field="name")
+    shown_full = spec.name if caller.kind == "runner" or not is_path(spec.name) else None
+    return {"name": spec.shown, "type": spec.type, "alias": spec.alias, "full_name": shown_full}
 
 
 @bp.get("/api/v1/openapi.json")

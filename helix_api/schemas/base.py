@@ -13,7 +13,6 @@ What no schema lets through, because PostgreSQL or a client cannot read it back:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from helix_api.errors import BadRequest, InvalidField
+from helix_api.errors import BadRequest, InvalidField, echo
 
 INT32_MAX = 2**31 - 1  # every id column and event seq
 INT64_MAX = 2**63 - 1
@@ -125,14 +124,6 @@ def path_of(loc: tuple[Any, ...], prefix: str = "") -> str:
     return out
 
 
-def shown(value: Any) -> str:
-    """A value as a message may quote it: short, and never the bytes of a whole body."""
-    try:
-        return json.dumps(value, allow_nan=True)[:40]
-    except (TypeError, ValueError):
-        return type(value).__name__
-
-
 def message_of(error: Mapping[str, Any], name: str, *, allowed: Any = None, what: str = "Field") -> str:
     """A pydantic error as one sentence naming the field."""
     kind = error["type"]
@@ -140,10 +131,10 @@ def message_of(error: Mapping[str, Any], name: str, *, allowed: Any = None, what
         return f"{what} {name!r} is required."
     if kind == "extra_forbidden":
         tail = f"; allowed: {', '.join(sorted(allowed))}" if allowed else ""
-        return f"Unknown field {name.rsplit('.', 1)[-1]!r}{tail}."
+        return f"Unknown field {echo(name.rsplit('.', 1)[-1])}{tail}."
     word = _TYPE_WORDS.get(kind)
     if word:
-        return f"{what} {name!r} must be {word}, not {shown(error.get('input'))}."
+        return f"{what} {name!r} must be {word}, not {echo(error.get('input'))}."
     if kind == "unsafe_json":
         return f"{what} {name!r} is {error['ctx']['problem']}, which cannot be stored."
     return f"{what} {name!r}: {error['msg'][0].lower()}{error['msg'][1:]}."
@@ -159,7 +150,7 @@ def refusal(err: ValidationError, *, allowed: Any = None) -> BadRequest:
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the field that picks the member
         name += "." + str(ctx.get("discriminator", "")).strip("'")
     if not name:
-        return BadRequest(f"The request body must be a JSON object, not {shown(error.get('input'))[:20]}.")
+        return BadRequest(f"The request body must be a JSON object, not {echo(error.get('input'))}.")
     top = allowed if len(error["loc"]) == 1 else None
     return InvalidField(message_of(error, name, allowed=top), field=name)
 

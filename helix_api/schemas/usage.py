@@ -9,6 +9,7 @@ from pydantic import AfterValidator, Field, with_config
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
+from helix_api.errors import echo
 from helix_api.schemas.base import QUERY, text
 
 
@@ -22,7 +23,7 @@ def instant(value: str) -> datetime:
     except ValueError:
         raise PydanticCustomError(
             "instant", "must be a date (2026-12-01) or an ISO 8601 time (2026-12-01T10:00:00Z), not {value}",
-            {"value": repr(raw[:40])}) from None
+            {"value": echo(raw)}) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

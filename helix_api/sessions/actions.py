@@ -27,6 +27,12 @@ from helix_api.validation import field, parse_type
 logger = logging.getLogger(__name__)
 
 
+def _as_shown(services: Services, session: dict[str, Any]) -> dict[str, Any]:
+    """A session's JSON with its model as users see it (the alias: a path never reaches a user)."""
+    session["model_name"] = services.catalog.shown(session["model_name"])
+    return session
+
+
 def _message(value: Any) -> str:
     message = field({"message": value}, "message", str)
     if not message.strip():
@@ -41,10 +47,10 @@ def start(services: Services, *, user_id: int, mode: Mode, type_: SessionType, m
     model = services.catalog.get(model_name, type_.value)
     params = check_params(params, mode, type_, services.limits)
     kb_ids = knowledge_bases(services, user_id, knowledge, type_)
-    return conversations.create(
+    return _as_shown(services, conversations.create(
         services.database, user_id=user_id, mode=mode, type_=type_, model_name=model.name,
         message=_message(message), params=params, name=name, policy=services.policy, knowledge_bases=kb_ids,
-        knowledge=services.retrieval)
+        knowledge=services.retrieval))
 
 
 def knowledge_bases(services: Services, user_id: int, value: Any, type_: SessionType) -> list[int]:
@@ -90,10 +96,10 @@ def start_finetune(services: Services, *, user_id: int, type_name: str, model_na
         data = training_data.check_images(uploads, min_images=settings["MIN_TRAINING_IMAGES"],
                                           max_bytes=settings["MAX_TRAINING_IMAGE_BYTES"],
                                           max_side=settings["MAX_TRAINING_IMAGE_SIDE"])
-    return conversations.create_finetune(
+    return _as_shown(services, conversations.create_finetune(
         services.database, services.store, user_id=user_id, type_=type_, model_name=model.name,
         message=message, params=params, name=name, data=data, uploads=uploads, policy=services.policy,
-        max_file_bytes=settings["MAX_FILE_BYTES"])
+        max_file_bytes=settings["MAX_FILE_BYTES"], model_shown=model.shown))
 
 
 def score(services: Services, *, user_id: int, session_id: int, prompt: Any, candidates: Any) -> dict[str, Any]:
@@ -118,7 +124,7 @@ def shown(services: Services, user_id: int, session_id: int) -> dict[str, Any]:
     """One of the user's sessions as JSON, with its interactions, progress and place in the queue."""
     with services.database.orm_read() as db:
         session = conversations.owned(db, user_id, session_id, load=True)
-        return conversations.session_json(db, session)
+        return _as_shown(services, conversations.session_json(db, session))
 
 
 def session_type(services: Services, user_id: int, session_id: int) -> SessionType:
@@ -130,7 +136,10 @@ def session_type(services: Services, user_id: int, session_id: int) -> SessionTy
 def page(services: Services, user_id: int, *, limit: int, before: int | None) -> dict[str, Any]:
     """A page of the user's sessions, newest first (see conversations.page)."""
     with services.database.orm_read() as db:
-        return conversations.page(db, user_id, limit=limit, before=before)
+        found = conversations.page(db, user_id, limit=limit, before=before)
+    for session in found["sessions"]:
+        _as_shown(services, session)
+    return found
 
 
 def file_list(services: Services, user_id: int, session_id: int) -> list[dict[str, Any]]:

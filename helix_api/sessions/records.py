@@ -170,8 +170,9 @@ def create_from_messages(database: Database, *, user_id: int, type_: SessionType
 def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
                     model_name: str, message: str | None, params: dict[str, Any], name: str | None,
                     data: training_data.TextSet | training_data.ImageSet, uploads: list[Any],
-                    policy: LeasePolicy, max_file_bytes: int) -> dict[str, Any]:
-    """Store checked training data and start a fine-tune session with its training task queued."""
+                    policy: LeasePolicy, max_file_bytes: int, model_shown: str | None = None) -> dict[str, Any]:
+    """Store checked training data and start a fine-tune session with its training task queued; its default
+    name calls the model `model_shown` (what users see: never a path), else `model_name`."""
     saved: list[tuple[FileKind, str, Any, str]] = []  # (kind, name, blob, content type)
     try:
         for upload in uploads:
@@ -183,10 +184,11 @@ def create_finetune(database: Database, store: FileStore, *, user_id: int, type_
             saved.append((FileKind.DATASET, "train.jsonl", store.save(data.jsonl, "uploads", "train.jsonl",
                                                                       max_file_bytes), "application/jsonl"))
             method = params.get("method") or "sft"
-            summary = (f"Fine-tune {model_name} on {data.examples} examples" if method == "sft" else
-                       f"Fine-tune {model_name} ({method}) on {data.examples} comparisons")
+            label = model_shown or model_name
+            summary = (f"Fine-tune {label} on {data.examples} examples" if method == "sft" else
+                       f"Fine-tune {label} ({method}) on {data.examples} comparisons")
         else:
-            summary = f"Fine-tune {model_name} on {len(data.images)} captioned images"
+            summary = f"Fine-tune {model_shown or model_name} on {len(data.images)} captioned images"
         now = utcnow()
         with database.transaction() as conn:
             session = conn.execute(_INSERT_SESSION_ANY, {

@@ -6,7 +6,7 @@ from flask import Blueprint, g, request
 
 from helix_api import responses
 from helix_api.accounts.auth import require_user
-from helix_api.errors import InvalidField
+from helix_api.errors import InvalidField, echo
 from helix_api.models import Mode
 from helix_api.schemas import sessions as schemas
 from helix_api.services import services
@@ -54,7 +54,7 @@ def _create_finetune():
     allowed = {"mode", "type", "model_name", "message", "params", "name"}
     unknown = sorted(set(request.form) - allowed) + sorted(set(request.files) - {"files"})
     if unknown:
-        raise InvalidField(f"Unknown form field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))} and files.",
+        raise InvalidField(f"Unknown form field {echo(unknown[0])}; allowed: {', '.join(sorted(allowed))} and files.",
                            field=unknown[0])
     form = values(schemas.FinetuneForm, request.form)
     mode = parse_mode(form.get("mode", "finetune"))

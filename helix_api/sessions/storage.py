@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from helix_api.errors import TooLarge
+from helix_api.errors import TooLarge, echo
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class LocalFileStore(FileStore):
                 for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise TooLarge(f"File {name!r} is over the limit of {max_bytes} bytes.", field="file")
+                        raise TooLarge(f"File {echo(name)} is over the limit of {max_bytes} bytes.", field="file")
                     digest.update(chunk)
                     out.write(chunk)
             os.replace(tmp, target)

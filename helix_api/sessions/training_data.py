@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Protocol
 
-from helix_api.errors import InvalidTrainingData
+from helix_api.errors import InvalidTrainingData, echo
 from helix_api.schemas.base import json_problem
 from helix_api.sessions.storage import safe_name
 
@@ -84,7 +84,7 @@ def _messages_of(messages: Any) -> tuple[list[dict[str, str]] | None, str | None
             return None, f"messages[{i}] must be an object"
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            return None, f"messages[{i}] has unknown role {role!r} (allowed: {', '.join(ROLES)})"
+            return None, f"messages[{i}] has unknown role {echo(role)} (allowed: {', '.join(ROLES)})"
         if not isinstance(content, str) or not content.strip():
             return None, f"messages[{i}] needs a non-empty string 'content'"
         chat.append({"role": role, "content": content})
@@ -116,7 +116,7 @@ def _reply_of(record: dict[str, Any], name: str) -> tuple[str | None, str | None
     value = record.get(name)
     if isinstance(value, dict):
         if value.get("role", "assistant") != "assistant":
-            return None, f"'{name}' must be the assistant's reply, not a {value.get('role')!r} message"
+            return None, f"'{name}' must be the assistant's reply, not a {echo(value.get('role'))} message"
         value = value.get("content")
     if not isinstance(value, str) or not value.strip():
         return None, f"'{name}' must be a non-empty string (or an assistant message with one)"

@@ -50,7 +50,7 @@ def claim():
     args = query(schemas.Claim)
     mode = parse_mode(args.get("mode", "create"), claim=True)
     type_ = parse_type(args.get("type", "text"))
-    model_name = args["model_name"]
+    model_name = svc.catalog.resolve(args["model_name"])
     wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])
     most = args.get("max")
     runner = _runner_name()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, render_template, request
+from flask import Blueprint, g, make_response, render_template, request
 from flask_wtf.csrf import CSRFProtect
 from werkzeug.exceptions import HTTPException
 
@@ -48,8 +48,17 @@ def _harden(response):
 
 
 def error_page(status: int, title: str, message: str):
-    """An HTML error page with `status`."""
-    return render_template("web/error.html", status=status, title=title, message=message), status
+    """An HTML error page with `status`, hardened like every page; the app's handlers show it to browsers
+    on any path outside the APIs, so it works outside this blueprint's requests too."""
+    if "caller" not in g:
+        # Outside the blueprint nobody has looked at the cookie yet: a signed-in visitor keeps the nav.
+        try:
+            signin.load_caller()
+        except Exception:  # the page must render even when the database is what failed
+            logger.exception("could not read the signed-in user for an error page")
+            g.caller = None
+    page = render_template("web/error.html", status=status, title=title, message=message)
+    return _harden(make_response(page, status))
 
 
 @bp.errorhandler(HelixError)
@@ -73,8 +82,9 @@ def _http_error(err: HTTPException):
 def _unexpected(err: Exception):
     outage = database_down(err, services().database)
     if outage is not None:
-        page, status = error_page(503, "Try again shortly", outage.message)
-        return page, status, {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        page = error_page(503, "Try again shortly", outage.message)
+        page.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return page
     logger.exception("unhandled error in the web app")
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 

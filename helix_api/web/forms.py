@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from helix_api.errors import HelixError, InvalidField
+from helix_api.errors import HelixError, InvalidField, echo
 
 # Param fields each form offers, with their types; an empty field is left out (the default applies).
 CHAT_PARAMS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}
@@ -34,7 +34,7 @@ def params_from(form: Mapping[str, str], fields: Mapping[str, type]) -> dict[str
         try:
             params[name] = kind(raw)
         except ValueError:
-            raise InvalidField(f"{name.replace('_', ' ').capitalize()} must be {_WORDS[kind]}, not {raw!r}.",
+            raise InvalidField(f"{name.replace('_', ' ').capitalize()} must be {_WORDS[kind]}, not {echo(raw)}.",
                                field=f"params.{name}") from None
     return params
 

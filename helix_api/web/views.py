@@ -189,7 +189,8 @@ def admin_page():
 @signed_in
 def usage_page():
     """What the signed-in user has used: per model, and per day over the last 30 days."""
-    database = services().database
+    svc = services()
+    database = svc.database
     since = utcnow() - timedelta(days=30)
-    return render_template("web/usage.html", by_model=usage.report(database, g.caller.id),
+    return render_template("web/usage.html", by_model=usage.report(database, g.caller.id, shown=svc.catalog.shown),
                            by_day=usage.report(database, g.caller.id, start=since, group_by="day"))

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from helix_api.models import Interaction, Session, Task, TaskEvent
-from tests.conftest import TEXT_MODEL
+from tests.conftest import TEXT_ALIAS, TEXT_MODEL
 
 
 def _counts(db) -> tuple[int, ...]:
@@ -20,7 +20,7 @@ GOOD = {"mode": "create", "type": "text", "model_name": TEXT_MODEL, "message": "
 @pytest.mark.parametrize("change,status,needle", [
     ({"mode": "train"}, 400, "create (or inference), finetune"),
     ({"type": "video"}, 400, "text, image"),
-    ({"model_name": "gpt-17"}, 400, TEXT_MODEL),
+    ({"model_name": "gpt-17"}, 400, f"'gpt-17'; offered: {TEXT_ALIAS}"),  # the names users type
     ({"model_name": "stabilityai/stable-diffusion-xl-base-1.0"}, 400, "Unknown text model"),
     ({"message": 42}, 400, "'message' must be a string"),
     ({"message": "   "}, 400, "must not be empty"),

@@ -112,3 +112,14 @@ def test_db_check_says_what_to_run(monkeypatch, tmp_path):
     monkeypatch.setenv("HELIX_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
     result = CliRunner().invoke(main, ["db", "check"])
     assert result.exit_code != 0 and "helix db upgrade" in result.output
+
+
+@pytest.mark.parametrize("models,said", [
+    ("text:sdxl-base=org/llm", "the alias 'sdxl-base' of 'org/llm' clashes with the alias of "
+                               "'stabilityai/stable-diffusion-xl-base-1.0'"),
+    ("text:my llm=org/llm", "the alias 'my llm' of 'org/llm' may hold only letters, digits"),
+])
+def test_serve_refuses_a_clashing_or_unsafe_alias_in_one_line(cli, app, monkeypatch, models, said):
+    monkeypatch.setenv("HELIX_MODELS", models)
+    result = cli("serve", "--port", "1", ok=False)
+    assert result.exit_code == 1 and said in result.output and "Traceback" not in result.output

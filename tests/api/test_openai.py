@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from helix_api.models import Creator, Interaction, Session, Task, TaskStatus
 from tests.api.test_finetune import chats, png, start_finetune
-from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
+from tests.conftest import IMAGE_ALIAS, IMAGE_MODEL, TEXT_ALIAS, TEXT_MODEL, claim
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Say hello"}]
@@ -292,14 +292,18 @@ def test_models_lists_configured_and_served_models_and_only_the_callers_fine_tun
     response = client.get("/v1/models", headers=user)
     assert response.status_code == 200 and response.json["object"] == "list"
     by_id = {m["id"]: m for m in response.json["data"]}
-    assert by_id[TEXT_MODEL]["helix_type"] == "text" and by_id[IMAGE_MODEL]["helix_type"] == "image"
-    assert by_id[served]["helix_served"] is True and by_id[TEXT_MODEL]["helix_served"] is False
+    # Configured models are listed by their aliases, fine-tunes by their base model's.
+    assert by_id[TEXT_ALIAS]["helix_type"] == "text" and by_id[IMAGE_ALIAS]["helix_type"] == "image"
+    assert TEXT_MODEL not in by_id and IMAGE_MODEL not in by_id
+    assert by_id[served]["helix_served"] is True and by_id[TEXT_ALIAS]["helix_served"] is False
     ft = [m for m in response.json["data"] if m["id"].startswith("ft:")]
-    assert [m["id"] for m in ft] == [f"ft:{TEXT_MODEL}:{mine}"]
+    assert [m["id"] for m in ft] == [f"ft:{TEXT_ALIAS}:{mine}"]
     assert ft[0]["owned_by"] == "alice" and ft[0]["object"] == "model" and isinstance(ft[0]["created"], int)
+    assert client.get(f"/v1/models/ft:{TEXT_ALIAS}:{mine}", headers=user).json["id"] == ft[0]["id"]
     assert client.get(f"/v1/models/ft:{TEXT_MODEL}:{mine}", headers=user).json["id"] == ft[0]["id"]
-    assert client.get(f"/v1/models/ft:{TEXT_MODEL}:{mine}", headers=bob).status_code == 404
-    assert client.get(f"/v1/models/{TEXT_MODEL}", headers=bob).json["owned_by"] == "helix"
+    assert client.get(f"/v1/models/ft:{TEXT_ALIAS}:{mine}", headers=bob).status_code == 404
+    assert client.get(f"/v1/models/{TEXT_MODEL}", headers=bob).json["id"] == TEXT_ALIAS
+    assert client.get(f"/v1/models/{TEXT_ALIAS}", headers=bob).json["owned_by"] == "helix"
 
 
 def test_a_fine_tune_model_id_answers_with_its_base_model_and_adapter(client, user, make_user, fake, db):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
-from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
+from tests.conftest import IMAGE_ALIAS, IMAGE_MODEL, TEXT_ALIAS, TEXT_MODEL, claim
 
 
 def _finish(client, runner, text: str) -> dict:
@@ -214,6 +214,7 @@ def test_bad_last_event_id_is_400(client, user, task_factory):
     assert response.status_code == 400 and response.json["field"] == "Last-Event-ID"
 
 
-def test_models_lists_defaults(client, user):
-    names = {m["name"]: m["type"] for m in client.get("/api/v1/models", headers=user).json["models"]}
-    assert names == {TEXT_MODEL: "text", IMAGE_MODEL: "image"}
+def test_models_lists_defaults_by_alias_with_their_hub_ids(client, user):
+    models = {m["name"]: m for m in client.get("/api/v1/models", headers=user).json["models"]}
+    assert {name: m["type"] for name, m in models.items()} == {TEXT_ALIAS: "text", IMAGE_ALIAS: "image"}
+    assert models[TEXT_ALIAS]["full_name"] == TEXT_MODEL and models[IMAGE_ALIAS]["alias"] == IMAGE_ALIAS

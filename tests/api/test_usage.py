@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from helix_api.accounts.auth import create_user
-from tests.conftest import TEXT_MODEL, bearer, claim
+from tests.conftest import TEXT_ALIAS, TEXT_MODEL, bearer, claim
 
 OTHER_MODEL = "org/other-model"
 
@@ -59,7 +59,8 @@ def test_usage_totals_equal_the_sum_of_the_tasks_usage(client, user, runner, db,
     assert body["total"]["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in results)
     assert body["total"]["tasks"] == 4
     by_model = {g["model"]: g for g in body["groups"]}
-    assert (by_model[TEXT_MODEL]["tasks"], by_model[TEXT_MODEL]["completion_tokens"]) == (3, 19)
+    # Each model by the name users see: the default's alias, and OTHER_MODEL's hub id (it has no alias).
+    assert (by_model[TEXT_ALIAS]["tasks"], by_model[TEXT_ALIAS]["completion_tokens"]) == (3, 19)
     assert (by_model[OTHER_MODEL]["tasks"], by_model[OTHER_MODEL]["total_tokens"]) == (1, 6)
     assert _sql(db, "SELECT outcome, billed FROM task_usage WHERE task_id = :id".replace(
         ":id", str(first["task"]["id"])) + " ORDER BY id") == [("retried", False), ("complete", True)]

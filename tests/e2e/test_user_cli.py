@@ -10,7 +10,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import IMAGE_MODEL, TEXT_MODEL
+from tests.conftest import IMAGE_MODEL, TEXT_ALIAS, TEXT_MODEL
 from tests.e2e.processes import REPO, SQLITE_ONLY, ApiServer, base_env, executable
 
 # SQLite only: the CLI speaks HTTP; the API's behaviour on both databases is tested elsewhere.
@@ -49,7 +49,7 @@ def test_chat_streams_replies_in_a_terminal_and_resumes_its_session(api_server, 
 
     again = pexpect.spawn(executable("helix"), ["chat", TEXT_MODEL, "--session", str(session_id)],
                           env=cli_env(server), encoding="utf-8", timeout=30, cwd=str(REPO))
-    again.expect_exact(f"session {session_id} ({TEXT_MODEL}), 4 turns so far")
+    again.expect_exact(f"session {session_id} ({TEXT_ALIAS}), 4 turns so far")  # the model as users see it
     again.expect_exact("> ")
     again.sendline("third turn here")
     again.expect_exact("third turn here\r\n")

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, update
 
 from helix_api.models import ApiKey, Task, utcnow
-from tests.conftest import TEXT_MODEL, bearer
+from tests.conftest import TEXT_ALIAS, TEXT_MODEL, bearer
 from tests.web.conftest import csrf_of, sign_in, submit
 
 
@@ -19,7 +19,7 @@ def test_a_good_key_signs_in_and_returns_to_the_page_asked_for(client, make_key)
 
     assert response.status_code == 302 and response.headers["Location"] == "/new/chat"
     page = client.get("/new/chat")
-    assert page.status_code == 200 and b"alice" in page.data and TEXT_MODEL.encode() in page.data
+    assert page.status_code == 200 and b"alice" in page.data and TEXT_ALIAS.encode() in page.data
 
 
 def test_the_cookie_is_httponly_lax_and_holds_no_key(client, make_key):

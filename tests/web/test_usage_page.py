@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import TEXT_MODEL, claim
+from tests.conftest import TEXT_ALIAS, claim
 from tests.web.test_views import new_chat
 
 
@@ -21,7 +21,7 @@ def test_the_usage_page_shows_the_users_own_totals(make_browser, browser, client
     _complete(client, runner, 5)
 
     html = browser.get("/usage").data.decode()
-    row = html.split(f'<tr data-key="{TEXT_MODEL}">')[1].split("</tr>")[0]
+    row = html.split(f'<tr data-key="{TEXT_ALIAS}">')[1].split("</tr>")[0]
     assert '<td class="tasks">1</td>' in row and '<td class="completion-tokens">7</td>' in row
     assert 'data-group-by="day"' in html and 'href="/usage"' in html
     assert '<td class="completion-tokens">5</td>' not in html  # bob's
