@@ -89,8 +89,20 @@ def _query_parameters(schema: dict[str, Any], where: str = "query") -> list[dict
 
 
 def document(app: Flask, limits: Limits | None = None) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route of `app` under /api and /v1."""
-    params = list(param_schemas(limits or Limits()).values())
+    """The OpenAPI 3.1 document of every route of `app` under /api and /v1.
+
+    Built once per app and limits: it costs ~100 ms of CPU, and anyone may ask for it without a
+    credential, so building it per request would hand out CPU for free. Callers must not change it.
+    """
+    key = (limits or Limits())
+    cached = app.extensions.setdefault("helix_openapi", {})
+    if key not in cached:
+        cached[key] = _build(app, key)
+    return cached[key]
+
+
+def _build(app: Flask, limits: Limits) -> dict[str, Any]:
+    params = list(param_schemas(limits).values())
     every = {s for op in OPERATIONS.values() for s in (op.json, op.form, op.query) if s is not None}
     inputs = [(schema, "validation", adapter(schema)) for schema in [*every, *params]]
     by_key, defs = TypeAdapter.json_schemas(inputs, ref_template=_REF)
