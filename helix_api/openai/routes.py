@@ -18,12 +18,11 @@ from helix_api import responses
 from helix_api.accounts.auth import require_user
 from helix_api.errors import Forbidden, InvalidField, ModelNotFound, echo
 from helix_api.models import Mode, SessionType
-from helix_api.openai import completions
-from helix_api.openai import model_ids as openai_models
+from helix_api.openai import completions, model_ids
 from helix_api.params import check_params
 from helix_api.schemas import openai as schemas
 from helix_api.services import services
-from helix_api.sessions import actions as session_service
+from helix_api.sessions import actions
 from helix_api.validation import field, json_body, query
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -65,12 +64,12 @@ _IMAGE_PARAMS = {"n": "num_images", "seed": "seed", "negative_prompt": "negative
 
 def _listing() -> list[dict[str, Any]]:
     svc = services()
-    return openai_models.listing(svc.database, svc.catalog, user_id=g.caller.id, user_name=g.caller.name)
+    return model_ids.listing(svc.database, svc.catalog, user_id=g.caller.id, user_name=g.caller.name)
 
 
-def _resolve(requested: str, type_: SessionType) -> openai_models.Model:
+def _resolve(requested: str, type_: SessionType) -> model_ids.Model:
     svc = services()
-    return openai_models.resolve(svc.database, svc.catalog, user_id=g.caller.id, model=requested, type_=type_)
+    return model_ids.resolve(svc.database, svc.catalog, user_id=g.caller.id, model=requested, type_=type_)
 
 
 @bp.get("/models")
@@ -84,7 +83,7 @@ def list_models():
 @require_user
 def get_model(model: str):
     """One model of the listing (named by its id, or by full name), or 404 model_not_found."""
-    wanted = openai_models.listed_id(services().catalog, model)
+    wanted = model_ids.listed_id(services().catalog, model)
     for item in _listing():
         if item["id"] == wanted:
             return item
@@ -161,10 +160,10 @@ def _chat_params(body: dict[str, Any]) -> dict[str, Any]:
     return _checked_params(params, names, SessionType.TEXT)
 
 
-def _start(model: openai_models.Model, requested: str, messages: list[dict[str, str]],
+def _start(model: model_ids.Model, requested: str, messages: list[dict[str, str]],
            params: dict[str, Any], knowledge: Any = None) -> completions.Request:
     svc = services()
-    kb_ids = session_service.knowledge_bases(svc, g.caller.id, knowledge, model.type)
+    kb_ids = actions.knowledge_bases(svc, g.caller.id, knowledge, model.type)
     return completions.start(svc.database, svc.policy, user_id=g.caller.id, model=model, requested=requested,
                              messages=messages, params=params, knowledge_bases=kb_ids, knowledge=svc.retrieval)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from helix_api.errors import InvalidField, NotReady
-from helix_api.knowledge import bases as knowledge_service
+from helix_api.knowledge import bases
 from helix_api.models import File, Mode, SessionType
 from helix_api.openai import completions
 from helix_api.params import COMPARISON_METHODS, REWARD_MODEL, check_params, training_method
@@ -55,12 +55,12 @@ def start(services: Services, *, user_id: int, mode: Mode, type_: SessionType, m
 
 def knowledge_bases(services: Services, user_id: int, value: Any, type_: SessionType) -> list[int]:
     """Knowledge base ids from a request, each checked to be the user's (404 otherwise)."""
-    kb_ids = knowledge_service.parse_ids(value)
+    kb_ids = bases.parse_ids(value)
     if kb_ids and type_ != SessionType.TEXT:
         raise InvalidField("Only text sessions draw on knowledge bases.", field="knowledge")
     if kb_ids:
         with services.database.connect() as conn:
-            knowledge_service.owned(conn, user_id, kb_ids)
+            bases.owned(conn, user_id, kb_ids)
     return kb_ids
 
 

@@ -10,7 +10,7 @@ from helix_api.errors import InvalidField, echo
 from helix_api.models import Mode
 from helix_api.schemas import sessions as schemas
 from helix_api.services import services
-from helix_api.sessions import actions as session_service
+from helix_api.sessions import actions
 from helix_api.validation import (
     allow_uploads,
     event_cursor,
@@ -43,7 +43,7 @@ def create_session():
     if mode == Mode.FINETUNE:
         raise InvalidField("A fine-tune needs training files: send multipart/form-data with the files in "
                            "'files' and mode, type, model_name and params as form fields.", field="mode")
-    return session_service.start(
+    return actions.start(
         services(), user_id=g.caller.id, mode=mode, type_=type_, model_name=field(body, "model_name", str),
         params=_params(body), message=body.get("message"), name=field(body, "name", str, required=False),
         knowledge=body.get("knowledge")), 201
@@ -62,7 +62,7 @@ def _create_finetune():
         raise InvalidField("Multipart uploads start fine-tunes: set mode=finetune, or send JSON for a chat.",
                            field="mode")
     params = json_object_text(form.get("params") or "{}", "params")
-    return session_service.start_finetune(
+    return actions.start_finetune(
         services(), user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
         params=params, uploads=request.files.getlist("files"), message=form.get("message") or None,
         name=form.get("name") or None), 201
@@ -75,14 +75,14 @@ def list_sessions():
     svc = services()
     limit = int(query_number("limit", svc.settings["PAGE_SIZE"], 1, svc.settings["MAX_PAGE_SIZE"]))
     before = query(schemas.SessionPage).get("before")
-    return session_service.page(svc, g.caller.id, limit=limit, before=before)
+    return actions.page(svc, g.caller.id, limit=limit, before=before)
 
 
 @bp.get("/<int:session_id>")
 @require_user
 def get_session(session_id: int):
     """One session with its interactions, progress and place in the queue."""
-    return session_service.shown(services(), g.caller.id, session_id)
+    return actions.shown(services(), g.caller.id, session_id)
 
 
 @bp.post("/<int:session_id>/messages")
@@ -91,9 +91,9 @@ def add_message(session_id: int):
     """Continue a session."""
     body = json_body(schemas.SessionMessage)
     svc = services()
-    session_service.say(svc, user_id=g.caller.id, session_id=session_id, message=body.get("message"),
+    actions.say(svc, user_id=g.caller.id, session_id=session_id, message=body.get("message"),
                         params=_params(body))
-    return session_service.shown(svc, g.caller.id, session_id), 201
+    return actions.shown(svc, g.caller.id, session_id), 201
 
 
 @bp.post("/<int:session_id>/score")
@@ -101,7 +101,7 @@ def add_message(session_id: int):
 def score(session_id: int):
     """Score candidate replies to a prompt with a completed reward-model fine-tune: one score per candidate."""
     body = json_body(schemas.ScoreRequest)
-    return session_service.score(services(), user_id=g.caller.id, session_id=session_id, prompt=body.get("prompt"),
+    return actions.score(services(), user_id=g.caller.id, session_id=session_id, prompt=body.get("prompt"),
                                  candidates=body.get("candidates"))
 
 
@@ -110,15 +110,15 @@ def score(session_id: int):
 def cancel(session_id: int):
     """Cancel the queued or running reply."""
     svc = services()
-    session_service.cancel_reply(svc, g.caller.id, session_id)
-    return session_service.shown(svc, g.caller.id, session_id)
+    actions.cancel_reply(svc, g.caller.id, session_id)
+    return actions.shown(svc, g.caller.id, session_id)
 
 
 @bp.get("/<int:session_id>/events")
 @require_user
 def session_events(session_id: int):
     """Server-Sent Events: everything after Last-Event-ID (or `?after=`), then live events."""
-    feed = session_service.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
+    feed = actions.event_feed(services(), g.caller.id, session_id)  # a stranger's: 404, whatever the cursor
     after, follow = event_cursor()
     return responses.event_stream(feed(after, follow=follow))
 
@@ -127,11 +127,11 @@ def session_events(session_id: int):
 @require_user
 def list_files(session_id: int):
     """Every file of the session: uploads, outputs, adapters."""
-    return {"files": session_service.file_list(services(), g.caller.id, session_id)}
+    return {"files": actions.file_list(services(), g.caller.id, session_id)}
 
 
 @bp.get("/<int:session_id>/files/<int:file_id>")
 @require_user
 def download_file(session_id: int, file_id: int):
     """A file's bytes, for its owner only."""
-    return responses.owner_file(*session_service.open_file(services(), g.caller.id, session_id, file_id))
+    return responses.owner_file(*actions.open_file(services(), g.caller.id, session_id, file_id))
