@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -134,3 +135,43 @@ def test_ctrl_c_mid_reply_stops_the_runners_then_the_api_and_leaves_no_task_runn
     for log in tmp_path.glob("runner-*.log"):
         text = log.read_text()
         assert "stopped after" in text and "unreachable" not in text, (log.name, text[-2000:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_closing_screens_cli_lines_work_against_the_demos_server_until_ctrl_c(tmp_path):
+    environ = {**os.environ, "HELIX_DATA_DIR": str(tmp_path)}
+    for name in ("HELIX_DATABASE_URL", "HELIX_MODELS", "HELIX_DEMO_EXIT", "HELIX_API_URL", "HELIX_API_KEY"):
+        environ.pop(name, None)
+    out = (tmp_path / "demo.out").open("w+")
+    demo = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo.py"), "--tiny", "--finetune-steps", "0",
+                             "--max-new-tokens", "8"], env=environ, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 360
+        while "Ctrl-C stops the runners, then the API." not in Path(out.name).read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, Path(out.name).read_text()
+            time.sleep(0.2)
+        said = Path(out.name).read_text()
+        # Every stage said how long it took, and the closing screen sums them up.
+        for stage in ("models ready", "API up", "chat", "image", "OpenAI client"):
+            assert f"    ({stage}: " in said, stage
+        assert "its pictures are noise" in said and re.search(r"The tour took \d+s \(models ready \d+s, ", said)
+        # The two export lines and the helix chat command, as printed, in a shell of their own.
+        cli = [line.strip() for line in said.split("From the command line", 1)[1].splitlines()[1:4]]
+        assert cli[0].startswith("export HELIX_API_URL=http://127.0.0.1:")
+        assert cli[1].startswith("export HELIX_API_KEY=hx_")
+        assert cli[2] == f"{Path(sys.executable).parent / 'helix'} chat {tmp_path / 'models' / 'tiny-mistral'}"
+        shell = {k: v for k, v in os.environ.items() if not k.startswith("HELIX_")}
+        chat = subprocess.run(["bash", "-c", "\n".join(cli)], input="hello there\n", env=shell, capture_output=True,
+                              text=True, timeout=120)
+        assert chat.returncode == 0, chat.stdout + chat.stderr
+        assert re.search(r"session \d+: continue with `helix chat ", chat.stdout), chat.stdout + chat.stderr
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=60) == 0
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    last = Path(out.name).read_text().rstrip().splitlines()[-1]
+    assert last.startswith("==> stopped: the runners finished or handed back their tasks, then the API"), last
+    assert not [t for t in _tasks(tmp_path / "helix.db") if t[1] in ("running", "claimed", "queued")]
