@@ -295,8 +295,9 @@ class _Fleet:
             self.api.terminate()
             try:
                 self.api.wait(timeout=20)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # or a Ctrl-C that will not wait
                 self.api.kill()
+                self.api.wait()
 
 
 def _chat(base: str, headers: dict[str, str], model: str, max_new_tokens: int) -> dict:
