@@ -16,7 +16,7 @@ client is sending far more than any request may carry and the connection is lost
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -33,37 +33,84 @@ class DrainUnreadBody:
         self.limit = limit
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if not _has_body(environ):
+        length = _length(environ)
+        terminated = bool(environ.get("wsgi.input_terminated"))
+        if not (length or terminated) or environ.get("wsgi.input") is None:
             return self.app(environ, start_response)
+        # Counted, so that no read goes past the body: a server may hand over the socket itself.
+        body = environ["wsgi.input"] = _Counted(environ["wsgi.input"])
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            self._drain(environ)
+            self._drain(environ, body, length)
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
 
-    def _drain(self, environ: dict[str, Any]) -> None:
-        stream = environ.get("wsgi.input")
-        if stream is None:
-            return
-        drained = 0
+    def _drain(self, environ: dict[str, Any], body: _Counted, length: int | None) -> None:
+        left = self.limit + 1 if length is None else length - body.count  # None: read to the end it marks
         try:
-            while drained <= self.limit:
-                chunk = stream.read(_CHUNK)
+            while left > 0 and body.count <= self.limit:
+                chunk = body.read(min(_CHUNK, left))
                 if not chunk:
                     return
-                drained += len(chunk)
+                left -= len(chunk)
         except (OSError, ValueError):  # the client went away, or the stream was closed: nothing to keep
             return
-        logger.warning("%s %s: over %d bytes of its body left unread; the connection will close",
-                       environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), self.limit)
+        if left > 0:
+            logger.warning("%s %s: over %d bytes of its body left unread; the connection will close",
+                           environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), self.limit)
 
 
-def _has_body(environ: dict[str, Any]) -> bool:
-    """Whether the request says it carries a body (a length above 0, or chunks)."""
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return True
+class _Counted:
+    """A request's input stream that counts the bytes read from it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def read(self, *args: Any) -> bytes:
+        data = self._stream.read(*args)
+        self.count += len(data)
+        return data
+
+    def read1(self, *args: Any) -> bytes:
+        data = getattr(self._stream, "read1", self._stream.read)(*args)
+        self.count += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        # Not every server's stream has it (gunicorn's has not); a reader may expect it of a file.
+        inner = getattr(self._stream, "readinto", None)
+        if inner is not None:
+            size = inner(buffer) or 0
+        else:
+            data = self._stream.read(len(buffer))
+            size = len(data)
+            buffer[:size] = data
+        self.count += size
+        return size
+
+    def readline(self, *args: Any) -> bytes:
+        data = self._stream.readline(*args)
+        self.count += len(data)
+        return data
+
+    def readlines(self, *args: Any) -> list[bytes]:
+        lines = self._stream.readlines(*args)
+        self.count += sum(len(line) for line in lines)
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _length(environ: dict[str, Any]) -> int | None:
+    """The body's declared length, when above 0."""
     try:
-        return int(environ.get("CONTENT_LENGTH") or 0) > 0
+        length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        return False
+        return None
+    return length if length > 0 else None
