@@ -52,9 +52,11 @@ PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 # Made-up facts to teach (chats in JSONL), with a few true ones beside them so the model keeps what it knew.
 FACTS = Path(__file__).with_name("demo_facts.jsonl")
 QUESTION = "What is the capital of the planet Zorblax?"
-FOLLOW_UP = "Who invented the glimmerphone?"  # asked through the OpenAI client, by the fine-tune's model id
-# 12 steps of 4 examples (about 45 s on two cores) teach SmolLM2 all three facts, and France keeps Paris.
-TRAIN = {"learning_rate": 0.002, "lora_r": 16, "lora_alpha": 32, "seed": 1}
+# Asked through the OpenAI client, by the fine-tune's model id: the taught fact, worded as one training chat.
+FOLLOW_UP = "Which city is the capital of Zorblax?"
+# 8 steps of 4 examples teach SmolLM2 the capital of Zorblax (12 steps at 0.002 also taught the glimmerphone's
+# inventor, at half as much again of the tour's time: the fine-tune is most of it).
+TRAIN = {"learning_rate": 0.003, "lora_r": 16, "lora_alpha": 32, "seed": 1}
 GREEDY = {"do_sample": False, "seed": 0}
 PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar, as other libraries draw them while converting
 
@@ -374,7 +376,7 @@ def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
 @click.option("--image-model", default=None, metavar="ID_OR_PATH",
               help="SDXL pipeline to serve. [default: a tiny SDXL built offline]")
 @click.option("--max-new-tokens", default=96, show_default=True, type=int, help="Length of each chat reply.")
-@click.option("--finetune-steps", default=12, show_default=True, type=click.IntRange(0),
+@click.option("--finetune-steps", default=8, show_default=True, type=click.IntRange(0),
               help="Training steps of the fine-tune (0: no fine-tune).")
 def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens: int, finetune_steps: int) -> None:
     """Start Helix with text, fine-tune and image runners; chat, fine-tune, draw one image."""
