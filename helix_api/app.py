@@ -19,6 +19,7 @@ from helix_api.errors import register_error_handlers
 from helix_api.knowledge.routes import bp as knowledge_bp
 from helix_api.openai.routes import bp as openai_bp
 from helix_api.ops import admin, meta, schema_version, scrape
+from helix_api.ops.unread_body import DrainUnreadBody
 from helix_api.schemas.base import INT32_MAX
 from helix_api.services import Services
 from helix_api.sessions.routes import bp as sessions_bp
@@ -79,5 +80,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in (sessions_bp, knowledge_bp, worker_bp, meta.bp, admin.bp, openai_bp, usage_bp, web.bp):
         app.register_blueprint(blueprint)
     scrape.init_app(app)
+    # A refused request's unread body is read before its answer, so the answer arrives (ops/unread_body.py).
+    app.wsgi_app = DrainUnreadBody(app.wsgi_app)  # type: ignore[method-assign]
     logger.info("Helix API on %s (%s)", database.engine.url.render_as_string(), database.dialect)
     return app

@@ -8,7 +8,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from runner.errors import ApiError, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiGone, ApiUnavailable, BadTaskInput, LeaseLost, StopReason, TaskCancelled
 from runner.heartbeat import Heartbeat
 from runner.messages import FINETUNE
 
@@ -178,6 +178,8 @@ class Attempt:
             logger.warning("task %s: lease lost before %s", task_id, outcome.action)
         except TaskCancelled:
             logger.info("task %s: cancelled by the user before %s", task_id, outcome.action)
+        except ApiGone:
+            pass  # the client said so once, for the whole runner
         except ApiUnavailable:
             # The lease runs out and the API requeues the task: nothing is lost but time.
             logger.exception("task %s: %s not sent, API unavailable", task_id, outcome.action)

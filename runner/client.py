@@ -6,8 +6,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -24,7 +25,7 @@ from tenacity import (
 )
 
 from runner.config import CLAIM_PATH, RetryPolicy
-from runner.errors import ApiError, ApiUnavailable, refusal
+from runner.errors import ApiError, ApiGone, ApiUnavailable, refusal
 from runner.messages import Claim
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ FILE_TIMEOUT = 300.0  # between two chunks of a file: adapters and images are la
 CHUNK_BYTES = 1 << 20
 TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 CONNECTIONS_PER_SLOT = 4  # a slot may poll, beat, post events and move a file all at once
+T = TypeVar("T")
+_log_retry = before_sleep_log(logger, logging.WARNING)
 
 
 class ApiClient:
@@ -62,6 +65,12 @@ class ApiClient:
             self.session.mount(prefix, HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size))
         self.session.headers.update({"Authorization": f"Bearer {token}", "X-Helix-Runner": runner_name})
         self._backoff = wait_random_exponential(multiplier=self.retry.initial, max=self.retry.cap)
+        # Set by stopping(): from then on an unreachable API is waited for `_grace` seconds at most.
+        self._stopping = threading.Event()
+        self._stopping_since = 0.0
+        self._grace = 0.0
+        self._gone = threading.Event()  # the grace ran out once: every later call gives up at once
+        self._on_gone: Callable[[], None] | None = None
 
     def full_model_name(self, name: str) -> str:
         """The full name (hub id or path) of the model the API knows as `name`, an alias or a full name: what
@@ -169,7 +178,7 @@ class ApiClient:
             return response.headers.get("X-Helix-SHA256", "")
 
         # A download cut off half-way starts again from the first byte.
-        return self._retrying(None)(fetch)
+        return self._with_retries(None, fetch)
 
     def upload(self, task_id: int, lease_token: str, source: Path, *, kind: str, name: str,
                content_type: str) -> dict[str, Any]:
@@ -182,11 +191,25 @@ class ApiClient:
                                   files={"file": (name, handle, content_type)},
                                   timeout=(CONNECT_TIMEOUT, FILE_TIMEOUT))
 
-        return self._retrying(None)(send).json()["file"]
+        return self._with_retries(None, send).json()["file"]
 
     def close(self) -> None:
         """Close the pooled connections."""
         self.session.close()
+
+    def stopping(self, grace: float, on_gone: Callable[[], None] | None = None) -> None:
+        """The runner is stopping: a call that cannot reach the API gives up `grace` seconds after the stop.
+
+        Its last calls (a release, a complete) are worth a short wait, but not the minute of retries a
+        running runner spends: a runner whose API went away first would otherwise hang on for 10-25 s.
+        The first call to give up logs one line, calls `on_gone` and raises ApiGone; every later call
+        raises it at once. Never blocks, so a signal handler may call it.
+        """
+        if not self._stopping.is_set():
+            self._grace = grace
+            self._on_gone = on_gone
+            self._stopping_since = time.monotonic()
+            self._stopping.set()
 
     def _post(self, task_id: int, action: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self._request("POST", f"{CLAIM_PATH}/{task_id}/{action}", json=body)
@@ -198,20 +221,56 @@ class ApiClient:
     def _request(self, method: str, path: str, *, read_timeout: float | None = None,
                  interrupt: threading.Event | None = None, **kwargs: Any) -> requests.Response:
         timeout = (CONNECT_TIMEOUT, read_timeout or self.timeout)
-        return self._retrying(interrupt)(self._send, method, self.api_url + path, timeout=timeout, **kwargs)
+        return self._with_retries(interrupt, self._send, method, self.api_url + path, timeout=timeout, **kwargs)
+
+    def _with_retries(self, interrupt: threading.Event | None, call: Callable[..., T], *args: Any,
+                      **kwargs: Any) -> T:
+        """`call` retried while the API is unavailable; past a stopping runner's grace, ApiGone."""
+        if self._gone.is_set():
+            raise ApiGone("the API is gone (given up while stopping)")
+        try:
+            return self._retrying(interrupt)(call, *args, **kwargs)
+        except ApiUnavailable as exc:
+            if not self._stopping.is_set() or time.monotonic() - self._stopping_since < self._grace:
+                raise
+            if not self._gone.is_set():
+                self._gone.set()
+                if self._on_gone is not None:
+                    self._on_gone()
+                logger.warning("the API at %s has been unreachable for %.1fs while stopping: exiting without it "
+                               "(tasks not handed back return to the queue when their leases run out): %s",
+                               self.api_url, time.monotonic() - self._stopping_since, exc)
+            raise ApiGone(f"the API is gone: {exc}") from exc
 
     def _retrying(self, interrupt: threading.Event | None) -> Retrying:
-        stop = stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay)
+        stop = (stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.max_delay)
+                | self._past_grace)
         if interrupt is not None:
             stop = stop | stop_when_event_set(interrupt)
         return Retrying(
             retry=retry_if_exception_type(ApiUnavailable),
             wait=self._wait,
             stop=stop,
-            sleep=interrupt.wait if interrupt else time.sleep,
-            before_sleep=before_sleep_log(logger, logging.WARNING),
+            sleep=interrupt.wait if interrupt else self._sleep,
+            before_sleep=self._before_sleep,
             reraise=True,
         )
+
+    def _past_grace(self, state: RetryCallState) -> bool:
+        """A stop condition: the runner is stopping and its grace for an unreachable API has run out."""
+        return self._stopping.is_set() and time.monotonic() - self._stopping_since >= self._grace
+
+    def _sleep(self, seconds: float) -> None:
+        """A backoff's sleep; a stop cuts it short, so the grace counts from the stop, not the backoff's end."""
+        if self._stopping.is_set():
+            time.sleep(seconds)  # _wait keeps it within the grace
+        else:
+            self._stopping.wait(seconds)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        # While stopping, the retries within the grace stay quiet: giving up is said once, in one line.
+        if not self._stopping.is_set():
+            _log_retry(state)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         try:
@@ -231,6 +290,9 @@ class ApiClient:
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, ApiUnavailable) and error.retry_after:
             delay = max(delay, min(error.retry_after, self.retry.cap))
+        if self._stopping.is_set():
+            # The last try comes as the grace runs out, not a backoff after it.
+            delay = min(delay, max(0.0, self._grace - (time.monotonic() - self._stopping_since)))
         return delay
 
 

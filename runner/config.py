@@ -61,6 +61,9 @@ class RunnerConfig:
     idle_sleep: float = 1.0  # least time between two claims that found no work
     error_backoff: float = 5.0  # pause after the API stayed unavailable through all retries
     grace_seconds: float = 8.0  # how long a stopping runner lets the task in hand finish
+    # How long a stopping runner keeps trying an API it cannot reach (to hand back or complete what it
+    # holds) before it exits without it; the task's lease then runs out and the API requeues it.
+    api_grace_seconds: float = 5.0
     max_tasks: int | None = None
     request_timeout: float = 10.0
     flush_interval: float = 0.05  # events are posted at least this often while a task streams

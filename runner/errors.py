@@ -24,6 +24,14 @@ class ApiUnavailable(RunnerError):
         self.retry_after = retry_after
 
 
+class ApiGone(ApiUnavailable):
+    """The API stayed unreachable past a stopping runner's grace: nothing more is sent to it.
+
+    The client logs this once; whoever catches it says nothing more, so a runner whose API went
+    away first exits with one line. What it held goes back to the queue when its lease runs out.
+    """
+
+
 class ApiError(RunnerError):
     """The API refused a request (a 4xx that retrying will not fix)."""
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from runner.client import ApiClient
-from runner.errors import ApiUnavailable, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiGone, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
 from runner.messages import Lease
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class Heartbeat:
             return StopReason.LEASE_LOST
         except TaskCancelled:
             return StopReason.CANCELLED
+        except ApiGone:
+            return None  # the client said so once, and the task is being handed back
         except ApiUnavailable as exc:
             # The lease may still hold; the next beat tries again and the API decides.
             logger.warning("task %s: heartbeat failed: %s", self.task_id, exc)

@@ -17,7 +17,7 @@ from runner.backends.base import Backend
 from runner.batcher import EventBatcher
 from runner.client import ApiClient
 from runner.config import RunnerConfig
-from runner.errors import ApiUnavailable, StopReason
+from runner.errors import ApiGone, ApiUnavailable, StopReason
 from runner.files import TaskFiles
 from runner.messages import Claim
 from runner.reporter import Report
@@ -91,6 +91,9 @@ class Runner:
         Never blocks, so a signal handler may call it. A second call hands the tasks back at once.
         """
         reports = list(self._reports.values())
+        # An API that stays unreachable this long after the stop is gone: the tasks in hand stop at once
+        # (their hand-backs cannot be sent; their leases run out) and the runner exits.
+        self.client.stopping(self.config.api_grace_seconds, on_gone=self._hand_back_held)
         if self._stopping.is_set():
             logger.warning("runner %s: stopping now", self.config.runner_name)
             self._hand_back_held()
@@ -200,6 +203,8 @@ class Runner:
         started = time.monotonic()
         try:
             claims: list[Claim] = poll()
+        except ApiGone:
+            return None  # stopping, and the client said so once
         except ApiUnavailable as exc:
             # The client already backed off; keep polling for as long as it takes the API to return.
             logger.warning("runner %s: API unavailable, polling again in %.1fs: %s", self.config.runner_name,

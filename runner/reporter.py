@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from runner.errors import ApiError, ApiUnavailable, EventsGap, LeaseLost, StopReason, TaskCancelled
+from runner.errors import ApiError, ApiGone, ApiUnavailable, EventsGap, LeaseLost, StopReason, TaskCancelled
 
 if TYPE_CHECKING:
     from runner.files import TaskFiles
@@ -165,6 +165,8 @@ class Report:
                     self._pending[:0], self._unstored = self._unstored, []
             logger.info("task %s: resending events from seq %s (%s)", self.task_id, self._pending[0]["seq"], exc)
             return False
+        except ApiGone:
+            return False  # the client said so once, and the task is being handed back
         except ApiUnavailable as exc:
             # The same seq numbers go again next time; the API stores each seq once.
             logger.warning("task %s: events %d-%d not posted yet: %s", self.task_id, batch[0]["seq"],

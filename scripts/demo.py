@@ -10,7 +10,9 @@ offline (random weights: noise, but every step is the real one); the fine-tune t
 `--model` serves any other model (a local directory, or a hub id where the hub is reachable), `--tiny`
 the tiny random-weight Mistral (the fast path the test suite takes). Other libraries' warnings go to
 the log files in the data directory; the terminal shows Helix's lines, progress and the chat.
-Afterwards the API and runners keep running (Ctrl-C stops them); HELIX_DEMO_EXIT=1 stops after the tour.
+Afterwards the API and runners keep running; HELIX_DEMO_EXIT=1 stops after the tour. Ctrl-C, at any
+point, stops the runners first (each finishes or hands back the task it holds, so none is left running),
+then the API, and says so in one line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +29,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -35,17 +39,39 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 REAL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # runner.smollm.NAME, without importing the runner here
+TEXT_ALIAS, TINY_TEXT_ALIAS, IMAGE_ALIAS = "smollm2-135m", "tiny-mistral", "tiny-sdxl"
+IMAGE_STEPS = 4  # the tiny SDXL's weights are random: more steps would only take longer to draw noise
+RUNNER_GRACE = 3  # seconds a runner stopped by Ctrl-C lets its reply finish before handing it back
 TURNS = ("Hello! Who are you?", "Write a two-line poem about the sea.")
 CHAT = {"seed": 0, "temperature": 0.7, "top_p": 0.9, "do_sample": True}
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 # Made-up facts to teach (chats in JSONL), with a few true ones beside them so the model keeps what it knew.
 FACTS = Path(__file__).with_name("demo_facts.jsonl")
 QUESTION = "What is the capital of the planet Zorblax?"
-FOLLOW_UP = "Who invented the glimmerphone?"  # asked through the OpenAI client, by the fine-tune's model id
-# 12 steps of 4 examples (about 45 s on two cores) teach SmolLM2 all three facts, and France keeps Paris.
-TRAIN = {"learning_rate": 0.002, "lora_r": 16, "lora_alpha": 32, "seed": 1}
+# Asked through the OpenAI client, by the fine-tune's model id: the taught fact, worded as one training chat.
+FOLLOW_UP = "Which city is the capital of Zorblax?"
+# 8 steps of 4 examples teach SmolLM2 the capital of Zorblax (12 steps at 0.002 also taught the glimmerphone's
+# inventor, at half as much again of the tour's time: the fine-tune is most of it).
+TRAIN = {"learning_rate": 0.003, "lora_r": 16, "lora_alpha": 32, "seed": 1}
 GREEDY = {"do_sample": False, "seed": 0}
 PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar, as other libraries draw them while converting
+
+
+def _served(kind: str, name: str, alias: str | None) -> tuple[str, str]:
+    """A model's HELIX_MODELS entry (`TYPE:ALIAS=NAME`) and the name the demo (and its user) call it by."""
+    if alias:
+        return f"{kind}:{alias}={name}", alias
+    return f"{kind}:{name}", name
+
+
+@contextmanager
+def _stage(times: list[tuple[str, float]], name: str) -> Iterator[None]:
+    """Time one stage of the tour: said when it ends, and kept for the summary."""
+    started = time.monotonic()
+    yield
+    took = time.monotonic() - started
+    times.append((name, took))
+    print(f"    ({name}: {took:.0f}s)", flush=True)
 
 
 def _free_port() -> int:
@@ -227,8 +253,49 @@ def _runner(kind: str, backend: str, model: str, base: str, token: str, env: dic
     name = f"{kind}-{mode}" if mode != "create" else kind
     log = (logs / f"runner-{name}.log").open("w")
     return subprocess.Popen([str(BIN / "helix-runner"), "--backend", backend, "--api-url", base, "--mode", mode,
-                             "--type", kind, "--model-name", model, "--wait", "10"],
-                            env={**env, "HELIX_RUNNER_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT)
+                             "--type", kind, "--model-name", model, "--wait", "10", "--grace", str(RUNNER_GRACE)],
+                            env={**env, "HELIX_RUNNER_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT,
+                            process_group=0)  # out of the terminal's group: Ctrl-C reaches the demo alone
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+class _Fleet:
+    """The processes the demo starts, each in its own process group so that a Ctrl-C reaches the demo
+    alone: it stops the runners first, while the API still answers their hand-backs, then the API."""
+
+    def __init__(self) -> None:
+        self.api: subprocess.Popen | None = None
+        self.runners: list[subprocess.Popen] = []
+
+    def stop(self) -> None:
+        """Each runner finishes its reply within its grace or hands it back, then exits; then the API stops.
+
+        A second Ctrl-C asks the runners again, and they hand back at once.
+        """
+        for runner in self.runners:
+            runner.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + RUNNER_GRACE + 20
+        for runner in self.runners:
+            while runner.poll() is None:
+                try:
+                    runner.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except KeyboardInterrupt:
+                    for other in self.runners:
+                        if other.poll() is None:
+                            other.send_signal(signal.SIGTERM)
+                except subprocess.TimeoutExpired:
+                    runner.kill()  # what it held goes back to the queue when its lease runs out
+        if self.api is not None and self.api.poll() is None:
+            self.api.terminate()
+            try:
+                self.api.wait(timeout=20)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # or a Ctrl-C that will not wait
+                self.api.kill()
+                self.api.wait()
 
 
 def _chat(base: str, headers: dict[str, str], model: str, max_new_tokens: int) -> dict:
@@ -305,79 +372,106 @@ def _openai_tour(base: str, key: str, model: str, max_new_tokens: int) -> None:
 @click.option("--image-model", default=None, metavar="ID_OR_PATH",
               help="SDXL pipeline to serve. [default: a tiny SDXL built offline]")
 @click.option("--max-new-tokens", default=96, show_default=True, type=int, help="Length of each chat reply.")
-@click.option("--finetune-steps", default=12, show_default=True, type=click.IntRange(0),
+@click.option("--finetune-steps", default=8, show_default=True, type=click.IntRange(0),
               help="Training steps of the fine-tune (0: no fine-tune).")
 def main(model: str | None, tiny: bool, image_model: str | None, max_new_tokens: int, finetune_steps: int) -> None:
     """Start Helix with text, fine-tune and image runners; chat, fine-tune, draw one image."""
-    started = time.monotonic()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     env = dict(os.environ)
     env.setdefault("HELIX_DATA_DIR", str(ROOT / ".helix-data"))
+    fleet = _Fleet()
+    try:
+        _tour(env, fleet, model, tiny, image_model, max_new_tokens, finetune_steps)
+        if env.get("HELIX_DEMO_EXIT") != "1" and fleet.api is not None:
+            print("Ctrl-C stops the runners, then the API.", flush=True)
+            fleet.api.wait()
+    except KeyboardInterrupt:
+        print(flush=True)
+        fleet.stop()
+        # Ctrl-C is how a user ends the demo: a clean stop, exit code 0, one line.
+        print(f"==> stopped: the runners finished or handed back their tasks, then the API "
+              f"(logs in {env['HELIX_DATA_DIR']})", flush=True)
+        return
+    finally:
+        fleet.stop()  # after an error too (a no-op after a Ctrl-C's stop)
+
+
+def _tour(env: dict[str, str], fleet: _Fleet, model: str | None, tiny: bool, image_model: str | None,
+          max_new_tokens: int, finetune_steps: int) -> None:
+    """Get the models, start the API and the runners (into `fleet`), and take the tour."""
+    started = time.monotonic()
+    times: list[tuple[str, float]] = []
     data = Path(env["HELIX_DATA_DIR"])
     data.mkdir(parents=True, exist_ok=True)
-    model, image_model, runner_env = _models(data, model, image_model, tiny, env)
-    env["HELIX_MODELS"] = ",".join(filter(None, [env.get("HELIX_MODELS"), f"text:{model}", f"image:{image_model}"]))
+    text_alias = None if model is not None else TINY_TEXT_ALIAS if tiny else TEXT_ALIAS
+    image_alias = None if image_model is not None else IMAGE_ALIAS
+    with _stage(times, "models ready"):
+        model, image_model, runner_env = _models(data, model, image_model, tiny, env)
+    text_entry, text_name = _served("text", model, text_alias)
+    image_entry, image_name = _served("image", image_model, image_alias)
+    env["HELIX_MODELS"] = ",".join(filter(None, [env.get("HELIX_MODELS"), text_entry, image_entry]))
     port = int(env.get("HELIX_DEMO_PORT") or _free_port())
     base = f"http://127.0.0.1:{port}"
     print(f"==> database: SQLite in {data}")
-    print("==> " + _helix("db", "upgrade", env=env))
-    api_log = (data / "api.log").open("w")
-    processes = [subprocess.Popen([str(BIN / "helix"), "serve", "--port", str(port)], env=env, stdout=api_log,
-                                  stderr=subprocess.STDOUT)]
-    try:
-        _wait_healthy(base, processes[0])
+    with _stage(times, "API up"):
+        print("==> " + _helix("db", "upgrade", env=env))
+        api_log = (data / "api.log").open("w")
+        fleet.api = subprocess.Popen([str(BIN / "helix"), "serve", "--port", str(port)], env=env, stdout=api_log,
+                                     stderr=subprocess.STDOUT, process_group=0)
+        _wait_healthy(base, fleet.api)
         # An admin, so the web app's admin page opens for the demo user too.
         key = _helix("users", "create", f"demo-{int(time.time())}", "--admin", env=env)
         token = _helix("runner-token", "create", "--name", "demo", env=env)
-        headers = {"Authorization": f"Bearer {key}"}
-        print(f"==> API at {base}; runners: text and fine-tune on {model}, image on {image_model} "
-              f"(their logs in {data})")
-        runners_env = {**env, **runner_env}
-        processes.append(_runner("text", "mistral", model, base, token, runners_env, data))
-        if finetune_steps:
-            processes.append(_runner("text", "mistral", model, base, token, runners_env, data, mode="finetune"))
-        processes.append(_runner("image", "sdxl", image_model, base, token, env, data))
+    headers = {"Authorization": f"Bearer {key}"}
+    print(f"==> API at {base}; runners: text and fine-tune on {model}, image on {image_model} "
+          f"(their logs in {data})")
+    runners_env = {**env, **runner_env}
+    fleet.runners.append(_runner("text", "mistral", model, base, token, runners_env, data))
+    if finetune_steps:
+        fleet.runners.append(_runner("text", "mistral", model, base, token, runners_env, data, mode="finetune"))
+    fleet.runners.append(_runner("image", "sdxl", image_model, base, token, env, data))
 
-        session = _chat(base, headers, model, max_new_tokens)
-        tuned_id = _finetune(base, headers, model, finetune_steps, max_new_tokens) if finetune_steps else None
-
-        print(f"\n[you] draw: {PROMPT}")
+    with _stage(times, "chat"):
+        session = _chat(base, headers, text_name, max_new_tokens)
+    tuned_id = None
+    if finetune_steps:
+        with _stage(times, "fine-tune"):
+            tuned_id = _finetune(base, headers, text_name, finetune_steps, max_new_tokens)
+    with _stage(times, "image"):
+        print(f"\n[you] draw: {PROMPT}\n    (the tiny SDXL's weights are random, so its pictures are noise: "
+              f"{IMAGE_STEPS} steps are plenty)")
         created = _post(base, headers, "/api/v1/sessions", json={
-            "type": "image", "model_name": image_model, "message": PROMPT,
-            "params": {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 0}})
+            "type": "image", "model_name": image_name, "message": PROMPT,
+            "params": {"width": 64, "height": 64, "num_inference_steps": IMAGE_STEPS, "seed": 0}})
         image = _follow(base, headers, created)
         if not image["files"]:
             raise click.ClickException("the image ended with no file")
         url = base + image["files"][0]["url"]
-        print(f"==> the PNG: {url}")
-        tuned = f"ft:{model}:{tuned_id}" if tuned_id else model
+        print(f"==> the PNG (noise): {url}")
+    tuned = f"ft:{text_name}:{tuned_id}" if tuned_id else text_name
+    with _stage(times, "OpenAI client"):
         _openai_tour(base, key, tuned, max_new_tokens)
-        print(f"""
-==> The tour took {time.monotonic() - started:.0f}s. The API runs at {base}. Your demo API key:
+    took = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in times)
+    print(f"""
+==> The tour took {time.monotonic() - started:.0f}s ({took}). The API runs at {base}. Your demo API key:
 {key}
 
 In a browser: {base}/ (sign in with the key; the admin page is {base}/admin).
 From any OpenAI client: OpenAI(base_url="{base}/v1", api_key="{key}"), model "{tuned}".
 
-Try it:
+From the command line, in another terminal:
+  export HELIX_API_URL={base}
+  export HELIX_API_KEY={key}
+  {BIN / "helix"} chat {text_name}
+
+Or with curl:
   curl -s -H 'Authorization: Bearer {key}' {base}/api/v1/sessions
   curl -s -H 'Authorization: Bearer {key}' -o image.png {url}
   curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
        -d '{{"message": "And then?"}}' {base}/api/v1/sessions/{session['id']}/messages
   curl -N -H 'Authorization: Bearer {key}' {base}/api/v1/sessions/{session['id']}/events
-""")
-        if env.get("HELIX_DEMO_EXIT") == "1":
-            return
-        print("Ctrl-C stops the API and the runners.")
-        processes[0].wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for proc in reversed(processes):  # runners first: the API answers their last calls
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+""", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ own commands (serve, db, users, tasks) stay in cli.py. An error from the API is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,34 @@ def _failed(end: dict[str, Any], what: str) -> None:
 # helix chat
 
 
+@contextlib.contextmanager
+def _typing_held() -> Iterator[None]:
+    """While a reply streams: what is typed is not echoed into it, and is dropped when the reply ends.
+
+    A terminal echoes keys as they are pressed, so a line typed ahead would land in the middle of the
+    streamed text; and read at the next prompt, it would be sent unseen. Ctrl-C still interrupts (only
+    ECHO is turned off). Not a terminal (a pipe, a file): nothing to hold.
+    """
+    try:
+        import termios
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError):  # stdin is no terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflags
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)  # TCSAFLUSH: what was typed meanwhile is discarded
+
+
 def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
     """Print a reply's tokens as they come; Ctrl-C cancels the reply and comes back to the prompt."""
     reply, shown = reply_of(session), {"any": False}
@@ -100,7 +129,8 @@ def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
             shown["any"] = False
 
     try:
-        end = follow(remote, session["id"], reply["id"], str(session["last_event_seq"]), show)
+        with _typing_held():
+            end = follow(remote, session["id"], reply["id"], str(session["last_event_seq"]), show)
     except KeyboardInterrupt:
         remote.call("POST", f"/api/v1/sessions/{session['id']}/cancel")
         click.echo("\n[cancelled]")
@@ -322,8 +352,15 @@ def sessions_cancel(remote: Remote, session_id: int) -> None:
 
 # helix usage
 
-_COLUMNS = (("tasks", "tasks"), ("prompt_tokens", "prompt tok"), ("completion_tokens", "output tok"),
-            ("images", "images"), ("runner_seconds", "runner s"), ("unbilled_runner_seconds", "unbilled s"))
+# (key, title, format): one precision per column, so that figures line up and compare at a glance.
+_COLUMNS = (("tasks", "tasks", ",.0f"), ("prompt_tokens", "prompt tok", ",.0f"),
+            ("completion_tokens", "output tok", ",.0f"), ("images", "images", ",.0f"),
+            ("runner_seconds", "runner s", ",.1f"), ("unbilled_runner_seconds", "unbilled s", ",.1f"))
+
+
+def _figure(value: Any, spec: str) -> str:
+    """A usage figure in its column's format; a missing one as a dash."""
+    return "-" if value is None else format(float(value), spec)
 
 
 @remote_command(_commands, "usage")
@@ -338,6 +375,7 @@ def usage(remote: Remote, user: str | None, start: str | None, end: str | None, 
     width = max([len(str(g[group_by])) for g in found["groups"]] + [len(group_by), 5])
     click.echo(f"usage of {found['user']}" + (f" from {found['from']}" if found["from"] else "")
                + (f" to {found['to']}" if found["to"] else ""))
-    click.echo(f"{group_by:<{width}}  " + "  ".join(f"{title:>10}" for _, title in _COLUMNS))
+    click.echo(f"{group_by:<{width}}  " + "  ".join(f"{title:>10}" for _, title, _ in _COLUMNS))
     for row in [*found["groups"], {group_by: "total", **found["total"]}]:
-        click.echo(f"{str(row[group_by]):<{width}}  " + "  ".join(f"{row[key]:>10}" for key, _ in _COLUMNS))
+        click.echo(f"{str(row[group_by]):<{width}}  "
+                   + "  ".join(f"{_figure(row.get(key), spec):>10}" for key, _, spec in _COLUMNS))

@@ -26,6 +26,7 @@ CONTENT_TYPES = {"jsonl": "application/jsonl", "json": "application/json", "txt"
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 MAX_PROBLEMS = 20  # enough to fix a file by, short enough to read
+MAX_NAME = 255  # what a filesystem takes for one name
 
 
 class Upload(Protocol):
@@ -72,6 +73,35 @@ class Problems:
                           for p in shown)
         more = f" (and {len(self.items) - len(shown)} more)" if len(self.items) > len(shown) else ""
         raise InvalidTrainingData(f"{summary}: {lines}{more}", field="files", problems=shown)
+
+
+def shown_name(name: str) -> str:
+    """A file's name as a message may show it: what is not printable (NUL, a lone surrogate) escaped."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else f"\\u{ord(c):04x}"
+                   for c in name[:MAX_NAME]) + ("..." if len(name) > MAX_NAME else "")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why an uploaded file's name is refused, or None.
+
+    Names are stored (made safe) and shown back; one a browser or a filesystem could not have made is
+    refused with its file rather than silently renamed.
+    """
+    if len(name) > MAX_NAME:
+        return f"a file name longer than {MAX_NAME} characters"
+    odd = next((c for c in name if not c.isprintable() or 0xD800 <= ord(c) <= 0xDFFF), None)
+    if odd is not None:
+        what = "a NUL character" if odd == "\x00" else f"the character U+{ord(odd):04X}"
+        return f"the file's name holds {what}"
+    return None
+
+
+def _loads(text: str | bytes) -> Any:
+    """json.loads, with JSON nested past Python's recursion limit refused as bad JSON (a ValueError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _messages_of(messages: Any) -> tuple[list[dict[str, str]] | None, str | None]:
@@ -164,6 +194,10 @@ def check_text(uploads: list[Upload], min_examples: int, *, comparisons: bool = 
         problems.add("files", "no training files were uploaded (send JSONL files in the 'files' field)")
     for upload in uploads:
         name = upload.filename or "upload"
+        odd_name = _name_problem(name)
+        if odd_name:
+            problems.add(shown_name(name), odd_name)
+            continue
         if not name.lower().endswith(TEXT_SUFFIXES):
             problems.add(name, "not a JSONL file (expected a .jsonl file of chats or question/answer pairs)")
             continue
@@ -177,9 +211,9 @@ def check_text(uploads: list[Upload], min_examples: int, *, comparisons: bool = 
             if not line:
                 continue
             try:
-                record = json.loads(line)
+                record = _loads(line)
             except ValueError as exc:
-                problems.add(name, f"not valid JSON ({exc.msg})", number)
+                problems.add(name, f"not valid JSON ({getattr(exc, 'msg', exc)})", number)
                 continue
             problem = json_problem(record)  # NaN, NUL, a lone surrogate: nothing a trainer should get
             if problem:
@@ -249,6 +283,10 @@ def check_images(uploads: list[Upload], *, min_images: int, max_bytes: int, max_
     json_captions: dict[str, str] = {}
     for upload in uploads:
         raw_name = upload.filename or "upload"
+        odd_name = _name_problem(raw_name)
+        if odd_name:
+            problems.add(shown_name(raw_name), odd_name)
+            continue
         name = safe_name(raw_name)
         stem, _, suffix = name.rpartition(".")
         suffix = suffix.lower()
@@ -300,13 +338,16 @@ def _read_text(upload: Upload, name: str, problems: Problems) -> str | None:
     if not text or len(text) > 64 * 1024:
         problems.add(name, "a caption must be non-empty text of at most 64 KiB")
         return None
+    if "\x00" in text:  # PostgreSQL's JSON cannot store it, and no caption needs it
+        problems.add(name, "a caption must not hold a NUL character")
+        return None
     return text
 
 
 def _read_captions_json(upload: Upload, name: str, problems: Problems) -> dict[str, str]:
     upload.stream.seek(0)
     try:
-        mapping = json.loads(upload.stream.read().decode("utf-8"))
+        mapping = _loads(upload.stream.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         problems.add(name, f"not valid JSON ({exc})")
         return {}
@@ -314,5 +355,9 @@ def _read_captions_json(upload: Upload, name: str, problems: Problems) -> dict[s
         upload.stream.seek(0)
     if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
         problems.add(name, 'captions JSON must be an object of {"image.png": "caption", ...}')
+        return {}
+    problem = json_problem(mapping)  # NUL, a lone surrogate: nothing the task's JSON can store
+    if problem:
+        problems.add(name, f"{problem[0].lstrip('.') or 'the captions'} holds {problem[1]}")
         return {}
     return {safe_name(k): v.strip() for k, v in mapping.items()}

@@ -39,6 +39,21 @@ def params_from(form: Mapping[str, str], fields: Mapping[str, type]) -> dict[str
     return params
 
 
+def refuse_unstorable(form: Mapping[str, str], params: Mapping[str, type]) -> None:
+    """InvalidField naming the first field whose text cannot be stored: a NUL character, which
+    PostgreSQL's text refuses (the JSON API's schemas refuse it the same way)."""
+    for name, value in form.items():
+        if "\x00" in value:
+            label = name.replace("_", " ").capitalize()
+            raise InvalidField(f"{label} must not hold a NUL character (\\u0000).",
+                               field=f"params.{name}" if name in params else name)
+
+
+def shown_again(form: Mapping[str, str]) -> dict[str, str]:
+    """A refused form's values to fill it in again with: what typed text cannot hold taken out."""
+    return {name: value.replace("\x00", "") for name, value in form.items()}
+
+
 def field_errors(err: HelixError, shown: set[str]) -> dict[str, Any]:
     """Errors for a form: the message under its field's name if the form `shown` has it (else under
     `form`, shown at the top), and any training-data problems under `problems`."""

@@ -22,7 +22,15 @@ from helix_api.services import services
 from helix_api.sessions import actions
 from helix_api.validation import event_cursor
 from helix_api.web import bp
-from helix_api.web.forms import CHAT_PARAMS, FINETUNE_PARAMS, IMAGE_PARAMS, field_errors, params_from
+from helix_api.web.forms import (
+    CHAT_PARAMS,
+    FINETUNE_PARAMS,
+    IMAGE_PARAMS,
+    field_errors,
+    params_from,
+    refuse_unstorable,
+    shown_again,
+)
 from helix_api.web.signin import signed_in, signed_in_feed
 
 logger = logging.getLogger(__name__)
@@ -60,12 +68,13 @@ def _new_session(kind: str):
     if request.method == "GET":
         return render_template(template, models=models, form=form, errors={})
     try:
+        refuse_unstorable(form, param_fields)
         created = actions.start(services(), user_id=g.caller.id, mode=Mode.CREATE, type_=type_,
                                         model_name=form.get("model_name", ""), message=form.get("message", ""),
                                         params=params_from(form, param_fields))
     except HelixError as err:
         errors = field_errors(err, _shown_fields(param_fields, "model_name", "message"))
-        return render_template(template, models=models, form=form, errors=errors), err.status_code
+        return render_template(template, models=models, form=shown_again(form), errors=errors), err.status_code
     return redirect(url_for("web.session_page", session_id=created["id"]))
 
 
@@ -92,13 +101,15 @@ def new_finetune():
     if request.method == "GET":
         return render_template("web/new_finetune.html", models=models, form=form, errors={})
     try:
+        refuse_unstorable(form, FINETUNE_PARAMS)
         created = actions.start_finetune(
             services(), user_id=g.caller.id, type_name=form.get("type", "text"), model_name=form.get("model_name", ""),
             params=params_from(form, FINETUNE_PARAMS), uploads=request.files.getlist("files"),
             name=form.get("name", "").strip() or None)
     except HelixError as err:
         errors = field_errors(err, _shown_fields(FINETUNE_PARAMS, "type", "model_name", "files", "name"))
-        return render_template("web/new_finetune.html", models=models, form=form, errors=errors), err.status_code
+        return (render_template("web/new_finetune.html", models=models, form=shown_again(form), errors=errors),
+                err.status_code)
     return redirect(url_for("web.session_page", session_id=created["id"]))
 
 
@@ -131,13 +142,14 @@ def session_message(session_id: int):
     type_ = actions.session_type(svc, g.caller.id, session_id)
     param_fields = CHAT_PARAMS if type_ == SessionType.TEXT else IMAGE_PARAMS
     try:
+        refuse_unstorable(form, param_fields)
         actions.say(svc, user_id=g.caller.id, session_id=session_id, message=form.get("message", ""),
                             params=params_from(form, param_fields))
     except HelixError as err:
         if err.status_code == 404:
             raise
         errors = field_errors(err, _shown_fields(param_fields, "message"))
-        return _render_session(session_id, form=form, errors=errors, status=err.status_code)
+        return _render_session(session_id, form=shown_again(form), errors=errors, status=err.status_code)
     return redirect(url_for("web.session_page", session_id=session_id))
 
 

@@ -26,6 +26,7 @@ from runner.backends.base import Backend
 from runner.errors import BadTaskInput
 from runner.messages import FINETUNE
 from runner.placement import PlacementError, plan_placement
+from runner.tiny.sdxl import MARKER as TINY_MARKER
 
 if TYPE_CHECKING:
     from runner.config import RunnerConfig
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 30
+# The tiny random-weight pipeline (runner.tiny.sdxl) draws noise whatever the steps: a few show every step
+# at work without the minutes 30 take on a CPU.
+TINY_DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 ADAPTER_NAME = "helix"
@@ -88,6 +92,7 @@ class SDXLBackend(Backend):
         self.device = "cpu"
         self.dtype = "float32"
         self._lock = threading.Lock()  # guards the pipeline should a caller ever ignore max_parallel
+        self.default_steps = DEFAULT_STEPS  # when a task names no num_inference_steps
 
     # Loading.
 
@@ -123,6 +128,8 @@ class SDXLBackend(Backend):
                 raise PipelineLoadError(f"{model} does not fit on {self.device}: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        if (Path(model) / TINY_MARKER).is_file():
+            self.default_steps = TINY_DEFAULT_STEPS
         logger.info("loaded %s on %s in %s in %.1fs", model, self.device, self.dtype, time.monotonic() - started)
 
     def generate(self, **kwargs: Any) -> list[Any]:
@@ -171,7 +178,7 @@ class SDXLBackend(Backend):
         # diffusers refuses sides that are not a multiple of 8 (the VAE's downscaling).
         width = param.integer(params, "width", native, low=8, multiple=8)
         height = param.integer(params, "height", native, low=8, multiple=8)
-        steps = param.integer(params, "num_inference_steps", DEFAULT_STEPS, low=1)
+        steps = param.integer(params, "num_inference_steps", self.default_steps, low=1)
         count = param.integer(params, "num_images", 1, low=1)
         guidance = param.number(params, "guidance_scale", DEFAULT_GUIDANCE, low=0)
         negative_prompt = param.text(params, "negative_prompt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,19 @@ class PngBackend(Backend):
             ref = report.files.upload_dir(scratch, kind="adapter", name="adapter.zip")
         return {"text": f"trained for {steps} steps", "adapter_file_id": ref["id"], "steps": steps,
                 "loss": 1.0 / steps}
+
+
+class SlowEchoBackend(Backend):
+    """Chats: the prompt streamed back a word every 0.2 s, so a test can type while a reply streams."""
+
+    def predict(self, task: Task, report: Report) -> dict[str, Any]:
+        """Echo the last message word by word, slowly."""
+        words = str(task.input["messages"][-1]["content"]).split()
+        for index, word in enumerate(words):
+            if index:
+                time.sleep(0.2)
+            report.token(word if index == len(words) - 1 else word + " ")
+        text = " ".join(words)
+        return {"text": text, "finish_reason": "stop",
+                "usage": {"prompt_tokens": len(words), "completion_tokens": len(words),
+                          "total_tokens": 2 * len(words)}}

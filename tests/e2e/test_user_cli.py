@@ -101,3 +101,34 @@ def test_api_errors_are_one_line_without_a_traceback(api_server):
     assert refused.returncode == 1 and "(401 unauthorized)" in refused.stderr
     listed = helix(server, "usage")
     assert listed.returncode == 0 and listed.stdout.splitlines()[-1].split()[:2] == ["total", "0"]
+
+
+def test_chat_keeps_typed_ahead_input_out_of_a_streaming_reply_and_usage_lines_up(api_server, runner_process):
+    server = api_server()
+    runner_process(server, "slow", backend="tests.e2e.cli_doubles:SlowEchoBackend")
+    chat = pexpect.spawn(executable("helix"), ["chat", TEXT_MODEL], env=cli_env(server), encoding="utf-8",
+                         timeout=30, cwd=str(REPO))
+    chat.expect_exact("> ")
+    chat.sendline("one two three four five six")
+    chat.expect_exact("one two three four five six\r\n")  # the terminal's echo of the line typed
+    chat.expect_exact("one ")  # the reply streams (a word every 0.2 s): type ahead now
+    chat.sendline("typed ahead")
+    chat.expect_exact("> ")
+    # The reply reads as it was sent, with nothing typed echoed into it.
+    assert "typed ahead" not in chat.before and "six" in chat.before, chat.before
+    chat.sendline("next turn")
+    chat.expect_exact("next turn\r\n")
+    chat.expect_exact("> ")
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    # What was typed during the reply was dropped, not sent unseen at the next prompt.
+    messages = [m for (m,) in server.sql("SELECT message FROM interactions WHERE creator = 'user' ORDER BY id")]
+    assert messages == ["one two three four five six", "next turn"]
+
+    listed = helix(server, "usage")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    assert rows[-1][0] == "total" and rows[-1][1] == "2"
+    for row in rows:  # one precision per column: whole counts, then seconds to one decimal
+        assert all(re.fullmatch(r"[\d,]+", figure) for figure in row[1:5]), listed.stdout
+        assert all(re.fullmatch(r"[\d,]+\.\d", figure) for figure in row[5:7]), listed.stdout

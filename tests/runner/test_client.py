@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pytest
 import requests
 
 from runner.client import CONNECT_TIMEOUT, ApiClient
 from runner.config import RetryPolicy
-from runner.errors import ApiError, ApiUnavailable, LeaseLost, StopReason, TaskCancelled, refusal
+from runner.errors import ApiError, ApiGone, ApiUnavailable, LeaseLost, StopReason, TaskCancelled, refusal
 
 from .conftest import API, TASK_URL, FakeApi
 
@@ -177,3 +179,32 @@ def test_worker_bodies_follow_the_protocol(api, api_client):
         {"lease_token": "l", "error": "trace", "retry": True},
         {"lease_token": "l"},
     ]
+
+
+def test_a_stopping_client_gives_up_on_an_unreachable_api_after_its_grace_with_one_line(api, caplog):
+    # A policy that would retry for a minute: the grace, not the policy, ends it.
+    patient = ApiClient(API, "hxr_test", "test-runner", timeout=2.0,
+                        retry=RetryPolicy(attempts=1000, max_delay=60.0, initial=0.05, cap=0.1))
+    api.post(f"{TASK_URL}/42/release", body=requests.ConnectionError("connection refused"))
+    gone: list[bool] = []
+    patient.stopping(0.3, on_gone=lambda: gone.append(True))
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="runner.client"), pytest.raises(ApiGone):
+        patient.release(42, "l_42")
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert len(api.calls) >= 2 and gone == [True]
+    # Every later call gives up at once, and says nothing more.
+    calls = len(api.calls)
+    with caplog.at_level(logging.INFO, logger="runner.client"), pytest.raises(ApiGone):
+        patient.heartbeat(42, "l_42")
+    assert len(api.calls) == calls
+    lines = [r.getMessage() for r in caplog.records if r.name == "runner.client"]
+    assert len(lines) == 1 and "unreachable" in lines[0] and "while stopping" in lines[0], lines
+    patient.close()
+
+
+def test_a_stopping_client_still_retries_within_its_grace(api, api_client):
+    api.post(f"{TASK_URL}/42/release", body=requests.ConnectionError("connection refused"))
+    api.post(f"{TASK_URL}/42/release", json={"status": "queued"})
+    api_client.stopping(5.0)
+    assert api_client.release(42, "l_42") == {"status": "queued"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -13,6 +14,8 @@ import pytest
 import requests
 import responses
 
+from runner.client import ApiClient
+from runner.config import RetryPolicy
 from runner.errors import ApiError, BadTaskInput
 from runner.loop import Runner
 from tests.doubles import CrashOnceBackend, EchoBackend, StubbornBackend
@@ -341,3 +344,23 @@ def test_an_api_without_claim_next_is_completed_the_old_way(api, api_client, con
     first, second = bodies(api, "/1/complete")
     assert first["claim_next"] is True and "claim_next" not in second
     assert not bodies(api, "/1/fail")
+
+
+def test_a_stopping_runner_whose_api_is_gone_exits_after_its_api_grace_with_one_line(api, config, claim_json,
+                                                                                     caplog):
+    # The claim is answered; then the API goes away: every later call is refused a connection. The
+    # reply streams (20 s of tokens) as a chat does, so its event posts are what find the API gone.
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 400}]}
+    api.get(TASK_URL, json=claim_json(input=long_prompt, params={"token_delay": 0.05}))
+    patient = RetryPolicy(attempts=1000, max_delay=60.0, initial=0.05, cap=0.2)  # would retry for a minute
+    client = ApiClient(API, "hxr_test", "test-runner", timeout=2.0, retry=patient)
+    backend = StartedEcho(config)
+    runner = Runner(replace(config, grace_seconds=30, api_grace_seconds=0.3, retry=patient), backend, client)
+    stopper = stop_when_started(runner, backend)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert runner.run() == 1
+    stopper.join()
+    assert time.monotonic() - started < 5  # not the task's 30 s grace, nor a minute of retries
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "unreachable" in said[0], said

@@ -187,3 +187,11 @@ def test_training_input_that_cannot_be_used_is_bad_input_before_training(sdxl_ba
     with pytest.raises(BadTaskInput, match="notes.png is not an image"):
         sdxl_backend.train(finetune_task([ref], {}, max_steps=1), FakeReport(files))
     assert files.of_kind("adapter") == []
+
+
+def test_the_tiny_pipeline_draws_in_a_few_steps_when_a_task_names_none(sdxl_backend, files):
+    # Its weights are random: every step is noise, so the default is a few steps, not a real SDXL's 30.
+    _, report = run(sdxl_backend, files, seed=1)
+
+    steps = [event for event in report.events if event["kind"] == "progress"]
+    assert [event["step"] for event in steps] == [1, 2, 3, 4] and steps[-1]["total"] == 4
