@@ -49,8 +49,8 @@ def test_demo_runs_on_the_tiny_models(tmp_path):
     assert "for 2 steps; final loss" in out and "before the fine-tune" in out and "after it" in out
     assert "step 4/4" in out and "==> the PNG (noise): http://127.0.0.1:" in out
     # The fine-tune through the official OpenAI client, by its ft: model id, streamed, with usage at the end.
-    tiny = str(tmp_path / "models" / "tiny-mistral")
-    assert f"[you, via the openai package, model ft:{tiny}:" in out
+    # Its models go by their aliases, so no path of the machine is in a model id.
+    assert "[you, via the openai package, model ft:tiny-mistral:" in out
     assert "'completion_tokens': " in out.split("openai package")[1]
     assert 'OpenAI(base_url="http://127.0.0.1:' in out and "/admin" in out
     key = out.split("Your demo API key:\n", 1)[1].splitlines()[0]
@@ -161,7 +161,7 @@ def test_the_closing_screens_cli_lines_work_against_the_demos_server_until_ctrl_
         cli = [line.strip() for line in said.split("From the command line", 1)[1].splitlines()[1:4]]
         assert cli[0].startswith("export HELIX_API_URL=http://127.0.0.1:")
         assert cli[1].startswith("export HELIX_API_KEY=hx_")
-        assert cli[2] == f"{Path(sys.executable).parent / 'helix'} chat {tmp_path / 'models' / 'tiny-mistral'}"
+        assert cli[2] == f"{Path(sys.executable).parent / 'helix'} chat tiny-mistral"
         shell = {k: v for k, v in os.environ.items() if not k.startswith("HELIX_")}
         chat = subprocess.run(["bash", "-c", "\n".join(cli)], input="hello there\n", env=shell, capture_output=True,
                               text=True, timeout=120)
