@@ -29,6 +29,7 @@ def fake_worker_api(api, *, heartbeat: dict[str, Any] | None = None) -> None:
     api.post(re.compile(r".*/complete$"), json={"status": "complete"})
     api.post(re.compile(r".*/fail$"), json={"status": "queued"})
     api.post(re.compile(r".*/release$"), json={"status": "queued"})
+    api.post(re.compile(r".*/worker/runners$"), json={"name": "test-runner"})
 
 
 def _answer_posts(request) -> tuple[int, dict[str, str], str]:
@@ -40,12 +41,13 @@ def _answer_posts(request) -> tuple[int, dict[str, str], str]:
 
 
 def actions(api) -> list[str]:
-    """What the runner asked, in order, with runs of events/heartbeats collapsed."""
+    """What the runner asked, in order, with runs of events/heartbeats collapsed (and its profile left out)."""
     seen: list[str] = []
     for call in api.calls:
         url = call.request.url
         name = "claim" if "/task?" in url or url.endswith("/task") else "/".join(url.rsplit("/", 2)[-2:])
-        if name.endswith("/heartbeat") or (seen and seen[-1] == name and name.endswith("/events")):
+        collapsed = seen and seen[-1] == name and name.endswith("/events")
+        if name.endswith("/heartbeat") or name == "worker/runners" or collapsed:
             continue
         seen.append(name)
     return seen
@@ -291,7 +293,7 @@ def test_claim_refused_for_good_ends_run_with_the_api_message(api, api_client, c
     api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
     with pytest.raises(ApiError, match="unknown runner token"):
         Runner(config, EchoBackend(config), api_client).run()
-    assert len(api.calls) == 1
+    assert [call.request.method for call in api.calls] == ["POST", "GET"]  # its profile, then one claim
 
 
 def test_idle_runner_stops_promptly(api, api_client, config):
