@@ -23,11 +23,11 @@ class HardwareReader:
     is reported.
     """
 
-    def __init__(self, nvml: Any = None, *, meminfo: Path = MEMINFO, cpuinfo: Path = CPUINFO) -> None:
+    def __init__(self, nvml: Any = None, *, meminfo: Path | None = None, cpuinfo: Path | None = None) -> None:
         self._nvml = nvml
         self._nvml_ready: bool | None = None  # None: not tried yet
         self._lock = threading.Lock()
-        self.meminfo, self.cpuinfo = meminfo, cpuinfo
+        self.meminfo, self.cpuinfo = meminfo or MEMINFO, cpuinfo or CPUINFO
 
     def read(self) -> dict[str, Any]:
         """`{"gpus": [...], "cpu": {...}}`: the figures a runner reports at start and in each heartbeat."""

@@ -126,3 +126,17 @@ def _read_until(proc: subprocess.Popen, needle: str) -> str:
         if needle in line:
             break
     return seen
+
+
+def test_max_parallel_takes_a_number_or_auto(monkeypatch):
+    import runner.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli.Runner, "run", lambda self: seen.append(self.config) or 0)
+    assert invoke("--max-parallel", "auto", "--max-parallel-cap", "12").exit_code == 0
+    assert invoke("--max-parallel", "3", HELIX_RUNNER_MAX_PARALLEL=None).exit_code == 0
+    assert (seen[0].parallel_auto, seen[0].max_parallel) == (True, 12)
+    assert (seen[1].parallel_auto, seen[1].max_parallel) == (False, 3)
+    refused = invoke("--max-parallel", "lots")
+    assert refused.exit_code == 2 and "'lots' is not a number from 1 to 256, nor auto" in refused.output
+    assert invoke("--max-parallel", "0").exit_code == 2

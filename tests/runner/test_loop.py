@@ -343,3 +343,52 @@ def test_an_api_without_claim_next_is_completed_the_old_way(api, api_client, con
     first, second = bodies(api, "/1/complete")
     assert first["claim_next"] is True and "claim_next" not in second
     assert not bodies(api, "/1/fail")
+
+
+def test_the_runner_reports_its_profile_at_start_and_in_heartbeats(api, api_client, config, claim_json):
+    from dataclasses import replace
+
+    import runner
+
+    api.get(TASK_URL, json=claim_json(params={"sleep": 0.3}, lease={"heartbeat_seconds": 0.05}))
+    fake_worker_api(api)
+    config = replace(config, max_parallel=3)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=1) == 1
+    (profile,) = bodies(api, "/worker/runners")
+    assert profile["kinds"] == [{"mode": "create", "type": "text", "model_name": config.model_name}]
+    assert profile["backend"] == "tests.doubles:EchoBackend" and profile["version"] == runner.__version__
+    assert profile["slots"] == {"total": 3, "busy": 0} and profile["adapters"] == []
+    assert profile["hardware"]["cpu"]["cores"] >= 1 and isinstance(profile["hardware"]["gpus"], list)
+    beats = bodies(api, "/42/heartbeat")
+    assert beats and all(beat["runner"]["slots"] == {"total": 3, "busy": 1} for beat in beats)
+
+
+def test_a_profile_the_api_could_not_take_yet_is_sent_again_before_the_next_claim(api, api_client, config):
+    import requests
+
+    api.post(re.compile(r".*/worker/runners$"), body=requests.ConnectionError("refused"))
+    api.post(re.compile(r".*/worker/runners$"), json={"stored": True})
+    api.get(TASK_URL, status=204)
+    runner = Runner(config, EchoBackend(config), api_client)
+    timer = threading.Timer(0.3, runner.stop)
+    timer.start()
+    runner.run()
+    methods = [call.request.method for call in api.calls]
+    assert methods[:4] == ["POST", "GET", "POST", "GET"]  # one try each, never holding a claim back
+    assert methods.count("POST") == 2  # taken on the second try: not sent again
+
+
+def test_a_runner_whose_api_has_no_profile_endpoint_serves_all_the_same(api, api_client, config, claim_json):
+    api.post(re.compile(r".*/worker/runners$"), status=404, json={"error": "not_found", "message": "no"})
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=1) == 1
+    assert bodies(api, "/42/complete")
+
+
+def test_auto_holds_a_backend_that_cannot_size_its_slots_to_one(api_client, config):
+    from dataclasses import replace
+
+    assert EchoBackend.max_parallel > 1 and not EchoBackend.sizes_slots
+    auto = replace(config, parallel_auto=True, max_parallel=64)
+    assert Runner(auto, EchoBackend(auto), api_client).slots() == 1
