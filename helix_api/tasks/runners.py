@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 WRITE_EVERY_SECONDS = 5.0
 # A runner unheard of for longer is shown as gone, and its model no longer counts as served.
 ALIVE_SECONDS = 60.0
-# Report columns a runner's report fills (runner/profile.py; schemas.worker.RunnerReport).
-REPORT_COLUMNS = ("hardware", "backend", "kinds", "slots_total", "slots_busy", "adapters", "version", "reported_at")
 
 _RUNNERS = Runner.__table__
 _REFRESH = update(_RUNNERS).where(_RUNNERS.c.name == bindparam("p_name")).values(last_seen_at=bindparam("p_seen"))
@@ -87,6 +85,7 @@ class Registry:
                     return
             except IntegrityError:  # another API process inserted it meanwhile: update that row instead
                 continue
+        logger.warning("runner %s's report was not stored: its row kept changing under it", name)
 
     def reported(self, name: str, report: dict[str, Any], *, runner_token_id: int | None) -> None:
         """A report that came with a heartbeat: stored at most once per WRITE_EVERY_SECONDS per runner (the
