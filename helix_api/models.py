@@ -254,6 +254,16 @@ class Runner(Base):
     model_name: Mapped[str] = mapped_column(String(500))
     first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # What the runner last reported of itself (at start and in heartbeats); all None for a runner that
+    # never reports (the seed's protocol). See schemas/worker.RunnerReport for the shapes.
+    hardware: Mapped[dict[str, Any] | None]  # {"gpus": [{index, name, memory_total, memory_free}], "cpu": {...}}
+    backend: Mapped[str | None] = mapped_column(String(200))
+    kinds: Mapped[list[Any] | None]  # [{mode, type, model_name}]
+    slots_total: Mapped[int | None]
+    slots_busy: Mapped[int | None]
+    adapters: Mapped[list[Any] | None]  # checksums of the adapters in memory
+    version: Mapped[str | None] = mapped_column(String(100))
+    reported_at: Mapped[datetime | None]
 
 
 class TaskUsage(Base):

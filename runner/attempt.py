@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -82,14 +83,16 @@ def _stopped(reason: StopReason) -> Outcome:
 class Attempt:
     """One claimed task, run once: run() returns how it ended, settle() is where every attempt ends."""
 
-    def __init__(self, claim: Claim, backend: Backend, client: ApiClient, report: Report) -> None:
+    def __init__(self, claim: Claim, backend: Backend, client: ApiClient, report: Report,
+                 describe: Callable[[], dict[str, Any]] | None = None) -> None:
         self.task = claim.task
         self.lease = claim.lease
         self.report = report
         self._backend = backend
         self._client = client
         self._call = "train()" if claim.task.mode == FINETUNE else "predict()"  # for the logs
-        self._heartbeat = Heartbeat(client, claim.task.id, claim.lease, on_stop=report.cancel)
+        # Each renewal carries the runner's profile (`describe`), so the API hears it without a request of its own.
+        self._heartbeat = Heartbeat(client, claim.task.id, claim.lease, on_stop=report.cancel, describe=describe)
 
     def run(self) -> Outcome:
         """Run the backend on the task, its lease kept alive meanwhile; how the attempt ended."""

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from runner import metrics
 from runner.backends import load_backend
+from runner.capacity import DEFAULT_CAP
 from runner.client import CONNECTIONS_PER_SLOT, ApiClient
 from runner.config import (
     JobFilter,
@@ -29,6 +30,23 @@ from runner.placement import PlacementError
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MOST_PARALLEL = 256
+
+
+class MaxParallel(click.ParamType):
+    """--max-parallel: a number of slots from 1 to 256, or `auto` (None: sized from memory after loading)."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if text.isdigit() and 1 <= int(text) <= MOST_PARALLEL:
+            return int(text)
+        self.fail(f"{value!r} is not a number from 1 to {MOST_PARALLEL}, nor auto.", param, ctx)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,8 +82,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
               help="Load weights in 8 bits (bitsandbytes; needs a GPU).")
 @click.option("--load-in-4bit", "quantize", flag_value="4bit",
               help="Load weights in 4 bits (bitsandbytes; needs a GPU).")
-@click.option("--max-parallel", envvar="HELIX_RUNNER_MAX_PARALLEL", show_envvar=True, default=1, show_default=True,
-              type=click.IntRange(1, 256), help="Tasks held at once and generated together on the loaded model.")
+@click.option("--max-parallel", envvar="HELIX_RUNNER_MAX_PARALLEL", show_envvar=True, default="1", show_default=True,
+              type=MaxParallel(), metavar="N|auto",
+              help="Tasks held at once and generated together on the loaded model; auto: as many as the memory "
+                   "free after loading holds at the model's context length (see --max-parallel-cap).")
+@click.option("--max-parallel-cap", envvar="HELIX_RUNNER_MAX_PARALLEL_CAP", show_envvar=True, default=DEFAULT_CAP,
+              show_default=True, type=click.IntRange(1, MOST_PARALLEL),
+              help="The most slots --max-parallel auto gives.")
 @click.option("--cache-dir", envvar="HELIX_RUNNER_CACHE", show_envvar=True, default=default_cache_dir,
               show_default="~/.cache/helix-runner", help="Where fetched files and adapters are kept.")
 @click.option("--metrics-port", envvar="HELIX_RUNNER_METRICS_PORT", show_envvar=True, type=click.IntRange(1, 65535),
@@ -78,8 +101,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | None, mode: str | None,
          type_: str | None, model_name: str | None, token: str | None, runner_name: str,
          wait: float | None, max_tasks: int | None, grace: float, device: str, dtype: str,
-         gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int,
-         cache_dir: str, metrics_port: int | None, metrics_host: str, log_level: str) -> None:
+         gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int | None,
+         max_parallel_cap: int, cache_dir: str, metrics_port: int | None, metrics_host: str, log_level: str) -> None:
     """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     target = _target(ctx, job_url, api_url, mode, type_, model_name)
@@ -88,15 +111,17 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
                                "(make one with `helix runner-token create`)")
     if wait is None:
         wait = target.wait if target.wait is not None else RunnerConfig.wait
+    auto = max_parallel is None
+    most = max_parallel_cap if max_parallel is None else max_parallel
     # Sized for every slot --max-parallel may open: the backend's own cap is known only after setup().
     client = ApiClient(target.api_url, token, runner_name, timeout=RunnerConfig.request_timeout,
-                       pool_size=CONNECTIONS_PER_SLOT * max_parallel)
+                       pool_size=CONNECTIONS_PER_SLOT * most)
     config = RunnerConfig(
         api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
         model_name=_full_model_name(client, target.model_name or ""), backend=backend, runner_name=runner_name,
         wait=wait, grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
         gpu_memory=_gpu_memory(gpu_memory), cpu_memory=cpu_memory or None, quantize=quantize,
-        max_parallel=max_parallel, cache_dir=cache_dir,
+        max_parallel=most, parallel_auto=auto, cache_dir=cache_dir,
     )
     try:
         model = load_backend(backend, config)

@@ -120,9 +120,19 @@ class ApiClient:
         except (ValueError, KeyError, TypeError) as exc:
             raise ApiError(response.status_code, "bad_response", f"unreadable claim reply: {exc!r}") from exc
 
-    def heartbeat(self, task_id: int, lease_token: str) -> dict[str, Any]:
-        """Renew the lease; the reply says whether the user cancelled the task."""
-        return self._post(task_id, "heartbeat", {"lease_token": lease_token})
+    def register(self, profile: dict[str, Any]) -> None:
+        """Tell the API what this runner is (runner.profile). One try, never retried here: the runner
+        tries again before its next claim, so an API that is down never delays the claims."""
+        self._send("POST", self.api_url + "/api/v1/worker/runners", json=profile,
+                   timeout=(CONNECT_TIMEOUT, self.timeout))
+
+    def heartbeat(self, task_id: int, lease_token: str, profile: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Renew the lease, with this runner's current profile when given; the reply says whether the user
+        cancelled the task."""
+        body: dict[str, Any] = {"lease_token": lease_token}
+        if profile is not None:
+            body["runner"] = profile
+        return self._post(task_id, "heartbeat", body)
 
     def post_events(self, task_id: int, lease_token: str, events: list[dict[str, Any]]) -> dict[str, Any]:
         """Store events (tokens, progress, logs); resending already stored seq numbers is harmless."""

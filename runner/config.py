@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from runner.capacity import DEFAULT_HEADROOM
+
 CLAIM_PATH = "/api/v1/worker/task"
 
 
@@ -75,7 +77,11 @@ class RunnerConfig:
     gpu_memory: dict[int, str] = field(default_factory=dict)  # GPU index -> "20GiB": accelerate's max_memory
     cpu_memory: str | None = None  # offload what does not fit on the GPUs to this much CPU memory
     quantize: str | None = None  # None, "8bit" or "4bit" (bitsandbytes, GPU only)
-    max_parallel: int = 1  # tasks held and run together on one loaded model
+    max_parallel: int = 1  # tasks held and run together on one loaded model; with parallel_auto, the most
+    # `--max-parallel auto`: the backend sizes its slots from the memory free after setup() (runner.capacity),
+    # up to max_parallel; a backend with no model config to size by holds one.
+    parallel_auto: bool = False
+    kv_headroom: float = DEFAULT_HEADROOM  # share of that free memory the KV caches may take
     # Fetched files and unpacked adapters (by checksum), and scratch space for training.
     cache_dir: str = field(default_factory=default_cache_dir)
     work_dir: str = ""  # default: cache_dir/work

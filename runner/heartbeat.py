@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from runner.client import ApiClient
 from runner.errors import ApiGone, ApiUnavailable, LeaseLost, StopReason, TaskCancelled
@@ -17,8 +18,10 @@ class Heartbeat:
     """A background thread renewing one task's lease every `lease.heartbeat_seconds`."""
 
     def __init__(self, client: ApiClient, task_id: int, lease: Lease,
-                 on_stop: Callable[[StopReason], None]) -> None:
+                 on_stop: Callable[[StopReason], None],
+                 describe: Callable[[], dict[str, Any]] | None = None) -> None:
         self.task_id = task_id
+        self._describe = describe  # the runner's profile, sent with each renewal
         self._client = client
         self._lease = lease
         self._on_stop = on_stop
@@ -46,8 +49,14 @@ class Heartbeat:
 
     def _beat(self) -> StopReason | None:
         """Renew once; the reason to stop the task, if any."""
+        profile = None
+        if self._describe is not None:
+            try:
+                profile = self._describe()
+            except Exception:  # the lease matters more than the report: renew without it
+                logger.exception("task %s: the runner's profile could not be read", self.task_id)
         try:
-            reply = self._client.heartbeat(self.task_id, self._lease.token)
+            reply = self._client.heartbeat(self.task_id, self._lease.token, profile)
         except LeaseLost:
             logger.warning("task %s: lease lost", self.task_id)
             return StopReason.LEASE_LOST

@@ -11,14 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runner import metrics
+from runner import metrics, profile
 from runner.attempt import STOPPING, Attempt, Complete, Release
 from runner.backends.base import Backend
 from runner.batcher import EventBatcher
 from runner.client import ApiClient
 from runner.config import RunnerConfig
-from runner.errors import ApiGone, ApiUnavailable, StopReason
+from runner.errors import ApiError, ApiGone, ApiUnavailable, StopReason
 from runner.files import TaskFiles
+from runner.hardware import HardwareReader
 from runner.messages import Claim
 from runner.reporter import Report
 
@@ -56,6 +57,31 @@ class Runner:
         self._poll_lock = threading.Lock()
         self._idle = 0  # slots holding no task: what one poll claims for
         self._limit: int | None = None
+        self._slots = 1  # set once the backend is set up
+        self._registered = False  # whether the API has heard this runner's profile
+        self.hardware = HardwareReader()
+
+    def describe(self) -> dict[str, Any]:
+        """This runner's profile: hardware, backend, kinds, slots (busy: tasks whose backend call runs)."""
+        return profile.describe(self.config, self.backend, slots=self._slots, busy=len(self._reports),
+                                hardware=self.hardware)
+
+    def _register(self) -> None:
+        """Tell the API what this runner is, until it has heard; an API that cannot take it costs a log line."""
+        if self._registered:
+            return
+        try:
+            self.client.register(self.describe())
+            self._registered = True
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                raise  # a claim would be refused the same way: say so now
+            # An API from before the report (404) or one refusing it (400): the runner serves all the same.
+            self._registered = True
+            logger.warning("runner %s: the API did not take its profile: %s", self.config.runner_name, exc)
+        except ApiUnavailable as exc:
+            # Tried again before the next claim; heartbeats carry the profile too.
+            logger.warning("runner %s: could not send its profile yet: %s", self.config.runner_name, exc)
 
     def run(self, max_tasks: int | None = None) -> int:
         """Set the backend up, then work until stopped or `max_tasks` are done; the number handled."""
@@ -66,7 +92,7 @@ class Runner:
             loading = metrics.Timer()
             self.backend.setup()
             metrics.MODEL_LOAD_SECONDS.set(loading.elapsed)
-            slots = self.slots()
+            slots = self._slots = self.slots()
             metrics.SLOTS.set(slots)
             logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s (%d at a time)",
                         cfg.runner_name, cfg.mode, cfg.type, cfg.model_name, cfg.api_url, slots)
@@ -83,6 +109,8 @@ class Runner:
         # Declared on every Backend (read after setup(), which may change it); a backend that does not
         # declare it has not said it can share its model.
         backend = int(getattr(self.backend, "max_parallel", 1))
+        if self.config.parallel_auto and not getattr(self.backend, "sizes_slots", False):
+            backend = 1  # auto, and nothing to size by (no model config): one at a time
         return max(1, min(backend, self.config.max_parallel))
 
     def stop(self) -> None:
@@ -201,6 +229,7 @@ class Runner:
 
     def _claim_or_pause(self, poll: Callable[[], list[Claim]]) -> Claim | None:
         started = time.monotonic()
+        self._register()
         try:
             claims: list[Claim] = poll()
         except ApiGone:
@@ -305,7 +334,7 @@ class Runner:
         report = Report(task_id, functools.partial(post, task_id, token),
                         flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
                         files=TaskFiles(self.client, task_id, token, Path(self.config.cache_dir)))
-        return Attempt(claim, self.backend, self.client, report)
+        return Attempt(claim, self.backend, self.client, report, describe=self.describe)
 
     def _teardown(self) -> None:
         if self._grace_timer is not None:

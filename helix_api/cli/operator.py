@@ -1,4 +1,4 @@
-"""The `helix` command: serve the API, migrate the database, make users and runner tokens, see tasks."""
+"""The `helix` command: serve the API, migrate the database, make users and runner tokens, see tasks and runners."""
 
 from __future__ import annotations
 
@@ -282,6 +282,61 @@ def tasks_reap() -> None:
     settings = load_settings()
     scheduler = Scheduler.from_settings(settings, _database(settings=settings), LocalFileStore(settings["FILES_DIR"]))
     click.echo(f"reaped {scheduler.reap()} task(s)")
+
+
+@main.group()
+def runners() -> None:
+    """Runners: what each says it is, and whether it is still there."""
+
+
+@runners.command("list")
+@click.option("--json", "as_json", is_flag=True, help="The admin API's JSON instead of the table.")
+def runners_list(as_json: bool) -> None:
+    """Every runner seen: kinds, hardware, slots, adapters, version, last heard from (gone after a lease)."""
+    import json
+
+    from helix_api.ops import overview
+    from helix_api.tasks.runners import gone_after
+
+    settings = load_settings()
+    rows = overview.runner_listing(_database(settings=settings), gone_after(settings))
+    if as_json:
+        click.echo(json.dumps({"runners": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("(no runners)", err=True)
+        return
+    for r in rows:
+        state = "alive" if r["alive"] else "GONE"
+        click.echo(f"{r['name']}  {state}, last heard from {r['seconds_since_seen']} s ago"
+                   + (f", version {r['version']}" if r["version"] else ""))
+        kinds = r["kinds"] or [{"mode": r["mode"], "type": r["type"], "model_name": r["model_name"]}]
+        click.echo("  serves:   " + "; ".join(f"{k['mode']} {k['type']} {k['model_name']}" for k in kinds)
+                   + (f" (backend {r['backend']})" if r["backend"] else ""))
+        click.echo("  hardware: " + _hardware_line(r["hardware"]))
+        slots = r["slots"]
+        click.echo("  slots:    " + (f"{slots['busy']} busy, {slots['free']} free of {slots['total']}" if slots
+                                     else "not reported"))
+        adapters = r["adapters"]
+        click.echo("  adapters: " + (", ".join(a[:12] for a in adapters) if adapters
+                                     else "none" if adapters is not None else "not reported"))
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.1f} GiB"
+
+
+def _hardware_line(hardware: dict[str, Any] | None) -> str:
+    """A runner's hardware report on one line: its GPUs, else its CPU."""
+    if not hardware:
+        return "not reported"
+    parts = [f"GPU {g['index']} {g['name']} {_gib(g['memory_free'])} free of {_gib(g['memory_total'])}"
+             for g in hardware.get("gpus", [])]
+    cpu = hardware.get("cpu")
+    if cpu:
+        parts.append(f"CPU {cpu['model']} x{cpu['cores']}, RAM {_gib(cpu['memory_available'])} free of "
+                     f"{_gib(cpu['memory_total'])}")
+    return "; ".join(parts)
 
 
 user_cli.register(main)  # chat, image, finetune, sessions, usage: a user's commands, against a remote API

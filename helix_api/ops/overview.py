@@ -48,8 +48,14 @@ def recent_failures(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
              "finished_at": r.finished_at.isoformat() if r.finished_at else None} for r in conn.execute(stmt)]
 
 
-def overview(database: Database, failures: int = 20) -> dict[str, Any]:
+def runner_listing(database: Database, gone_after: float = runners.ALIVE_SECONDS) -> list[dict[str, Any]]:
+    """Every runner seen, with its report; silent for longer than `gone_after` seconds: not alive."""
+    with database.connect() as conn:
+        return runners.listing(conn, alive_seconds=gone_after)
+
+
+def overview(database: Database, failures: int = 20, gone_after: float = runners.ALIVE_SECONDS) -> dict[str, Any]:
     """Runners, queue depths and recent failures in one document."""
     with database.connect() as conn:
-        return {"runners": runners.listing(conn), "queues": queue_depths(conn),
+        return {"runners": runners.listing(conn, alive_seconds=gone_after), "queues": queue_depths(conn),
                 "recent_failures": recent_failures(conn, failures)}

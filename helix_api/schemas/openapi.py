@@ -46,7 +46,8 @@ OPERATIONS: dict[str, Operation] = {
     "sessions.session_events": Operation(query=sessions.EventCursor, headers={"Last-Event-ID": (
         {"type": "integer", "minimum": 0, "maximum": INT32_MAX}, "resume after this event id")}),
     "worker.claim": Operation(query=worker.Claim, headers=_RUNNER_NAME),
-    "worker.heartbeat": Operation(json=worker.Lease, headers=_RUNNER_NAME),
+    "worker.heartbeat": Operation(json=worker.Heartbeat, headers=_RUNNER_NAME),
+    "worker.report_runner": Operation(json=worker.RunnerReport, headers=_RUNNER_NAME),
     "worker.post_events": Operation(json=worker.EventsPost),
     "worker.post_events_many": Operation(json=worker.EventsMany),
     "worker.complete": Operation(json=worker.Complete),

@@ -69,6 +69,79 @@ class Lease(TypedDict):
     lease_token: LeaseToken
 
 
+# A runner's report of itself (runner/profile.py): bounded so that nonsense is refused by name, not stored.
+MAX_GPUS = 64  # NVML on the largest single hosts sees 16; thousands is a bug, not a machine
+MAX_KINDS = 32
+MAX_ADAPTERS = 256
+MAX_SLOTS = 4096
+Bytes = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+@with_config(BODY)
+class Gpu(TypedDict):
+    """One GPU as NVML reads it: memory in bytes."""
+
+    index: Annotated[int, Field(ge=0, lt=MAX_GPUS)]
+    name: text(200)
+    memory_total: Bytes
+    memory_free: Bytes
+
+
+@with_config(BODY)
+class Cpu(TypedDict):
+    """The CPU and its RAM, in bytes."""
+
+    model: text(200)
+    cores: Annotated[int, Field(ge=1, le=1 << 16)]
+    memory_total: Bytes
+    memory_available: Bytes
+
+
+@with_config(BODY)
+class Hardware(TypedDict):
+    """What the machine has: its GPUs (none without NVML) and its CPU."""
+
+    gpus: Annotated[list[Gpu], Field(max_length=MAX_GPUS)]
+    cpu: Cpu
+
+
+@with_config(BODY)
+class Kind(TypedDict):
+    """Work a runner serves: a mode, a type and a model, as a claim names them."""
+
+    mode: Literal["create", "inference", "finetune", "score"]
+    type: Literal["text", "image"]
+    model_name: text(500, min_length=1)
+
+
+@with_config(BODY)
+class Slots(TypedDict):
+    """Tasks a runner may hold at once, and how many it holds now."""
+
+    total: Annotated[int, Field(ge=1, le=MAX_SLOTS)]
+    busy: Annotated[int, Field(ge=0, le=MAX_SLOTS)]
+
+
+@with_config(BODY)
+class RunnerReport(TypedDict, total=False):
+    """POST /api/v1/worker/runners, and a heartbeat's `runner`: what the runner is, now."""
+
+    hardware: Required[Hardware]
+    backend: Required[text(200, min_length=1)]
+    kinds: Required[Annotated[list[Kind], Field(min_length=1, max_length=MAX_KINDS)]]
+    slots: Required[Slots]
+    adapters: Annotated[list[text(200)], Field(max_length=MAX_ADAPTERS)]
+    version: Required[text(100)]
+
+
+@with_config(BODY)
+class Heartbeat(TypedDict, total=False):
+    """POST .../heartbeat: the lease this runner holds, and (optionally) its report of itself."""
+
+    lease_token: Required[LeaseToken]
+    runner: RunnerReport
+
+
 @with_config(BODY)
 class EventsPost(TypedDict):
     """POST /api/v1/worker/task/<id>/events: tokens, progress and log lines, each stored once by seq."""

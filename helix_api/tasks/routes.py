@@ -106,14 +106,52 @@ def hung_up(sock: socket.socket) -> bool:
         return True
 
 
+@bp.post("/runners")
+@require_runner
+def report_runner():
+    """Store what the runner says it is (hardware, backend, kinds, slots, adapters, version), sent at its start."""
+    report = json_body(schemas.RunnerReport)
+    svc = services()
+    name = _runner_name()
+    svc.scheduler.runners.report(name, _checked_report(report), runner_token_id=g.caller.id)
+    return {"name": name, "stored": True}
+
+
 @bp.post("/task/<int:task_id>/heartbeat")
 @require_runner
 def heartbeat(task_id: int):
-    """Renew the lease; tells the runner if the task was cancelled."""
-    body = json_body(schemas.Lease)
+    """Renew the lease; tells the runner if the task was cancelled. A `runner` report is stored on the way."""
+    body = json_body(schemas.Heartbeat)
     svc = services()
-    expires = svc.scheduler.heartbeat(task_id, _lease_token(body), runner=_runner_name())
+    runner = _runner_name()
+    if body.get("runner") is not None:
+        # Checked whole before anything is stored: a bad report refuses the beat and leaves the last good one.
+        report = _checked_report(body["runner"], "runner.")
+        svc.scheduler.runners.reported(runner, report, runner_token_id=g.caller.id)
+    expires = svc.scheduler.heartbeat(task_id, _lease_token(body), runner=runner)
     return {"cancelled": expires is None, "lease_expires_at": expires.isoformat() if expires else None}
+
+
+def _checked_report(report: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The report, checked where the schema cannot check across fields (busy within total, free within total),
+    with its kinds named as claims name them (mode `create` for `inference`, a model alias's full name)."""
+    slots = report["slots"]
+    if slots["busy"] > slots["total"]:
+        raise InvalidField(f"Field '{prefix}slots.busy' ({slots['busy']}) is more than slots.total "
+                           f"({slots['total']}).", field=f"{prefix}slots.busy")
+    for index, gpu in enumerate(report["hardware"]["gpus"]):
+        if gpu["memory_free"] > gpu["memory_total"]:
+            where = f"{prefix}hardware.gpus[{index}].memory_free"
+            raise InvalidField(f"Field {where!r} is more than the GPU's memory_total.", field=where)
+    cpu = report["hardware"]["cpu"]
+    if cpu["memory_available"] > cpu["memory_total"]:
+        where = f"{prefix}hardware.cpu.memory_available"
+        raise InvalidField(f"Field {where!r} is more than the CPU's memory_total.", field=where)
+    catalog = services().catalog
+    kinds = [{"mode": parse_mode(kind["mode"], f"{prefix}kinds[{index}].mode", claim=True).value,
+              "type": parse_type(kind["type"], f"{prefix}kinds[{index}].type").value,
+              "model_name": catalog.resolve(kind["model_name"])} for index, kind in enumerate(report["kinds"])]
+    return {**report, "kinds": kinds}
 
 
 @bp.post("/task/<int:task_id>/events")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from helix_api.db import Database
-from helix_api.models import ACTIVE_TASK_STATUSES, Runner, Task, utcnow
+from helix_api.models import ACTIVE_TASK_STATUSES, Mode, Runner, SessionType, Task, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ ALIVE_SECONDS = 60.0
 
 _RUNNERS = Runner.__table__
 _REFRESH = update(_RUNNERS).where(_RUNNERS.c.name == bindparam("p_name")).values(last_seen_at=bindparam("p_seen"))
+
+
 class Registry:
     """One API process's record of the runners it hears from, written to the `runners` table.
 
@@ -40,6 +42,7 @@ class Registry:
         self.written: dict[str, tuple[float, tuple[Any, ...]]] = {}
         self.pending: dict[str, datetime] = {}
         self.flushed = float("-inf")
+        self.reports_written: dict[str, float] = {}  # runner -> when this process last stored its report
 
     def seen(self, name: str, *, runner_token_id: int | None, asks_for: tuple[Any, ...]) -> None:
         """Record that runner `name` asked for work (`asks_for`: mode, type, model); a few writes a minute."""
@@ -59,6 +62,44 @@ class Registry:
             pass
         except Exception:
             logger.exception("recording runner %s failed", name)  # never worth failing a claim over
+
+    def report(self, name: str, report: dict[str, Any], *, runner_token_id: int | None) -> None:
+        """Store runner `name`'s report of itself (a checked RunnerReport): one UPDATE, or an INSERT for a
+        runner never seen (its first kind fills the columns a poll would)."""
+        now = utcnow()
+        slots = report["slots"]
+        values = {"hardware": report["hardware"], "backend": report["backend"], "kinds": report["kinds"],
+                  "slots_total": slots["total"], "slots_busy": slots["busy"], "adapters": report.get("adapters", []),
+                  "version": report["version"], "reported_at": now, "last_seen_at": now}
+        with self._lock:
+            self.reports_written[name] = self.clock()
+        for _ in range(2):
+            try:
+                with self.database.transaction() as conn:
+                    if conn.execute(update(_RUNNERS).where(_RUNNERS.c.name == name).values(**values)).rowcount:
+                        return
+                    first = report["kinds"][0]
+                    conn.execute(insert(_RUNNERS).values(
+                        name=name, runner_token_id=runner_token_id, mode=Mode(first["mode"]),
+                        type=SessionType(first["type"]), model_name=first["model_name"], first_seen_at=now, **values))
+                    return
+            except IntegrityError:  # another API process inserted it meanwhile: update that row instead
+                continue
+        logger.warning("runner %s's report was not stored: its row kept changing under it", name)
+
+    def reported(self, name: str, report: dict[str, Any], *, runner_token_id: int | None) -> None:
+        """A report that came with a heartbeat: stored at most once per WRITE_EVERY_SECONDS per runner (the
+        figures move slowly; heartbeats of many slots come often); in between it counts as a sighting."""
+        with self._lock:
+            last = self.reports_written.get(name)
+            due = last is None or self.clock() - last >= WRITE_EVERY_SECONDS
+        if not due:
+            self.touched(name)
+            return
+        try:
+            self.report(name, report, runner_token_id=runner_token_id)
+        except Exception:
+            logger.exception("storing runner %s's report failed", name)  # never worth failing a heartbeat over
 
     def touched(self, name: str) -> None:
         """Record that runner `name` reported on a task it holds (a heartbeat or events)."""
@@ -98,13 +139,34 @@ class Registry:
             logger.exception("recording %d runners as heard from failed", len(pending))
 
 
-def alive_since(now: datetime | None = None) -> datetime:
+def alive_since(now: datetime | None = None, seconds: float = ALIVE_SECONDS) -> datetime:
     """Runners heard from after this time count as alive."""
-    return (now or utcnow()) - timedelta(seconds=ALIVE_SECONDS)
+    return (now or utcnow()) - timedelta(seconds=seconds)
 
 
-def listing(conn: Any, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Every runner seen, most recently heard from first, with the tasks it holds now."""
+def gone_after(settings: Mapping[str, Any]) -> float:
+    """Seconds of silence after which operators see a runner as gone: a lease (LEASE_SECONDS).
+
+    An idle runner is heard from only as each long poll starts, and its sighting may wait WRITE_EVERY_SECONDS
+    to be written, so the window is at least a long poll (MAX_WAIT_SECONDS) and always adds that interval:
+    otherwise every idle runner would blink "gone" between two polls.
+    """
+    return max(float(settings["LEASE_SECONDS"]), float(settings["MAX_WAIT_SECONDS"])) + WRITE_EVERY_SECONDS
+
+
+def _report_json(r: Any) -> dict[str, Any]:
+    """A row's report columns, as the admin API shows them; None where the runner never reported."""
+    slots = None
+    if r.slots_total is not None:
+        busy = r.slots_busy or 0
+        slots = {"total": r.slots_total, "busy": busy, "free": max(0, r.slots_total - busy)}
+    return {"hardware": r.hardware, "backend": r.backend, "kinds": r.kinds, "slots": slots,
+            "adapters": r.adapters, "version": r.version,
+            "reported_at": r.reported_at.isoformat() if r.reported_at else None}
+
+
+def listing(conn: Any, now: datetime | None = None, alive_seconds: float = ALIVE_SECONDS) -> list[dict[str, Any]]:
+    """Every runner seen, most recently heard from first, with what it reported and the tasks it holds now."""
     now = now or utcnow()
     rows = list(conn.execute(select(_RUNNERS).order_by(_RUNNERS.c.last_seen_at.desc())))
     held: dict[str, list[dict[str, Any]]] = {}
@@ -119,7 +181,8 @@ def listing(conn: Any, now: datetime | None = None) -> list[dict[str, Any]]:
     return [{"name": r.name, "mode": r.mode.value, "type": r.type.value, "model_name": r.model_name,
              "first_seen_at": r.first_seen_at.isoformat(), "last_seen_at": r.last_seen_at.isoformat(),
              "seconds_since_seen": round((now - r.last_seen_at).total_seconds(), 1),
-             "alive": r.last_seen_at >= alive_since(now), "tasks": held.get(r.name, [])} for r in rows]
+             "alive": r.last_seen_at >= alive_since(now, alive_seconds), **_report_json(r),
+             "tasks": held.get(r.name, [])} for r in rows]
 
 
 def served_models(conn: Any, now: datetime | None = None) -> list[tuple[str, str, str]]:

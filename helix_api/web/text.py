@@ -43,3 +43,11 @@ def markdown(text: str | None, inline: bool = False) -> Markup:
 def changed_params(params: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     """The params of a message of a `type_` session that differ from what a runner uses without them."""
     return not_default(params or {}, type_)
+
+
+@bp.app_template_filter("gib")
+def gib(size: Any) -> str:
+    """A byte count as GiB with one decimal (`79.6 GiB`); empty for none."""
+    if not isinstance(size, int | float) or isinstance(size, bool):
+        return ""
+    return f"{size / 1024**3:.1f} GiB"

@@ -20,6 +20,7 @@ from helix_api.ops import overview
 from helix_api.schemas.base import INT32_MAX
 from helix_api.services import services
 from helix_api.sessions import actions
+from helix_api.tasks import runners
 from helix_api.validation import event_cursor
 from helix_api.web import bp
 from helix_api.web.forms import (
@@ -193,8 +194,10 @@ def admin_page():
     """For admins: the runners seen, each model's queue, and recent failures with their errors."""
     if not g.caller.is_admin:
         raise Forbidden("This page is for admins (helix users create NAME --admin).")
-    database = services().database
-    return render_template("web/admin.html", overview=overview.overview(database), usage=usage.per_user(database))
+    svc = services()
+    database = svc.database
+    return render_template("web/admin.html", usage=usage.per_user(database),
+                           overview=overview.overview(database, gone_after=runners.gone_after(svc.settings)))
 
 
 @bp.get("/usage")

@@ -34,6 +34,10 @@ class Backend(ABC):
     """
 
     max_parallel: int = 1  # tasks this backend can hold at once
+    # With `--max-parallel auto` (config.parallel_auto) a backend that can size its slots from the memory
+    # left after setup() (runner.capacity) says so here and sets max_parallel in setup(); the runner
+    # holds any other backend to one task, as it has no model config to size by (sdxl).
+    sizes_slots: bool = False
 
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config

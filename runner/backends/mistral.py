@@ -19,6 +19,7 @@ from typing import Any
 from runner.adapters import AdapterCache, adapter_key
 from runner.backends.base import Backend
 from runner.backends.text_generation import GenerationRequest, SamplingParams, TextGenerator
+from runner.capacity import slots_for_model
 from runner.config import RunnerConfig
 from runner.errors import BadTaskInput
 from runner.messages import FINETUNE, Task
@@ -40,7 +41,9 @@ class MistralBackend(Backend):
         self.generator: TextGenerator | None = None
         self.adapters: AdapterCache | None = None
         # Chats batch on the one loaded model; each training run loads a model of its own, so one at a time.
-        self.max_parallel = 1 if config.mode == FINETUNE else config.max_parallel
+        # With --max-parallel auto, setup() sizes the batch once the weights are in memory.
+        self.max_parallel = 1 if config.mode == FINETUNE or config.parallel_auto else config.max_parallel
+        self.sizes_slots = config.mode != FINETUNE
 
     @property
     def model_name(self) -> str:
@@ -64,6 +67,9 @@ class MistralBackend(Backend):
         self.model.eval()
         logger.info("%s loaded in %.1fs on %s (%s%s)", name, time.monotonic() - started, placement.device,
                     placement.dtype, f", {placement.quantize}" if placement.quantize else "")
+        if self.config.parallel_auto:
+            self.max_parallel = slots_for_model(self.model, placement.device, headroom=self.config.kv_headroom,
+                                                cap=self.config.max_parallel)
         self.adapters = AdapterCache(self.model)
         self.generator = TextGenerator(self.model, self.tokenizer, device=placement.input_device,
                                        max_batch=self.max_parallel, adapters=self.adapters)

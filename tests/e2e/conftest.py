@@ -115,7 +115,7 @@ def runner_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
 def _model_runner(runner_process: Callable[..., RunnerProcess], type_: str,
                   default_backend: str) -> Callable[..., RunnerProcess]:
     def start(server: ApiServer, mode: str, model: Path | str, name: str | None = None, *,
-              backend: str = default_backend, max_parallel: int | None = None,
+              backend: str = default_backend, max_parallel: int | str | None = None,
               env: dict[str, str] | None = None) -> RunnerProcess:
         extra = ("--device", "cpu") + (("--max-parallel", str(max_parallel)) if max_parallel else ())
         return runner_process(server, name or f"{backend}-{mode}", backend=backend, mode=mode, type_=type_,

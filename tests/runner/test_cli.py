@@ -20,6 +20,11 @@ ENV = {"HELIX_GET_JOB_URL": SEED_URL, "HELIX_RUNNER_TOKEN": "hxr_test",
        "HELIX_RUNNER_BACKEND": "tests.doubles:EchoBackend", "HELIX_API_URL": None}
 
 
+def gets(api) -> list:
+    """The GET requests the runner made (its claims and model look-ups), leaving out its profile's POST."""
+    return [call.request for call in api.calls if call.request.method == "GET"]
+
+
 def invoke(*args: str, **env: str | None):
     return CliRunner().invoke(main, list(args), env={**ENV, **env})
 
@@ -59,7 +64,7 @@ def test_runs_a_task_from_the_seed_job_url(api, claim_json):
     api.post(f"{TASK_URL}/42/complete", json={"status": "complete"})
     result = invoke("--max-tasks", "1", "--wait", "0", "--runner-name", "r1")
     assert result.exit_code == 0, result.output
-    claim = api.calls[0].request
+    claim = gets(api)[0]
     assert claim.params == {"mode": "create", "type": "text",
                             "model_name": "mistralai/Mistral-7B-Instruct-v0.1"}
     assert claim.headers["Authorization"] == "Bearer hxr_test" and claim.headers["X-Helix-Runner"] == "r1"
@@ -74,7 +79,7 @@ def test_flags_override_the_job_url(api):
     result = invoke("--api-url", "http://other:1/api/v1", "--model-name", "tiny", "--wait", "0")
     assert result.exit_code == 1
     assert "the API refused this runner: 401 unauthorized: bad token" in result.output
-    assert api.calls[1].request.params["model_name"] == "tiny"
+    assert gets(api)[1].params["model_name"] == "tiny"
 
 
 def test_an_alias_in_the_job_url_loads_the_model_it_names_and_claims_by_it(api, claim_json, caplog):
@@ -87,7 +92,7 @@ def test_an_alias_in_the_job_url_loads_the_model_it_names_and_claims_by_it(api, 
     result = invoke("--max-tasks", "1", "--wait", "0",
                     HELIX_GET_JOB_URL=f"{TASK_URL}?mode=create&type=text&model_name=tiny-echo")
     assert result.exit_code == 0, result.output
-    assert api.calls[1].request.params["model_name"] == "/models/echo"
+    assert gets(api)[1].params["model_name"] == "/models/echo"
     assert "alias of /models/echo" in caplog.text
 
 
@@ -121,3 +126,17 @@ def _read_until(proc: subprocess.Popen, needle: str) -> str:
         if needle in line:
             break
     return seen
+
+
+def test_max_parallel_takes_a_number_or_auto(monkeypatch):
+    import runner.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli.Runner, "run", lambda self: seen.append(self.config) or 0)
+    assert invoke("--max-parallel", "auto", "--max-parallel-cap", "12").exit_code == 0
+    assert invoke("--max-parallel", "3", HELIX_RUNNER_MAX_PARALLEL=None).exit_code == 0
+    assert (seen[0].parallel_auto, seen[0].max_parallel) == (True, 12)
+    assert (seen[1].parallel_auto, seen[1].max_parallel) == (False, 3)
+    refused = invoke("--max-parallel", "lots")
+    assert refused.exit_code == 2 and "'lots' is not a number from 1 to 256, nor auto" in refused.output
+    assert invoke("--max-parallel", "0").exit_code == 2

@@ -56,3 +56,33 @@ def test_stop_ends_the_thread(api, api_client):
     beat.start()
     beat.stop()
     assert not beat._thread.is_alive()
+
+
+def test_each_beat_carries_the_runners_profile(api, api_client):
+    import json
+
+    api.post(HEARTBEAT, json={"cancelled": False, "lease_expires_at": "later"})
+    api.post(HEARTBEAT, json={"cancelled": True, "lease_expires_at": None})
+    profiles = iter([{"slots": {"total": 2, "busy": 1}}, {"slots": {"total": 2, "busy": 2}}])
+    done = threading.Event()
+    beat = Heartbeat(api_client, 42, LEASE, on_stop=lambda reason: done.set(), describe=lambda: next(profiles))
+    beat.start()
+    assert done.wait(5)
+    beat.stop()
+    sent = [json.loads(call.request.body) for call in api.calls]
+    assert [body["runner"]["slots"]["busy"] for body in sent] == [1, 2]
+    assert all(body["lease_token"] == "l_42" for body in sent)
+
+
+def test_a_profile_that_cannot_be_read_leaves_the_beat_without_it(api, api_client):
+    api.post(HEARTBEAT, json={"cancelled": True, "lease_expires_at": None})
+    done = threading.Event()
+
+    def broken() -> dict:
+        raise RuntimeError("NVML went away")
+
+    beat = Heartbeat(api_client, 42, LEASE, on_stop=lambda reason: done.set(), describe=broken)
+    beat.start()
+    assert done.wait(5)
+    beat.stop()
+    assert api.calls[0].request.body == b'{"lease_token": "l_42"}'

@@ -32,6 +32,7 @@ def fake_worker_api(api, *, heartbeat: dict[str, Any] | None = None) -> None:
     api.post(re.compile(r".*/complete$"), json={"status": "complete"})
     api.post(re.compile(r".*/fail$"), json={"status": "queued"})
     api.post(re.compile(r".*/release$"), json={"status": "queued"})
+    api.post(re.compile(r".*/worker/runners$"), json={"name": "test-runner"})
 
 
 def _answer_posts(request) -> tuple[int, dict[str, str], str]:
@@ -43,12 +44,13 @@ def _answer_posts(request) -> tuple[int, dict[str, str], str]:
 
 
 def actions(api) -> list[str]:
-    """What the runner asked, in order, with runs of events/heartbeats collapsed."""
+    """What the runner asked, in order, with runs of events/heartbeats collapsed (and its profile left out)."""
     seen: list[str] = []
     for call in api.calls:
         url = call.request.url
         name = "claim" if "/task?" in url or url.endswith("/task") else "/".join(url.rsplit("/", 2)[-2:])
-        if name.endswith("/heartbeat") or (seen and seen[-1] == name and name.endswith("/events")):
+        collapsed = seen and seen[-1] == name and name.endswith("/events")
+        if name.endswith("/heartbeat") or name == "worker/runners" or collapsed:
             continue
         seen.append(name)
     return seen
@@ -294,7 +296,7 @@ def test_claim_refused_for_good_ends_run_with_the_api_message(api, api_client, c
     api.get(TASK_URL, status=401, json={"error": "unauthorized", "message": "unknown runner token"})
     with pytest.raises(ApiError, match="unknown runner token"):
         Runner(config, EchoBackend(config), api_client).run()
-    assert len(api.calls) == 1
+    assert [call.request.method for call in api.calls] == ["POST", "GET"]  # its profile, then one claim
 
 
 def test_idle_runner_stops_promptly(api, api_client, config):
@@ -351,6 +353,7 @@ def test_a_stopping_runner_whose_api_is_gone_exits_after_its_api_grace_with_one_
     # The claim is answered; then the API goes away: every later call is refused a connection. The
     # reply streams (20 s of tokens) as a chat does, so its event posts are what find the API gone.
     long_prompt = {"messages": [{"role": "user", "content": "word " * 400}]}
+    api.post(re.compile(r".*/worker/runners$"), json={"name": "test-runner"})  # its profile, taken at start
     api.get(TASK_URL, json=claim_json(input=long_prompt, params={"token_delay": 0.05}))
     patient = RetryPolicy(attempts=1000, max_delay=60.0, initial=0.05, cap=0.2)  # would retry for a minute
     client = ApiClient(API, "hxr_test", "test-runner", timeout=2.0, retry=patient)
@@ -364,3 +367,52 @@ def test_a_stopping_runner_whose_api_is_gone_exits_after_its_api_grace_with_one_
     assert time.monotonic() - started < 5  # not the task's 30 s grace, nor a minute of retries
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and "unreachable" in said[0], said
+
+
+def test_the_runner_reports_its_profile_at_start_and_in_heartbeats(api, api_client, config, claim_json):
+    from dataclasses import replace
+
+    import runner
+
+    api.get(TASK_URL, json=claim_json(params={"sleep": 0.3}, lease={"heartbeat_seconds": 0.05}))
+    fake_worker_api(api)
+    config = replace(config, max_parallel=3)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=1) == 1
+    (profile,) = bodies(api, "/worker/runners")
+    assert profile["kinds"] == [{"mode": "create", "type": "text", "model_name": config.model_name}]
+    assert profile["backend"] == "tests.doubles:EchoBackend" and profile["version"] == runner.__version__
+    assert profile["slots"] == {"total": 3, "busy": 0} and profile["adapters"] == []
+    assert profile["hardware"]["cpu"]["cores"] >= 1 and isinstance(profile["hardware"]["gpus"], list)
+    beats = bodies(api, "/42/heartbeat")
+    assert beats and all(beat["runner"]["slots"] == {"total": 3, "busy": 1} for beat in beats)
+
+
+def test_a_profile_the_api_could_not_take_yet_is_sent_again_before_the_next_claim(api, api_client, config):
+    import requests
+
+    api.post(re.compile(r".*/worker/runners$"), body=requests.ConnectionError("refused"))
+    api.post(re.compile(r".*/worker/runners$"), json={"stored": True})
+    api.get(TASK_URL, status=204)
+    runner = Runner(config, EchoBackend(config), api_client)
+    timer = threading.Timer(0.3, runner.stop)
+    timer.start()
+    runner.run()
+    methods = [call.request.method for call in api.calls]
+    assert methods[:4] == ["POST", "GET", "POST", "GET"]  # one try each, never holding a claim back
+    assert methods.count("POST") == 2  # taken on the second try: not sent again
+
+
+def test_a_runner_whose_api_has_no_profile_endpoint_serves_all_the_same(api, api_client, config, claim_json):
+    api.post(re.compile(r".*/worker/runners$"), status=404, json={"error": "not_found", "message": "no"})
+    api.get(TASK_URL, json=claim_json())
+    fake_worker_api(api)
+    assert Runner(config, EchoBackend(config), api_client).run(max_tasks=1) == 1
+    assert bodies(api, "/42/complete")
+
+
+def test_auto_holds_a_backend_that_cannot_size_its_slots_to_one(api_client, config):
+    from dataclasses import replace
+
+    assert EchoBackend.max_parallel > 1 and not EchoBackend.sizes_slots
+    auto = replace(config, parallel_auto=True, max_parallel=64)
+    assert Runner(auto, EchoBackend(auto), api_client).slots() == 1

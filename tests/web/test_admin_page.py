@@ -35,3 +35,19 @@ def test_admins_see_runners_queues_and_failures(make_browser, browser, client, r
     assert f'data-task-id="{failing["task"]["id"]}"' in html and "CUDA out of memory on gpu7" in html
     assert "failed after 1 attempt<" in html and "alice" in html
     assert 'data-refresh="5000"' in html and "data-refresh-toggle" in html  # refreshed by helix.js, pausable
+
+
+def test_admins_see_each_runners_report_and_slots(make_browser, client, runner):
+    from tests.api.test_runner_reports import report
+
+    admin = make_browser("root", admin=True)
+    client.post("/api/v1/worker/runners", json=report(), headers={**runner, "X-Helix-Runner": "gpu-1"})
+    claim(client, {**runner, "X-Helix-Runner": "seed-runner"})
+    html = admin.get("/admin").data.decode()
+    row = html.split('data-runner="gpu-1"')[1].split("</tr>")[0]
+    assert "NVIDIA H100 80GB HBM3: 60.0 GiB free of 80.0 GiB" in row
+    assert "AMD EPYC 9454, 16 cores, 100.0 GiB free of 128.0 GiB RAM" in row
+    assert '<td class="slots">1 busy of 4 (3 free)</td>' in row
+    assert 'title="' + "ab" * 32 + '"' in row and '<td class="version">0.1.0</td>' in row and "(mistral)" in row
+    seed = html.split('data-runner="seed-runner"')[1].split("</tr>")[0]
+    assert '<td class="slots">not reported</td>' in seed
