@@ -83,7 +83,7 @@ def test_demo_chats_with_the_real_model_and_teaches_it_a_fact(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert f"runners: text and fine-tune on {smollm.NAME}" in out
-    assert out.count("[SmolLM2-135M-Instruct] ") == 2 and out.count("(stop; usage") == 2, out
+    assert out.count("[smollm2-135m] ") == 2 and out.count("(stop; usage") == 2, out  # replies by its alias
     table = out.split("before the fine-tune", 1)[1].split("[you] draw:", 1)[0]
     columns = [line.split("  |  ") for line in table.splitlines() if "  |  " in line]
     before, after = (" ".join(column) for column in zip(*columns, strict=True))
