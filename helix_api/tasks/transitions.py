@@ -73,18 +73,24 @@ def _active() -> Any:
     return or_(*(_TASKS.c.status == status for status in sorted(ACTIVE_TASK_STATUSES)))
 
 
-def _state_event_cte(seq_cte: Any) -> Any:
-    """The `state` event row, numbered with the session's bumped counter (PostgreSQL only)."""
-    return insert(_EVENTS).from_select(
-        ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"],
-        select(_SESSION, seq_cte.c.event_seq, _ID, _REPLY, bindparam("p_attempt", type_=Integer),
-               literal("state", String), cast(bindparam("p_event", type_=String), JSON), _NOW),
-    ).returning(_EVENTS.c.id).cte("event")
+_EVENT_COLUMNS = ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"]
 
 
-def _bump_cte() -> Any:
-    return (update(_SESSIONS).where(_SESSIONS.c.id == _SESSION)
+def _event_cte(values: Any) -> Any:
+    """The `state` event row inserted from `values` (a select of _EVENT_COLUMNS), as a CTE (PostgreSQL only)."""
+    return insert(_EVENTS).from_select(_EVENT_COLUMNS, values).returning(_EVENTS.c.id).cte("event")
+
+
+def _bump_cte(session_id: Any = _SESSION) -> Any:
+    """The session's event counter bumped by one, returning the new seq, as a CTE (PostgreSQL only)."""
+    return (update(_SESSIONS).where(_SESSIONS.c.id == session_id)
             .values(event_seq=_SESSIONS.c.event_seq + 1).returning(_SESSIONS.c.event_seq).cte("bump"))
+
+
+def _state_event_cte(seq_cte: Any) -> Any:
+    """The `state` event row of a task named by parameters, numbered with the session's bumped counter."""
+    return _event_cte(select(_SESSION, seq_cte.c.event_seq, _ID, _REPLY, bindparam("p_attempt", type_=Integer),
+                             literal("state", String), cast(bindparam("p_event", type_=String), JSON), _NOW))
 
 
 def _usage_values() -> dict[str, Any]:
@@ -175,14 +181,11 @@ def _enqueue_statement(postgresql: bool) -> Prepared:
         return Prepared(task)
     # One statement: the task and its `queued` event, numbered in its session.
     task = task.cte("task")
-    bump = (update(_SESSIONS).where(_SESSIONS.c.id == select(task.c.session_id).scalar_subquery())
-            .values(event_seq=_SESSIONS.c.event_seq + 1).returning(_SESSIONS.c.event_seq).cte("bump"))
-    event = insert(_EVENTS).from_select(
-        ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"],
+    bump = _bump_cte(select(task.c.session_id).scalar_subquery())
+    event = _event_cte(
         select(task.c.session_id, bump.c.event_seq, task.c.id, task.c.interaction_id, task.c.attempt,
                literal("state", String), cast(bindparam("p_event", type_=String), JSON), task.c.created_at)
-        .select_from(task.join(bump, literal(True))),
-    ).returning(_EVENTS.c.id).cte("event")
+        .select_from(task.join(bump, literal(True))))
     return Prepared(select(*task.c).add_cte(bump, event))
 
 
@@ -229,14 +232,11 @@ def _claim_statement(rule: ClaimRule, skip_locked: bool, postgresql: bool) -> An
     claimed = claim.cte("claimed")
     reply = (update(_REPLIES).where(_REPLIES.c.id == select(claimed.c.interaction_id).scalar_subquery())
              .values(state=InteractionState.RUNNING).returning(_REPLIES.c.id).cte("reply"))
-    bump = (update(_SESSIONS).where(_SESSIONS.c.id == select(claimed.c.session_id).scalar_subquery())
-            .values(event_seq=_SESSIONS.c.event_seq + 1).returning(_SESSIONS.c.event_seq).cte("bump"))
-    event = insert(_EVENTS).from_select(
-        ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"],
+    bump = _bump_cte(select(claimed.c.session_id).scalar_subquery())
+    event = _event_cte(
         select(claimed.c.session_id, bump.c.event_seq, claimed.c.id, claimed.c.interaction_id, claimed.c.attempt,
                literal("state", String), cast(bindparam("p_event", type_=String), JSON), _NOW)
-        .select_from(claimed.join(bump, literal(True))),
-    ).returning(_EVENTS.c.id).cte("event")
+        .select_from(claimed.join(bump, literal(True))))
     return select(*claimed.c).add_cte(reply, bump, event)
 
 
