@@ -93,6 +93,21 @@ class Config:
     METRICS_TOKEN = ""
     # How long a /v1 request that does not stream waits for its reply (then 504, and the task is cancelled).
     OPENAI_WAIT_SECONDS = 600.0
+    # --- The fleet's scheduling rules (see notes.md "Scheduling rules"); each off at 0 -------------------
+    # A task whose adapter a live runner with a free slot holds waits for that runner this long (jittered
+    # up to twice as long) before any runner of the base model may take it. 0: first come, first served.
+    WARM_WAIT_SECONDS = 1.0
+    # Within a priority class, the next task goes to the user with the fewest tasks running. 0: FIFO.
+    FAIR_SHARE = True
+    # A new session queued longer than this is served before continue work (0: never).
+    AGEING_SECONDS = 30.0
+    # Per-user limits (operator defaults; `helix users limits` overrides one user's in SQL). 0: none.
+    MAX_QUEUED_PER_USER = 1000
+    MAX_RUNNING_PER_USER = 0
+    # A non-streamed /v1 request for a model no live runner serves fails after this many seconds.
+    NO_RUNNER_GRACE_SECONDS = 10.0
+    # The wait an autoscaler should aim for: helix_runners_wanted is sized so queued work starts within it.
+    TARGET_WAIT_SECONDS = 30.0
 
 
 def _coerce(raw: str, default: Any) -> Any:

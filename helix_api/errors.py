@@ -185,6 +185,16 @@ class TooLarge(HelixError):
     code = "too_large"
 
 
+class TooManyQueued(HelixError):
+    """You have too many tasks queued: wait for some to start, then try again."""
+
+    status_code = 429
+    code = "too_many_queued"
+    retryable = True
+    # Seconds a client should wait before trying again (the Retry-After header).
+    retry_after = 10
+
+
 class SchemaOutOfDate(HelixError):
     """The database schema is behind the code: run `helix db upgrade`."""
 
@@ -352,6 +362,8 @@ def register_error_handlers(app: Flask, database: Any, error_page: ErrorPage | N
     @app.errorhandler(HelixError)
     def _helix(err: HelixError):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if err.status_code == 503 else {}
+        if getattr(err, "retry_after", None):
+            headers["Retry-After"] = str(err.retry_after)
         if err.status_code >= 500 and err.status_code != 503:  # an outage is logged once, by the database
             logger.error("%s: %s", err.code, err.message)
         if _is_openai():

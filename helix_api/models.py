@@ -81,6 +81,10 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     is_admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Per-user overrides of MAX_QUEUED_PER_USER and MAX_RUNNING_PER_USER (None: the operator's default;
+    # 0: no limit).
+    max_queued: Mapped[int | None]
+    max_running: Mapped[int | None]
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user")
 
@@ -167,6 +171,10 @@ class Task(Base):
         # What runners poll by: the queue of one (mode, type, model), in claim order.
         Index("ix_tasks_claim", "status", "mode", "type", "model_name", "priority", "id"),
         Index("ix_tasks_lease", "status", "lease_expires_at"),
+        # Fair shares and per-user limits count a user's tasks by status; a reservation counts a
+        # runner's active tasks.
+        Index("ix_tasks_user_status", "user_id", "status"),
+        Index("ix_tasks_runner_status", "runner", "status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -189,6 +197,12 @@ class Task(Base):
     max_attempts: Mapped[int] = mapped_column(default=3)
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None]
+    # The key (checksum) of the LoRA adapter the task runs with, if any: warm routing matches it
+    # against the adapters a runner holds.
+    adapter: Mapped[str | None] = mapped_column(String(128))
+    # Until then only a runner holding `adapter` may take the task (a live one with a free slot held it
+    # when the task was queued); None: any runner of the kind may.
+    warm_until: Mapped[datetime | None]
     runner: Mapped[str | None] = mapped_column(String(200))
     runner_token_id: Mapped[int | None] = mapped_column(ForeignKey("runner_tokens.id", ondelete="SET NULL"))
     # Highest runner event seq stored for the current attempt (retried posts are stored once).
@@ -264,6 +278,20 @@ class Runner(Base):
     adapters: Mapped[list[Any] | None]  # checksums of the adapters in memory
     version: Mapped[str | None] = mapped_column(String(100))
     reported_at: Mapped[datetime | None]
+    # The model whose inference and fine-tuning this runner polls for together (None: it does not):
+    # such runners form the pool a fine-tune reservation keeps capacity in.
+    pool: Mapped[str | None] = mapped_column(String(500))
+
+
+class Reservation(Base):
+    """Runners kept for fine-tuning a model: of the runners polling for both its inference and its
+    fine-tuning, `runners` take inference work only while more than that many of them are idle."""
+
+    __tablename__ = "reservations"
+
+    model_name: Mapped[str] = mapped_column(String(500), primary_key=True)
+    runners: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class TaskUsage(Base):

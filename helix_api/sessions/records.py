@@ -103,7 +103,7 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
     task = transitions.enqueue(db, session_id=session.id, interaction_id=reply.id, user_id=user_id,
                           mode=session.mode, type_=session.type, model_name=session.model_name,
                           input=task_input, params=params, priority=priority,
-                          max_attempts=policy.max_attempts)
+                          max_attempts=policy.max_attempts, rules=policy.rules)
     return [(asked, None), (reply, task)]
 
 

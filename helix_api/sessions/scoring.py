@@ -62,7 +62,8 @@ def start(database: Database, policy: LeasePolicy, *, user_id: int, session_id: 
         task = transitions.enqueue(db, session_id=session_id, interaction_id=reply.id, user_id=user_id, mode=Mode.SCORE,
                               type_=session.type, model_name=session.model_name,
                               input={"prompt": prompt, "candidates": candidates, "adapter": files.file_ref(adapter)},
-                              params={}, priority=queues.PRIORITY_CONTINUE, max_attempts=policy.max_attempts)
+                              params={}, priority=queues.PRIORITY_CONTINUE, max_attempts=policy.max_attempts,
+                              rules=policy.rules)
         session.updated_at = now
         return completions.Request(session_id=session_id, task_id=task.id, model=session.model_name,
                                    created=int(now.timestamp()))

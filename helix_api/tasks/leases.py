@@ -8,7 +8,7 @@ expired; otherwise it gets the 404/409 that explains why and changes nothing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from helix_api.db import Prepared
 from helix_api.errors import LeaseLost, TaskCancelled, TaskNotFound
 from helix_api.models import ACTIVE_TASK_STATUSES, Task, TaskStatus
 from helix_api.tasks.rows import TaskRow
+from helix_api.tasks.rules import Rules
 
 _TASKS = Task.__table__
 # Built once: on the hot paths, building a statement costs more than running it.
@@ -42,11 +43,13 @@ class Lease:
 
 @dataclass(frozen=True)
 class LeasePolicy:
-    """How long leases last, how often runners renew them, how many attempts a task gets."""
+    """How long leases last, how often runners renew them, how many attempts a task gets, and the
+    scheduling rules a task is queued and claimed under."""
 
     ttl_seconds: float = 30.0
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3
+    rules: Rules = field(default_factory=Rules)
 
     def lease(self, token: str, now: datetime) -> Lease:
         """A new lease under `token`, from `now` for this policy's TTL."""
@@ -54,9 +57,9 @@ class LeasePolicy:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> LeasePolicy:
-        """The policy the LEASE_SECONDS, HEARTBEAT_SECONDS and MAX_ATTEMPTS settings describe."""
+        """The policy the LEASE_SECONDS, HEARTBEAT_SECONDS, MAX_ATTEMPTS and scheduling settings describe."""
         return cls(ttl_seconds=settings["LEASE_SECONDS"], heartbeat_seconds=settings["HEARTBEAT_SECONDS"],
-                   max_attempts=settings["MAX_ATTEMPTS"])
+                   max_attempts=settings["MAX_ATTEMPTS"], rules=Rules.from_settings(settings))
 
 
 def load(conn: Connection, task_id: int, *, for_update: bool) -> TaskRow:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -52,40 +53,55 @@ def session_topic(session_id: int) -> str:
 
 class _Topic:
     def __init__(self) -> None:
-        self.cond = threading.Condition()
         self.version = 0
         # Live text of a session's reply grew (in memory, no row): followers need not read rows.
         self.text_version = 0
         self.watchers = 0
+        # The waiters asleep on this topic, first come first woken; a waiter on several topics (a runner
+        # polling for several kinds) sits in each of their lines with the same event.
+        self.waiting: deque[threading.Event] = deque()
 
 
 class Watch:
-    """A waiter's place on one topic; `wait()` returns early if anything was published meanwhile."""
+    """A waiter's place on one or more topics; `wait()` returns early if any was published meanwhile."""
 
-    def __init__(self, topic: _Topic) -> None:
-        self._topic = topic
+    def __init__(self, lock: threading.Lock, topics: list[_Topic]) -> None:
+        self._lock, self._topics = lock, topics
         # After a wait: whether rows were published (False when only live text grew).
         self.rows = True
-        with topic.cond:
-            self._seen = (topic.version, topic.text_version)
+        with lock:
+            self._seen = self._versions()
+
+    def _versions(self) -> list[tuple[int, int]]:
+        return [(topic.version, topic.text_version) for topic in self._topics]
 
     def wait(self, timeout: float) -> bool:
-        """Block until the topic is published or `timeout` passes; True if it was published."""
-        topic = self._topic
-        with topic.cond:
-            if (topic.version, topic.text_version) == self._seen:
-                topic.cond.wait(timeout)
-            now = (topic.version, topic.text_version)
-            woken = now != self._seen
-            self.rows = not woken or now[0] != self._seen[0]
-            self._seen = now
-            return woken
+        """Block until a topic is published or `timeout` passes; True if one was published."""
+        with self._lock:
+            event = None
+            if self._versions() == self._seen:
+                event = threading.Event()
+                for topic in self._topics:
+                    topic.waiting.append(event)
+        if event is not None:
+            event.wait(timeout)
+        with self._lock:
+            if event is not None:
+                for topic in self._topics:
+                    with suppress(ValueError):  # already taken off the line by the one who woke it
+                        topic.waiting.remove(event)
+            now = self._versions()
+        woken = now != self._seen
+        self.rows = not woken or any(new[0] != old[0] for new, old in zip(now, self._seen, strict=True))
+        self._seen = now
+        return woken
 
 
 class Notifier:
     """Per-process registry of topics with waiters."""
 
     def __init__(self) -> None:
+        # One lock for every topic's line of waiters: a waiter on several topics joins them all at once.
         self._lock = threading.Lock()
         self._topics: dict[str, _Topic] = {}
         self._listener: threading.Thread | None = None
@@ -95,18 +111,20 @@ class Notifier:
         self._tick_seconds = 0.0
 
     @contextmanager
-    def watch(self, name: str) -> Iterator[Watch]:
-        """Register as a waiter on `name` for the duration of the block."""
+    def watch(self, *names: str) -> Iterator[Watch]:
+        """Register as a waiter on topics `names` for the duration of the block."""
         with self._lock:
-            topic = self._topics.setdefault(name, _Topic())
-            topic.watchers += 1
+            topics = [self._topics.setdefault(name, _Topic()) for name in names]
+            for topic in topics:
+                topic.watchers += 1
         try:
-            yield Watch(topic)
+            yield Watch(self._lock, topics)
         finally:
             with self._lock:
-                topic.watchers -= 1
-                if topic.watchers == 0 and self._topics.get(name) is topic:
-                    del self._topics[name]
+                for name, topic in zip(names, topics, strict=True):
+                    topic.watchers -= 1
+                    if topic.watchers == 0 and self._topics.get(name) is topic:
+                        del self._topics[name]
 
     def notify(self, name: str, count: int = 0) -> None:
         """Wake `count` waiters on `name` in this process (0: all of them)."""
@@ -119,25 +137,20 @@ class Notifier:
     def _wake(self, name: str, count: int, *, text: bool) -> None:
         with self._lock:
             topic = self._topics.get(name)
-        if topic is None:
-            return
-        with topic.cond:
+            if topic is None:
+                return
             if text:
                 topic.text_version += 1
             else:
                 topic.version += 1
-            if count:
-                topic.cond.notify(count)
-            else:
-                topic.cond.notify_all()
+            _rouse(topic, count)
 
     def poke(self, name: str) -> None:
         """Wake one waiter on `name` without news: it re-checks, as if its timer had run out."""
         with self._lock:
             topic = self._topics.get(name)
-        if topic is not None:
-            with topic.cond:
-                topic.cond.notify(1)
+            if topic is not None:
+                _rouse(topic, 1)
 
     def tick_every(self, seconds: float) -> None:
         """Poke one waiter of every queue topic each `seconds` (the re-check), from one thread."""
@@ -206,6 +219,17 @@ class Notifier:
         for line in lines:
             count, _, name = line.partition(" ")
             self.notify(name, int(count or 0))
+
+
+def _rouse(topic: _Topic, count: int) -> None:
+    """Wake the first `count` waiters asleep on `topic` (0: all), skipping any already woken by another
+    of their topics: a wake-up meant for one runner is never spent on a runner that is up anyway."""
+    woken = 0
+    while topic.waiting and (count == 0 or woken < count):
+        event = topic.waiting.popleft()
+        if not event.is_set():
+            event.set()
+            woken += 1
 
 
 def notify_payload(topics: dict[str, int]) -> str:

@@ -23,6 +23,6 @@ _AHEAD = select(func.count(_TASKS.c.id)).where(
 
 def queue_position(db: DBSession | Connection, task: Any) -> int:
     """1 for the task that the next matching runner gets, 2 for the one after it, and so on."""
-    ahead = db.execute(_AHEAD, {**ClaimRule.of_task(task).params(), "p_priority": task.priority,
+    ahead = db.execute(_AHEAD, {**ClaimRule.of_task(task).queue_params(), "p_priority": task.priority,
                                 "p_id": task.id}).scalar()
     return int(ahead or 0) + 1

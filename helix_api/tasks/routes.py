@@ -56,7 +56,7 @@ def claim():
     runner = _runner_name()
     gone = hang_up_check(request.environ) if wait else None
     claimed = svc.scheduler.claim_waiting(
-        ClaimRule(mode, type_, model_name), wait=wait, client_gone=gone, runner=runner,
+        ClaimRule.one(mode, type_, model_name, rules=svc.policy.rules), wait=wait, client_gone=gone, runner=runner,
         runner_token_id=g.caller.id, count=most or 1)
     if not claimed:
         return Response(status=204)

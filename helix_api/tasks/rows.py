@@ -33,6 +33,8 @@ class TaskRow:
     max_attempts: int
     lease_token: str | None
     lease_expires_at: datetime | None
+    adapter: str | None
+    warm_until: datetime | None
     runner: str | None
     runner_token_id: int | None
     last_event_seq: int

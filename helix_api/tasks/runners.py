@@ -45,14 +45,15 @@ class Registry:
         self.reports_written: dict[str, float] = {}  # runner -> when this process last stored its report
 
     def seen(self, name: str, *, runner_token_id: int | None, asks_for: tuple[Any, ...]) -> None:
-        """Record that runner `name` asked for work (`asks_for`: mode, type, model); a few writes a minute."""
+        """Record that runner `name` asked for work (`asks_for`: mode, type, model of its first kind, and the
+        model whose inference and fine-tuning it polls for together, or None); a few writes a minute."""
         if not self._note(name, asks_for):
             self._flush()
             return
-        mode, type_, model_name = asks_for
+        mode, type_, model_name, pool = asks_for
         now = utcnow()
         values = {"runner_token_id": runner_token_id, "mode": mode, "type": type_, "model_name": model_name,
-                  "last_seen_at": now}
+                  "pool": pool, "last_seen_at": now}
         try:
             with self.database.transaction() as conn:
                 if conn.execute(update(_RUNNERS).where(_RUNNERS.c.name == name).values(**values)).rowcount:

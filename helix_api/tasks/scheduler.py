@@ -27,7 +27,7 @@ from helix_api.sessions.storage import FileStore, StoredBlob
 from helix_api.streaming.intake import Intake
 from helix_api.streaming.live import LiveReplies
 from helix_api.tasks import claims, leases, transitions
-from helix_api.tasks.claims import ClaimRule
+from helix_api.tasks.claims import ClaimRule, Kind
 from helix_api.tasks.leases import Lease, LeasePolicy
 from helix_api.tasks.rows import TaskRow
 from helix_api.tasks.runners import Registry
@@ -118,17 +118,19 @@ class Scheduler:
         seconds wakes one waiter per queue (the notifier's ticker), not every waiter, so a thousand
         idle runners cost a few wake-ups a second, not a thousand.
         """
-        self.runners.seen(runner, runner_token_id=runner_token_id, asks_for=(rule.mode, rule.type, rule.model_name))
+        self.runners.seen(runner, runner_token_id=runner_token_id,
+                          asks_for=(rule.mode, rule.type, rule.model_name, rule.pool))
         deadline = time.monotonic() + wait
         woken = False
         notifier = self.database.notifier
         notifier.tick_every(self.recheck)
-        with notifier.watch(rule.topic) as watch:
+        with notifier.watch(*rule.topics) as watch:
             while True:
                 self.reap_if_due()
                 if client_gone is not None and client_gone():
                     if woken:
-                        notifier.notify(rule.topic, 1)  # the wake-up was for a runner: pass it on
+                        for topic in rule.topics:  # the wake-up was for a runner: pass it on
+                            notifier.notify(topic, 1)
                     logger.info("long poll for %s: the runner hung up; claiming nothing", rule.topic)
                     return []
                 claimed = self.claim_many(rule, count, runner=runner, runner_token_id=runner_token_id,
@@ -211,8 +213,12 @@ class Scheduler:
         return claimed
 
     def _claim_next(self, conn: Connection, done: TaskRow, token: str, runner: str) -> tuple[TaskRow, Lease] | None:
-        """Claim the next task of `done`'s queue, under a lease token only `token`'s holder can derive."""
-        rule = ClaimRule.of_task(done)
+        """Claim the next task of `done`'s queue, under a lease token only `token`'s holder can derive.
+
+        The runner holds `done`'s adapter now, so that adapter's work is warm for it.
+        """
+        rule = ClaimRule((Kind(done.mode, done.type, done.model_name),),
+                         warm=(done.adapter,) if done.adapter else (), rules=self.policy.rules)
         claimed = self._claim_in(conn, rule, claims.next_token(token), runner, done.runner_token_id)
         if claimed is not None:
             logger.info("task %s: claimed by %s with the completion of task %s (attempt %s)",

@@ -20,7 +20,9 @@ from sqlalchemy import (
     Connection,
     Integer,
     String,
+    and_,
     bindparam,
+    case,
     cast,
     delete,
     func,
@@ -33,7 +35,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session as DBSession
 
 from helix_api.accounts import usage
-from helix_api.db import Prepared, insert_row
+from helix_api.db import Prepared
+from helix_api.errors import TooManyQueued
 from helix_api.models import (
     ACTIVE_TASK_STATUSES,
     File,
@@ -44,14 +47,17 @@ from helix_api.models import (
     TaskEvent,
     TaskStatus,
     TaskUsage,
+    User,
     UTCDateTime,
     utcnow,
 )
 from helix_api.streaming import events
+from helix_api.tasks import claims
 from helix_api.tasks.claims import ClaimRule
 from helix_api.tasks.leases import Lease
 from helix_api.tasks.notifier import publish, session_topic
 from helix_api.tasks.rows import TaskRow
+from helix_api.tasks.rules import Rules
 from helix_api.vocabulary import AttemptEnd, Mode, SessionType
 
 _TASKS, _REPLIES, _SESSIONS = Task.__table__, Interaction.__table__, Session.__table__
@@ -175,8 +181,32 @@ def _usage_params(task: TaskRow, outcome: AttemptEnd, now: datetime, result: dic
 
 # --- The transitions -------------------------------------------------------------------------------
 
+def _under_queued_limit() -> Any:
+    """SQL: the task's user has fewer tasks queued than their limit (theirs, else the operator's; 0: none)."""
+    users = User.__table__
+    limit = func.coalesce(select(users.c.max_queued).where(users.c.id == bindparam("user_id")).scalar_subquery(),
+                          bindparam("p_queued_limit", type_=Integer))
+    queued = (select(func.count()).select_from(_TASKS)
+              .where(_TASKS.c.user_id == bindparam("user_id"), _TASKS.c.status == TaskStatus.QUEUED).scalar_subquery())
+    return or_(limit <= 0, queued < limit)
+
+
 def _enqueue_statement(postgresql: bool) -> Prepared:
-    task = insert_row(_TASKS)
+    # INSERT ... SELECT, so that the queued-task limit and the warm-routing deadline cost no statement of
+    # their own: over the limit, the insert inserts nothing. warm_until is set only where some live runner
+    # with a free slot holds the task's adapter (claims.warm_somewhere).
+    columns = [c for c in _TASKS.c if not c.primary_key]
+
+    def value(column: Any) -> Any:
+        bound = bindparam(column.name, type_=column.type)
+        if column.name == "warm_until":
+            bound = case((and_(bindparam("adapter", type_=String).is_not(None),
+                               claims.warm_somewhere(bindparam("adapter", type_=String))), bound), else_=None)
+        return cast(bound, column.type) if postgresql else bound
+
+    task = (insert(_TASKS).from_select([c.name for c in columns],
+                                       select(*(value(c) for c in columns)).where(_under_queued_limit()))
+            .returning(*_TASKS.c))
     if not postgresql:
         return Prepared(task)
     # One statement: the task and its `queued` event, numbered in its session.
@@ -195,31 +225,45 @@ _QUEUED_EVENT = json.dumps({"state": InteractionState.QUEUED.value})
 
 def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int, user_id: int, mode: Mode,
             type_: SessionType, model_name: str, input: dict[str, Any], params: dict[str, Any],
-            priority: int, max_attempts: int) -> TaskRow:
-    """Queue the task that will produce reply `interaction_id`, in the creator's transaction."""
+            priority: int, max_attempts: int, rules: Rules) -> TaskRow:
+    """Queue the task that will produce reply `interaction_id`, in the creator's transaction.
+
+    Raises TooManyQueued, storing nothing of its own, when the user is at their queued-task limit; the
+    caller's transaction then rolls back whatever else it wrote.
+    """
     now = utcnow()
     values = {
         "session_id": session_id, "interaction_id": interaction_id, "user_id": user_id, "mode": mode,
         "type": type_, "model_name": model_name, "priority": priority, "status": TaskStatus.QUEUED,
         "input": input, "params": params, "result": None, "error": None, "attempt": 0,
-        "max_attempts": max_attempts, "lease_token": None, "lease_expires_at": None, "runner": None,
+        "max_attempts": max_attempts, "lease_token": None, "lease_expires_at": None,
+        "adapter": claims.adapter_key(input), "warm_until": rules.warm_until(now), "runner": None,
         "runner_token_id": None, "last_event_seq": 0, "created_at": now, "queued_at": now, "claimed_at": None,
         "started_at": None, "finished_at": None, "cancelled_at": None}
     postgresql = isinstance(db, Connection) and db.dialect.name == "postgresql"
-    task = TaskRow.of(_ENQUEUE[postgresql].one(db, {**values, "p_event": _QUEUED_EVENT}))
+    row = _ENQUEUE[postgresql].one_or_none(db, {**values, "p_event": _QUEUED_EVENT,
+                                                "p_queued_limit": rules.max_queued_per_user,
+                                                "p_alive": now - timedelta(seconds=claims.ALIVE_SECONDS)})
+    if row is None:
+        raise TooManyQueued("You already have as many tasks queued as you may (your queued-task limit): "
+                            "wait for some of them to start, then try again.")
+    task = TaskRow.of(row)
     if postgresql:
         publish(db, session_topic(session_id), 0)
     else:
         events.state_event(db, task, InteractionState.QUEUED.value)
-    publish(db, ClaimRule.of_task(task).topic, 1)
+    # A task waiting for a warm runner wakes every runner of its queue, so that the warm one hears of it
+    # whichever is asleep first; any other task wakes one.
+    publish(db, ClaimRule.of_task(task).topic, 0 if task.warm_until is not None else 1)
     return task
 
 
 def _claim_statement(rule: ClaimRule, skip_locked: bool, postgresql: bool) -> Any:
-    candidate = select(_TASKS.c.id).where(rule.where()).order_by(*rule.order_by()).limit(1)
+    candidate = (select(_TASKS.c.id).select_from(rule.from_()).where(rule.where())
+                 .order_by(*rule.order_by()).limit(1))
     if skip_locked:
         # Concurrent claimers skip a row another transaction is taking instead of queueing on it.
-        candidate = candidate.with_for_update(skip_locked=True)
+        candidate = candidate.with_for_update(skip_locked=True, of=_TASKS)
     claim = (update(_TASKS)
              .where(_TASKS.c.id == candidate.scalar_subquery(), _TASKS.c.status == TaskStatus.QUEUED)
              .values(status=TaskStatus.CLAIMED, attempt=_TASKS.c.attempt + 1, lease_token=bindparam("p_token"),
@@ -253,7 +297,7 @@ def claim(conn: Connection, rule: ClaimRule, lease: Lease, now: datetime, *, run
     if stmt is None:
         stmt = _CLAIMS[key] = Prepared(_claim_statement(rule, skip_locked=postgresql, postgresql=postgresql))
     event = {"state": InteractionState.RUNNING.value, "phase": "claimed", "runner": runner}
-    row = stmt.one_or_none(conn, {**rule.params(), "p_token": lease.token, "p_expires": lease.expires_at,
+    row = stmt.one_or_none(conn, {**rule.params(now), "p_token": lease.token, "p_expires": lease.expires_at,
                                   "p_now": now, "p_runner": runner, "p_runner_token": runner_token_id,
                                   "p_event": json.dumps(event)})
     if row is None:

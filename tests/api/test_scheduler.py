@@ -16,7 +16,7 @@ from helix_api.tasks.claims import ClaimRule
 from helix_api.tasks.scheduler import Scheduler
 from tests.conftest import TEXT_MODEL, claim
 
-FILTER = ClaimRule(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
+FILTER = ClaimRule.one(Mode.CREATE, SessionType.TEXT, TEXT_MODEL)
 
 
 @pytest.fixture
