@@ -192,10 +192,19 @@ class Claim(TypedDict, total=False):
 
     mode: text(32)
     type: text(32)
-    model_name: Required[text(500, min_length=1)]
+    # One queue (the seed's URL), or several as repeated `kind=MODE:TYPE:MODEL` (checked in the view).
+    model_name: text(500, min_length=1)
+    kind: text(600, min_length=1)
+    # Keys of the adapters the runner holds (repeated), for warm routing.
+    warm: text(128, min_length=1)
     wait: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)]
     # Up to this many tasks, each with its own lease (a runner's free slots); absent: one, in the old shape.
     max: Annotated[int, Field(ge=1, le=MAX_CLAIM)]
+
+
+# How many queues one poll may name, and how many adapters it may say it holds.
+MAX_KINDS = 16
+MAX_WARM = 64
 
 
 @with_config(QUERY)

@@ -62,7 +62,7 @@ _PRIORITY_AGED = -1
 ALIVE_SECONDS = 60.0
 _NO_LIMIT = 2**31 - 1
 # Adapter keys are checksums (or file ids): anything else is never matched inside the runners' JSON.
-_ADAPTER_KEY = re.compile(r"[0-9A-Za-z-]{1,128}")
+ADAPTER_KEY = re.compile(r"[0-9A-Za-z-]{1,128}")
 
 
 def _in_queue(index: int) -> Any:
@@ -116,7 +116,7 @@ class ClaimRule:
     def __post_init__(self) -> None:
         if not self.kinds:
             raise ValueError("a claim rule needs at least one kind")
-        object.__setattr__(self, "warm", tuple(key for key in dict.fromkeys(self.warm) if _ADAPTER_KEY.fullmatch(key)))
+        object.__setattr__(self, "warm", tuple(key for key in dict.fromkeys(self.warm) if ADAPTER_KEY.fullmatch(key)))
 
     @property
     def mode(self) -> Mode:
@@ -292,7 +292,7 @@ def adapter_key(task_input: Mapping[str, Any]) -> str | None:
     if not isinstance(ref, Mapping):
         return None
     key = str(ref.get("sha256") or ref.get("id") or "")
-    return key if _ADAPTER_KEY.fullmatch(key) else None
+    return key if ADAPTER_KEY.fullmatch(key) else None
 
 
 def warm_somewhere(adapter: Any) -> Any:

@@ -20,8 +20,9 @@ from helix_api.errors import InvalidField
 from helix_api.schemas import worker as schemas
 from helix_api.services import services
 from helix_api.sessions import files
+from helix_api.tasks import claims
 from helix_api.tasks import files as task_files
-from helix_api.tasks.claims import ClaimRule
+from helix_api.tasks.claims import ClaimRule, Kind
 from helix_api.validation import field, json_body, parse_mode, parse_type, query, query_number, values
 
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
@@ -48,21 +49,57 @@ def claim():
     """Claim the next matching task (200 with a lease), or up to `max` of them, or say there is none (204)."""
     svc = services()
     args = query(schemas.Claim)
-    mode = parse_mode(args.get("mode", "create"), claim=True)
-    type_ = parse_type(args.get("type", "text"))
-    model_name = svc.catalog.resolve(args["model_name"])
     wait = query_number("wait", 0.0, 0.0, svc.settings["MAX_WAIT_SECONDS"])
     most = args.get("max")
     runner = _runner_name()
     gone = hang_up_check(request.environ) if wait else None
     claimed = svc.scheduler.claim_waiting(
-        ClaimRule.one(mode, type_, model_name, rules=svc.policy.rules), wait=wait, client_gone=gone, runner=runner,
+        ClaimRule(_kinds(args), warm=_warm(), rules=svc.policy.rules), wait=wait, client_gone=gone, runner=runner,
         runner_token_id=g.caller.id, count=most or 1)
     if not claimed:
         return Response(status=204)
     if most is None:  # the single-task shape, which every runner before `max` reads
         return claimed_payload(*claimed[0])
     return {"tasks": [claimed_payload(task, lease) for task, lease in claimed]}
+
+
+def _kinds(args: dict[str, Any]) -> tuple[Kind, ...]:
+    """The queues a poll names: `mode`, `type` and `model_name` (one), or repeated `kind=MODE:TYPE:MODEL`."""
+    catalog = services().catalog
+    spelled = request.args.getlist("kind")
+    if not spelled:
+        if "model_name" not in args:
+            raise InvalidField("Name the queue to poll: model_name (with mode and type), or one or more "
+                               "kind=MODE:TYPE:MODEL.", field="model_name")
+        return (Kind(parse_mode(args.get("mode", "create"), claim=True), parse_type(args.get("type", "text")),
+                     catalog.resolve(args["model_name"])),)
+    if "model_name" in args or "mode" in args or "type" in args:
+        raise InvalidField("Send either mode/type/model_name or kind=MODE:TYPE:MODEL, not both.", field="kind")
+    if len(spelled) > schemas.MAX_KINDS:
+        raise InvalidField(f"At most {schemas.MAX_KINDS} kinds per poll.", field="kind")
+    kinds = []
+    for index, text in enumerate(spelled):
+        where = f"kind[{index}]"
+        mode, _, rest = text.partition(":")
+        type_, _, model_name = rest.partition(":")
+        if not model_name.strip():
+            raise InvalidField(f"Field {where!r} must read MODE:TYPE:MODEL, as create:text:mistral-7b-instruct.",
+                               field=where)
+        kinds.append(Kind(parse_mode(mode, f"{where}.mode", claim=True), parse_type(type_, f"{where}.type"),
+                          catalog.resolve(model_name)))
+    return tuple(dict.fromkeys(kinds))
+
+
+def _warm() -> tuple[str, ...]:
+    """The adapter keys a poll says its runner holds (repeated `warm=KEY`)."""
+    keys = request.args.getlist("warm")
+    if len(keys) > schemas.MAX_WARM:
+        raise InvalidField(f"At most {schemas.MAX_WARM} warm adapters per poll.", field="warm")
+    for index, key in enumerate(keys):
+        if not claims.ADAPTER_KEY.fullmatch(key):
+            raise InvalidField(f"Field 'warm[{index}]' must be an adapter's checksum (letters, digits and '-', "
+                               "at most 128).", field=f"warm[{index}]")
+    return tuple(keys)
 
 
 def claimed_payload(task: Any, lease: Any) -> dict[str, Any]:
