@@ -167,7 +167,8 @@ class ClaimRule:
                    func.coalesce(running.c.n, 0) < _running_limit(),
                    # The fine-tune reservation of the runner's pool, read from its row (so the complete-and-
                    # claim-next path, which knows only the runner's name, obeys it too).
-                   or_(_TASKS.c.mode != Mode.CREATE, _POOL.is_(None), _idle_in_pool() > _reserved())]
+                   or_(_TASKS.c.mode != Mode.CREATE, _POOL.is_(None), _reserved() <= 0,
+                       _idle_in_pool() > _reserved())]
         return and_(*clauses)
 
     def order_by(self) -> tuple[Any, ...]:
