@@ -46,7 +46,7 @@ from sqlalchemy import (
 from helix_api.db import Prepared
 from helix_api.models import ACTIVE_TASK_STATUSES, Reservation, Runner, Task, TaskStatus, User
 from helix_api.tasks.leases import Lease, LeasePolicy
-from helix_api.tasks.notifier import queue_topic
+from helix_api.tasks.notifier import queue_topic, warm_topic
 from helix_api.tasks.rows import TaskRow
 from helix_api.tasks.rules import Rules
 from helix_api.vocabulary import Mode, SessionType
@@ -137,8 +137,9 @@ class ClaimRule:
 
     @property
     def topics(self) -> tuple[str, ...]:
-        """Every wake-up topic of this rule's runner: a task of any of its kinds was queued."""
-        return tuple(dict.fromkeys(kind.topic for kind in self.kinds))
+        """Every wake-up topic of this rule's runner: a task of any of its kinds was queued, or a task held
+        for a runner with one of its adapters."""
+        return tuple(dict.fromkeys([*(kind.topic for kind in self.kinds), *map(warm_topic, self.warm)]))
 
     @property
     def pool(self) -> str | None:

@@ -46,6 +46,11 @@ def queue_topic(mode: str, type_: str, model_name: str) -> str:
     return f"{QUEUE_PREFIX}{mode}:{type_}:{model_name}"
 
 
+def warm_topic(adapter: str) -> str:
+    """The topic runners holding adapter `adapter` wait on: a task held for them was queued."""
+    return f"warm:{adapter}"
+
+
 def session_topic(session_id: int) -> str:
     """The topic event streams of one session wait on."""
     return f"session:{session_id}"

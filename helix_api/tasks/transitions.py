@@ -55,7 +55,7 @@ from helix_api.streaming import events
 from helix_api.tasks import claims
 from helix_api.tasks.claims import ClaimRule
 from helix_api.tasks.leases import Lease
-from helix_api.tasks.notifier import publish, session_topic
+from helix_api.tasks.notifier import publish, session_topic, warm_topic
 from helix_api.tasks.rows import TaskRow
 from helix_api.tasks.rules import Rules
 from helix_api.vocabulary import AttemptEnd, Mode, SessionType
@@ -252,9 +252,10 @@ def enqueue(db: DBSession | Connection, *, session_id: int, interaction_id: int,
         publish(db, session_topic(session_id), 0)
     else:
         events.state_event(db, task, InteractionState.QUEUED.value)
-    # A task waiting for a warm runner wakes every runner of its queue, so that the warm one hears of it
-    # whichever is asleep first; any other task wakes one.
-    publish(db, ClaimRule.of_task(task).topic, 0 if task.warm_until is not None else 1)
+    # A task held for a warm runner wakes a runner holding its adapter (a cold one could not take it);
+    # any other task wakes one runner of its queue.
+    publish(db, warm_topic(task.adapter) if task.warm_until is not None and task.adapter
+            else ClaimRule.of_task(task).topic, 1)
     return task
 
 

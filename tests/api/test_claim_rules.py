@@ -316,3 +316,29 @@ def test_the_reservation_holds_on_the_complete_and_claim_next_path(client, user,
     assert done.status_code == 200 and done.json["next"] is None
     with db.orm_read() as s:
         assert s.scalar(select(Task.status).where(Task.session_id == second)) == TaskStatus.QUEUED
+
+
+def test_a_task_held_for_a_warm_runner_wakes_that_runner_at_once(app, client, user, runner, db):
+    import threading
+    import time
+
+    session, ref = _adapter_session(client, user, runner)
+    client.post("/api/v1/worker/runners", headers=_as(runner, "gpu-warm"),
+                json=report(adapters=[ref["sha256"]], slots={"total": 2, "busy": 0}))
+    answers: dict[str, Any] = {}
+
+    def wait_as(name: str, warm: tuple[str, ...]) -> None:
+        answers[name] = _poll(app.test_client(), _as(runner, name), warm=warm, wait=8)
+
+    waiters = [threading.Thread(target=wait_as, args=("gpu-cold", ())),
+               threading.Thread(target=wait_as, args=("gpu-warm", (ref["sha256"],)))]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    client.post(f"/api/v1/sessions/{session}/messages", headers=user, json={"message": "hi"})
+    waiters[1].join(10)
+    assert answers["gpu-warm"].status_code == 200 and answers["gpu-warm"].json["task"]["session_id"] == session
+    assert time.monotonic() - started < 1.0  # woken by the adapter's topic, not by a re-check
+    waiters[0].join(10)
+    assert answers["gpu-cold"].status_code == 204
