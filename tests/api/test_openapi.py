@@ -55,8 +55,11 @@ def test_the_document_carries_the_limits_the_schemas_enforce(client):
     temperature = schemas["ParamsTextCreate"]["properties"]["temperature"]
     assert temperature["maximum"] == 100 and "a number" in temperature["description"]
     claim = document["paths"]["/api/v1/worker/task"]["get"]["parameters"]
-    assert {"name": "model_name", "in": "query", "required": True} .items() <= next(
-        p for p in claim if p["name"] == "model_name").items()
+    # A poll names its queue by model_name (the seed's URL) or by repeated kind=MODE:TYPE:MODEL: neither alone
+    # is required, and both are described with their limits.
+    by_name = {p["name"]: p for p in claim}
+    assert by_name["model_name"]["schema"]["maxLength"] == 500 and by_name["kind"]["schema"]["maxLength"] == 600
+    assert by_name["warm"]["schema"]["maxLength"] == 128
     chat = document["paths"]["/v1/chat/completions"]["post"]
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
 
