@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helix_api.accounts.auth import create_user
 from helix_api.cli.operator import main
 from tests.api.test_finetune import chats, counts, start_finetune
-from tests.conftest import TEXT_ALIAS, TEXT_MODEL, bearer, claim
+from tests.conftest import IMAGE_ALIAS, TEXT_ALIAS, TEXT_MODEL, bearer, claim
 
 HELLO = {"mode": "create", "type": "text", "model_name": TEXT_MODEL, "message": "hello"}
 
@@ -80,12 +80,15 @@ def test_a_finetune_over_the_queued_limit_is_a_429_storing_nothing(client, user,
     assert counts(db, settings) == before
 
 
-def test_openai_chat_over_the_queued_limit_is_an_openai_429_storing_nothing(client, user, db, settings, admin):
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": TEXT_ALIAS, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": TEXT_ALIAS, "stream": True, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/images/generations", {"model": IMAGE_ALIAS, "prompt": "a fox"})], ids=["chat", "stream", "image"])
+def test_openai_over_the_queued_limit_is_an_openai_429_storing_nothing(client, user, db, settings, admin, path, body):
     _limits(client, admin, "alice", max_queued=1)
     assert client.post("/api/v1/sessions", json=HELLO, headers=user).status_code == 201
     before = counts(db, settings)
-    response = client.post("/v1/chat/completions", headers=user,
-                           json={"model": TEXT_ALIAS, "messages": [{"role": "user", "content": "hi"}]})
+    response = client.post(path, headers=user, json=body)
     assert response.status_code == 429, response.data
     assert int(response.headers["Retry-After"]) > 0
     assert response.headers["x-should-retry"] == "true"
