@@ -151,6 +151,7 @@ def test_cli_reserves_lists_and_clears(cli, client, admin, pool):
     listed = cli("runners", "reservations")
     assert f"{TEXT_MODEL}  3 reserved of 2 live runner(s)  WARNING" in listed.stdout
     assert [r["runners"] for r in client.get("/api/v1/admin/reservations", headers=admin).json["reservations"]] == [3]
+    assert f"pool:     {TEXT_MODEL}" in cli("runners", "list").stdout
     cleared = cli("runners", "reserve", TEXT_ALIAS, "0")
     assert cleared.exit_code == 0 and "no runners reserved" in cleared.stdout
     assert client.get("/api/v1/admin/reservations", headers=admin).json == {"reservations": []}
