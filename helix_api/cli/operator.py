@@ -226,6 +226,74 @@ def users_revoke_key(prefix: str) -> None:
     click.echo(f"revoked {done} API key(s) starting with {prefix[:10]}")
 
 
+# `--queued default`: back to the operator's setting (stored as NULL).
+_DEFAULT = object()
+
+
+class _Limit(click.ParamType):
+    """A task limit on the command line: a whole number, 0 for no limit, or `default` (the operator's)."""
+
+    name = "N|default"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or value is _DEFAULT:
+            return value
+        if str(value).strip().lower() == "default":
+            return _DEFAULT
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a whole number nor 'default'.", param, ctx)
+        if number < 0:
+            self.fail(f"{number} is negative: give 0 for no limit, or 'default' for the operator's.", param, ctx)
+        return number
+
+
+class _Count(click.ParamType):
+    """A count of runners: a whole number, 0 or more."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number.", param, ctx)
+        if number < 0:
+            self.fail(f"{number} is negative: give 0 to remove the reservation.", param, ctx)
+        return number
+
+
+@users.command("limits")
+@click.argument("name")
+@click.option("--queued", type=_Limit(), default=None,
+              help="Tasks NAME may have queued at once: N (0: no limit) or 'default' (HELIX_MAX_QUEUED_PER_USER).")
+@click.option("--running", type=_Limit(), default=None,
+              help="Tasks NAME may have running at once: N (0: no limit) or 'default' (HELIX_MAX_RUNNING_PER_USER).")
+def users_limits(name: str, queued: Any, running: Any) -> None:
+    """Show user NAME's task limits and tasks now, or set them with --queued / --running.
+
+    A change holds from the next task queued or claimed, in every API process.
+    """
+    from helix_api.accounts import limits
+    from helix_api.errors import NotFound
+    from helix_api.tasks.rules import Rules
+
+    settings = load_settings()
+    changes = {key: None if value is _DEFAULT else value
+               for key, value in (("max_queued", queued), ("max_running", running)) if value is not None}
+    try:
+        now = limits.change(_database(settings=settings), name, Rules.from_settings(settings), **changes)
+    except NotFound as exc:
+        raise click.ClickException(exc.message) from None
+    if changes:
+        click.echo(f"limits of {name} set", err=True)
+    for what, own, effective, count in (("queued", now.max_queued, now.effective_queued, now.queued),
+                                        ("running", now.max_running, now.effective_running, now.running)):
+        limit = f"limit {effective}" if effective is not None else "no limit"
+        click.echo(f"{what:<8} {count} now; {limit} ({'own' if own is not None else 'operator default'})")
+
+
 @main.group("runner-token")
 def runner_token() -> None:
     """Credentials for runners."""
@@ -313,6 +381,8 @@ def runners_list(as_json: bool) -> None:
         kinds = r["kinds"] or [{"mode": r["mode"], "type": r["type"], "model_name": r["model_name"]}]
         click.echo("  serves:   " + "; ".join(f"{k['mode']} {k['type']} {k['model_name']}" for k in kinds)
                    + (f" (backend {r['backend']})" if r["backend"] else ""))
+        if r["pool"]:
+            click.echo(f"  pool:     {r['pool']} (inference and fine-tuning together)")
         click.echo("  hardware: " + _hardware_line(r["hardware"]))
         slots = r["slots"]
         click.echo("  slots:    " + (f"{slots['busy']} busy, {slots['free']} free of {slots['total']}" if slots
@@ -320,6 +390,40 @@ def runners_list(as_json: bool) -> None:
         adapters = r["adapters"]
         click.echo("  adapters: " + (", ".join(a[:12] for a in adapters) if adapters
                                      else "none" if adapters is not None else "not reported"))
+
+
+@runners.command("reserve", context_settings={"ignore_unknown_options": True})
+@click.argument("model")
+@click.argument("count", metavar="N", type=_Count())
+def runners_reserve(model: str, count: int) -> None:
+    """Keep N of the runners polling for both MODEL's inference and its fine-tuning free for fine-tuning
+    (0: remove the reservation). MODEL is a full name or an alias."""
+    from helix_api.catalog import Catalog
+    from helix_api.tasks import reservations
+
+    settings = load_settings()
+    model_name = Catalog.from_setting(settings["MODELS"]).resolve(model)
+    reserved = reservations.reserve(_database(settings=settings), model_name, count)
+    if reserved is None:
+        click.echo(f"no runners reserved for fine-tuning {model_name}")
+        return
+    click.echo(f"{reserved.runners} runner(s) reserved for fine-tuning {model_name}; "
+               f"{reserved.pool_runners} live runner(s) serve both its inference and fine-tuning")
+    if reserved.warning:
+        click.echo(f"warning: this {reserved.warning}", err=True)
+
+
+@runners.command("reservations")
+def runners_reservations() -> None:
+    """Every fine-tune reservation, with the live runners of its model's pool."""
+    from helix_api.ops import overview
+
+    rows = overview.reservation_listing(_database())
+    if not rows:
+        click.echo("(no reservations)", err=True)
+    for r in rows:
+        click.echo(f"{r['model_name']}  {r['runners']} reserved of {r['pool_runners']} live runner(s)"
+                   + (f"  WARNING: {r['warning']}" if r["warning"] else ""))
 
 
 def _gib(size: int) -> str:

@@ -1,4 +1,5 @@
-"""What operators look at: the runners seen, how deep each model's queue is, and recent failures."""
+"""What operators look at: the runners seen, how deep each model's queue is, fine-tune reservations, and
+recent failures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlalchemy import func, select
 
 from helix_api.db import Database
 from helix_api.models import FAILED_TASK_STATUSES, OPEN_TASK_STATUSES, Task, TaskStatus, User, utcnow
-from helix_api.tasks import runners
+from helix_api.tasks import reservations, runners
 
 _TASKS = Task.__table__
 
@@ -54,8 +55,15 @@ def runner_listing(database: Database, gone_after: float = runners.ALIVE_SECONDS
         return runners.listing(conn, alive_seconds=gone_after)
 
 
+def reservation_listing(database: Database) -> list[dict[str, Any]]:
+    """Every fine-tune reservation, with the live runners of its pool and a warning where it is larger."""
+    with database.connect() as conn:
+        return [r.to_json() for r in reservations.listing(conn)]
+
+
 def overview(database: Database, failures: int = 20, gone_after: float = runners.ALIVE_SECONDS) -> dict[str, Any]:
-    """Runners, queue depths and recent failures in one document."""
+    """Runners, queue depths, fine-tune reservations and recent failures in one document."""
     with database.connect() as conn:
         return {"runners": runners.listing(conn, alive_seconds=gone_after), "queues": queue_depths(conn),
+                "reservations": [r.to_json() for r in reservations.listing(conn)],
                 "recent_failures": recent_failures(conn, failures)}

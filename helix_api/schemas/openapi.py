@@ -57,6 +57,8 @@ OPERATIONS: dict[str, Operation] = {
         {"type": "string", "maxLength": 64}, "the task's lease token")}),
     "worker.upload_file": Operation(form=worker.Upload, form_files=("file", False)),
     "admin.show_overview": Operation(query=admin.Overview),
+    "admin.set_user_limits": Operation(json=admin.UserLimits),
+    "admin.reserve": Operation(json=admin.ReservationSet),
     "usage.show_usage": Operation(query=usage.UsageQuery),
     "openai.chat_completions": Operation(json=openai.ChatCompletion),
     "openai.generate_images": Operation(json=openai.ImageGeneration),

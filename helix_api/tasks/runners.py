@@ -179,7 +179,7 @@ def listing(conn: Any, now: datetime | None = None, alive_seconds: float = ALIVE
             "task_id": task.id, "session_id": task.session_id, "status": task.status.value,
             "attempt": task.attempt,
             "lease_expires_at": task.lease_expires_at.isoformat() if task.lease_expires_at else None})
-    return [{"name": r.name, "mode": r.mode.value, "type": r.type.value, "model_name": r.model_name,
+    return [{"name": r.name, "mode": r.mode.value, "type": r.type.value, "model_name": r.model_name, "pool": r.pool,
              "first_seen_at": r.first_seen_at.isoformat(), "last_seen_at": r.last_seen_at.isoformat(),
              "seconds_since_seen": round((now - r.last_seen_at).total_seconds(), 1),
              "alive": r.last_seen_at >= alive_since(now, alive_seconds), **_report_json(r),

@@ -1,7 +1,8 @@
-"""The admin page: runners seen, queue depth per model, recent failures; for admins only."""
+"""The admin page: runners seen, queue depth per model, fine-tune reservations, recent failures; for admins only."""
 
 from __future__ import annotations
 
+from helix_api.tasks import reservations
 from tests.conftest import IMAGE_MODEL, TEXT_MODEL, claim
 from tests.web.test_views import new_chat
 
@@ -51,3 +52,21 @@ def test_admins_see_each_runners_report_and_slots(make_browser, client, runner):
     assert 'title="' + "ab" * 32 + '"' in row and '<td class="version">0.1.0</td>' in row and "(mistral)" in row
     seed = html.split('data-runner="seed-runner"')[1].split("</tr>")[0]
     assert '<td class="slots">not reported</td>' in seed
+
+
+def test_admins_see_reservations_and_each_runners_pool(make_browser, client, runner, db):
+    both = [("kind", f"create:text:{TEXT_MODEL}"), ("kind", f"finetune:text:{TEXT_MODEL}")]
+    for name in ("gpu-1", "gpu-2"):
+        client.get("/api/v1/worker/task", query_string=both, headers={**runner, "X-Helix-Runner": name})
+    admin = make_browser("root", admin=True)
+    assert b"No reservations." in admin.get("/admin").data
+    reservations.reserve(db, TEXT_MODEL, 3)
+
+    html = admin.get("/admin").data.decode()
+
+    row = html.split(f'<tr data-reservation="{TEXT_MODEL}">')[1].split("</tr>")[0]
+    assert '<td class="reserved">3</td>' in row and '<td class="pool-runners">2</td>' in row
+    assert "larger than the 2 runners serving it" in row
+    assert "pool: inference and fine-tuning of" in html.split('data-runner="gpu-1"')[1].split("</tr>")[0]
+    reservations.reserve(db, TEXT_MODEL, 2)
+    assert "larger than" not in admin.get("/admin").data.decode()
