@@ -124,7 +124,8 @@ def shown(services: Services, user_id: int, session_id: int) -> dict[str, Any]:
     """One of the user's sessions as JSON, with its interactions, progress and place in the queue."""
     with services.database.orm_read() as db:
         session = conversations.owned(db, user_id, session_id, load=True)
-        return _as_shown(services, conversations.session_json(db, session))
+        return _as_shown(services, conversations.session_json(
+            db, session, grace=float(services.settings["NO_RUNNER_GRACE_SECONDS"])))
 
 
 def session_type(services: Services, user_id: int, session_id: int) -> SessionType:
