@@ -168,7 +168,8 @@ def event_feed(services: Services, user_id: int, session_id: int) -> Callable[..
     settings, intake = services.settings, services.scheduler.intake
     return functools.partial(feed.stream, services.database, intake.live, session_id, bus=intake.bus,
                              keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"],
-                             text_every=settings["SSE_TEXT_SECONDS"])
+                             text_every=settings["SSE_TEXT_SECONDS"],
+                             grace=float(settings["NO_RUNNER_GRACE_SECONDS"]))
 
 
 def replay_start(services: Services, task_id: int) -> int:
