@@ -18,7 +18,7 @@ from helix_api.db import Database
 from helix_api.errors import register_error_handlers
 from helix_api.knowledge.routes import bp as knowledge_bp
 from helix_api.openai.routes import bp as openai_bp
-from helix_api.ops import admin, meta, schema_version, scrape
+from helix_api.ops import admin, capacity, meta, schema_version, scrape
 from helix_api.ops.unread_body import DrainUnreadBody
 from helix_api.schemas.base import INT32_MAX
 from helix_api.services import Services
@@ -77,7 +77,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     # CSRF tokens are checked by the web blueprint's own forms only: bearer-token JSON clients send none.
     app.config.update(WTF_CSRF_CHECK_DEFAULT=False, WTF_CSRF_TIME_LIMIT=None)
     web.csrf.init_app(app)
-    for blueprint in (sessions_bp, knowledge_bp, worker_bp, meta.bp, admin.bp, openai_bp, usage_bp, web.bp):
+    for blueprint in (sessions_bp, knowledge_bp, worker_bp, meta.bp, admin.bp, capacity.bp, openai_bp, usage_bp,
+                      web.bp):
         app.register_blueprint(blueprint)
     scrape.init_app(app)
     # A refused request's unread body is read before its answer, so the answer arrives (ops/unread_body.py).

@@ -273,6 +273,17 @@ class ReplyTimeout(HelixError):
     retryable = False
 
 
+# Capacity: a reply that nothing can serve.
+
+
+class NoRunner(HelixError):
+    """No runner serves this model: the request was cancelled."""
+
+    status_code = 503
+    code = "no_runner"
+    retryable = False  # the fleet decides when a runner comes, not the client: asking again at once is no help
+
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 # OpenAI's error types by status; anything else at or above 500 is a server_error.

@@ -88,6 +88,34 @@ def _failed(end: dict[str, Any], what: str) -> None:
 # helix chat
 
 
+def waiting_line(reply: dict[str, Any]) -> str | None:
+    """A queued reply's outlook in words ("queued, 2 in line, starts in about 40 s"); None once it is not waiting.
+
+    `reply` is a reply interaction of the session JSON or an `estimate` event: the same fields.
+    """
+    phase = reply.get("phase")
+    if phase == "no_runner":
+        return f"queued: {reply.get('phase_detail') or 'no runner serves this model'}"
+    if phase != "queued":
+        return None
+    parts = ["queued"]
+    if reply.get("queue_position"):
+        parts.append(f"{reply['queue_position']} in line")
+    wait = reply.get("estimated_wait_seconds")
+    if isinstance(wait, int | float):
+        parts.append(f"starts in about {_about(wait)}")
+    return ", ".join(parts)
+
+
+def _about(seconds: float) -> str:
+    """A wait in words, as the web app writes it: "40 s", "3 min", "1.5 h"."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{round(seconds / 3600, 1)} h"
+
+
 @contextlib.contextmanager
 def _typing_held() -> Iterator[None]:
     """While a reply streams: what is typed is not echoed into it, and is dropped when the reply ends.
@@ -118,10 +146,19 @@ def _typing_held() -> Iterator[None]:
 
 def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
     """Print a reply's tokens as they come; Ctrl-C cancels the reply and comes back to the prompt."""
-    reply, shown = reply_of(session), {"any": False}
+    reply, shown = reply_of(session), {"any": False, "waiting": None}
+
+    def waiting(line: str | None) -> None:
+        # On stderr, and only when it changes: stdout stays the reply's text.
+        if line and line != shown["waiting"]:
+            click.echo(f"[{line}]", err=True)
+        shown["waiting"] = line
+
 
     def show(event: Event) -> None:
-        if event.event == "token":
+        if event.event == "estimate":
+            waiting(waiting_line(event.data))
+        elif event.event == "token":
             click.echo(event.data.get("text", ""), nl=False)
             shown["any"] = True
         elif event.event == "state" and event.data.get("state") == "queued" and shown["any"]:

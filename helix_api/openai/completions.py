@@ -18,7 +18,15 @@ from typing import Any
 from sqlalchemy import select
 
 from helix_api.db import Database
-from helix_api.errors import FileNotFound, NotCancellable, ReplyCancelled, ReplyTimeout, TaskFailed, openai_error
+from helix_api.errors import (
+    FileNotFound,
+    NoRunner,
+    NotCancellable,
+    ReplyCancelled,
+    ReplyTimeout,
+    TaskFailed,
+    openai_error,
+)
 from helix_api.knowledge.retrieval import RetrievalSettings
 from helix_api.models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from helix_api.openai.model_ids import Model
@@ -27,7 +35,7 @@ from helix_api.sessions.files import FileKind
 from helix_api.streaming import feed
 from helix_api.streaming.bus import NoBus, RedisBus
 from helix_api.streaming.live import LiveReplies
-from helix_api.tasks import scheduler
+from helix_api.tasks import estimates, scheduler
 from helix_api.tasks.leases import LeasePolicy
 from helix_api.tasks.notifier import session_topic
 
@@ -89,17 +97,37 @@ def _outcome_error(task: Any) -> TaskFailed | ReplyCancelled:
     return TaskFailed(f"Task {task.id} {task.status.value}: {task.error or 'no error given'}")
 
 
-def wait(database: Database, request: Request, *, timeout: float, recheck: float) -> Any:
+def _no_runner(database: Database, request: Request, task: Any) -> NoRunner | None:
+    """The error for a task still queued that no live runner serves, cancelled; None while one does."""
+    with database.connect() as conn:
+        if estimates.serves(conn, estimates.kind_of(task)):
+            return None
+    _cancel(database, request, "no runner serves its model")
+    return NoRunner(f"No runner serves the model {task.model_name!r}: the request was cancelled. "
+                    "Try again once a runner for it is up.")
+
+
+def wait(database: Database, request: Request, *, timeout: float, recheck: float,
+         grace: float | None = None) -> Any:
     """The task once it completed; the error that says why not when it failed, was cancelled or timed out.
 
     Woken by the session's events (every token post is one), re-checking every `recheck` seconds as
     other processes on SQLite send no wake-up. On timeout the task is cancelled: nobody waits for it.
+    With `grace`, a task still queued after `grace` seconds that no live runner serves is cancelled and
+    NoRunner raised: the caller hears at once rather than at the timeout.
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     with database.notifier.watch(session_topic(request.session_id)) as watch:
         while True:
             task = _task(database, request.task_id)
             if task.status in FINAL_TASK_STATUSES:
+                break
+            if (grace is not None and task.status == TaskStatus.QUEUED and time.monotonic() - started >= grace
+                    and (missing := _no_runner(database, request, task)) is not None):
+                task = _task(database, request.task_id)
+                if task.status != TaskStatus.COMPLETE:  # a runner came and finished it meanwhile: answer it
+                    raise missing
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -110,7 +138,8 @@ def wait(database: Database, request: Request, *, timeout: float, recheck: float
                     break
                 raise ReplyTimeout(f"No reply within {timeout:g} seconds: task {task.id} was still {was} "
                                    "and has been cancelled.")
-            watch.wait(min(recheck, remaining))
+            until_grace = started + grace - time.monotonic() if grace is not None else remaining
+            watch.wait(max(0.0, min(recheck, remaining, until_grace if until_grace > 0 else recheck)))
     if task.status != TaskStatus.COMPLETE:
         raise _outcome_error(task)
     return task
@@ -224,25 +253,38 @@ class _Text:
 
 
 def stream_chat(database: Database, live: LiveReplies, request: Request, *, include_usage: bool, keepalive: float,
-                recheck: float, bus: NoBus | RedisBus | None = None, text_every: float = 0.0) -> Iterator[str]:
+                recheck: float, bus: NoBus | RedisBus | None = None, text_every: float = 0.0,
+                grace: float | None = None) -> Iterator[str]:
     """Server-Sent Events in OpenAI's chunk format, from the task's events until it ends.
 
     A client that goes away (the generator is closed) cancels the task, as does an error that ends
-    the stream early: nobody will read its reply.
+    the stream early: nobody will read its reply. With `grace`, a task that no live runner serves after
+    `grace` seconds in the queue ends the stream with a `no_runner` error (and so is cancelled).
     """
     chunks = _Chunks(request, include_usage)
     text = _Text()
     ended = False
+    # Looked at often enough to end the stream soon after the grace, and never more often than a recheck.
+    outlook = None if grace is None else feed.Outlook(
+        database, request.session_id, grace=grace,
+        every=min(estimates.ESTIMATE_EVERY_SECONDS, max(grace / 2, recheck)))
     try:
         # Sources are known up front: the first chunk carries them, an extra field clients may ignore.
         extra = {} if request.sources is None else {"sources": request.sources}
         yield chunks.chunk({"role": "assistant", "content": ""}, extra=extra)
         for event in feed.feed(database, live, request.session_id, feed.Cursor(), follow=True, keepalive=keepalive,
-                               recheck=recheck, bus=bus, text_every=text_every):
+                               recheck=recheck, bus=bus, text_every=text_every, outlook=outlook):
             if event is None:
                 yield ": keepalive\n\n"  # a comment: keeps proxies from closing a quiet stream
             elif event.task_id != request.task_id:
                 continue
+            elif event.kind == "estimate":
+                if event.data.get("phase") == estimates.NO_RUNNER:
+                    logger.info("task %s: no runner serves %s; ending its stream", request.task_id, request.model)
+                    error = NoRunner(f"No runner serves the model {request.model!r}: the request was cancelled. "
+                                     "Try again once a runner for it is up.")
+                    yield _error(error.status_code, error.message, error.code)
+                    return  # not ended: the finally cancels the task
             elif event.kind == "token":
                 new = text.add(str(event.data.get("text") or ""))
                 if text.diverged:

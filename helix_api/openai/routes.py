@@ -171,7 +171,8 @@ def _start(model: model_ids.Model, requested: str, messages: list[dict[str, str]
 def _wait(started: completions.Request) -> Any:
     svc = services()
     return completions.wait(svc.database, started, recheck=svc.settings["RECHECK_SECONDS"],
-                            timeout=float(svc.settings["OPENAI_WAIT_SECONDS"]))
+                            timeout=float(svc.settings["OPENAI_WAIT_SECONDS"]),
+                            grace=float(svc.settings["NO_RUNNER_GRACE_SECONDS"]))
 
 
 def _headers(started: completions.Request) -> dict[str, str]:
@@ -204,7 +205,8 @@ def chat_completions():
         chunks = completions.stream_chat(svc.database, intake.live, started, include_usage=include_usage,
                                          keepalive=svc.settings["SSE_KEEPALIVE_SECONDS"],
                                          recheck=svc.settings["RECHECK_SECONDS"], bus=intake.bus,
-                                         text_every=svc.settings["SSE_TEXT_SECONDS"])
+                                         text_every=svc.settings["SSE_TEXT_SECONDS"],
+                                         grace=float(svc.settings["NO_RUNNER_GRACE_SECONDS"]))
         return responses.event_stream(chunks, _headers(started))
     return completions.chat_completion(started, _wait(started)), 200, _headers(started)
 

@@ -19,13 +19,11 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import func, select
 
 from helix_api.accounts import usage
 from helix_api.db import Database
-from helix_api.models import Runner
 from helix_api.ops import overview
-from helix_api.tasks import runners
+from helix_api.tasks import estimates
 from helix_api.vocabulary import AttemptEnd
 
 logger = logging.getLogger(__name__)
@@ -114,10 +112,10 @@ def request_done(group: str, method: str, status: int, seconds: float) -> None:
 
 
 class StateCollector:
-    """Gauges read from SQL at scrape time: queue depth, tasks running, the oldest wait, runners live."""
+    """Gauges read from SQL at scrape time: queue depth, tasks running, the oldest wait, runners live and wanted."""
 
-    def __init__(self, database: Database) -> None:
-        self.database = database
+    def __init__(self, database: Database, target_wait: float = 30.0) -> None:
+        self.database, self.target_wait = database, target_wait
 
     def describe(self) -> list[Metric]:
         """Nothing up front: describing must not query the database."""
@@ -129,10 +127,7 @@ class StateCollector:
         try:
             with self.database.connect() as conn:
                 depths = overview.queue_depths(conn)
-                live = conn.execute(
-                    select(Runner.mode, Runner.type, Runner.model_name, func.count())
-                    .where(Runner.last_seen_at > runners.alive_since())
-                    .group_by(Runner.mode, Runner.type, Runner.model_name)).all()
+                shops = estimates.shops(conn)
         except Exception:
             logger.warning("metrics: the database could not be read for this scrape", exc_info=True)
             up.add_metric([], 0)
@@ -151,14 +146,19 @@ class StateCollector:
             queued.add_metric(labels, entry["queued"])
             running.add_metric(labels, entry["running"])
             oldest.add_metric(labels, entry["oldest_queued_seconds"] or 0.0)
-        alive = GaugeMetricFamily("helix_runners_live", "Runners heard from in the last minute.", labels=KIND)
-        for mode, type_, model, count in live:
-            labels = [mode.value, type_.value, model]
-            alive.add_metric(labels, count)
+        alive = GaugeMetricFamily("helix_runners_live", "Runners heard from in the last minute that serve the kind.",
+                                  labels=KIND)
+        wanted = GaugeMetricFamily(
+            "helix_runners_wanted",
+            "Runners that would start queued work within TARGET_WAIT_SECONDS (an autoscaler's target).", labels=KIND)
+        for shop in shops:
+            labels = list(shop.kind)
+            alive.add_metric(labels, shop.runners)
+            wanted.add_metric(labels, shop.runners_wanted(self.target_wait))
             if tuple(labels) not in seen:  # an empty queue that runners serve reads 0, rather than vanishing
                 for family in (queued, running, oldest):
                     family.add_metric(labels, 0)
-        yield from (queued, running, oldest, alive)
+        yield from (queued, running, oldest, alive, wanted)
 
 
 def multiprocess_dir() -> str | None:
@@ -166,14 +166,15 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
 
 
-def exposition(database: Database) -> bytes:
-    """Every metric in Prometheus' text format: every process's events, and the state in SQL now."""
+def exposition(database: Database, target_wait: float = 30.0) -> bytes:
+    """Every metric in Prometheus' text format: every process's events, and the state in SQL now
+    (`target_wait`: TARGET_WAIT_SECONDS, which `helix_runners_wanted` is sized for)."""
     registry = CollectorRegistry(auto_describe=False)
     if multiprocess_dir():
         MultiProcessCollector(registry)
     else:
         registry.register(REGISTRY)
-    registry.register(StateCollector(database))
+    registry.register(StateCollector(database, target_wait))
     return generate_latest(registry)
 
 

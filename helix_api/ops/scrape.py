@@ -51,7 +51,9 @@ def scrape():
     """Every metric in Prometheus' text format, for the operator's scraper."""
     if not (_on_metrics_bind() or _has_token()):
         raise NotFound("No such page.")
-    return Response(metrics.exposition(services().database), content_type=metrics.CONTENT_TYPE)
+    svc = services()
+    return Response(metrics.exposition(svc.database, float(svc.settings["TARGET_WAIT_SECONDS"])),
+                    content_type=metrics.CONTENT_TYPE)
 
 
 def _start() -> None:

@@ -124,7 +124,8 @@ def shown(services: Services, user_id: int, session_id: int) -> dict[str, Any]:
     """One of the user's sessions as JSON, with its interactions, progress and place in the queue."""
     with services.database.orm_read() as db:
         session = conversations.owned(db, user_id, session_id, load=True)
-        return _as_shown(services, conversations.session_json(db, session))
+        return _as_shown(services, conversations.session_json(
+            db, session, grace=float(services.settings["NO_RUNNER_GRACE_SECONDS"])))
 
 
 def session_type(services: Services, user_id: int, session_id: int) -> SessionType:
@@ -167,7 +168,8 @@ def event_feed(services: Services, user_id: int, session_id: int) -> Callable[..
     settings, intake = services.settings, services.scheduler.intake
     return functools.partial(feed.stream, services.database, intake.live, session_id, bus=intake.bus,
                              keepalive=settings["SSE_KEEPALIVE_SECONDS"], recheck=settings["RECHECK_SECONDS"],
-                             text_every=settings["SSE_TEXT_SECONDS"])
+                             text_every=settings["SSE_TEXT_SECONDS"],
+                             grace=float(settings["NO_RUNNER_GRACE_SECONDS"]))
 
 
 def replay_start(services: Services, task_id: int) -> int:

@@ -28,7 +28,7 @@ from helix_api.params import Limits, check_params
 from helix_api.sessions import files, training_data
 from helix_api.sessions.files import FileKind
 from helix_api.sessions.storage import FileStore, safe_name
-from helix_api.tasks import queues, transitions
+from helix_api.tasks import estimates, queues, transitions
 from helix_api.tasks.leases import LeasePolicy
 
 # Prepared (db.Prepared): a new session's inserts are on the dispatch cycle's hot path.
@@ -233,7 +233,8 @@ def add_message(database: Database, *, user_id: int, session_id: int, message: s
         session.updated_at = utcnow()
 
 
-def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached: list[Any]) -> dict[str, Any]:
+def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached: list[Any],
+                      grace: float | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": item.id, "creator": item.creator.value, "state": item.state.value,
         "message": item.message, "params": item.params, "output": item.output, "progress": item.progress,
@@ -248,8 +249,11 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached
         if "sources" in (task.input or {}):
             body["sources"] = task.input["sources"]  # the documents and chunks retrieval gave the model
         body["phase"] = phase(task, item)
-        if task.status == TaskStatus.QUEUED:
+        if task.status == TaskStatus.QUEUED and grace is None:
             body["queue_position"] = queues.queue_position(db, task)
+        elif task.status == TaskStatus.QUEUED:
+            # Read, never written: the place in line, the estimated start, or that no runner serves it.
+            body.update(estimates.estimate(db, task, grace=grace).to_json())
     return body
 
 
@@ -270,8 +274,12 @@ def phase(task: Any, reply: Any) -> str:
 
 
 def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] | None, *,
-                  file_rows: list[Any] | None, event_seq: int) -> dict[str, Any]:
-    """A session as JSON, from ORM objects or Core rows; `turns` are (interaction, task) pairs."""
+                  file_rows: list[Any] | None, event_seq: int, grace: float | None = None) -> dict[str, Any]:
+    """A session as JSON, from ORM objects or Core rows; `turns` are (interaction, task) pairs.
+
+    With `grace` (NO_RUNNER_GRACE_SECONDS), a queued reply carries its estimate (estimates.py); without,
+    as in the answer written in the enqueue's own transaction, its place in line alone.
+    """
     body: dict[str, Any] = {
         "id": session.id, "name": session.name, "mode": session.mode.value, "type": session.type.value,
         "model_name": session.model_name, "knowledge_bases": list(session.knowledge_bases or []), "state": None,
@@ -287,15 +295,17 @@ def _session_body(db: DBSession | Connection, session: Any, turns: list[tuple] |
     by_interaction: dict[int | None, list[File]] = {}
     for f in file_rows:
         by_interaction.setdefault(f.interaction_id, []).append(f)
-    body["interactions"] = [_interaction_json(db, i, t, by_interaction.get(i.id, [])) for i, t in turns]
+    body["interactions"] = [_interaction_json(db, i, t, by_interaction.get(i.id, []), grace) for i, t in turns]
     return body
 
 
-def session_json(db: DBSession, session: Session, *, detail: bool = True) -> dict[str, Any]:
-    """A session as its owner sees it; with `detail`, every interaction too."""
+def session_json(db: DBSession, session: Session, *, detail: bool = True,
+                 grace: float | None = None) -> dict[str, Any]:
+    """A session as its owner sees it; with `detail`, every interaction too (a queued one's estimate with
+    `grace`, the seconds after which a reply no live runner serves says `no_runner`)."""
     if detail:
         return _session_body(db, session, [(i, i.task) for i in session.interactions], file_rows=None,
-                             event_seq=session.event_seq)
+                             event_seq=session.event_seq, grace=grace)
     body = _session_body(db, session, None, file_rows=None, event_seq=session.event_seq)
     body["state"] = session.interactions[-1].state.value if session.interactions else None
     return body

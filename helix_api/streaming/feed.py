@@ -25,6 +25,7 @@ from helix_api.models import InteractionState, TaskEvent
 from helix_api.streaming import events
 from helix_api.streaming.bus import NoBus, RedisBus
 from helix_api.streaming.live import LiveReplies
+from helix_api.tasks import estimates
 from helix_api.tasks.notifier import session_topic
 
 _EVENTS = TaskEvent.__table__
@@ -145,15 +146,48 @@ class Follower:
                       writing.attempt, {"text": text[start:], "offset": start})]
 
 
+class Outlook:
+    """`estimate` events of a followed session's queued reply: one as following starts and after every
+    `queued` row, then one every `every` seconds while it stays queued. Not rows: they carry the cursor
+    of the last event sent, so a resume from one of them is a resume from that event."""
+
+    def __init__(self, database: Database, session_id: int, *, grace: float,
+                 every: float = estimates.ESTIMATE_EVERY_SECONDS) -> None:
+        self.database, self.session_id, self.grace, self.every = database, session_id, grace, every
+        self.waiting = True  # not known yet: the first look says
+        self.due_at = 0.0
+
+    def saw(self, batch: list[Event]) -> None:
+        """Follow the reply's state rows: queued again means a fresh estimate now; any other, none."""
+        for event in batch:
+            if event.kind == "state":
+                self.waiting = event.data.get("state") == InteractionState.QUEUED
+                self.due_at = 0.0
+
+    def events(self, cursor: Cursor) -> list[Event]:
+        """An `estimate` event when one is due and the session has a queued task (a few indexed reads)."""
+        now = time.monotonic()
+        if not self.waiting or now < self.due_at:
+            return []
+        self.due_at = now + self.every
+        with self.database.connect() as conn:
+            found = estimates.of_session(conn, self.session_id, grace=self.grace)
+        if found is None:
+            self.waiting = False
+            return []
+        task, outlook = found
+        return [Event(cursor, "estimate", task.id, task.interaction_id, task.attempt, outlook.to_json())]
+
+
 def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor, *, follow: bool,
          keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None,
-         text_every: float = 0.0) -> Iterator[Event | None]:
+         text_every: float = 0.0, outlook: Outlook | None = None) -> Iterator[Event | None]:
     """A session's events after `cursor`, then (if `follow`) each as it comes; None after every
     `keepalive` seconds without one, so a caller can keep its connection from looking idle.
 
     Live text goes out at most every `text_every` seconds: a reply streaming faster than that costs
     one write per interval rather than one per runner post, and the first text after a pause goes
-    out at once.
+    out at once. With an `outlook`, a queued reply's `estimate` events come too while following.
     """
     bus = bus or NoBus()
     quiet_since = text_at = time.monotonic()
@@ -167,6 +201,8 @@ def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor,
                 yield from batch
                 if batch:
                     quiet_since = time.monotonic()
+                    if outlook is not None:
+                        outlook.saw(batch)
             if more:
                 continue
             text = follower.text()
@@ -175,6 +211,9 @@ def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor,
                 yield from text
             if not follow:
                 return
+            if outlook is not None and (ahead := outlook.events(Cursor(follower.seq, follower.offset))):
+                quiet_since = time.monotonic()
+                yield from ahead
             # Re-check on a timer too: events stored by another process on SQLite send no wake-up.
             watch.wait(recheck)
             read_rows = watch.rows
@@ -187,10 +226,12 @@ def feed(database: Database, live: LiveReplies, session_id: int, cursor: Cursor,
 
 def stream(database: Database, live: LiveReplies, session_id: int, cursor: Cursor, *, follow: bool,
            keepalive: float, recheck: float, bus: NoBus | RedisBus | None = None,
-           text_every: float = 0.0) -> Iterator[str]:
-    """Everything after `cursor`, then (if `follow`) live events as they come, as SSE."""
+           text_every: float = 0.0, grace: float | None = None) -> Iterator[str]:
+    """Everything after `cursor`, then (if `follow`) live events as they come, as SSE; with `grace`
+    (NO_RUNNER_GRACE_SECONDS) a queued reply's `estimate` events too."""
     yield "retry: 1000\n\n"
+    outlook = Outlook(database, session_id, grace=grace) if grace is not None and follow else None
     for event in feed(database, live, session_id, cursor, follow=follow, keepalive=keepalive, recheck=recheck,
-                      bus=bus, text_every=text_every):
+                      bus=bus, text_every=text_every, outlook=outlook):
         # A comment line when quiet: keeps proxies from closing an idle stream.
         yield ": keepalive\n\n" if event is None else event.to_sse()

@@ -250,6 +250,9 @@ def test_the_page_shows_every_phase_of_a_reply(api_server, new_page):
 
     first = runner.claim()  # the session ahead leaves the queue: polling moves this one up
     wait_phase(page, "queued", "queued (1 in line)")
+    # The runner is live now, so the reply says when it should start, beside its place in line.
+    page.wait_for_function("() => (document.querySelector('.reply:last-child .estimate')?.textContent || '')"
+                           ".startsWith('starts in about')")
     task = runner.claim()
     wait_phase(page, "loading")
     runner.events(task, {"kind": "token", "text": "Hel"}, {"kind": "token", "text": "lo"})

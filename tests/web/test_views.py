@@ -47,6 +47,14 @@ def test_a_chat_from_the_form_queues_a_task(browser, db):
     assert 'data-phase="queued"' in page and "queued (1 in line)" in page
 
 
+def test_a_queued_reply_shows_when_it_should_start(browser, client, runner):
+    client.get(f"/api/v1/worker/task?mode=create&type=text&model_name={TEXT_MODEL}",
+               headers=runner)  # a live runner of the model (it finds nothing yet)
+    session_id = session_id_of(new_chat(browser, "Tell me a story"))
+    page = browser.get(f"/sessions/{session_id}").data.decode()
+    assert "queued (1 in line)" in page and re.search(r'class="estimate">starts in about \d+ s<', page)
+
+
 @pytest.mark.parametrize("fields,field,message", [
     ({"temperature": "warm"}, "params.temperature", "Temperature must be a number, not &#39;warm&#39;"),
     ({"max_new_tokens": "0"}, "params.max_new_tokens", "Param &#39;max_new_tokens&#39; must be an integer, &gt;= 1"),

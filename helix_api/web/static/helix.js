@@ -10,6 +10,16 @@
 (function () {
   const POLL_MS = 1500;
   const ENDED = ["complete", "error", "cancelled"];
+  // Phases of a reply still waiting for a runner: the page keeps polling its place in line and estimate.
+  const WAITING = ["queued", "no_runner"];
+  const NO_RUNNER_TEXT = "no runner serves this model";
+
+  // A wait in words, as the page template writes it: "40 s", "3 min", "1.5 h".
+  function about(seconds) {
+    if (seconds < 90) return `${Math.max(1, Math.round(seconds))} s`;
+    if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+    return `${Math.round(seconds / 360) / 10} h`;
+  }
 
   function follow(page, reply) {
     const interactionId = Number(reply.dataset.interactionId);
@@ -19,19 +29,30 @@
     const bar = reply.querySelector("progress");
     const detail = reply.querySelector(".progress-detail");
     const errorBox = reply.querySelector(".error");
+    const estimate = reply.querySelector(".estimate");
     let phase = label.dataset.phase;
     let position = Number(label.dataset.queuePosition) || null;
     let poller = null;
 
-    function show(next, queuePosition) {
+    // `outlook`: the reply's estimate fields (the session JSON's, or an `estimate` event's), when known.
+    function show(next, queuePosition, outlook) {
       phase = next;
       if (queuePosition) position = queuePosition;
       label.dataset.phase = next;
       label.className = "phase phase-" + next;
-      label.textContent = next === "queued" && position ? `queued (${position} in line)` : next;
-      if (next === "queued" && !poller) {
+      if (next === "queued" && position) label.textContent = `queued (${position} in line)`;
+      else if (next === "no_runner") label.textContent = (outlook && outlook.phase_detail) || NO_RUNNER_TEXT;
+      else label.textContent = next;
+      if (next !== "queued") {
+        estimate.hidden = true;
+      } else if (outlook) {
+        const wait = outlook.estimated_wait_seconds;
+        estimate.hidden = typeof wait !== "number";
+        estimate.textContent = estimate.hidden ? "" : `starts in about ${about(wait)}`;
+      }
+      if (WAITING.includes(next) && !poller) {
         poller = setInterval(pollQueue, POLL_MS);
-      } else if (next !== "queued" && poller) {
+      } else if (!WAITING.includes(next) && poller) {
         clearInterval(poller);
         poller = null;
       }
@@ -56,8 +77,8 @@
 
     async function pollQueue() {
       const state = await fetchState();
-      if (state && state.item && phase === "queued" && state.item.phase === "queued") {
-        show("queued", state.item.queue_position);
+      if (state && state.item && WAITING.includes(phase) && WAITING.includes(state.item.phase)) {
+        show(state.item.phase, state.item.queue_position, state.item);
       }
     }
 
@@ -138,6 +159,11 @@
       if (phase !== working) show(working);
     });
 
+    source.addEventListener("estimate", (event) => {
+      const data = mine(event);
+      if (data && WAITING.includes(phase)) show(data.phase, data.queue_position, data);
+    });
+
     source.addEventListener("state", (event) => {
       const data = mine(event);
       if (!data) return;
@@ -156,7 +182,7 @@
       // A 401 or 404 closes the stream for good (a network error retries on its own): show the page anew.
       if (source.readyState === EventSource.CLOSED) setTimeout(() => location.reload(), 2000);
     };
-    if (phase === "queued") show("queued");
+    if (WAITING.includes(phase)) show(phase);
   }
 
   // A region marked data-refresh="MS" (the admin page) is fetched again every MS milliseconds and swapped
