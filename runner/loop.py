@@ -60,6 +60,9 @@ class Runner:
         self._limit: int | None = None
         self._slots = 1  # set once the backend is set up
         self._registered = False  # whether the API has heard this runner's profile
+        # The adapters the API last heard this runner holds: it routes their tasks here (warm routing) by what
+        # it stored, and a heartbeat may be too rare (or stored too seldom) to tell it of a new one in time.
+        self._reported_adapters: frozenset[str] = frozenset()
         # With several slots on a runner of both inference and fine-tuning: a fine-tune runs alone.
         self._gate: SlotGate | None = None
         self.hardware = HardwareReader()
@@ -70,17 +73,20 @@ class Runner:
                                 hardware=self.hardware)
 
     def _register(self) -> None:
-        """Tell the API what this runner is, until it has heard; an API that cannot take it costs a log line."""
-        if self._registered:
+        """Tell the API what this runner is, until it has heard, and again when its adapters changed (one request
+        per adapter loaded, far cheaper than the load); an API that cannot take it costs a log line."""
+        adapters = frozenset(profile.loaded_adapters(self.backend))  # a set: using one reorders the list
+        if self._registered and adapters == self._reported_adapters:
             return
         try:
             self.client.register(self.describe())
             self._registered = True
+            self._reported_adapters = adapters
         except ApiError as exc:
             if exc.status in (401, 403):
                 raise  # a claim would be refused the same way: say so now
             # An API from before the report (404) or one refusing it (400): the runner serves all the same.
-            self._registered = True
+            self._registered, self._reported_adapters = True, adapters
             logger.warning("runner %s: the API did not take its profile: %s", self.config.runner_name, exc)
         except ApiUnavailable as exc:
             # Tried again before the next claim; heartbeats carry the profile too.
