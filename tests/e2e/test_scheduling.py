@@ -116,13 +116,22 @@ def test_warm_routing_keeps_each_adapter_on_the_runner_that_holds_it(api_server,
     assert cold > warm, (warm, cold)
 
 
+ONE_SLOT_FAIRNESS = pytest.mark.xfail(strict=True, reason=(
+    "claims.py orders fair shares by each user's tasks running now (_RUNNING): a one-slot runner claims (or "
+    "completes-and-claims-next) holding nothing, so both users count 0 running at every claim and the order "
+    "falls back to task id: the first user's whole backlog goes first. Needs a share over recent work "
+    "(e.g. tasks finished in the last minute) or the completing task counted as its user's."))
+
+
 @pytest.mark.slow
 @SQLITE_ONLY
-def test_a_second_user_is_served_before_the_first_users_backlog_ends(api_server, runner_process):
+@pytest.mark.parametrize("slots", [2, pytest.param(1, marks=ONE_SLOT_FAIRNESS)])
+def test_a_second_user_is_served_before_the_first_users_backlog_ends(api_server, runner_process, slots):
     server = api_server()
     bob = {"Authorization": f"Bearer {server.create_user('bob')}"}
     alice_ids = [create_session(server, server.user, f"alice {n}", sleep=0.1)["id"] for n in range(20)]
-    runner_process(server, "one", backend=BACKEND, extra=BOTH_KINDS)
+    # One runner, the seed's single-kind URL: the echo double holds `slots` chats at once.
+    runner_process(server, "one", extra=("--max-parallel", str(slots)))
     wait_for(lambda: server.sql("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 1, 30,
              "the runner to start on alice's backlog")
     bob_ids = [create_session(server, bob, f"bob {n}", sleep=0.1)["id"] for n in range(2)]
