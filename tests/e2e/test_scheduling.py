@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import text
 
 from tests.conftest import TEXT_MODEL
 from tests.e2e.client import create_finetune, create_session, echo_of, wait_for_reply
@@ -149,3 +152,38 @@ def test_a_second_user_is_served_before_the_first_users_backlog_ends(api_server,
 def _order(finished: dict[int, Any], bob_ids: list[int]) -> list[str]:
     """Who finished when, for a failure's message."""
     return [("bob" if s in bob_ids else "alice") for s, _ in sorted(finished.items(), key=lambda item: item[1])]
+
+
+@pytest.mark.slow
+@SQLITE_ONLY
+def test_a_reserved_runner_starts_a_fine_tune_at_once_under_a_steady_chat_load(api_server, runner_process):
+    server = api_server()
+    with server.engine.begin() as conn:
+        conn.execute(text("INSERT INTO reservations (model_name, runners, updated_at) VALUES (:m, 1, :now)"),
+                     {"m": TEXT_MODEL, "now": datetime.now(UTC).replace(tzinfo=None)})
+    for n in range(2):
+        runner_process(server, f"pool-{n}", backend=BACKEND, extra=BOTH_KINDS)
+    stop = threading.Event()
+
+    def chats_keep_coming() -> None:
+        # More chats than two runners finish: the queue never empties while the fine-tune waits.
+        while not stop.is_set():
+            create_session(server, server.user, "steady load", sleep=0.3)
+            stop.wait(0.1)
+
+    load = threading.Thread(target=chats_keep_coming)
+    load.start()
+    try:
+        wait_for(lambda: server.sql("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 4, 30,
+                 "the chats to flow")
+        tune = create_finetune(server, TEXT_MODEL, chats())
+        assert wait_for_reply(server, server.user, tune["id"], 30)["state"] == "complete"
+    finally:
+        stop.set()
+        load.join(30)
+    ((queued_at, claimed_at),) = server.sql("SELECT queued_at, claimed_at FROM tasks WHERE session_id = :s",
+                                            s=tune["id"])
+    # One runner stays idle for fine-tuning: the fine-tune waits at most for a poll, not for the chats.
+    waited = datetime.fromisoformat(str(claimed_at)) - datetime.fromisoformat(str(queued_at))
+    assert waited.total_seconds() < 3, (queued_at, claimed_at)
+    assert server.sql("SELECT count(*) FROM tasks WHERE status = 'queued' AND mode = 'create'")[0][0] > 0
