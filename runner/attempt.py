@@ -16,6 +16,7 @@ from runner.messages import FINETUNE
 if TYPE_CHECKING:
     from runner.backends.base import Backend
     from runner.client import ApiClient
+    from runner.gate import SlotGate
     from runner.messages import Claim
     from runner.reporter import Report
 
@@ -84,12 +85,13 @@ class Attempt:
     """One claimed task, run once: run() returns how it ended, settle() is where every attempt ends."""
 
     def __init__(self, claim: Claim, backend: Backend, client: ApiClient, report: Report,
-                 describe: Callable[[], dict[str, Any]] | None = None) -> None:
+                 describe: Callable[[], dict[str, Any]] | None = None, gate: SlotGate | None = None) -> None:
         self.task = claim.task
         self.lease = claim.lease
         self.report = report
         self._backend = backend
         self._client = client
+        self._gate = gate  # a runner of both inference and fine-tuning with several slots: train() runs alone
         self._call = "train()" if claim.task.mode == FINETUNE else "predict()"  # for the logs
         # Each renewal carries the runner's profile (`describe`), so the API hears it without a request of its own.
         self._heartbeat = Heartbeat(client, claim.task.id, claim.lease, on_stop=report.cancel, describe=describe)
@@ -127,10 +129,14 @@ class Attempt:
         return Complete(result, time.monotonic() - started)
 
     def _call_backend(self) -> Any:
-        """train() for a fine-tune, predict() for every other task."""
-        if self.task.mode == FINETUNE:
-            return self._backend.train(self.task, self.report)
-        return self._backend.predict(self.task, self.report)
+        """train() for a fine-tune, predict() for every other task (through the slots' gate, if any)."""
+        training = self.task.mode == FINETUNE
+        call = self._backend.train if training else self._backend.predict
+        if self._gate is None:
+            return call(self.task, self.report)
+        with self._gate.alone() if training else self._gate.shared():
+            self.report.check()  # cancelled, or the runner stopped, while it waited for the gate
+            return call(self.task, self.report)
 
     def settle(self, outcome: Outcome, claim_next: bool = False) -> Claim | None:
         """End the attempt: close its report as the outcome needs, then tell the API (nothing, for a drop).

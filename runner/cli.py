@@ -16,6 +16,7 @@ from runner.capacity import DEFAULT_CAP
 from runner.client import CONNECTIONS_PER_SLOT, ApiClient
 from runner.config import (
     JobFilter,
+    Kind,
     RunnerConfig,
     default_cache_dir,
     default_runner_name,
@@ -60,6 +61,11 @@ class MaxParallel(click.ParamType):
 @click.option("--mode", help="Tasks to take: create or finetune (overrides the job URL's).")
 @click.option("--type", "type_", help="Tasks to take: text or image (overrides the job URL's).")
 @click.option("--model-name", help="Tasks to take: the exact model name (overrides the job URL's).")
+@click.option("--kind", "kinds", envvar="HELIX_RUNNER_KINDS", show_envvar=True, multiple=True,
+              metavar="MODE:TYPE:MODEL",
+              help="A queue to poll, repeatable (the env var comma-separated), e.g. --kind create:text:M "
+                   "--kind finetune:text:M: one process serves both; instead of --mode/--type/--model-name "
+                   "(the job URL then only says where the API is).")
 @click.option("--token", envvar="HELIX_RUNNER_TOKEN", show_envvar=True, metavar="TOKEN",
               help="A runner token (hxr_...).")
 @click.option("--runner-name", envvar="HELIX_RUNNER_NAME", show_envvar=True, default=default_runner_name,
@@ -99,13 +105,16 @@ class MaxParallel(click.ParamType):
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.pass_context
 def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | None, mode: str | None,
-         type_: str | None, model_name: str | None, token: str | None, runner_name: str,
+         type_: str | None, model_name: str | None, kinds: tuple[str, ...], token: str | None, runner_name: str,
          wait: float | None, max_tasks: int | None, grace: float, device: str, dtype: str,
          gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int | None,
          max_parallel_cap: int, cache_dir: str, metrics_port: int | None, metrics_host: str, log_level: str) -> None:
     """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    target = _target(ctx, job_url, api_url, mode, type_, model_name)
+    polled = _kinds(kinds)
+    if polled and (mode or type_ or model_name):
+        raise click.UsageError("pass either --kind (repeatable) or --mode/--type/--model-name, not both")
+    target = _target(ctx, job_url, api_url, mode, type_, model_name, polled)
     if not token:
         raise click.UsageError("no runner token: set HELIX_RUNNER_TOKEN or pass --token "
                                "(make one with `helix runner-token create`)")
@@ -116,9 +125,13 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
     # Sized for every slot --max-parallel may open: the backend's own cap is known only after setup().
     client = ApiClient(target.api_url, token, runner_name, timeout=RunnerConfig.request_timeout,
                        pool_size=CONNECTIONS_PER_SLOT * most)
+    # Aliases resolved once: the weights load by the full name, and tasks carry it.
+    polled = [Kind(kind.mode, kind.type, _full_model_name(client, kind.model_name)) for kind in polled]
+    first = polled[0] if polled else Kind(target.mode or "", target.type or "",
+                                          _full_model_name(client, target.model_name or ""))
     config = RunnerConfig(
-        api_url=target.api_url, token=token, mode=target.mode or "", type=target.type or "",
-        model_name=_full_model_name(client, target.model_name or ""), backend=backend, runner_name=runner_name,
+        api_url=target.api_url, token=token, mode=first.mode, type=first.type, model_name=first.model_name,
+        more_kinds=tuple(polled[1:]), backend=backend, runner_name=runner_name,
         wait=wait, grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
         gpu_memory=_gpu_memory(gpu_memory), cpu_memory=cpu_memory or None, quantize=quantize,
         max_parallel=most, parallel_auto=auto, cache_dir=cache_dir,
@@ -173,9 +186,21 @@ def _gpu_memory(entries: tuple[str, ...]) -> dict[int, str]:
         raise click.BadParameter(str(exc), param_hint="--gpu-memory") from exc
 
 
+def _kinds(entries: tuple[str, ...]) -> list[Kind]:
+    """--kind values (each may hold several, comma-separated, as HELIX_RUNNER_KINDS does), in order, once each."""
+    try:
+        kinds = [Kind.parse(part) for entry in entries for part in entry.split(",") if part.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kind") from exc
+    return list(dict.fromkeys(kinds))
+
+
 def _target(ctx: click.Context, job_url: str | None, api_url: str | None, mode: str | None,
-            type_: str | None, model_name: str | None) -> JobFilter:
-    """Where to claim from and by which filters: flags first, then HELIX_GET_JOB_URL, then HELIX_API_URL."""
+            type_: str | None, model_name: str | None, kinds: list[Kind] | None = None) -> JobFilter:
+    """Where to claim from and by which filters: flags first, then HELIX_GET_JOB_URL, then HELIX_API_URL.
+
+    With `kinds` (--kind), the queues are those, and a job URL only says where the API is.
+    """
     if job_url:
         try:
             found = parse_job_url(job_url)
@@ -185,12 +210,14 @@ def _target(ctx: click.Context, job_url: str | None, api_url: str | None, mode: 
         found = JobFilter(api_url=api_url)
     else:
         raise click.UsageError("no API to claim from: set HELIX_GET_JOB_URL (or HELIX_API_URL with "
-                               "--mode, --type and --model-name)")
+                               "--mode, --type and --model-name, or --kind)")
     # An --api-url typed on the command line beats the job URL's base; HELIX_API_URL in the env does not.
     if api_url and ctx.get_parameter_source("api_url") is ParameterSource.COMMANDLINE:
         base = api_url
     else:
         base = found.api_url
+    if kinds:
+        return JobFilter(api_url=normalize_api_url(base), wait=found.wait)
     target = JobFilter(
         api_url=normalize_api_url(base),
         mode=(mode or found.mode or "").lower() or None,

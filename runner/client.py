@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -24,7 +24,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from runner.config import CLAIM_PATH, RetryPolicy
+from runner.config import CLAIM_PATH, Kind, RetryPolicy
 from runner.errors import ApiError, ApiGone, ApiUnavailable, refusal
 from runner.messages import Claim
 
@@ -38,6 +38,7 @@ FILE_TIMEOUT = 300.0  # between two chunks of a file: adapters and images are la
 CHUNK_BYTES = 1 << 20
 TRANSIENT_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 CONNECTIONS_PER_SLOT = 4  # a slot may poll, beat, post events and move a file all at once
+MOST_WARM = 64  # adapter keys one poll may name (the API's limit): the most recently used go
 T = TypeVar("T")
 _log_retry = before_sleep_log(logger, logging.WARNING)
 
@@ -84,37 +85,52 @@ class ApiClient:
         return response.json().get("full_name") or name
 
     def claim(self, mode: str, type: str, model_name: str, wait: float = 0,
-              interrupt: threading.Event | None = None) -> Claim | None:
+              interrupt: threading.Event | None = None, *, warm: Sequence[str] = ()) -> Claim | None:
         """Take the next matching task, long-polling up to `wait` seconds; None when there is none.
 
         Setting `interrupt` ends the retries at once (with ApiUnavailable): a stopping runner has no
         reason to wait for the API to come back just to claim a task it would hand back.
         """
-        params = {"mode": mode, "type": type, "model_name": model_name}
-        if wait:
-            params["wait"] = str(math.ceil(wait))  # the API takes whole seconds
-        response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN,
-                                 interrupt=interrupt)
-        if response.status_code == 204:
-            return None
-        try:
-            return Claim.from_json(response.json())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ApiError(response.status_code, "bad_response", f"unreadable claim reply: {exc!r}") from exc
+        claims = self.claim_kinds([Kind(mode, type, model_name)], 1, wait=wait, interrupt=interrupt, warm=warm)
+        return claims[0] if claims else None
 
     def claim_many(self, mode: str, type: str, model_name: str, count: int, wait: float = 0,
-                   interrupt: threading.Event | None = None) -> list[Claim]:
+                   interrupt: threading.Event | None = None, *, warm: Sequence[str] = ()) -> list[Claim]:
         """Take up to `count` matching tasks in one request (a runner's free slots), long-polling like claim()."""
-        params = {"mode": mode, "type": type, "model_name": model_name, "max": str(count)}
+        return self.claim_kinds([Kind(mode, type, model_name)], count, wait=wait, interrupt=interrupt,
+                                warm=warm, batch=True)
+
+    def claim_kinds(self, kinds: Sequence[Kind], count: int = 1, wait: float = 0,
+                    interrupt: threading.Event | None = None, *, warm: Sequence[str] = (),
+                    batch: bool | None = None) -> list[Claim]:
+        """Take up to `count` tasks from any of the `kinds` queues in one poll, long-polling like claim().
+
+        One kind is asked for as mode/type/model_name, as every API version reads it; several as repeated
+        `kind=MODE:TYPE:MODEL`. `warm` are the keys of the adapters this runner holds in memory: the API
+        hands it their tasks first (and holds them back from runners without them for a moment).
+        `batch` (default: `count` > 1) asks with `max=` for the list shape of the answer.
+        """
+        params: list[tuple[str, str]] = []
+        if len(kinds) == 1:
+            (only,) = kinds
+            params += [("mode", only.mode), ("type", only.type), ("model_name", only.model_name)]
+        else:
+            params += [("kind", kind.spelled) for kind in kinds]
+        # The most recently used last in the cache's order: those are the ones worth naming.
+        params += [("warm", key) for key in list(warm)[-MOST_WARM:]]
+        if batch is None:
+            batch = count > 1
+        if batch:
+            params.append(("max", str(count)))
         if wait:
-            params["wait"] = str(math.ceil(wait))
+            params.append(("wait", str(math.ceil(wait))))  # the API takes whole seconds
         response = self._request("GET", CLAIM_PATH, params=params, read_timeout=wait + LONG_POLL_MARGIN,
                                  interrupt=interrupt)
         if response.status_code == 204:
             return []
         try:
             body = response.json()
-            if "tasks" not in body:  # an API from before `max` ignores it and answers one task
+            if "tasks" not in body:  # the single-task shape: no `max`, or an API from before it
                 return [Claim.from_json(body)]
             return [Claim.from_json(item) for item in body["tasks"]]
         except (ValueError, KeyError, TypeError) as exc:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from runner.capacity import DEFAULT_HEADROOM
+from runner.messages import FINETUNE
 
 CLAIM_PATH = "/api/v1/worker/task"
 
@@ -47,6 +48,33 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Kind:
+    """One queue a runner polls: a (mode, type, model) triple, spelled `MODE:TYPE:MODEL` on the wire."""
+
+    mode: str
+    type: str
+    model_name: str
+
+    @classmethod
+    def parse(cls, text: str) -> Kind:
+        """`create:text:mistralai/Mistral-7B-Instruct-v0.1` -> Kind; mode and type lowered, the model exact."""
+        mode, _, rest = text.strip().partition(":")
+        type_, _, model_name = rest.partition(":")
+        if not mode or not type_ or not model_name.strip():
+            raise ValueError(f"not MODE:TYPE:MODEL (like create:text:mistral-7b-instruct): {text!r}")
+        return cls(mode.lower(), type_.lower(), model_name.strip())
+
+    @property
+    def spelled(self) -> str:
+        """The `kind=` value of a poll."""
+        return f"{self.mode}:{self.type}:{self.model_name}"
+
+    def as_json(self) -> dict[str, str]:
+        """As the runner report lists it."""
+        return {"mode": self.mode, "type": self.type, "model_name": self.model_name}
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
     """Everything a runner needs, read once at the edge (the CLI) and passed in."""
 
@@ -67,6 +95,9 @@ class RunnerConfig:
     # holds) before it exits without it; the task's lease then runs out and the API requeues it.
     api_grace_seconds: float = 5.0
     max_tasks: int | None = None
+    # Further queues polled beside (mode, type, model_name), from `--kind`: e.g. the fine-tuning of the
+    # model this runner serves. Empty: the one queue, polled with the seed's mode/type/model_name URL.
+    more_kinds: tuple[Kind, ...] = ()
     request_timeout: float = 10.0
     flush_interval: float = 0.05  # events are posted at least this often while a task streams
     batch_size: int = 32  # ... or as soon as this many are waiting
@@ -85,6 +116,22 @@ class RunnerConfig:
     # Fetched files and unpacked adapters (by checksum), and scratch space for training.
     cache_dir: str = field(default_factory=default_cache_dir)
     work_dir: str = ""  # default: cache_dir/work
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        """Every queue this runner polls, the first one (mode, type, model_name) first."""
+        first = Kind(self.mode, self.type, self.model_name)
+        return (first, *(kind for kind in self.more_kinds if kind != first))
+
+    @property
+    def predicts(self) -> bool:
+        """Whether any of its queues is inference (predict()), so the backend loads the model for serving."""
+        return any(kind.mode != FINETUNE for kind in self.kinds)
+
+    @property
+    def trains(self) -> bool:
+        """Whether any of its queues is fine-tuning (train())."""
+        return any(kind.mode == FINETUNE for kind in self.kinds)
 
     @property
     def work_path(self) -> str:

@@ -19,6 +19,7 @@ from runner.client import ApiClient
 from runner.config import RunnerConfig
 from runner.errors import ApiError, ApiGone, ApiUnavailable, StopReason
 from runner.files import TaskFiles
+from runner.gate import SlotGate
 from runner.hardware import HardwareReader
 from runner.messages import Claim
 from runner.reporter import Report
@@ -59,6 +60,11 @@ class Runner:
         self._limit: int | None = None
         self._slots = 1  # set once the backend is set up
         self._registered = False  # whether the API has heard this runner's profile
+        # The adapters the API last heard this runner holds: it routes their tasks here (warm routing) by what
+        # it stored, and a heartbeat may be too rare (or stored too seldom) to tell it of a new one in time.
+        self._reported_adapters: frozenset[str] = frozenset()
+        # With several slots on a runner of both inference and fine-tuning: a fine-tune runs alone.
+        self._gate: SlotGate | None = None
         self.hardware = HardwareReader()
 
     def describe(self) -> dict[str, Any]:
@@ -67,17 +73,20 @@ class Runner:
                                 hardware=self.hardware)
 
     def _register(self) -> None:
-        """Tell the API what this runner is, until it has heard; an API that cannot take it costs a log line."""
-        if self._registered:
+        """Tell the API what this runner is, until it has heard, and again when its adapters changed (one request
+        per adapter loaded, far cheaper than the load); an API that cannot take it costs a log line."""
+        adapters = frozenset(profile.loaded_adapters(self.backend))  # a set: using one reorders the list
+        if self._registered and adapters == self._reported_adapters:
             return
         try:
             self.client.register(self.describe())
             self._registered = True
+            self._reported_adapters = adapters
         except ApiError as exc:
             if exc.status in (401, 403):
                 raise  # a claim would be refused the same way: say so now
             # An API from before the report (404) or one refusing it (400): the runner serves all the same.
-            self._registered = True
+            self._registered, self._reported_adapters = True, adapters
             logger.warning("runner %s: the API did not take its profile: %s", self.config.runner_name, exc)
         except ApiUnavailable as exc:
             # Tried again before the next claim; heartbeats carry the profile too.
@@ -94,8 +103,9 @@ class Runner:
             metrics.MODEL_LOAD_SECONDS.set(loading.elapsed)
             slots = self._slots = self.slots()
             metrics.SLOTS.set(slots)
-            logger.info("runner %s: claiming mode=%s type=%s model_name=%s from %s (%d at a time)",
-                        cfg.runner_name, cfg.mode, cfg.type, cfg.model_name, cfg.api_url, slots)
+            logger.info("runner %s: claiming %s from %s (%d at a time)", cfg.runner_name,
+                        "; ".join(f"mode={k.mode} type={k.type} model_name={k.model_name}" for k in cfg.kinds),
+                        cfg.api_url, slots)
             if slots == 1:
                 self._serve(limit)
             else:
@@ -165,6 +175,8 @@ class Runner:
     def _serve_in_parallel(self, slots: int, limit: int | None) -> None:
         """Run `slots` claim-and-work loops on their own threads; re-raise the first that failed."""
         self._batcher = EventBatcher(self.client)  # the slots' event posts share requests
+        if self.config.predicts and self.config.trains:
+            self._gate = SlotGate()
         self._idle, self._limit = slots, limit
         threads = [threading.Thread(target=self._serve_slot, args=(limit,), name=f"helix-slot-{index}",
                                     daemon=True) for index in range(slots)]
@@ -212,6 +224,10 @@ class Runner:
                 return self._spare.popleft()
             except IndexError:
                 pass
+            if self._gate is not None and self._gate.training:
+                # A fine-tune runs (or waits for the chats in hand to end) alone: claim nothing meanwhile.
+                self._stopping.wait(0.1)
+                continue
             if not self._poll_lock.acquire(timeout=0.1):
                 continue
             try:
@@ -257,13 +273,10 @@ class Runner:
 
         def poll() -> None:
             try:
-                if self._batcher is None:  # one slot: the single-task claim every API version answers
-                    one = self.client.claim(cfg.mode, cfg.type, cfg.model_name, wait=cfg.wait,
-                                            interrupt=self._stopping)
-                    box["claims"] = [one] if one is not None else []
-                else:
-                    box["claims"] = self.client.claim_many(cfg.mode, cfg.type, cfg.model_name, count,
-                                                           wait=cfg.wait, interrupt=self._stopping)
+                # One slot: the single-task claim every API version answers; several: `max=`.
+                box["claims"] = self.client.claim_kinds(cfg.kinds, count, wait=cfg.wait, interrupt=self._stopping,
+                                                        warm=profile.loaded_adapters(self.backend),
+                                                        batch=self._batcher is not None)
             except BaseException as exc:  # handed to the main thread, which decides
                 box["error"] = exc
             with guard:
@@ -315,7 +328,9 @@ class Runner:
             finally:
                 # Before settling: from here on, a stop() must not cut the task's end short.
                 self._reports.pop(task.id, None)
-            ask = isinstance(outcome, Complete) and not self._stopping.is_set() and self._reserve(limit)
+            # Not while a fine-tune waits for the gate: the next chat would only wait with it.
+            ask = (isinstance(outcome, Complete) and not self._stopping.is_set()
+                   and not (self._gate is not None and self._gate.training) and self._reserve(limit))
             following = attempt.settle(outcome, claim_next=ask)
             if ask and following is None:
                 self._unreserve()
@@ -334,7 +349,7 @@ class Runner:
         report = Report(task_id, functools.partial(post, task_id, token),
                         flush_interval=self.config.flush_interval, batch_size=self.config.batch_size,
                         files=TaskFiles(self.client, task_id, token, Path(self.config.cache_dir)))
-        return Attempt(claim, self.backend, self.client, report, describe=self.describe)
+        return Attempt(claim, self.backend, self.client, report, describe=self.describe, gate=self._gate)
 
     def _teardown(self) -> None:
         if self._grace_timer is not None:

@@ -25,7 +25,7 @@ def describe(config: RunnerConfig, backend: Any, *, slots: int, busy: int, hardw
     return {
         "hardware": hardware.read(),
         "backend": config.backend or type(backend).__name__,
-        "kinds": [{"mode": config.mode, "type": config.type, "model_name": config.model_name}],
+        "kinds": [kind.as_json() for kind in config.kinds],
         "slots": {"total": slots, "busy": max(0, min(busy, slots))},
         "adapters": loaded_adapters(backend),
         "version": __version__,

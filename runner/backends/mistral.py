@@ -40,10 +40,11 @@ class MistralBackend(Backend):
         self.tokenizer: Any = None
         self.generator: TextGenerator | None = None
         self.adapters: AdapterCache | None = None
-        # Chats batch on the one loaded model; each training run loads a model of its own, so one at a time.
-        # With --max-parallel auto, setup() sizes the batch once the weights are in memory.
-        self.max_parallel = 1 if config.mode == FINETUNE or config.parallel_auto else config.max_parallel
-        self.sizes_slots = config.mode != FINETUNE
+        # Chats batch on the one loaded model; each training run loads a model of its own, so one at a time
+        # (beside chats, the runner's slot gate runs it alone). With --max-parallel auto, setup() sizes the
+        # batch once the weights are in memory.
+        self.max_parallel = 1 if not config.predicts or config.parallel_auto else config.max_parallel
+        self.sizes_slots = config.predicts
 
     @property
     def model_name(self) -> str:
@@ -51,8 +52,8 @@ class MistralBackend(Backend):
         return self.config.model_name or DEFAULT_MODEL
 
     def setup(self) -> None:
-        """Check the weights fit, then load them; a fine-tuning runner loads nothing up front."""
-        if self.config.mode == FINETUNE:
+        """Check the weights fit, then load them; a runner that only fine-tunes loads nothing up front."""
+        if not self.config.predicts:
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

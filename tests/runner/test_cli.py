@@ -140,3 +140,39 @@ def test_max_parallel_takes_a_number_or_auto(monkeypatch):
     refused = invoke("--max-parallel", "lots")
     assert refused.exit_code == 2 and "'lots' is not a number from 1 to 256, nor auto" in refused.output
     assert invoke("--max-parallel", "0").exit_code == 2
+
+
+def _queries(api) -> list[list[tuple[str, str]]]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return [parse_qsl(urlsplit(request.url).query) for request in gets(api) if "/worker/task" in request.url]
+
+
+def test_kind_polls_several_queues_in_one_request(api, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    api.post(f"{TASK_URL}/42/events", json={"stored": 1, "cancelled": False})
+    api.post(f"{TASK_URL}/42/complete", json={"status": "complete"})
+    model = "mistralai/Mistral-7B-Instruct-v0.1"
+    result = invoke("--kind", f"create:text:{model}", "--kind", f"Finetune:Text:{model}", "--max-tasks", "1",
+                    "--wait", "0")
+    assert result.exit_code == 0, result.output
+    assert _queries(api)[0] == [("kind", f"create:text:{model}"), ("kind", f"finetune:text:{model}")]
+
+
+def test_helix_runner_kinds_takes_them_comma_separated(api, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    api.post(f"{TASK_URL}/42/events", json={"stored": 1, "cancelled": False})
+    api.post(f"{TASK_URL}/42/complete", json={"status": "complete"})
+    result = invoke("--max-tasks", "1", "--wait", "0", HELIX_RUNNER_KINDS="create:text:a/b,finetune:text:a/b")
+    assert result.exit_code == 0, result.output
+    assert _queries(api)[0] == [("kind", "create:text:a/b"), ("kind", "finetune:text:a/b")]
+
+
+def test_kind_and_mode_together_are_refused():
+    result = invoke("--kind", "create:text:a/b", "--mode", "create")
+    assert result.exit_code != 0 and "--kind" in result.output
+
+
+def test_a_kind_that_is_not_mode_type_model_is_refused():
+    result = invoke("--kind", "create:text")
+    assert result.exit_code != 0 and "MODE:TYPE:MODEL" in result.output

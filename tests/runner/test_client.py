@@ -208,3 +208,27 @@ def test_a_stopping_client_still_retries_within_its_grace(api, api_client):
     api.post(f"{TASK_URL}/42/release", json={"status": "queued"})
     api_client.stopping(5.0)
     assert api_client.release(42, "l_42") == {"status": "queued"}
+
+
+def _query(request) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return parse_qsl(urlsplit(request.url).query)
+
+
+def test_a_poll_of_several_kinds_names_each_queue_and_the_warm_adapters(api, api_client, claim_json):
+    from runner.config import Kind
+
+    api.get(TASK_URL, json={"tasks": [claim_json(task_id=1), claim_json(task_id=2, mode="finetune")]})
+    kinds = [Kind("create", "text", "m"), Kind("finetune", "text", "m")]
+    claims = api_client.claim_kinds(kinds, 2, wait=3, warm=["a" * 64, "b" * 64])
+    assert [claim.task.mode for claim in claims] == ["create", "finetune"]
+    assert _query(api.calls[0].request) == [("kind", "create:text:m"), ("kind", "finetune:text:m"),
+                                            ("warm", "a" * 64), ("warm", "b" * 64), ("max", "2"), ("wait", "3")]
+
+
+def test_one_kind_keeps_the_seed_claim_url_and_adds_only_the_warm_adapters(api, api_client, claim_json):
+    api.get(TASK_URL, json=claim_json())
+    assert api_client.claim("create", "text", "m", warm=["k1"]) is not None
+    assert _query(api.calls[0].request) == [("mode", "create"), ("type", "text"), ("model_name", "m"),
+                                            ("warm", "k1")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -134,3 +135,51 @@ def test_one_poll_claims_for_every_idle_slot(api, api_client, config, claim_json
     assert backend.most == 2
     claims = [call.request for call in api.calls if "/task?" in call.request.url]
     assert len(claims) == 1 and "max=2" in claims[0].url
+
+
+class Overlaps(EchoBackend):
+    """Counts the times a train() ran beside a predict() (the runner's gate must prevent it)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.running = {"predict": 0, "train": 0}
+        self.overlaps = 0
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def _call(self, what: str, run):
+        with self._lock:
+            self.running[what] += 1
+            self.calls.append(what)
+            self.overlaps += self.running["train"] > 0 and sum(self.running.values()) > 1
+        try:
+            time.sleep(0.1)
+            return run()
+        finally:
+            with self._lock:
+                self.running[what] -= 1
+
+    def predict(self, task, report):
+        return self._call("predict", lambda: super(Overlaps, self).predict(task, report))
+
+    def train(self, task, report):
+        return self._call("train", lambda: super(Overlaps, self).train(task, report))
+
+
+def test_a_runner_of_both_kinds_runs_a_fine_tune_alone_and_chats_together(api, api_client, config, claim_json):
+    from runner.config import Kind
+
+    api.get(TASK_URL, json={"tasks": [claim_json(task_id=1), claim_json(task_id=2, mode="finetune"),
+                                      claim_json(task_id=3)]})
+    api.get(TASK_URL, status=204)
+    fake_worker_api(api)
+    config = replace(config, max_parallel=3,
+                     more_kinds=(Kind("finetune", "text", "mistralai/Mistral-7B-Instruct-v0.1"),))
+    backend = Overlaps(config)
+    assert Runner(config, backend, api_client).run(max_tasks=3) == 3
+    assert sorted(backend.calls) == ["predict", "predict", "train"] and backend.overlaps == 0
+    assert {body["lease_token"] for body in bodies(api, "/complete")} == {"l_1", "l_2", "l_3"}
+    claim = next(call.request for call in api.calls if "/worker/task?" in call.request.url)
+    assert "kind=finetune%3Atext%3A" in claim.url and "max=3" in claim.url
+    (profile,) = bodies(api, "/worker/runners")
+    assert [kind["mode"] for kind in profile["kinds"]] == ["create", "finetune"]
