@@ -85,6 +85,9 @@ class User(Base):
     # 0: no limit).
     max_queued: Mapped[int | None]
     max_running: Mapped[int | None]
+    # When a task of theirs was last claimed: fair shares serve, among users with as few tasks running,
+    # the one served longest ago (round robin), so a one-slot fleet alternates between users too.
+    last_claimed_at: Mapped[datetime | None]
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="user")
 

@@ -8,7 +8,8 @@ obey them, as one SQL statement an operator can read (notes.md, "Scheduling rule
 - **warm routing**: a task whose adapter a live runner with a free slot held when it was queued waits
   up to `warm_until` for a runner holding that adapter; a runner takes its own adapters' work first;
 - **ageing**: a new session queued longer than `Rules.ageing_seconds` goes before continue work;
-- **fair shares**: within a priority class, the user with the fewest tasks running goes first;
+- **fair shares**: within a priority class, the user with the fewest tasks running goes first, and
+  among those the one served longest ago (`users.last_claimed_at`, written by the claim);
 - **per-user running limit**: a user at their limit gets nothing more until a task ends;
 - **fine-tune reservation**: runners polling for both a model's inference and its fine-tuning take
   inference only while more of them are idle than the model's reservation keeps.
@@ -183,7 +184,7 @@ class ClaimRule:
         if self.warm:
             order.append(case((self._is_warm(), 0), else_=1))
         if self.rules.fair_share:
-            order.append(func.coalesce(_RUNNING.c.n, 0))
+            order += [func.coalesce(_RUNNING.c.n, 0), _USERS.c.last_claimed_at.asc().nulls_first()]
         order.append(_TASKS.c.id)
         return tuple(order)
 

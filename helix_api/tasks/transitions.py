@@ -61,7 +61,7 @@ from helix_api.tasks.rules import Rules
 from helix_api.vocabulary import AttemptEnd, Mode, SessionType
 
 _TASKS, _REPLIES, _SESSIONS = Task.__table__, Interaction.__table__, Session.__table__
-_EVENTS, _USAGE, _FILES = TaskEvent.__table__, TaskUsage.__table__, File.__table__
+_EVENTS, _USAGE, _FILES, _USERS = TaskEvent.__table__, TaskUsage.__table__, File.__table__, User.__table__
 
 
 
@@ -183,8 +183,7 @@ def _usage_params(task: TaskRow, outcome: AttemptEnd, now: datetime, result: dic
 
 def _under_queued_limit() -> Any:
     """SQL: the task's user has fewer tasks queued than their limit (theirs, else the operator's; 0: none)."""
-    users = User.__table__
-    limit = func.coalesce(select(users.c.max_queued).where(users.c.id == bindparam("user_id")).scalar_subquery(),
+    limit = func.coalesce(select(_USERS.c.max_queued).where(_USERS.c.id == bindparam("user_id")).scalar_subquery(),
                           bindparam("p_queued_limit", type_=Integer))
     queued = (select(func.count()).select_from(_TASKS)
               .where(_TASKS.c.user_id == bindparam("user_id"), _TASKS.c.status == TaskStatus.QUEUED).scalar_subquery())
@@ -273,7 +272,8 @@ def _claim_statement(rule: ClaimRule, skip_locked: bool, postgresql: bool) -> An
              .returning(*_TASKS.c))
     if not postgresql:
         return claim
-    # One statement: the claim, the reply running, and the `state` event numbered in its session.
+    # One statement: the claim, the reply running, the `state` event numbered in its session, and (fair
+    # shares) the user's turn taken.
     claimed = claim.cte("claimed")
     reply = (update(_REPLIES).where(_REPLIES.c.id == select(claimed.c.interaction_id).scalar_subquery())
              .values(state=InteractionState.RUNNING).returning(_REPLIES.c.id).cte("reply"))
@@ -282,11 +282,17 @@ def _claim_statement(rule: ClaimRule, skip_locked: bool, postgresql: bool) -> An
         select(claimed.c.session_id, bump.c.event_seq, claimed.c.id, claimed.c.interaction_id, claimed.c.attempt,
                literal("state", String), cast(bindparam("p_event", type_=String), JSON), _NOW)
         .select_from(claimed.join(bump, literal(True))))
-    return select(*claimed.c).add_cte(reply, bump, event)
+    ctes = [reply, bump, event]
+    if rule.rules.fair_share:
+        ctes.append(update(_USERS).where(_USERS.c.id == select(claimed.c.user_id).scalar_subquery())
+                    .values(last_claimed_at=_NOW).returning(_USERS.c.id).cte("served"))
+    return select(*claimed.c).add_cte(*ctes)
 
 
 _CLAIMS: dict[tuple[Any, bool], Prepared] = {}
 _REPLY_RUNNING = Prepared(update(_REPLIES).where(_REPLIES.c.id == _REPLY).values(state=InteractionState.RUNNING))
+# Fair shares: the user's turn taken (SQLite; on PostgreSQL a CTE of the claim).
+_SERVED = Prepared(update(_USERS).where(_USERS.c.id == bindparam("p_user")).values(last_claimed_at=_NOW))
 
 
 def claim(conn: Connection, rule: ClaimRule, lease: Lease, now: datetime, *, runner: str,
@@ -308,6 +314,8 @@ def claim(conn: Connection, rule: ClaimRule, lease: Lease, now: datetime, *, run
         publish(conn, session_topic(task.session_id), 0)
     else:
         _REPLY_RUNNING.run(conn, {"p_reply": task.interaction_id})
+        if rule.rules.fair_share:
+            _SERVED.run(conn, {"p_user": task.user_id, "p_now": now})
         events.state_event(conn, task, event.pop("state"), **event)
     return task
 

@@ -7,6 +7,7 @@ Create Date: 2026-12-07 14:15:00
 - tasks.adapter / tasks.warm_until: a task's adapter key, and until when only a runner holding it may
   take the task (warm routing);
 - users.max_queued / users.max_running: per-user overrides of the operator's limits;
+- users.last_claimed_at: when a user's task was last claimed (fair shares' round robin);
 - runners.pool: the model whose inference and fine-tuning a runner polls for together;
 - reservations: runners kept for fine-tuning, per model;
 - indexes for counting a user's tasks by status and a runner's active tasks.
@@ -34,6 +35,7 @@ def upgrade() -> None:
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.add_column(sa.Column("max_queued", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("max_running", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("last_claimed_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("runners", schema=None) as batch_op:
         batch_op.add_column(sa.Column("pool", sa.String(length=500), nullable=True))
     op.create_table(
@@ -59,6 +61,7 @@ def downgrade() -> None:
     with op.batch_alter_table("runners", schema=None) as batch_op:
         batch_op.drop_column("pool")
     with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_column("last_claimed_at")
         batch_op.drop_column("max_running")
         batch_op.drop_column("max_queued")
     with op.batch_alter_table("tasks", schema=None) as batch_op:

@@ -342,3 +342,18 @@ def test_a_task_held_for_a_warm_runner_wakes_that_runner_at_once(app, client, us
     assert time.monotonic() - started < 1.0  # woken by the adapter's topic, not by a re-check
     waiters[0].join(10)
     assert answers["gpu-cold"].status_code == 204
+
+
+def test_fair_shares_take_turns_on_a_single_slot(client, make_user, runner):
+    """A one-slot runner holds nothing when it claims, so both users count 0 running: the user served
+    longest ago goes first, and the two alternate."""
+    big, small = make_user("big"), make_user("small")
+    big_sessions = [_session_task(client, big) for _ in range(4)]
+    small_sessions = [_session_task(client, small) for _ in range(2)]
+    order = []
+    for _ in range(4):
+        claimed = _poll(client, runner).json
+        order.append(claimed["task"]["session_id"])
+        client.post(f"/api/v1/worker/task/{claimed['task']['id']}/complete", headers=runner,
+                    json={"lease_token": claimed["lease"]["token"], "result": {"text": "ok"}})
+    assert order == [big_sessions[0], small_sessions[0], big_sessions[1], small_sessions[1]]

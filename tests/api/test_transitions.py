@@ -79,12 +79,13 @@ def _counts(client, user, runner, db) -> dict[str, int]:
 # must say why in review; BEGIN and COMMIT count where the driver sends them as statements (SQLite).
 EXPECTED = {
     # create: BEGIN, the session, two interactions, the task, its event (the seq, the row), its place in line.
-    # claim: the look at the queue (autocommit: no BEGIN); BEGIN, the claim, the reply, the event (seq, row).
+    # claim: the look at the queue (autocommit: no BEGIN); BEGIN, the claim, the reply, the user's turn (fair
+    # shares), the event (seq, row).
     # complete: BEGIN, the lease, the task, the reply, the runner files, the event (two), the usage row.
-    "sqlite": {"create": 8, "claim": 6, "complete": 8},
+    "sqlite": {"create": 8, "claim": 7, "complete": 8},
     # create: the session, two interactions, one statement for the task and its event, its place in
     # line, and the NOTIFY that wakes runners on every replica.
-    # claim: the look, one statement for the claim, its reply and its event, and the NOTIFY to followers.
+    # claim: the look, one statement for the claim, its reply, its event and the user's turn, and the NOTIFY.
     # complete: the lease, one statement for everything else, the NOTIFY.
     "postgresql": {"create": 6, "claim": 3, "complete": 3},
 }

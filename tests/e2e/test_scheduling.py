@@ -119,16 +119,9 @@ def test_warm_routing_keeps_each_adapter_on_the_runner_that_holds_it(api_server,
     assert cold > warm, (warm, cold)
 
 
-ONE_SLOT_FAIRNESS = pytest.mark.xfail(strict=True, reason=(
-    "claims.py orders fair shares by each user's tasks running now (_RUNNING): a one-slot runner claims (or "
-    "completes-and-claims-next) holding nothing, so both users count 0 running at every claim and the order "
-    "falls back to task id: the first user's whole backlog goes first. Needs a share over recent work "
-    "(e.g. tasks finished in the last minute) or the completing task counted as its user's."))
-
-
 @pytest.mark.slow
 @SQLITE_ONLY
-@pytest.mark.parametrize("slots", [2, pytest.param(1, marks=ONE_SLOT_FAIRNESS)])
+@pytest.mark.parametrize("slots", [2, 1])
 def test_a_second_user_is_served_before_the_first_users_backlog_ends(api_server, runner_process, slots):
     server = api_server()
     bob = {"Authorization": f"Bearer {server.create_user('bob')}"}
