@@ -165,21 +165,24 @@ class ChatLoop:
     is done, after `think_s`; the fleet's completions drive it."""
 
     def __init__(self, client: Http, model: str, sessions: list[int], *, new: bool = False,
-                 think_s: float = 0.0) -> None:
+                 think_s: float = 0.0, threads: int = 4) -> None:
         self.client, self.model, self.new, self.think_s = client, model, new, think_s
         self.mine = set(sessions)
         self.due: queue.Queue[int] = queue.Queue()
         self.running = True
         self.replies: list[dict[str, Any]] = []  # what each create answered (for the estimate)
         self.errors = 0
-        self.thread = threading.Thread(target=self._loop, name="chat-loop", daemon=True)
+        # Several senders, each on its own connection: one alone (a request at a time) would be slower
+        # than the runners, and the queue the rules reorder would never form.
+        self.threads = [threading.Thread(target=self._loop, name=f"chat-loop-{i}", daemon=True) for i in range(threads)]
 
     def start(self, first: bool = True) -> ChatLoop:
         """Send every session's first message (`first`), then keep going."""
         if first:
             for session_id in list(self.mine):
                 self.due.put(session_id)
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def done(self, record: Done) -> None:
@@ -187,6 +190,7 @@ class ChatLoop:
             self.due.put(record.session_id)
 
     def _loop(self) -> None:
+        client = Http(self.client.host, self.client.port, self.client.headers["Authorization"].split()[-1])
         while self.running:
             try:
                 session_id = self.due.get(timeout=0.2)
@@ -199,11 +203,11 @@ class ChatLoop:
             try:
                 if self.new:
                     self.mine.discard(session_id)
-                    body = create(self.client, self.model)
+                    body = create(client, self.model)
                     self.replies.append({"sent": time.monotonic(), **body})
                     self.mine.add(body["id"])
                 else:
-                    status, _ = self.client.request("POST", f"{SESSIONS_PATH}/{session_id}/messages",
+                    status, _ = client.request("POST", f"{SESSIONS_PATH}/{session_id}/messages",
                                                     {"message": "more"}, parse=False)
                     self.errors += status != 201
             except Exception:
@@ -212,7 +216,8 @@ class ChatLoop:
 
     def stop(self) -> None:
         self.running = False
-        self.thread.join(timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=5)
 
 
 def wait_for(predicate: Any, timeout: float, every: float = 0.05) -> bool:
@@ -244,6 +249,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="helix-sched-"))
         self.fleet = Fleet(FLEET)
         self.service_s, self.load_s = args.service_ms / 1000, args.load_ms / 1000
+        self.probes: dict[str, bool] = {}  # what the API under test publishes, learnt in the first scenario
 
     @contextlib.contextmanager
     def server(self, name: str, settings: dict[str, str], model: str = "bench/sched") -> Iterator[Server]:
@@ -279,9 +285,11 @@ class Bench:
             if not wait_for(lambda: len(self.fleet.finished()) >= warmup + measured, 240):
                 raise RuntimeError("warm: the fleet stalled")
             loop.stop()
-            done = [d for d in self.fleet.finished() if d.mode == "create"][warmup:warmup + measured]
+            every = [d for d in self.fleet.finished() if d.mode == "create"]
+            done = every[warmup:warmup + measured]
             loads = sum(d.loaded for d in done)
-        return {"tasks": len(done), "loads": loads, "per_100": 100 * loads / len(done)}
+        return {"tasks": len(done), "loads": loads, "per_100": 100 * loads / len(done), "warmup": warmup,
+                "warmup_loads": sum(d.loaded for d in every[:warmup])}
 
     def _fine_tuned(self, srv: Server, user: Http, count: int) -> list[int]:
         """`count` fine-tuned sessions, session i trained on adapter i % 8's bytes (so its key)."""
@@ -312,12 +320,15 @@ class Bench:
     def fair(self, mode: str) -> dict[str, Any]:
         """A small user's waits: alone, or beside a big user's backlog with FAIR_SHARE on or off."""
         settings = {"FAIR_SHARE": "0" if mode == "fifo" else "1"}
-        runners, rate = 8, 10.0
+        runners, rate = 8, 20.0
         duration = 0.6 * self.size["big"] * self.service_s / runners
         with self.server(f"fair-{mode}", settings) as srv:
             small = srv.user("small")
             if mode != "alone":
                 self._backlog(srv, srv.user("big"), self.size["big"])
+            else:  # whether this API publishes an estimate and a runners-wanted figure: else no server for them
+                self.probes = {"estimate": _estimate(create(small, srv.model, "probe")) is not None,
+                               "wanted": _wanted(srv) is not None}
             self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(runners)])
             time.sleep(0.5 if mode == "alone" else 0.0)  # alone: the runners are waiting when work comes
             started = time.monotonic()
@@ -376,9 +387,10 @@ class Bench:
         settings = {"AGEING_SECONDS": "2" if on else "0"}
         with self.server(f"ageing-{'on' if on else 'off'}", settings) as srv:
             chat, newcomer = srv.user("chat"), srv.user("new")
-            sessions = [create(chat, srv.model)["id"] for _ in range(16)]
+            sessions = [create(chat, srv.model)["id"] for _ in range(24)]
             loop = ChatLoop(chat, srv.model, sessions)
-            self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(8)], on_done=loop.done)
+            # Chats of 4x the service time: the senders keep ahead of 8 runners, so continue work is always queued.
+            self.fleet.assign([srv.plan(i, service_s=4 * self.service_s) for i in range(8)], on_done=loop.done)
             loop.start(first=False)
             time.sleep(1.0)
             started, every = time.monotonic(), 0.5
@@ -391,6 +403,8 @@ class Bench:
 
     def estimate(self) -> dict[str, Any]:
         """The queued reply's start estimate against its actual wait, under a steady closed-loop load."""
+        if not self.probes.get("estimate", True):
+            return {"present": False}
         with self.server("estimate", {}) as srv:
             user = srv.user("steady")
             self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(8)])
@@ -435,6 +449,8 @@ class Bench:
 
     def scaling(self) -> dict[str, Any]:
         """Runners wanted (helix_runners_wanted) against a perfect scaler under a step load, when published."""
+        if not self.probes.get("wanted", True):
+            return {"present": False}
         with self.server("scaling", {}, "bench/sched-scale") as srv:
             user = srv.user("load")
             if _wanted(srv) is None:
@@ -557,7 +573,7 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
     warm = result.get("warm") or {}
     if warm:
         out["cold_loads_per_100"], out["warm_loads_per_100"] = warm["off"]["per_100"], warm["on"]["per_100"]
-        out["load_ratio"] = warm["off"]["per_100"] / max(warm["on"]["per_100"], 1e-9)
+        out["load_ratio"] = _load_ratio(warm)[0]
     fair = result.get("fair") or {}
     if fair:
         for mode in ("alone", "fifo", "fair"):
@@ -582,6 +598,14 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _load_ratio(warm: dict[str, Any]) -> tuple[float, bool]:
+    """First-come's loads over warm routing's, and whether that is a floor (warm routing loaded nothing:
+    counted as one load, the least a measurement of that many tasks can tell)."""
+    on = warm["on"]["per_100"]
+    floor = on == 0
+    return warm["off"]["per_100"] / (100 / warm["on"]["tasks"] if floor else on), floor
+
+
 def _s(value: float | None, unit: str = "s", floor: bool = False) -> str:
     if value is None:
         return "-"
@@ -602,10 +626,13 @@ def report(result: dict[str, Any], args: argparse.Namespace | None = None) -> st
 
     warm = result.get("warm")
     if warm:
-        ratio = warm["off"]["per_100"] / max(warm["on"]["per_100"], 1e-9)
+        ratio, floor = _load_ratio(warm)
         rows.append((f"adapter loads per 100 tasks, {ADAPTERS} adapters / {ADAPTERS} runners "
-                     f"({warm['on']['tasks']} tasks)", f"{warm['off']['per_100']:.1f}", f"{warm['on']['per_100']:.1f}",
-                     f">= {TARGET_LOAD_RATIO:g}x fewer", f"{verdict(ratio >= TARGET_LOAD_RATIO)} ({ratio:.1f}x fewer)"))
+                     f"({warm['on']['tasks']} tasks after {warm['on']['warmup']})", f"{warm['off']['per_100']:.1f}",
+                     f"{warm['on']['per_100']:.1f}", f">= {TARGET_LOAD_RATIO:g}x fewer",
+                     f"{verdict(ratio >= TARGET_LOAD_RATIO)} ({'>= ' if floor else ''}{ratio:.1f}x fewer)"))
+        rows.append((f"adapter loads in the first {warm['on']['warmup']} tasks (cold start)",
+                     str(warm["off"]["warmup_loads"]), str(warm["on"]["warmup_loads"]), "", ""))
     else:
         missing("warm", "adapter loads per 100 tasks")
     fair = result.get("fair")
