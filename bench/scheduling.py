@@ -659,7 +659,8 @@ def report(result: dict[str, Any], args: argparse.Namespace | None = None) -> st
     ageing = result.get("ageing")
     if ageing:
         off, on = ageing["off"]["new"], ageing["on"]["new"]
-        rows.append(("new-session wait under continue traffic, p50 (max); AGEING_SECONDS 2 vs 0",
+        rows.append((f"new-session wait under {ageing['on']['traffic_s']:g} s of continue traffic, p50 (max); "
+                     "AGEING_SECONDS 2 vs 0",
                      f"{_s(off['p50'])} ({_s(off['max'])})", f"{_s(on['p50'])} ({_s(on['max'])})",
                      "(no target)", ""))
     else:
