@@ -71,7 +71,10 @@ ALL_OFF = {"WARM_WAIT_SECONDS": "0", "FAIR_SHARE": "0", "AGEING_SECONDS": "0"}
 SIZES = {"full": {"warm_tasks": 300, "warm_sessions": 4, "big": 1000, "fine_tunes": 3, "ft_cap": 10.0,
                   "ageing_s": 12.0, "estimate_s": 8.0, "dispatch_tasks": 3000, "dispatch_rounds": 2, "step_s": 10.0},
          "quick": {"warm_tasks": 100, "warm_sessions": 2, "big": 300, "fine_tunes": 2, "ft_cap": 5.0,
-                   "ageing_s": 6.0, "estimate_s": 4.0, "dispatch_tasks": 1000, "dispatch_rounds": 1, "step_s": 5.0}}
+                   "ageing_s": 6.0, "estimate_s": 4.0, "dispatch_tasks": 1000, "dispatch_rounds": 1, "step_s": 5.0},
+         # The smoke test's: every scenario runs, no figure means much.
+         "tiny": {"warm_tasks": 16, "warm_sessions": 1, "big": 40, "fine_tunes": 1, "ft_cap": 3.0,
+                  "ageing_s": 2.0, "estimate_s": 2.0, "dispatch_tasks": 100, "dispatch_rounds": 1, "step_s": 2.0}}
 
 
 def chats(n: int) -> bytes:
@@ -245,7 +248,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.size = SIZES["quick" if args.quick else "full"]
+        self.size = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
         self.workdir = Path(tempfile.mkdtemp(prefix="helix-sched-"))
         self.fleet = Fleet(FLEET)
         self.service_s, self.load_s = args.service_ms / 1000, args.load_ms / 1000
@@ -709,6 +712,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller counts (about 2 minutes)")
+    p.add_argument("--tiny", action="store_true", help="the smoke test's counts (figures mean little)")
     p.add_argument("--only", default="", help="a comma-separated subset of warm, fair, reservation, ageing, "
                                               "estimate, dispatch, scaling")
     p.add_argument("--service-ms", type=float, default=50.0, help="a simulated chat task's service time")
