@@ -612,7 +612,7 @@ def _load_ratio(warm: dict[str, Any]) -> tuple[float, bool]:
 def _s(value: float | None, unit: str = "s", floor: bool = False) -> str:
     if value is None:
         return "-"
-    text = f"{1000 * value:.1f} ms" if unit == "ms" else f"{value:.2f} s"
+    text = f"{1000 * value:.1f} ms" if unit == "ms" or value < 1 else f"{value:.2f} s"
     return (">= " + text) if floor else text
 
 
