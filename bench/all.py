@@ -1,6 +1,6 @@
 """Every benchmark of issue 12 in one run, and one table of its targets side by side (`make bench`).
 
-    .venv/bin/python -m bench.all             # dispatch, streaming, fleet, replicas
+    .venv/bin/python -m bench.all             # dispatch, cycle, streaming, fleet, replicas, scheduling
     .venv/bin/python -m bench.all --quick     # smaller counts
     .venv/bin/python -m bench.all --only dispatch,streaming
 
@@ -35,7 +35,7 @@ from bench.report import _git_revision, describe_machine  # noqa: E402
 
 logger = logging.getLogger("bench.all")
 
-PHASES = ("dispatch", "cycle", "streaming", "fleet", "replicas")
+PHASES = ("dispatch", "cycle", "streaming", "fleet", "replicas", "scheduling")
 # What bench.fleet.measure() and bench.replicas.measure() return, by the names this table reads
 # (the first that is present wins; a dotted name reads a nested dict), so either module can be
 # written without waiting on this one.
@@ -49,6 +49,10 @@ FIGURE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "replicas": {"p50_ms": ("p50_ms", "dispatch_p50_ms", "cross_p50_ms", "cross.sent_p50_ms"),
                  "single_p50_ms": ("single_p50_ms", "one_replica_p50_ms", "single.sent_p50_ms"),
                  "tokens_cross": ("tokens_cross", "follower_ok", "tokens_reach_follower")},
+    # bench.scheduling's flat figures (issue 23), each rule on beside off.
+    "scheduling": {key: (f"figures.{key}",) for key in (
+        "warm_loads_per_100", "cold_loads_per_100", "small_fair_p50_ms", "small_alone_p50_ms", "finetune_wait_s",
+        "estimate_error_pct", "cycles_on_per_s", "cycles_off_per_s")},
 }
 
 
@@ -214,7 +218,8 @@ def run_phases(only: list[str], quick: bool) -> dict[str, Outcome]:
     runners: dict[str, Callable[[], Outcome]] = {
         "dispatch": lambda: run_dispatch(quick), "streaming": lambda: run_streaming(quick),
         "cycle": lambda: run_module("cycle", quick),
-        "fleet": lambda: run_module("fleet", quick), "replicas": lambda: run_module("replicas", quick)}
+        "fleet": lambda: run_module("fleet", quick), "replicas": lambda: run_module("replicas", quick),
+        "scheduling": lambda: run_module("scheduling", quick)}
     outcomes: dict[str, Outcome] = {}
     for phase in PHASES:
         if phase not in only:
