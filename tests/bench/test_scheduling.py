@@ -32,8 +32,8 @@ def test_a_tiny_run_prints_every_figure_with_the_rule_on_and_off(tmp_path):
     figures = result["figures"]
     # The rules that need no other helper's work give figures both ways.
     for key in ("cold_loads_per_100", "warm_loads_per_100", "small_alone_p50_ms", "small_fifo_p50_ms",
-                "small_fair_p50_ms", "finetune_wait_s", "new_off_p50_s", "new_on_p50_s", "cycles_on_per_s",
-                "cycles_off_per_s"):
+                "small_fair_p50_ms", "small_capped_p50_ms", "finetune_wait_s", "new_off_p50_s", "new_on_p50_s",
+                "cycles_on_per_s", "cycles_off_per_s"):
         assert key in figures, key
     # What another helper adds is read when present, else said to be absent.
     assert "estimate_error_pct" in figures or "n/a (no estimate in the session JSON)" in done.stdout
