@@ -94,7 +94,10 @@ class Server:
                                 api_threads=None)
         self.api = HelixApi(backend, bench.workdir / name, ns, [model])
         # No queued-task limit: the big user's backlog is larger than the default 1,000 allows.
-        self.api.env.update({f"HELIX_{k}": v for k, v in {"MAX_QUEUED_PER_USER": "0", **settings}.items()})
+        # /metrics for the bench's scrapes of helix_runners_wanted, under a bearer token of its own.
+        self.metrics_token = secrets.token_urlsafe(16)
+        self.api.env.update({f"HELIX_{k}": v for k, v in {"MAX_QUEUED_PER_USER": "0",
+                                                         "METRICS_TOKEN": self.metrics_token, **settings}.items()})
         self.users: dict[str, tuple[str, int]] = {}
         self.engine: Any = None
 
@@ -207,8 +210,10 @@ class ChatLoop:
                 if self.new:
                     self.mine.discard(session_id)
                     body = create(client, self.model)
-                    self.replies.append({"sent": time.monotonic(), **body})
                     self.mine.add(body["id"])
+                    # The estimate, as a client reads it: the session right after the create.
+                    status, shown = client.request("GET", f"{SESSIONS_PATH}/{body['id']}")
+                    self.replies.append({"sent": time.monotonic(), **(shown if status == 200 else body)})
                 else:
                     status, _ = client.request("POST", f"{SESSIONS_PATH}/{session_id}/messages",
                                                     {"message": "more"}, parse=False)
@@ -333,8 +338,10 @@ class Bench:
             if mode != "alone":
                 self._backlog(srv, srv.user("big"), self.size["big"])
             else:  # whether this API publishes an estimate and a runners-wanted figure: else no server for them
-                self.probes = {"estimate": _estimate(create(small, srv.model, "probe")) is not None,
-                               "wanted": _wanted(srv) is not None}
+                probe = create(small, srv.model, "probe")
+                status, shown = small.request("GET", f"{SESSIONS_PATH}/{probe['id']}")
+                last = (shown.get("interactions") or [{}])[-1] if status == 200 else {}
+                self.probes = {"estimate": "estimated_wait_seconds" in last, "wanted": _wanted(srv) is not None}
             self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(runners)])
             time.sleep(0.5 if mode == "alone" else 0.0)  # alone: the runners are waiting when work comes
             started = time.monotonic()
@@ -415,7 +422,8 @@ class Bench:
             user = srv.user("steady")
             self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(8)])
             probe = create(user, srv.model)
-            if _estimate(probe) is None:
+            status, shown = user.request("GET", f"{SESSIONS_PATH}/{probe['id']}")
+            if status != 200 or "estimated_wait_seconds" not in (shown.get("interactions") or [{}])[-1]:
                 return {"present": False}
             sessions = [create(user, srv.model)["id"] for _ in range(23)]
             loop = ChatLoop(user, srv.model, sessions, new=True)
@@ -423,13 +431,14 @@ class Bench:
             loop.start(first=False)
             time.sleep(self.size["estimate_s"])
             loop.stop()
-            actual = {row.session_id: (_dt(row.claimed_at) - _dt(row.queued_at)).total_seconds()
-                      for row in srv.tasks() if row.claimed_at is not None}
+            rows = {row.session_id: row for row in srv.tasks() if row.claimed_at is not None}
             errors, pcts = [], []
             for reply in loop.replies[len(loop.replies) // 5:]:  # the first fifth: the load still settling
-                guess, real = _estimate(reply), actual.get(reply["id"])
-                if guess is None or real is None:
-                    continue
+                start_at, row = _start_at(reply), rows.get(reply["id"])
+                if start_at is None or row is None:
+                    continue  # read after it had started (no estimate then), or never started
+                queued = _dt(row.queued_at)
+                guess, real = (start_at - queued).total_seconds(), (_dt(row.claimed_at) - queued).total_seconds()
                 errors.append(abs(guess - real))
                 pcts.append(100 * abs(guess - real) / max(real, 1e-3))
             if not errors:
@@ -476,17 +485,10 @@ class Bench:
             return {"present": True, **_scaling_figures(samples, perfect)}
 
 
-def _estimate(reply: dict[str, Any]) -> float | None:
-    """The estimated wait in seconds a session's JSON gives its queued reply, if it gives one."""
-    places = [reply, *(reply.get("interactions") or [])[-1:]]
-    for place in places:
-        if place.get("estimated_wait_seconds") is not None:
-            return float(place["estimated_wait_seconds"])
-        if place.get("estimated_start_at"):
-            start = _dt(place["estimated_start_at"])
-            created = _dt(place.get("created_at") or reply["created_at"])
-            return (start - created).total_seconds()
-    return None
+def _start_at(reply: dict[str, Any]) -> datetime | None:
+    """The estimated start a session's JSON gives its queued reply, if it gives one."""
+    last = (reply.get("interactions") or [{}])[-1]
+    return _dt(last["estimated_start_at"]) if last.get("estimated_start_at") else None
 
 
 _WANTED = re.compile(r'^helix_runners_wanted\{[^}]*model="([^"]*)"[^}]*\}\s+([0-9.eE+-]+)', re.M)
@@ -516,7 +518,7 @@ def _get_text(srv: Server, path: str) -> str | None:
     import urllib.request
 
     request = urllib.request.Request(f"http://{srv.api.host}:{srv.api.port}{path}",
-                                     headers={"Authorization": f"Bearer {srv.api.key}"})
+                                     headers={"Authorization": f"Bearer {srv.metrics_token}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
