@@ -95,3 +95,13 @@ class ChatAndTuneBackend(EchoBackend):
             ref = report.files.upload_dir(scratch, kind="adapter", name="adapter.zip")
         return {"text": "trained (stand-in)", "adapter_file_id": ref["id"], "steps": 1, "loss": 0.0,
                 "runner_pid": os.getpid()}
+
+
+class SlowChatAndTuneBackend(ChatAndTuneBackend):
+    """ChatAndTuneBackend whose every chat takes `HELIX_TEST_CHAT_SECONDS` (default 2) before it answers, so a
+    test can kill the runner while it holds one (chats through /v1 carry no `sleep` param)."""
+
+    def predict(self, task: Task, report: Report) -> dict[str, Any]:
+        """Wait, then load the adapter and echo."""
+        pause(float(os.environ.get("HELIX_TEST_CHAT_SECONDS", "2")), report)
+        return super().predict(task, report)
