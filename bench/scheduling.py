@@ -341,7 +341,7 @@ class Bench:
                 probe = create(small, srv.model, "probe")
                 status, shown = small.request("GET", f"{SESSIONS_PATH}/{probe['id']}")
                 last = (shown.get("interactions") or [{}])[-1] if status == 200 else {}
-                self.probes = {"estimate": "estimated_wait_seconds" in last, "wanted": _wanted(srv) is not None}
+                self.probes = {"estimate": "estimated_wait_seconds" in last}
             self.fleet.assign([srv.plan(i, service_s=self.service_s) for i in range(runners)])
             time.sleep(0.5 if mode == "alone" else 0.0)  # alone: the runners are waiting when work comes
             started = time.monotonic()
@@ -468,10 +468,12 @@ class Bench:
             return {"present": False}
         with self.server("scaling", {}, "bench/sched-scale") as srv:
             user = srv.user("load")
-            if _wanted(srv) is None:
-                return {"present": False}
             service = 2 * self.service_s
             self.fleet.assign([srv.plan(i, service_s=service) for i in range(FLEET)])
+            create(user, srv.model)
+            # The figure is published for the kinds that live runners serve or that have work.
+            if not wait_for(lambda: _wanted(srv) is not None, 10, every=0.5):
+                return {"present": False}
             steps, samples = [5.0, 40.0, 5.0], []
             started = time.monotonic()
             for index, rate in enumerate(steps):
