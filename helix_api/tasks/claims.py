@@ -50,6 +50,7 @@ from helix_api.tasks.leases import Lease, LeasePolicy
 from helix_api.tasks.notifier import queue_topic, warm_topic
 from helix_api.tasks.rows import TaskRow
 from helix_api.tasks.rules import Rules
+from helix_api.tasks.runners import ALIVE_SECONDS  # warm routing and reservations count runners alive as all else does
 from helix_api.vocabulary import Mode, SessionType
 
 _TASKS, _USERS, _RUNNERS, _RESERVATIONS = Task.__table__, User.__table__, Runner.__table__, Reservation.__table__
@@ -59,8 +60,6 @@ PRIORITY_CONTINUE = 0
 PRIORITY_NEW = 1
 # Where an aged new session sorts: before continue work.
 _PRIORITY_AGED = -1
-# A runner unheard of for longer no longer counts for warm routing or a reservation (runners.ALIVE_SECONDS).
-ALIVE_SECONDS = 60.0
 _NO_LIMIT = 2**31 - 1
 # Adapter keys are checksums (or file ids): anything else is never matched inside the runners' JSON.
 ADAPTER_KEY = re.compile(r"[0-9A-Za-z-]{1,128}")
