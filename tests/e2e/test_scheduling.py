@@ -180,3 +180,59 @@ def test_a_reserved_runner_starts_a_fine_tune_at_once_under_a_steady_chat_load(a
     waited = datetime.fromisoformat(str(claimed_at)) - datetime.fromisoformat(str(queued_at))
     assert waited.total_seconds() < 3, (queued_at, claimed_at)
     assert server.sql("SELECT count(*) FROM tasks WHERE status = 'queued' AND mode = 'create'")[0][0] > 0
+
+
+def test_over_the_queued_limit_a_real_server_answers_429_and_stores_nothing(api_server):
+    server = api_server(max_queued_per_user=2)
+    for n in range(2):
+        create_session(server, server.user, f"queued {n}")
+    before = server.sql("SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM interactions), "
+                        "(SELECT count(*) FROM tasks)")[0]
+    refused = requests.post(f"{server.url}/api/v1/sessions", headers=server.user, timeout=30,
+                            json={"mode": "create", "type": "text", "model_name": TEXT_MODEL, "message": "one more"})
+    assert refused.status_code == 429 and refused.json()["error"] == "too_many_queued", refused.text
+    assert int(refused.headers["Retry-After"]) > 0
+    openai = requests.post(f"{server.url}/v1/chat/completions", headers=server.user, timeout=30,
+                           json={"model": TEXT_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert openai.status_code == 429 and openai.json()["error"]["type"] == "rate_limit_error", openai.text
+    after = server.sql("SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM interactions), "
+                       "(SELECT count(*) FROM tasks)")[0]
+    assert tuple(after) == tuple(before)
+
+
+@pytest.mark.slow
+@SQLITE_ONLY
+def test_a_new_session_ages_past_steady_continue_work(api_server, runner_process):
+    server = api_server(ageing_seconds=1)
+    chatters = [create_session(server, server.user, f"chat {n}", sleep=0.3)["id"] for n in range(4)]
+    runner_process(server, "one")  # one slot: continue work (priority 0) always waits, so without ageing
+    stop = threading.Event()       # a new session (priority 1) would wait for as long as the chats go on
+
+    def keep_chatting(session_id: int) -> None:
+        while not stop.is_set():
+            wait_for_reply(server, server.user, session_id, 60)
+            if stop.is_set():
+                return
+            response = requests.post(f"{server.url}/api/v1/sessions/{session_id}/messages", headers=server.user,
+                                     timeout=30, json={"message": "and then?", "params": {"sleep": 0.3}})
+            assert response.status_code == 201, response.text
+
+    with ThreadPoolExecutor(len(chatters)) as pool:
+        loops = [pool.submit(keep_chatting, session_id) for session_id in chatters]
+        try:
+            wait_for(lambda: server.sql("SELECT count(*) FROM tasks WHERE status = 'complete'")[0][0] >= 6, 30,
+                     "the chats to flow")
+            newcomer = create_session(server, server.user, "hello", sleep=0.3)
+            wait_for_reply(server, server.user, newcomer["id"], 30)
+        finally:
+            stop.set()
+        for loop in loops:
+            loop.result(timeout=60)
+    ((queued_at, claimed_at),) = server.sql("SELECT queued_at, claimed_at FROM tasks WHERE session_id = :s",
+                                            s=newcomer["id"])
+    queued, claimed = (datetime.fromisoformat(str(v)) for v in (queued_at, claimed_at))
+    assert (claimed - queued).total_seconds() < 4, (queued, claimed)
+    # It went before continue work that was waiting when it was claimed.
+    passed = server.sql("SELECT count(*) FROM tasks WHERE priority = 0 AND queued_at < :c "
+                        "AND (claimed_at IS NULL OR claimed_at > :c)", c=claimed_at)[0][0]
+    assert passed > 0
