@@ -101,8 +101,9 @@ class Config:
     FAIR_SHARE = True
     # A new session queued longer than this is served before continue work (0: never).
     AGEING_SECONDS = 30.0
-    # Per-user limits (operator defaults; `helix users limits` overrides one user's in SQL). 0: none.
-    MAX_QUEUED_PER_USER = 1000
+    # Per-user limits (operator defaults; `helix users limits` overrides one user's in SQL). 0: none. The
+    # queued limit is far above a batch: it stops one runaway client from filling the queue for everyone.
+    MAX_QUEUED_PER_USER = 10_000
     MAX_RUNNING_PER_USER = 0
     # A non-streamed /v1 request for a model no live runner serves fails after this many seconds.
     NO_RUNNER_GRACE_SECONDS = 10.0

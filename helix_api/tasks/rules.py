@@ -20,7 +20,7 @@ class Rules:
     warm_wait_seconds: float = 1.0
     fair_share: bool = True
     ageing_seconds: float = 30.0
-    max_queued_per_user: int = 1000
+    max_queued_per_user: int = 10_000
     max_running_per_user: int = 0
 
     @classmethod
