@@ -76,8 +76,13 @@ class Event:
                 "attempt": self.attempt, **self.data}
 
     def to_sse(self) -> str:
-        """One Server-Sent Event; its id is the cursor a client resumes from (Last-Event-ID)."""
-        return f"id: {self.id}\nevent: {self.kind}\ndata: {json.dumps(self.to_json())}\n\n"
+        """One Server-Sent Event; its id is the cursor a client resumes from (Last-Event-ID).
+
+        An `estimate` is no step of the stream: it carries no id, so a client's last id stays the event
+        before it (SSE keeps the last id it saw) and ids only ever grow.
+        """
+        head = "" if self.kind == "estimate" else f"id: {self.id}\n"
+        return f"{head}event: {self.kind}\ndata: {json.dumps(self.to_json())}\n\n"
 
 
 @dataclass

@@ -60,7 +60,7 @@ def first_estimate(client, user, session_id: int) -> dict[str, Any]:
         for piece in response.response:
             data += piece
             for block in data.decode().split("\n\n"):
-                if block.startswith("id: ") and "\nevent: estimate\n" in block:
+                if block.startswith("event: estimate\n"):  # no id: an estimate is no step to resume from
                     return json.loads(block.split("\ndata: ", 1)[1])
     finally:
         response.close()
