@@ -22,7 +22,7 @@ def exported() -> set[str]:
         names.add(family.name)
         names.update(family.name + suffix for suffix in SUFFIXES if family.type in ("counter", "histogram"))
     names.update({"helix_database_up", "helix_queue_depth", "helix_tasks_running", "helix_queue_oldest_wait_seconds",
-                  "helix_runners_live", "helix_runner_gpu_memory_used_bytes", "helix_runner_gpu_memory_total_bytes"})
+                  "helix_runners_live", "helix_runners_wanted", "helix_runner_gpu_memory_used_bytes", "helix_runner_gpu_memory_total_bytes"})
     return names
 
 
@@ -38,4 +38,4 @@ def test_every_metric_the_dashboard_names_exists():
 def test_the_gauges_read_at_scrape_time_are_the_state_collectors(db):
     collected = {family.name for family in api_metrics.StateCollector(db).collect()}
     assert collected == {"helix_database_up", "helix_queue_depth", "helix_tasks_running",
-                         "helix_queue_oldest_wait_seconds", "helix_runners_live"}
+                         "helix_queue_oldest_wait_seconds", "helix_runners_live", "helix_runners_wanted"}
