@@ -22,7 +22,8 @@ def exported() -> set[str]:
         names.add(family.name)
         names.update(family.name + suffix for suffix in SUFFIXES if family.type in ("counter", "histogram"))
     names.update({"helix_database_up", "helix_queue_depth", "helix_tasks_running", "helix_queue_oldest_wait_seconds",
-                  "helix_runners_live", "helix_runners_wanted", "helix_runner_gpu_memory_used_bytes", "helix_runner_gpu_memory_total_bytes"})
+                  "helix_runners_live", "helix_runners_wanted", "helix_runner_gpu_memory_used_bytes",
+                  "helix_runner_gpu_memory_total_bytes"})
     return names
 
 
