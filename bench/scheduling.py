@@ -420,13 +420,14 @@ class Bench:
             return {"present": False}
         with self.server("estimate", {}) as srv:
             user = srv.user("steady")
-            # Ten times the chat service time: a wait of a few service times is then long against the HTTP
-            # round trips around a claim, and an error in % says something about the estimate, not the noise.
-            self.fleet.assign([srv.plan(i, service_s=10 * self.service_s) for i in range(8)])
+            # Whether this API estimates at all: asked before any runner polls, so the probe is still queued.
             probe = create(user, srv.model)
             status, shown = user.request("GET", f"{SESSIONS_PATH}/{probe['id']}")
             if status != 200 or "estimated_wait_seconds" not in (shown.get("interactions") or [{}])[-1]:
                 return {"present": False}
+            # Ten times the chat service time: a wait of a few service times is then long against the HTTP
+            # round trips around a claim, and an error in % says something about the estimate, not the noise.
+            self.fleet.assign([srv.plan(i, service_s=10 * self.service_s) for i in range(8)])
             sessions = [create(user, srv.model)["id"] for _ in range(23)]
             loop = ChatLoop(user, srv.model, sessions, new=True)
             self.fleet.on_done = loop.done
