@@ -66,6 +66,9 @@ TARGET_LOAD_RATIO = 5.0
 TARGET_SMALL_P50_RATIO = 2.0
 TARGET_ESTIMATE_PCT = 25.0
 TARGET_RULES_COST_PCT = 10.0
+# The runners a per-user running limit leaves to others in the `capped` fair-share scenario: the small
+# user's own load (20 tasks/s of 50 ms) needs one on average, and sometimes two at once.
+CAPPED_HEADROOM = 2
 ALL_OFF = {"WARM_WAIT_SECONDS": "0", "FAIR_SHARE": "0", "AGEING_SECONDS": "0"}
 # Sizes per mode: tasks measured, the big user's backlog, scenario lengths in seconds.
 SIZES = {"full": {"warm_tasks": 300, "warm_sessions": 4, "big": 1000, "fine_tunes": 3, "ft_cap": 10.0,
@@ -326,12 +329,12 @@ class Bench:
         return sessions
 
     def fair(self, mode: str) -> dict[str, Any]:
-        """A small user's waits: alone, or beside a big user's backlog with FAIR_SHARE on or off, or on with
-        a running limit of one runner fewer than the fleet (`capped`: a runner is then always free for others)."""
+        """A small user's waits: alone, or beside a big user's backlog with FAIR_SHARE on or off, or on with a
+        running limit two runners short of the fleet (`capped`: the headroom others' work finds free)."""
         runners, rate = 8, 20.0
         settings = {"FAIR_SHARE": "0" if mode == "fifo" else "1"}
         if mode == "capped":
-            settings["MAX_RUNNING_PER_USER"] = str(runners - 1)
+            settings["MAX_RUNNING_PER_USER"] = str(runners - CAPPED_HEADROOM)
         duration = 0.6 * self.size["big"] * self.service_s / runners
         with self.server(f"fair-{mode}", settings) as srv:
             small = srv.user("small")
@@ -532,7 +535,8 @@ def _get_text(srv: Server, path: str) -> str | None:
 
 
 def _scaling_figures(samples: list[tuple[float, int, float | None]], perfect: list[int]) -> dict[str, Any]:
-    """Lag (s from a step's start until the figure first reaches the perfect count) and overshoot % per step."""
+    """Lag (s from a step's start until the figure first reaches the perfect count) and overshoot % per step:
+    how far above the perfect count it goes once it has reached it (the way there is the lag's)."""
     lags, overshoots = [], []
     for index, want in enumerate(perfect):
         rows = [(t, w) for t, i, w in samples if i == index and w is not None]
@@ -542,7 +546,9 @@ def _scaling_figures(samples: list[tuple[float, int, float | None]], perfect: li
         up = index == 0 or want >= perfect[index - 1]
         reached = next((t for t, w in rows if (w >= want if up else w <= want)), None)
         lags.append(None if reached is None else reached - t0)
-        overshoots.append(100 * (max(w for _, w in rows) - want) / want)
+        settled = [w for t, w in rows if reached is not None and t >= reached]
+        if settled:
+            overshoots.append(100 * max(0, max(settled) - want) / want)
     known = [lag for lag in lags if lag is not None]
     return {"perfect": perfect, "lag_s": max(known) if known else None, "never_reached": len(lags) - len(known),
             "overshoot_pct": max(overshoots) if overshoots else None}
@@ -659,7 +665,7 @@ def report(result: dict[str, Any], args: argparse.Namespace | None = None) -> st
         rows.append(("small user's p99 wait, same", _s(fifo["p99"], "ms"), _s(fair_["p99"], "ms"), "", ""))
         # Fair shares order the queue; only spare capacity removes the wait for a runner to finish.
         capped_ratio = capped["p50"] / max(alone["p50"], 1e-9)
-        rows.append(("small user's p50 wait, fair share + MAX_RUNNING_PER_USER 7 of 8 runners",
+        rows.append((f"small user's p50 wait, fair share + MAX_RUNNING_PER_USER {8 - CAPPED_HEADROOM} of 8 runners",
                      _s(fifo["p50"], "ms"), _s(capped["p50"], "ms"), f"<= {TARGET_SMALL_P50_RATIO:g}x alone",
                      f"{verdict(capped_ratio <= TARGET_SMALL_P50_RATIO)} ({capped_ratio:.1f}x)"))
         rows.append(("small user's p99 wait, same", _s(fifo["p99"], "ms"), _s(capped["p99"], "ms"), "", ""))
