@@ -231,36 +231,28 @@ _DEFAULT = object()
 
 
 class _Limit(click.ParamType):
-    """A task limit on the command line: a whole number, 0 for no limit, or `default` (the operator's)."""
+    """A task limit on the command line: a whole number, 0 for no limit, or `default` (the operator's).
 
-    name = "N|default"
+    `zero` says what 0 means; without `default_word` the value is a plain count (a reservation's runners).
+    """
+
+    def __init__(self, zero: str = "give 0 for no limit, or 'default' for the operator's",
+                 default_word: bool = True) -> None:
+        self.zero, self.default_word = zero, default_word
+        self.name = "N|default" if default_word else "N"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if value is None or value is _DEFAULT:
             return value
-        if str(value).strip().lower() == "default":
+        if self.default_word and str(value).strip().lower() == "default":
             return _DEFAULT
         try:
             number = int(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a whole number nor 'default'.", param, ctx)
+            what = "neither a whole number nor 'default'" if self.default_word else "not a whole number"
+            self.fail(f"{value!r} is {what}.", param, ctx)
         if number < 0:
-            self.fail(f"{number} is negative: give 0 for no limit, or 'default' for the operator's.", param, ctx)
-        return number
-
-
-class _Count(click.ParamType):
-    """A count of runners: a whole number, 0 or more."""
-
-    name = "N"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a whole number.", param, ctx)
-        if number < 0:
-            self.fail(f"{number} is negative: give 0 to remove the reservation.", param, ctx)
+            self.fail(f"{number} is negative: {self.zero}.", param, ctx)
         return number
 
 
@@ -394,7 +386,7 @@ def runners_list(as_json: bool) -> None:
 
 @runners.command("reserve", context_settings={"ignore_unknown_options": True})
 @click.argument("model")
-@click.argument("count", metavar="N", type=_Count())
+@click.argument("count", metavar="N", type=_Limit("give 0 to remove the reservation", default_word=False))
 def runners_reserve(model: str, count: int) -> None:
     """Keep N of the runners polling for both MODEL's inference and its fine-tuning free for fine-tuning
     (0: remove the reservation). MODEL is a full name or an alias."""

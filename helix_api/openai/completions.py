@@ -138,8 +138,10 @@ def wait(database: Database, request: Request, *, timeout: float, recheck: float
                     break
                 raise ReplyTimeout(f"No reply within {timeout:g} seconds: task {task.id} was still {was} "
                                    "and has been cancelled.")
-            until_grace = started + grace - time.monotonic() if grace is not None else remaining
-            watch.wait(max(0.0, min(recheck, remaining, until_grace if until_grace > 0 else recheck)))
+            pause = min(recheck, remaining)
+            if grace is not None and (to_grace := started + grace - time.monotonic()) > 0:
+                pause = min(pause, to_grace)  # wake when the grace ends, to say no runner at once
+            watch.wait(pause)
     if task.status != TaskStatus.COMPLETE:
         raise _outcome_error(task)
     return task

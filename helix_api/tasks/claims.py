@@ -71,8 +71,19 @@ def _in_queue(index: int) -> Any:
                 _TASKS.c.model_name == bindparam(f"p_model{index}"))
 
 
+def queued_in(kinds: int) -> Any:
+    """Tasks waiting in any of a rule's first `kinds` queues."""
+    return and_(_TASKS.c.status == TaskStatus.QUEUED, or_(*(_in_queue(index) for index in range(kinds))))
+
+
+def active(tasks: Any = _TASKS) -> Any:
+    """Tasks claimed or running, spelled with OR: prepared statements (db.Prepared) cannot hold an
+    expanding IN."""
+    return or_(*(tasks.c.status == status for status in sorted(ACTIVE_TASK_STATUSES)))
+
+
 # The tasks waiting in one queue (a one-kind rule's), for a task's place in line.
-QUEUED = and_(_TASKS.c.status == TaskStatus.QUEUED, _in_queue(0))
+QUEUED = queued_in(1)
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,7 @@ class ClaimRule:
     def where(self) -> Any:
         """The filter: the queued tasks this rule may take, its values bound by `params()`."""
         running = _RUNNING
-        clauses = [_TASKS.c.status == TaskStatus.QUEUED,
-                   or_(*(_in_queue(index) for index in range(len(self.kinds)))),
+        clauses = [queued_in(len(self.kinds)),
                    # Warm routing: a task waiting for a warm runner is this runner's only if it holds the adapter.
                    or_(_TASKS.c.warm_until.is_(None), _TASKS.c.warm_until <= bindparam("p_now"), self._is_warm()),
                    # The user's running limit (theirs, else the operator's; 0: none).
@@ -223,8 +233,7 @@ class ClaimRule:
         """
         stmt = _HAS_WORK.get(len(self.kinds))
         if stmt is None:
-            stmt = _HAS_WORK[len(self.kinds)] = Prepared(select(exists().where(
-                _TASKS.c.status == TaskStatus.QUEUED, or_(*(_in_queue(index) for index in range(len(self.kinds)))))))
+            stmt = _HAS_WORK[len(self.kinds)] = Prepared(select(exists().where(queued_in(len(self.kinds)))))
         row = stmt.one_or_none(conn, self.queue_params())
         return bool(row and row[0])
 
@@ -236,7 +245,7 @@ def _running_counts() -> Any:
     """Each user's tasks claimed or running, as a subquery joined by user_id."""
     running = _TASKS.alias("running")
     return (select(running.c.user_id, func.count().label("n"))
-            .where(or_(*(running.c.status == status for status in sorted(ACTIVE_TASK_STATUSES))))
+            .where(active(running))
             .group_by(running.c.user_id).subquery("running_counts"))
 
 
@@ -256,8 +265,7 @@ _POOL = select(_RUNNERS.c.pool).where(_RUNNERS.c.name == bindparam("p_runner")).
 def _idle_in_pool() -> Any:
     """Live runners of the claiming runner's pool holding no task."""
     held = _TASKS.alias("held")
-    busy = exists().where(held.c.runner == _RUNNERS.c.name,
-                          or_(*(held.c.status == s for s in sorted(ACTIVE_TASK_STATUSES))))
+    busy = exists().where(held.c.runner == _RUNNERS.c.name, active(held))
     return (select(func.count()).select_from(_RUNNERS)
             .where(_RUNNERS.c.pool == _POOL, _RUNNERS.c.last_seen_at >= bindparam("p_alive"),
                    not_(busy)).scalar_subquery())

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from helix_api.db import Database
 from helix_api.models import Reservation, Runner, utcnow
-from helix_api.tasks import claims, runners
+from helix_api.tasks import runners
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,9 @@ def listing(conn: Connection, now: datetime | None = None) -> list[Reserved]:
     """Every reservation, by model, with the live runners of its pool (on a connection, so that the
     overview reads it with the rest of its document).
 
-    "Live" is the claim rule's own window (claims.ALIVE_SECONDS), so the count shown is the one the
-    rule works with.
+    "Live" is the registry's window (runners.ALIVE_SECONDS), the one the claim rule counts with too.
     """
-    since = runners.alive_since(now, claims.ALIVE_SECONDS)
+    since = runners.alive_since(now)
     live = (select(_RUNNERS.c.pool, func.count().label("n"))
             .where(_RUNNERS.c.pool.is_not(None), _RUNNERS.c.last_seen_at >= since)
             .group_by(_RUNNERS.c.pool).subquery("live"))

@@ -75,10 +75,6 @@ def _runner_file() -> Any:
     return or_(_FILES.c.kind == "output", _FILES.c.kind == "adapter")
 
 
-def _active() -> Any:
-    return or_(*(_TASKS.c.status == status for status in sorted(ACTIVE_TASK_STATUSES)))
-
-
 _EVENT_COLUMNS = ["session_id", "seq", "task_id", "interaction_id", "attempt", "kind", "data", "created_at"]
 
 
@@ -327,7 +323,7 @@ _START = Prepared(update(_TASKS).where(_TASKS.c.id == _ID)
 # same tokens twice; it renews the lease and marks the task running in the same statement.
 _ADVANCE = Prepared(update(_TASKS)
             .where(_TASKS.c.id == _ID, _TASKS.c.lease_token == bindparam("p_token"),
-                   _active(), _TASKS.c.lease_expires_at >= _NOW,
+                   claims.active(), _TASKS.c.lease_expires_at >= _NOW,
                    _TASKS.c.last_event_seq == bindparam("p_after"))
             .values(last_event_seq=bindparam("p_seq"), status=TaskStatus.RUNNING,
                     lease_expires_at=bindparam("p_expires"), started_at=func.coalesce(_TASKS.c.started_at, _NOW)))
