@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt lock.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
 	# lock.txt: the versions the tests passed with, so the resolver has nothing to search.
 	$(BIN)/python -m pip install --quiet -c constraints.txt -c lock.txt -e '.[test,bench]'
+	# LangChain for the tests, apart: its langsmith needs zstandard>=0.23, axolotl pins 0.22.0 but never imports it
+	# (pip reports that conflict; nothing uses the old version).
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c lock.txt langchain-openai==1.8.1 zstandard==0.25.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 # SmolLM2-135M-Instruct (from PyPI, converted once into .helix-data): a chat, a fine-tune, an image.
