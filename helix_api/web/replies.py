@@ -14,16 +14,15 @@ from sqlalchemy import select
 
 from helix_api import models
 from helix_api.db import Database
+from helix_api.vocabulary import JSON_RESPONSE_FORMATS
 from helix_api.web import bp
-
-JSON_FORMATS = ("json_object", "json_schema")
 
 
 @bp.app_template_filter("asks_for_json")
 def asks_for_json(params: Mapping[str, Any] | None) -> bool:
     """Whether a message's params ask for a JSON reply (`response_format` json_object or json_schema)."""
     response_format = (params or {}).get("response_format")
-    return isinstance(response_format, Mapping) and response_format.get("type") in JSON_FORMATS
+    return isinstance(response_format, Mapping) and response_format.get("type") in JSON_RESPONSE_FORMATS
 
 
 @bp.app_template_filter("pretty_json")
