@@ -88,3 +88,6 @@ class AttemptEnd(enum.StrEnum):
 FINAL_ATTEMPT_ENDS = frozenset({AttemptEnd.COMPLETE, AttemptEnd.FAILED, AttemptEnd.DEAD, AttemptEnd.CANCELLED})
 # What a user's bill counts: runner time of an attempt that failed, or was lost, is the operator's.
 BILLED_ATTEMPT_ENDS = frozenset({AttemptEnd.COMPLETE, AttemptEnd.CANCELLED})
+
+# The `response_format` types that ask for a JSON reply (OpenAI's words; params.py checks the whole shape).
+JSON_RESPONSE_FORMATS = frozenset({"json_object", "json_schema"})

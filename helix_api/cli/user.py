@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from helix_api.cli import shapes
+
 if TYPE_CHECKING:  # requests is imported when a user command runs, not by `helix serve`'s master
     from helix_api.cli.remote import Event, Remote
 
@@ -145,8 +147,15 @@ def _typing_held() -> Iterator[None]:
 
 
 def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
-    """Print a reply's tokens as they come; Ctrl-C cancels the reply and comes back to the prompt."""
+    """Print a reply's tokens as they come; Ctrl-C cancels the reply and comes back to the prompt.
+
+    A reply asked for as JSON is held and printed indented once complete; tool calls, which never
+    stream, are printed from the finished session.
+    """
     reply, shown = reply_of(session), {"any": False, "waiting": None}
+    params = reply.get("params") or {}
+    as_json, with_tools = shapes.asks_for_json(params), bool(params.get("tools"))
+    held: list[str] = []
 
     def waiting(line: str | None) -> None:
         # On stderr, and only when it changes: stdout stays the reply's text.
@@ -158,23 +167,46 @@ def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
     def show(event: Event) -> None:
         if event.event == "estimate":
             waiting(waiting_line(event.data))
+        elif event.event == "token" and as_json:
+            held.append(event.data.get("text", ""))
         elif event.event == "token":
             click.echo(event.data.get("text", ""), nl=False)
             shown["any"] = True
-        elif event.event == "state" and event.data.get("state") == "queued" and shown["any"]:
-            click.echo("\n[the runner was lost; the reply starts again]")
+        elif event.event == "state" and event.data.get("state") == "queued" and (shown["any"] or held):
+            click.echo(("\n" if shown["any"] else "") + "[the runner was lost; the reply starts again]")
             shown["any"] = False
+            held.clear()
 
     try:
         with _typing_held():
             end = follow(remote, session["id"], reply["id"], str(session["last_event_seq"]), show)
     except KeyboardInterrupt:
         remote.call("POST", f"/api/v1/sessions/{session['id']}/cancel")
-        click.echo("\n[cancelled]")
+        click.echo("".join(held) + "\n[cancelled]")
         return
-    click.echo()
     if end["state"] != "complete":
+        click.echo("".join(held))
         click.echo(f"[{end['state']}: {end.get('error') or 'no answer'}]", err=True)
+        return
+    if not (as_json or with_tools):
+        click.echo()
+        return
+    finished = next(i for i in remote.call("GET", f"/api/v1/sessions/{session['id']}")["interactions"]
+                    if i["id"] == reply["id"])
+    if as_json:
+        click.echo(shapes.pretty_json(finished["output"]))
+    elif shown["any"] or not finished.get("tool_calls"):
+        click.echo()
+    _print_tool_calls(finished)
+
+
+def _print_tool_calls(reply: dict[str, Any], indent: str = "") -> None:
+    for call in reply.get("tool_calls") or []:
+        for line in shapes.tool_call_lines(call):
+            click.echo(indent + line)
+
+
+_JSON_FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @remote_command(_commands, "chat")
@@ -182,10 +214,19 @@ def _stream_reply(remote: Remote, session: dict[str, Any]) -> None:
 @click.option("--session", "session_id", type=int, help="Continue this session.")
 @click.option("--max-new-tokens", type=int, help="Longest reply, in tokens.")
 @click.option("--temperature", type=float, help="0 for greedy.")
+@click.option("--json", "as_json", is_flag=True, help="Replies are JSON objects (response_format json_object).")
+@click.option("--json-schema", "schema", type=_JSON_FILE, metavar="FILE",
+              help="Replies follow the JSON Schema in FILE (response_format json_schema, named after the file).")
+@click.option("--tools", type=_JSON_FILE, metavar="FILE",
+              help="The model may call the tools in FILE: a JSON list of OpenAI tool definitions.")
+@click.option("--tool-choice", "choice", metavar="none|auto|required|NAME",
+              help="Whether the model must call a tool, or which one (default auto).")
 def chat(remote: Remote, model: str, session_id: int | None, max_new_tokens: int | None,
-         temperature: float | None) -> None:
+         temperature: float | None, as_json: bool, schema: Path | None, tools: Path | None,
+         choice: str | None) -> None:
     """Chat with MODEL: type a message, read the reply as it streams; Ctrl-D ends, Ctrl-C stops a reply."""
     params = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature)) if v is not None}
+    params.update(shapes.reply_params(as_json=as_json, schema=schema, tools=tools, choice=choice))
     if session_id is not None:
         session = remote.call("GET", f"/api/v1/sessions/{session_id}")
         click.echo(f"session {session_id} ({session['model_name']}), {len(session['interactions'])} turns so far")
@@ -194,7 +235,9 @@ def chat(remote: Remote, model: str, session_id: int | None, max_new_tokens: int
             if last["state"] in ("queued", "running"):
                 _stream_reply(remote, {**session, "last_event_seq": 0})
             else:
-                click.echo(last["output"])
+                asked_json = shapes.asks_for_json(last.get("params"))
+                click.echo(shapes.pretty_json(last["output"]) if asked_json else last["output"])
+                _print_tool_calls(last)
     click.echo("(Ctrl-D to end)")
     while True:
         try:
@@ -365,7 +408,7 @@ def sessions_list(remote: Remote, limit: int) -> None:
 @remote_command(sessions, "show")
 @click.argument("session_id", type=int)
 def sessions_show(remote: Remote, session_id: int) -> None:
-    """A session's turns, its replies' states, errors and files."""
+    """A session's turns, its replies' states, errors, tool calls and files."""
     s = remote.call("GET", f"/api/v1/sessions/{session_id}")
     click.echo(f"session {s['id']}: {s['mode']} {s['type']} on {s['model_name']}, {s.get('state')}")
     for turn in s["interactions"]:
@@ -375,6 +418,7 @@ def sessions_show(remote: Remote, session_id: int) -> None:
         click.echo(f"{s['model_name'].rsplit('/', 1)[-1]} [{turn.get('phase') or turn['state']}]: {turn['output']}")
         if turn.get("error"):
             click.echo(f"  error: {' '.join(turn['error'].split())[:300]}")
+        _print_tool_calls(turn, indent="  ")
         for ref in turn.get("files") or []:
             click.echo(f"  file {ref['id']}: {ref['name']} ({ref['kind']}, {ref['size']} bytes)")
 

@@ -89,4 +89,4 @@ def _unexpected(err: Exception):
     return error_page(500, "Something went wrong", "An unexpected error happened; it has been logged.")
 
 
-from helix_api.web import docs, signin, text, views  # noqa: E402,F401  (they add their routes and filters to `bp`)
+from helix_api.web import docs, replies, signin, text, views  # noqa: E402,F401  (they add their routes and filters to `bp`)

@@ -12,8 +12,12 @@ from typing import Any
 
 from helix_api.errors import HelixError, InvalidField, echo
 
-# Param fields each form offers, with their types; an empty field is left out (the default applies).
-CHAT_PARAMS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}
+# A checkbox's choices: the param value each of its values stands for (an unticked box sends nothing).
+JSON_REPLY = {"json_object": {"type": "json_object"}}
+
+# Param fields each form offers, with their types (or choices); an empty field is left out (the default applies).
+CHAT_PARAMS: dict[str, type | dict[str, Any]] = {"max_new_tokens": int, "temperature": float, "top_p": float,
+                                                 "seed": int, "response_format": JSON_REPLY}
 IMAGE_PARAMS: dict[str, type] = {"width": int, "height": int, "num_inference_steps": int, "num_images": int,
                                  "guidance_scale": float, "seed": int, "negative_prompt": str}
 FINETUNE_PARAMS: dict[str, type] = {"max_steps": int, "learning_rate": float, "lora_r": int, "seed": int}
@@ -21,12 +25,18 @@ FINETUNE_PARAMS: dict[str, type] = {"max_steps": int, "learning_rate": float, "l
 _WORDS = {int: "a whole number", float: "a number"}
 
 
-def params_from(form: Mapping[str, str], fields: Mapping[str, type]) -> dict[str, Any]:
+def params_from(form: Mapping[str, str], fields: Mapping[str, type | dict[str, Any]]) -> dict[str, Any]:
     """The filled-in param fields of `form` as typed values; InvalidField on `params.NAME` for a bad one."""
     params: dict[str, Any] = {}
     for name, kind in fields.items():
         raw = (form.get(name) or "").strip()
         if not raw:
+            continue
+        if isinstance(kind, dict):
+            if raw not in kind:
+                raise InvalidField(f"{name.replace('_', ' ').capitalize()} must be one of {', '.join(kind)}, "
+                                   f"not {echo(raw)}.", field=f"params.{name}")
+            params[name] = dict(kind[raw])
             continue
         if kind is str:
             params[name] = raw

@@ -22,7 +22,7 @@ from helix_api.services import services
 from helix_api.sessions import actions
 from helix_api.tasks import runners
 from helix_api.validation import event_cursor
-from helix_api.web import bp
+from helix_api.web import bp, replies
 from helix_api.web.forms import (
     CHAT_PARAMS,
     FINETUNE_PARAMS,
@@ -114,9 +114,18 @@ def new_finetune():
     return redirect(url_for("web.session_page", session_id=created["id"]))
 
 
-def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
+def _shown(session_id: int) -> dict[str, Any]:
+    """One of the caller's sessions as JSON, each interaction with its tool calls."""
     svc = services()
     session = actions.shown(svc, g.caller.id, session_id)
+    session["interactions"] = replies.with_tool_calls(session["interactions"],
+                                                      replies.tool_calls_of(svc.database, session_id))
+    return session
+
+
+def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
+    svc = services()
+    session = _shown(session_id)
     last = session["interactions"][-1] if session.get("interactions") else None
     live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_INTERACTION_STATES else None
     # The page replays its open reply from the start (see events.before_first).
@@ -177,8 +186,8 @@ def session_events(session_id: int):
 @bp.get("/sessions/<int:session_id>/state")
 @signed_in_feed
 def session_state(session_id: int) -> dict[str, Any]:
-    """The session as JSON, for the page's script: its place in the queue, the finished reply."""
-    return actions.shown(services(), g.caller.id, session_id)
+    """The session as JSON, for the page's script: its place in the queue, the finished reply and its tool calls."""
+    return _shown(session_id)
 
 
 @bp.get("/sessions/<int:session_id>/files/<int:file_id>")

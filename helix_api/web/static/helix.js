@@ -21,6 +21,16 @@
     return `${Math.round(seconds / 360) / 10} h`;
   }
 
+  // JSON text indented as the page's pretty_json filter does it; text that does not parse (cut short) as it is.
+  function prettyJson(text) {
+    if (!text) return text || "";
+    try {
+      return JSON.stringify(JSON.parse(text), null, 2);
+    } catch (err) {
+      return text;
+    }
+  }
+
   function follow(page, reply) {
     const interactionId = Number(reply.dataset.interactionId);
     const training = page.dataset.mode === "finetune";
@@ -30,6 +40,8 @@
     const detail = reply.querySelector(".progress-detail");
     const errorBox = reply.querySelector(".error");
     const estimate = reply.querySelector(".estimate");
+    // A reply asked for as JSON streams as text and is indented once it is complete.
+    const asJson = reply.dataset.format === "json";
     let phase = label.dataset.phase;
     let position = Number(label.dataset.queuePosition) || null;
     let poller = null;
@@ -109,14 +121,49 @@
       }
     }
 
+    // The reply's tool calls, built as the page template's tool_call_list macro writes them.
+    function showToolCalls(calls) {
+      const old = reply.querySelector(".tool-calls");
+      if (old) old.remove();
+      if (!calls.length) return;
+      const list = document.createElement("ol");
+      list.className = "tool-calls";
+      for (const call of calls) {
+        const item = document.createElement("li");
+        item.className = "tool-call";
+        item.dataset.callId = call.id;
+        const intro = document.createElement("p");
+        const name = document.createElement("code");
+        name.className = "tool-name";
+        name.textContent = call.name;
+        intro.append("Calls ", name, " with");
+        const args = document.createElement("pre");
+        args.className = "arguments";
+        args.textContent = prettyJson(call.arguments);
+        item.append(intro, args);
+        if (call.result !== null && call.result !== undefined) {
+          const said = document.createElement("p");
+          said.textContent = "which returned";
+          const result = document.createElement("pre");
+          result.className = "result";
+          result.textContent = prettyJson(call.result);
+          item.append(said, result);
+        }
+        list.append(item);
+      }
+      output.after(list);
+    }
+
     async function finish(data) {
       source.close();
       const cancel = reply.querySelector("form.cancel");
       if (cancel) cancel.hidden = true;
       const state = await fetchState();
       if (state && state.item) {
-        output.textContent = state.item.output; // the reply as stored: the same text, now final
+        // The reply as stored: the same text, now final (and indented, when it was asked for as JSON).
+        output.textContent = asJson ? prettyJson(state.item.output) : state.item.output;
         showFiles(state.item.files);
+        showToolCalls(state.item.tool_calls || []);
       }
       if (data.state === "error") {
         errorBox.textContent = data.error || (state && state.item && state.item.error) || "";
