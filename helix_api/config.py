@@ -51,6 +51,10 @@ class Config:
     MAX_STEPS = 150
     MAX_IMAGES = 4
     MAX_TRAIN_STEPS = 100_000
+    # Caps on one JSON Schema (a response_format's, a tool's parameters): its size as JSON, and how deep
+    # its objects and arrays nest. Every schema is compiled when a request comes in; these keep that cheap.
+    MAX_SCHEMA_BYTES = 65536
+    MAX_SCHEMA_DEPTH = 32
     # Params a custom backend takes beyond the built-in ones, comma-separated (passed through unchecked).
     EXTRA_PARAMS = ""
     # Files: where they live (empty: DATA_DIR/files), and how big they may be. Uploads and adapters

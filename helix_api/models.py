@@ -164,6 +164,8 @@ class Interaction(Base):
 
     session: Mapped[Session] = relationship(back_populates="interactions")
     task: Mapped[Task | None] = relationship(back_populates="interaction", uselist=False)
+    # Written by plain SQL only (transitions.complete, records.create_from_messages): read here, never set.
+    tool_calls: Mapped[list[ToolCall]] = relationship(order_by="ToolCall.position", viewonly=True)
 
 
 class Task(Base):
@@ -218,6 +220,24 @@ class Task(Base):
     cancelled_at: Mapped[datetime | None]
 
     interaction: Mapped[Interaction] = relationship(back_populates="task")
+
+
+class ToolCall(Base):
+    """A function call an assistant reply made, with the result the caller sent back (if it did)."""
+
+    __tablename__ = "tool_calls"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    # The assistant reply that made the call.
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int]  # the call's place in its reply, from 0
+    call_id: Mapped[str] = mapped_column(String(64))  # OpenAI's `id`: call_<task id>_<position> from a runner
+    name: Mapped[str] = mapped_column(String(200))
+    arguments: Mapped[str] = mapped_column(Text)  # JSON text, as the model wrote it
+    # The `tool` message's content that answered the call; None until (unless) a later request sends it.
+    result: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class TaskEvent(Base):

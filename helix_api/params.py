@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, StringConstraints, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict
 
+from helix_api import constraints
 from helix_api.errors import InvalidField, echo
 from helix_api.models import Mode, SessionType
 from helix_api.schemas.base import INT64_MAX, json_problem
@@ -29,6 +30,8 @@ class Limits:
     max_steps: int = 150
     max_images: int = 4
     max_train_steps: int = 100_000
+    max_schema_bytes: int = 65536
+    max_schema_depth: int = 32
     extra: tuple[str, ...] = ()
 
     @classmethod
@@ -37,7 +40,9 @@ class Limits:
         extra = tuple(p.strip() for p in str(settings.get("EXTRA_PARAMS") or "").split(",") if p.strip())
         return cls(max_new_tokens=int(settings["MAX_NEW_TOKENS"]), max_image_side=int(settings["MAX_IMAGE_SIDE"]),
                    max_steps=int(settings["MAX_STEPS"]), max_images=int(settings["MAX_IMAGES"]),
-                   max_train_steps=int(settings["MAX_TRAIN_STEPS"]), extra=extra)
+                   max_train_steps=int(settings["MAX_TRAIN_STEPS"]),
+                   max_schema_bytes=int(settings["MAX_SCHEMA_BYTES"]),
+                   max_schema_depth=int(settings["MAX_SCHEMA_DEPTH"]), extra=extra)
 
 
 def _number(low: float | None = None, high: float | None = None, *, integer: bool = False,
@@ -61,6 +66,15 @@ _STOP = Annotated[_Stop | Annotated[list[_Stop], Field(min_length=1, max_length=
                   Field(description="a non-empty string or a list of 1 to 8 of them")]
 _BOOLEAN = Annotated[bool, Field(description="true or false", strict=True)]
 _NEGATIVE = Annotated[str, Field(description="a string of at most 2000 characters", strict=True, max_length=2000)]
+# Structured output and tool calls, in OpenAI's shapes: their types here, the rest in constraints.py.
+_RESPONSE_FORMAT = Annotated[dict[str, Any], Field(description=(
+    'an object: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+    '{"name", "schema", "strict"?, "description"?}}'), strict=True)]
+_TOOLS = Annotated[list[dict[str, Any]], Field(description=(
+    'a list of {"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}'),
+    strict=True)]
+_TOOL_CHOICE = Annotated[Literal[constraints.TOOL_CHOICES] | dict[str, Any], Field(description=(
+    'none, auto, required or {"type": "function", "function": {"name": ...}}'))]
 
 
 # How a text fine-tune trains: supervised on chats (the default), DPO on comparisons, or a reward model
@@ -101,6 +115,12 @@ def schemas(limits: Limits) -> dict[tuple[Mode, SessionType], Any]:
             "seed": seed,
             "repetition_penalty": _number(0, 100, low_open=True),
             "stop": _STOP,
+            "response_format": _RESPONSE_FORMAT,
+            "tools": _TOOLS,
+            "tool_choice": _TOOL_CHOICE,
+            "parallel_tool_calls": _BOOLEAN,
+            "logprobs": _BOOLEAN,
+            "top_logprobs": _number(0, constraints.MAX_TOP_LOGPROBS, integer=True),
         }),
         (Mode.CREATE, SessionType.IMAGE): _schema("ParamsImageCreate", {
             "negative_prompt": _NEGATIVE,
@@ -178,4 +198,6 @@ def check_params(params: dict[str, Any], mode: Mode, type_: SessionType, limits:
         name = str(err.errors(include_url=False)[0]["loc"][0])
         what = schema.__annotations__[name].__metadata__[0].description
         raise _bad(name, what, checked[name]) from None
+    if not constraints.NAMES.isdisjoint(checked):
+        constraints.check(checked, max_schema_bytes=limits.max_schema_bytes, max_schema_depth=limits.max_schema_depth)
     return params

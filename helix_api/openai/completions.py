@@ -42,7 +42,7 @@ from helix_api.tasks.notifier import session_topic
 logger = logging.getLogger(__name__)
 
 _TASKS = Task.__table__
-_FINISH_REASONS = ("stop", "length")
+_FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Request:
 
 
 def start(database: Database, policy: LeasePolicy, *, user_id: int, model: Model, requested: str,
-          messages: list[dict[str, str]], params: dict[str, Any], knowledge_bases: list[int] | None = None,
+          messages: list[dict[str, Any]], params: dict[str, Any], knowledge_bases: list[int] | None = None,
           knowledge: RetrievalSettings | None = None) -> Request:
     """Start the session of a /v1 request with its task queued; `requested` is the model id it named.
 
@@ -174,18 +174,48 @@ def usage(result: dict[str, Any]) -> dict[str, int]:
 
 
 def finish_reason(result: dict[str, Any]) -> str:
-    """`stop` or `length`, as OpenAI names them."""
+    """`stop`, `length` or `tool_calls`, as OpenAI names them; a reply that calls tools says `tool_calls`."""
+    if tool_calls(result):
+        return "tool_calls"
     reason = result.get("finish_reason")
     return reason if reason in _FINISH_REASONS else "stop"
 
 
+def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A runner's `tool_calls` ([{"id", "name", "arguments"}]) in OpenAI's shape; [] when the reply made none."""
+    calls = result.get("tool_calls")
+    return [{"id": str(call.get("id") or ""), "type": "function",
+             "function": {"name": str(call.get("name") or ""), "arguments": str(call.get("arguments") or "{}")}}
+            for call in (calls if isinstance(calls, list) else []) if isinstance(call, dict)]
+
+
+def _logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": str(entry.get("token", "")), "logprob": float(entry.get("logprob", 0.0)),
+            "bytes": entry.get("bytes")}
+
+
+def logprobs(task: Any) -> dict[str, Any] | None:
+    """`choices[0].logprobs` in OpenAI's shape from the runner's `logprobs`; None unless the request asked."""
+    entries = (task.result or {}).get("logprobs")
+    if not (task.params or {}).get("logprobs") or not isinstance(entries, list):
+        return None
+    return {"content": [_logprob(e) | {"top_logprobs": [_logprob(t) for t in e.get("top_logprobs") or []
+                                                         if isinstance(t, dict)]}
+                        for e in entries if isinstance(e, dict)]}
+
+
 def chat_completion(request: Request, task: Any) -> dict[str, Any]:
-    """A `chat.completion` from a completed task."""
+    """A `chat.completion` from a completed task; a reply that only calls tools has `content` null."""
     result = task.result or {}
+    calls = tool_calls(result)
+    text = str(result.get("text") or "")
+    message: dict[str, Any] = {"role": "assistant", "content": None if calls and not text else text}
+    if calls:
+        message["tool_calls"] = calls
     return {
         "id": request.id, "object": "chat.completion", "created": request.created, "model": request.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": str(result.get("text") or "")},
-                     "finish_reason": finish_reason(result), "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result),
+                     "logprobs": logprobs(task)}],
         "usage": usage(result), "system_fingerprint": None,
     } | _sources(task)
 
@@ -207,11 +237,13 @@ class _Chunks:
         self.request = request
         self.include_usage = include_usage
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None,
+              logprobs: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {
             "id": self.request.id, "object": "chat.completion.chunk", "created": self.request.created,
             "model": self.request.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **(extra or {})}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            **(extra or {})}
         if self.include_usage:
             body["usage"] = None  # as OpenAI does: only the last chunk carries it
         return _data(body)
@@ -317,12 +349,24 @@ def _end(database: Database, request: Request, chunks: _Chunks, text: _Text) -> 
         return
     result = task.result or {}
     final = str(result.get("text") or "")
+    # Token events carry text only: the log probabilities travel whole with the end of the reply's text.
+    scores = logprobs(task)
     # Tokens are all stored before the task completes; this only guards against a backend whose
     # result says more than it streamed.
     if final.startswith(text.sent) and len(final) > len(text.sent):
-        yield chunks.chunk({"content": final[len(text.sent):]})
+        yield chunks.chunk({"content": final[len(text.sent):]}, logprobs=scores)
+        scores = None
     elif final != text.sent:
         logger.warning("task %s: the result's text differs from the streamed text", request.task_id)
+    if scores is not None:
+        yield chunks.chunk({"content": ""}, logprobs=scores)
+    # Calls are never streamed as text (the runner holds them back): each goes out whole, as OpenAI's
+    # first chunk of a call (id, name, empty arguments) and then its arguments.
+    for index, call in enumerate(tool_calls(result)):
+        function = call["function"]
+        yield chunks.chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                            "function": {"name": function["name"], "arguments": ""}}]})
+        yield chunks.chunk({"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]})
     yield chunks.chunk({}, finish_reason(result))
     if chunks.include_usage:
         yield chunks.usage(result)

@@ -8,13 +8,14 @@ operator sees it in SQL; see notes.md ("OpenAI-compatible API") for what maps to
 from __future__ import annotations
 
 import base64
+import json
 import re
 from typing import Any
 
 from flask import Blueprint, g, url_for
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from helix_api import responses
+from helix_api import constraints, responses
 from helix_api.accounts.auth import require_user
 from helix_api.errors import Forbidden, InvalidField, ModelNotFound, echo
 from helix_api.models import Mode, SessionType
@@ -29,7 +30,11 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _URL_SALT = "helix.v1.file-content"
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# What a message of a role may carry beside role, content and name: an assistant's calls, a tool result's call.
+_ROLE_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}
+# tool_calls.call_id is VARCHAR(64); OpenAI's own ids are far shorter.
+_CALL_ID_CHARS = 64
 
 # Fields OpenAI's clients send that Helix cannot honour: accepted when their value asks for nothing
 # (what the clients send by default), otherwise a 400 that says so rather than silently ignored.
@@ -37,15 +42,10 @@ _NEUTRAL = {
     "n": (lambda v: v == 1, "only n=1 is supported"),
     "frequency_penalty": (lambda v: v == 0, "not supported; Helix takes repetition_penalty (> 0, 1 is none)"),
     "presence_penalty": (lambda v: v == 0, "not supported; Helix takes repetition_penalty (> 0, 1 is none)"),
-    "logprobs": (lambda v: v is False, "log probabilities are not supported"),
-    "top_logprobs": (lambda v: v == 0, "log probabilities are not supported"),
     "logit_bias": (lambda v: v == {}, "logit_bias is not supported"),
-    "tools": (lambda v: v == [], "tool calling is not supported"),
-    "functions": (lambda v: v == [], "function calling is not supported"),
-    "tool_choice": (lambda v: v in ("none", "auto"), "tool calling is not supported"),
-    "function_call": (lambda v: v in ("none", "auto"), "function calling is not supported"),
-    "parallel_tool_calls": (lambda v: isinstance(v, bool), "tool calling is not supported"),
-    "response_format": (lambda v: v == {"type": "text"}, "only plain text replies are supported"),
+    "functions": (lambda v: v == [], "the deprecated functions are not supported: send tools"),
+    "function_call": (lambda v: v in ("none", "auto"), "the deprecated function_call is not supported: send "
+                                                       "tool_choice"),
     "modalities": (lambda v: v == ["text"], "only text replies are supported"),
     "service_tier": (lambda v: v in ("auto", "default"), "there are no service tiers"),
 }
@@ -54,7 +54,9 @@ _IGNORED = {"user", "store", "metadata"}
 # OpenAI name -> Helix param; Helix's own (top_k, repetition_penalty, ...) pass under their names.
 _CHAT_PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                 "temperature": "temperature", "top_p": "top_p", "stop": "stop", "seed": "seed",
-                "top_k": "top_k", "repetition_penalty": "repetition_penalty"}
+                "top_k": "top_k", "repetition_penalty": "repetition_penalty",
+                # Structured output and tool calls: OpenAI's shapes, stored as they come (constraints.py).
+                **{name: name for name in sorted(constraints.NAMES)}}
 _IMAGE_PARAMS = {"n": "num_images", "seed": "seed", "negative_prompt": "negative_prompt",
                  "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale"}
 
@@ -120,29 +122,74 @@ def _content(value: Any, where: str) -> str:
                        "parts (images, audio and files are not supported).", field=f"{where}.content")
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
-    """OpenAI messages as Helix's role/content messages; the last one must be the user's."""
+def _tool_calls(value: Any, where: str, seen: set[str]) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls, in the task input's shape; their ids join `seen`."""
+    shape = '{"id", "type": "function", "function": {"name", "arguments"}}'
+    if not isinstance(value, list):
+        raise InvalidField(f"{where}.tool_calls must be a list of {shape}.", field=f"{where}.tool_calls")
+    calls = []
+    for index, call in enumerate(value):
+        at = f"{where}.tool_calls[{index}]"
+        if (not isinstance(call, dict) or call.get("type", "function") != "function"
+                or not isinstance(call.get("function"), dict)):
+            raise InvalidField(f"{at} must be {shape}.", field=at)
+        call_id, function = call.get("id"), call["function"]
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= _CALL_ID_CHARS or call_id in seen:
+            raise InvalidField(f"{at}.id must be a string of 1 to {_CALL_ID_CHARS} characters that no other call "
+                               f"of the chat has, not {echo(call_id)}.", field=f"{at}.id")
+        name = function.get("name")
+        if not isinstance(name, str) or not constraints.NAME.match(name):
+            raise InvalidField(f"{at}.function.name must be a function name (^[a-zA-Z0-9_-]{{1,64}}$), not "
+                               f"{echo(name)}.", field=f"{at}.function.name")
+        arguments = function.get("arguments")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise InvalidField(f"{at}.function.arguments must be the JSON text of an object, not {echo(arguments)}.",
+                               field=f"{at}.function.arguments")
+        seen.add(call_id)
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def _message(message: Any, where: str, calls_so_far: set[str]) -> dict[str, Any]:
+    """One OpenAI message in the task input's shape (notes.md, "Structured output and tool calls")."""
+    if not isinstance(message, dict):
+        raise InvalidField(f"{where} must be an object with role and content.", field=where)
+    role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
+    if role is None:
+        raise InvalidField(f"{where}.role must be system, user, assistant or tool, not "
+                           f"{echo(message.get('role'))}.", field=f"{where}.role")
+    # A reply sent back as it came (tool_calls: null, refusal: null, ...) asks for nothing more.
+    for key, extra in message.items():
+        if key not in ("role", "content", "name", *_ROLE_KEYS.get(role, ())) and extra not in (None, []):
+            raise InvalidField(f"{where}.{key} is not supported on a {role} message (audio, refusals and "
+                               "function_call are not supported at all).", field=f"{where}.{key}")
+    if role == "assistant" and message.get("tool_calls"):
+        content = message.get("content")
+        return {"role": role, "content": "" if content is None else _content(content, where),
+                "tool_calls": _tool_calls(message["tool_calls"], where, calls_so_far)}
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if call_id not in calls_so_far:
+            raise InvalidField(f"{where}.tool_call_id must be the id of a call an earlier assistant message made, "
+                               f"not {echo(call_id)}.", field=f"{where}.tool_call_id")
+        return {"role": role, "tool_call_id": call_id, "content": _content(message.get("content"), where)}
+    return {"role": role, "content": _content(message.get("content"), where)}
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    """OpenAI messages as the task input's; the last one, which Helix answers, is the user's or a tool result."""
     if not isinstance(value, list) or not value:
         raise InvalidField("'messages' must be a non-empty list of messages.", field="messages")
-    messages = []
-    for index, message in enumerate(value):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise InvalidField(f"{where} must be an object with role and content.", field=where)
-        role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
-        if role is None:
-            raise InvalidField(f"{where}.role must be system, user or assistant, not "
-                               f"{echo(message.get('role'))}.", field=f"{where}.role")
-        # A reply sent back as it came (tool_calls: null, refusal: null, ...) asks for nothing more.
-        for key, extra in message.items():
-            if key not in ("role", "content", "name") and extra not in (None, []):
-                raise InvalidField(f"{where}.{key} is not supported (no tool calls, audio or refusals).",
-                                   field=f"{where}.{key}")
-        messages.append({"role": role, "content": _content(message.get("content"), where)})
-    if messages[-1]["role"] != "user":
+    calls: set[str] = set()
+    messages = [_message(message, f"messages[{index}]", calls) for index, message in enumerate(value)]
+    if messages[-1]["role"] not in ("user", "tool"):
         where = f"messages[{len(messages) - 1}].role"
-        raise InvalidField(f"{where} is {messages[-1]['role']!r}: the last message must be the user's, which "
-                           "Helix answers.", field=where)
+        raise InvalidField(f"{where} is {messages[-1]['role']!r}: the last message must be the user's or a tool "
+                           "result, which Helix answers.", field=where)
     return messages
 
 
@@ -160,7 +207,7 @@ def _chat_params(body: dict[str, Any]) -> dict[str, Any]:
     return _checked_params(params, names, SessionType.TEXT)
 
 
-def _start(model: model_ids.Model, requested: str, messages: list[dict[str, str]],
+def _start(model: model_ids.Model, requested: str, messages: list[dict[str, Any]],
            params: dict[str, Any], knowledge: Any = None) -> completions.Request:
     svc = services()
     kb_ids = actions.knowledge_bases(svc, g.caller.id, knowledge, model.type)

@@ -20,11 +20,13 @@ Model = text(500, min_length=1)
 
 @with_config({**BODY, "extra": "allow"})
 class ChatMessage(TypedDict, total=False):
-    """One message; other keys (tool_calls, refusal, ...) are taken only when null or empty."""
+    """One message; other keys (refusal, audio, ...) are taken only when null or empty."""
 
     role: Required[text(32)]
     content: text() | list[JsonObject] | None
     name: text(200) | None
+    tool_calls: Annotated[list[JsonObject], Field(max_length=128)] | None
+    tool_call_id: text(200) | None
 
 
 @with_config(BODY)

@@ -25,7 +25,7 @@ from helix_api.models import (
     utcnow,
 )
 from helix_api.params import Limits, check_params
-from helix_api.sessions import files, training_data
+from helix_api.sessions import files, tool_calls, training_data
 from helix_api.sessions.files import FileKind
 from helix_api.sessions.storage import FileStore, safe_name
 from helix_api.tasks import estimates, queues, transitions
@@ -43,55 +43,81 @@ def owned(db: DBSession, user_id: int, session_id: int, *, load: bool = False) -
     """The user's session; someone else's is as good as missing (404, not 403: ids leak nothing)."""
     stmt = select(Session).where(Session.id == session_id, Session.user_id == user_id)
     if load:
-        stmt = stmt.options(selectinload(Session.interactions).selectinload(Interaction.task))
+        turns = selectinload(Session.interactions)
+        stmt = stmt.options(turns.selectinload(Interaction.task), turns.selectinload(Interaction.tool_calls))
     session = db.scalar(stmt)
     if session is None:
         raise SessionNotFound(f"No session {session_id}.")
     return session
 
 
-def conversation(session: Session) -> list[dict[str, str]]:
-    """The chat so far as role/content messages: each user message with its completed reply.
+def conversation(session: Session) -> list[dict[str, Any]]:
+    """The chat so far as task input messages: each user message with its completed reply.
 
     A message whose reply failed or was cancelled is left out with it, so roles keep alternating
     as chat templates require; so is a fine-tune's turn (its upload and training summary), which
-    taught the adapter and is no part of the chat that follows.
+    taught the adapter and is no part of the chat that follows. A reply that called tools carries its
+    calls, then a `tool` message for each call a result was sent for; the reply that followed those
+    results (a /v1 chat's) comes next, with no user message between.
     """
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     pending_user: Interaction | None = None
+    after_calls = False
     for item in session.interactions:
         if item.creator == Creator.USER:
             pending_user = item
-        elif (pending_user is not None and item.state == InteractionState.COMPLETE
-              and (item.task is None or item.task.mode == Mode.CREATE)):
+            continue
+        if item.state != InteractionState.COMPLETE or (item.task is not None and item.task.mode != Mode.CREATE):
+            continue
+        if pending_user is not None:
             messages.append({"role": "user", "content": pending_user.message})
-            messages.append({"role": "assistant", "content": item.output})
             pending_user = None
+        elif not after_calls:
+            continue
+        messages.extend(_reply_messages(item))
+        after_calls = bool(item.tool_calls)
     return messages
 
 
-def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str, params: dict[str, Any],
-              priority: int, policy: LeasePolicy, history: list[dict[str, str]],
+def _reply_messages(reply: Interaction) -> list[dict[str, Any]]:
+    """A completed reply as the assistant's message, and the results of its tool calls as `tool` messages."""
+    said: dict[str, Any] = {"role": "assistant", "content": reply.output}
+    if not reply.tool_calls:
+        return [said]
+    said["tool_calls"] = [tool_calls.as_message(c) for c in reply.tool_calls]
+    return [said, *({"role": "tool", "tool_call_id": c.call_id, "content": c.result}
+                    for c in reply.tool_calls if c.result is not None)]
+
+
+def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: str | None, params: dict[str, Any],
+              priority: int, policy: LeasePolicy, history: list[dict[str, Any]],
               extra_input: dict[str, Any] | None = None, adapter: Any | None = None,
               knowledge: retrieval.RetrievalSettings | None = None) -> list[tuple]:
     """Store the user's message and a queued reply with its task; returns (interaction, task) pairs.
 
-    A session that names knowledge bases gets the chunks that best match the message in its task's
-    system message (with `knowledge`, the app's retrieval settings), and their list as `sources`.
+    `message` None: the reply follows tool results at the end of `history`, and there is no user turn.
+    A session that names knowledge bases gets the chunks that best match the message (else the last user
+    message) in its task's system message (with `knowledge`, the app's retrieval settings), and their
+    list as `sources`.
     """
     now = utcnow()
-    asked = _INSERT_INTERACTION.one(db, {
-        "session_id": session.id, "creator": Creator.USER, "message": message, "params": params,
-        "state": InteractionState.COMPLETE, "output": "", "progress": None, "result": None, "error": None,
-        "created_at": now, "finished_at": now})
+    turns: list[tuple] = []
+    if message is not None:
+        turns.append((_INSERT_INTERACTION.one(db, {
+            "session_id": session.id, "creator": Creator.USER, "message": message, "params": params,
+            "state": InteractionState.COMPLETE, "output": "", "progress": None, "result": None, "error": None,
+            "created_at": now, "finished_at": now}), None))
     reply = _INSERT_INTERACTION.one(db, {
         "session_id": session.id, "creator": Creator.ASSISTANT, "message": "", "params": params,
         "state": InteractionState.QUEUED, "output": "", "progress": None, "result": None, "error": None,
         "created_at": now, "finished_at": None})
-    task_input: dict[str, Any] = {"messages": [*history, {"role": "user", "content": message}]}
+    task_input: dict[str, Any] = {"messages": history if message is None
+                                  else [*history, {"role": "user", "content": message}]}
     kb_ids = getattr(session, "knowledge_bases", None) or []
-    if kb_ids and knowledge is not None:
-        grounding = retrieval.ground(db, kb_ids, message, knowledge)
+    asked = message if message is not None else next(
+        (m["content"] for m in reversed(history) if m["role"] == "user"), None)
+    if kb_ids and knowledge is not None and asked:
+        grounding = retrieval.ground(db, kb_ids, asked, knowledge)
         task_input["messages"] = retrieval.with_context(task_input["messages"], grounding)
         task_input["sources"] = grounding.sources if grounding else []
     if session.type == SessionType.IMAGE:
@@ -104,7 +130,7 @@ def _add_turn(db: DBSession | Connection, session: Any, user_id: int, message: s
                           mode=session.mode, type_=session.type, model_name=session.model_name,
                           input=task_input, params=params, priority=priority,
                           max_attempts=policy.max_attempts, rules=policy.rules)
-    return [(asked, None), (reply, task)]
+    return [*turns, (reply, task)]
 
 
 def _insert_session(conn: Connection, *, user_id: int, name: str, mode: Mode, type_: SessionType,
@@ -138,33 +164,43 @@ def create(database: Database, *, user_id: int, mode: Mode, type_: SessionType, 
 
 
 def create_from_messages(database: Database, *, user_id: int, type_: SessionType, model_name: str,
-                         messages: list[dict[str, str]], params: dict[str, Any], policy: LeasePolicy,
+                         messages: list[dict[str, Any]], params: dict[str, Any], policy: LeasePolicy,
                          adapter: Any | None = None, knowledge_bases: list[int] | None = None,
                          knowledge: retrieval.RetrievalSettings | None = None) -> tuple[Any, Any]:
-    """Start a session from a whole chat (the OpenAI way) and queue the reply to its last user message.
+    """Start a session from a whole chat (the OpenAI way) and queue the reply to its last message: the
+    user's, or a `tool` message (the reply then follows the tool results, with no user turn of its own).
 
     Earlier user and assistant messages become completed interactions without a task, so the session
-    reads as the chat it was; system messages are in the task's `input.messages` only, which is the
-    whole list. Returns the session and task rows.
+    reads as the chat it was; an assistant's tool calls become its `tool_calls` rows, each with the
+    `result` a later `tool` message sent for it. System and tool messages are in the task's
+    `input.messages` only, which is the whole list. Returns the session and task rows.
     """
     *earlier, last = messages
-    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    asked = last["content"] if last["role"] == Creator.USER else None
+    first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    results = {m["tool_call_id"]: m["content"] for m in messages if m["role"] == "tool"}
     with database.transaction() as conn:
         session = _insert_session(conn, user_id=user_id, name=_first_line(first_user) or "chat",
                                   mode=Mode.CREATE, type_=type_, model_name=model_name,
                                   knowledge_bases=knowledge_bases)
         now = utcnow()
+        calls: list[dict[str, Any]] = []
         for past in earlier:
             if past["role"] not in (Creator.USER, Creator.ASSISTANT):
                 continue
             said = past["role"] == Creator.USER
-            conn.execute(_INSERT_INTERACTION_ANY, {
+            stored = conn.execute(_INSERT_INTERACTION_ANY, {
                 "session_id": session.id, "creator": Creator(past["role"]), "params": {},
                 "message": past["content"] if said else "", "output": "" if said else past["content"],
-                "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now})
-        [_, (_, task)] = _add_turn(conn, session, user_id, last["content"], params, queues.PRIORITY_NEW,
-                                   policy, history=earlier, adapter=adapter, knowledge=knowledge)
-        return session, task
+                "state": InteractionState.COMPLETE, "created_at": now, "finished_at": now}).one()
+            calls += [tool_calls.row(session_id=session.id, interaction_id=stored.id, position=position,
+                                     call_id=call["id"], name=call["function"]["name"],
+                                     arguments=call["function"]["arguments"], result=results.get(call["id"]), now=now)
+                      for position, call in enumerate(past.get("tool_calls") or [])]
+        tool_calls.write(conn, calls)
+        turns = _add_turn(conn, session, user_id, asked, params, queues.PRIORITY_NEW, policy,
+                          history=earlier if asked is not None else messages, adapter=adapter, knowledge=knowledge)
+        return session, turns[-1][1]
 
 
 def create_finetune(database: Database, store: FileStore, *, user_id: int, type_: SessionType,
@@ -239,6 +275,8 @@ def _interaction_json(db: DBSession | Connection, item: Any, task: Any, attached
         "id": item.id, "creator": item.creator.value, "state": item.state.value,
         "message": item.message, "params": item.params, "output": item.output, "progress": item.progress,
         "files": [files.file_json(f) for f in attached],
+        # Core rows of a turn just stored have no calls yet; ORM interactions bring theirs loaded.
+        "tool_calls": [tool_calls.as_json(c) for c in getattr(item, "tool_calls", None) or []],
         "error": item.error, "created_at": item.created_at.isoformat(),
         "finished_at": item.finished_at.isoformat() if item.finished_at else None,
     }

@@ -51,6 +51,7 @@ from helix_api.models import (
     UTCDateTime,
     utcnow,
 )
+from helix_api.sessions import tool_calls
 from helix_api.streaming import events
 from helix_api.tasks import claims
 from helix_api.tasks.claims import ClaimRule
@@ -351,10 +352,13 @@ def complete(conn: Connection, task: TaskRow, result: dict[str, Any], output: st
     """Store the result of `task`'s attempt (its lease checked by the caller); store keys of files dropped.
 
     `drop_runner_files`: the result names no file, so every file a runner uploaded for the reply goes
-    (in the same statement on PostgreSQL). A fine-tune's session switches to inference here.
+    (in the same statement on PostgreSQL). A fine-tune's session switches to inference here. A reply that
+    calls tools gets its `tool_calls` rows: one statement more, only then.
     """
     dropped = _end(conn, "complete", task, now, AttemptEnd.COMPLETE, {"p_result": result, "p_output": output},
                    {"state": InteractionState.COMPLETE.value}, result=result, drop_files=drop_runner_files)
+    tool_calls.write(conn, tool_calls.of_result(result, session_id=task.session_id,
+                                                interaction_id=task.interaction_id, now=now))
     if task.mode == Mode.FINETUNE:
         conn.execute(_FINETUNED, {"p_session": task.session_id, "p_now": now})
     return dropped

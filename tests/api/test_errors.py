@@ -121,18 +121,17 @@ def test_echo_cuts_at_a_word_with_an_ellipsis_and_quotes_short_input_whole():
     assert echo("line\nbreak") == "'line\\nbreak'"  # one line, whatever was sent
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
-                                           "parameters": {"type": "object", "properties": {}}}}]
+FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
 
 
 def test_a_refusal_quoting_the_request_cuts_it_at_a_safe_length_with_an_ellipsis(client, user):
     response = client.post("/v1/chat/completions", headers=user, json={
-        "model": TEXT_MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS})
+        "model": TEXT_MODEL, "messages": [{"role": "user", "content": "hi"}], "functions": FUNCTIONS})
     message = _openai(response, 400, "invalid_field")
     quoted, _, why = message.partition("…: ")
-    assert why == "tool calling is not supported."
-    assert quoted.startswith('tools=[{"type": "function"') and len(quoted) <= len("tools=") + ECHO_CHARS
-    assert quoted.endswith('"name": "get_weather",')  # cut after a whole value, not inside a word
+    assert why == "the deprecated functions are not supported: send tools."
+    assert quoted.startswith('functions=[{"name": "get_weather"') and len(quoted) <= len("functions=") + ECHO_CHARS
+    assert quoted.endswith('"type": "object",')  # cut after a whole value, not inside a word
 
 
 @pytest.mark.parametrize("body,field", [
