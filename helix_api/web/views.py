@@ -22,7 +22,7 @@ from helix_api.services import services
 from helix_api.sessions import actions
 from helix_api.tasks import runners
 from helix_api.validation import event_cursor
-from helix_api.web import bp, replies
+from helix_api.web import bp
 from helix_api.web.forms import (
     CHAT_PARAMS,
     FINETUNE_PARAMS,
@@ -116,11 +116,7 @@ def new_finetune():
 
 def _shown(session_id: int) -> dict[str, Any]:
     """One of the caller's sessions as JSON, each interaction with its tool calls."""
-    svc = services()
-    session = actions.shown(svc, g.caller.id, session_id)
-    session["interactions"] = replies.with_tool_calls(session["interactions"],
-                                                      replies.tool_calls_of(svc.database, session_id))
-    return session
+    return actions.shown(services(), g.caller.id, session_id)
 
 
 def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):

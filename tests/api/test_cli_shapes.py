@@ -15,26 +15,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from helix_api import models
 from helix_api.cli import remote as remote_module
 from helix_api.cli import shapes
 from helix_api.cli.operator import main
-from helix_api.models import Mode, SessionType
-from helix_api.params import Limits, schemas
 from tests.conftest import TEXT_MODEL, claim
 
-SHAPE_PARAMS = ("response_format", "tools", "tool_choice")
-UNKNOWN_TO_PARAMS = [n for n in SHAPE_PARAMS
-                     if n not in schemas(Limits())[(Mode.CREATE, SessionType.TEXT)].__optional_keys__]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                             "parameters": {"type": "object",
                                                            "properties": {"city": {"type": "string"}}}}}
-
-
-@pytest.fixture
-def settings(settings):
-    """Until params.py checks the shape params (issue 25, merged from another branch) they pass as extras."""
-    return {**settings, "EXTRA_PARAMS": ", ".join(UNKNOWN_TO_PARAMS)} if UNKNOWN_TO_PARAMS else settings
 
 
 class AppRemote:
@@ -206,9 +194,6 @@ def test_chat_prints_a_json_reply_indented_once_it_is_complete(chat):
     assert '{"city":"Paris"' not in result.output  # the streamed tokens were held, not printed raw
 
 
-@pytest.mark.skipif(not hasattr(models, "ToolCall"),
-                    reason="needs the session JSON's tool_calls from the tool-call storage branch of issue 25; "
-                           "runs once merged")
 def test_chat_prints_a_reply_of_tool_calls_one_line_each(chat, tmp_path):
     tools = write(tmp_path, "tools.json", [WEATHER])
     calls = [{"id": "call_1_0", "name": "get_weather", "arguments": '{"city": "Paris"}'},

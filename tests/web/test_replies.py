@@ -5,27 +5,13 @@ from __future__ import annotations
 import html
 import re
 
-import pytest
 from sqlalchemy import select
 
 from helix_api import models
-from helix_api.models import Interaction, Mode, SessionType
-from helix_api.params import Limits, schemas
-from helix_api.web import replies
-from helix_api.web.replies import asks_for_json, pretty_json, with_tool_calls
+from helix_api.models import Interaction
+from helix_api.web.replies import asks_for_json, pretty_json
 from tests.web.conftest import submit
 from tests.web.test_views import finish, new_chat, session_id_of, tasks
-
-KNOWS_RESPONSE_FORMAT = "response_format" in schemas(Limits())[(Mode.CREATE, SessionType.TEXT)].__optional_keys__
-NEEDS_TOOL_CALL_ROWS = pytest.mark.skipif(
-    not hasattr(models, "ToolCall"),
-    reason="needs models.ToolCall from the tool-call storage branch of issue 25; runs once merged")
-
-
-@pytest.fixture
-def settings(settings):
-    """Until params.py checks `response_format` (issue 25, merged from another branch) it passes as an extra."""
-    return settings if KNOWS_RESPONSE_FORMAT else {**settings, "EXTRA_PARAMS": "response_format"}
 
 
 def reply_of(page: str) -> str:
@@ -51,18 +37,6 @@ def test_json_text_is_indented_and_anything_else_is_left_as_it_is():
         '{\n  "city": "Paris",\n  "days": [\n    1,\n    2\n  ],\n  "note": "é"\n}')
     assert pretty_json('{"city": "Par') == '{"city": "Par'  # a reply cut short by max_new_tokens
     assert pretty_json("sunny") == "sunny" and pretty_json("") == "" and pretty_json(None) == ""
-
-
-def test_tool_calls_are_attached_to_their_interactions_and_the_session_json_keeps_its_own():
-    call = {"id": "call_7_0", "name": "get_weather", "arguments": '{"city": "Paris"}', "result": None}
-    own = {"id": "call_9_0", "name": "own", "arguments": "{}", "result": "1"}
-    interactions = [{"id": 1, "creator": "user"}, {"id": 2, "creator": "assistant"},
-                    {"id": 3, "creator": "assistant", "tool_calls": [own]}]
-
-    shown = with_tool_calls(interactions, {2: [call], 3: [call]})
-
-    assert [i["tool_calls"] for i in shown] == [[], [call], [own]]
-    assert "tool_calls" not in interactions[0]  # the caller's dicts are left alone
 
 
 def test_a_reply_asked_for_as_json_from_the_form_is_shown_indented(browser, client, runner, db):
@@ -112,20 +86,22 @@ def test_the_json_choice_takes_only_its_value(browser, db):
     assert tasks(db) == []
 
 
-def _tool_call_reply(browser, client, runner, monkeypatch) -> tuple[int, int]:
-    """A chat whose reply is two tool calls, the first with its result, as the rows give them to the page."""
+def _tool_call_reply(browser, client, runner, db) -> tuple[int, int]:
+    """A chat whose reply is two tool calls, the first with its result, stored as rows of tool_calls."""
     session_id = session_id_of(new_chat(browser, "Weather in Paris?"))
     finish(client, runner, text="")
     reply_id = browser.get(f"/sessions/{session_id}/state").json["interactions"][-1]["id"]
-    calls = [{"id": "call_1_0", "name": "get_weather", "arguments": '{"city":"Paris","unit":"c"}',
-              "result": '{"temp": 21}'},
-             {"id": "call_1_1", "name": "<script>alert(1)</script>", "arguments": "not json", "result": None}]
-    monkeypatch.setattr(replies, "tool_calls_of", lambda database, sid: {reply_id: calls} if sid == session_id else {})
+    calls = [("call_1_0", "get_weather", '{"city":"Paris","unit":"c"}', '{"temp": 21}'),
+             ("call_1_1", "<script>alert(1)</script>", "not json", None)]
+    with db.orm_write() as s:
+        for position, (call_id, name, arguments, result) in enumerate(calls):
+            s.add(models.ToolCall(session_id=session_id, interaction_id=reply_id, position=position,
+                                  call_id=call_id, name=name, arguments=arguments, result=result))
     return session_id, reply_id
 
 
-def test_a_reply_of_tool_calls_shows_each_name_arguments_and_result(browser, client, runner, monkeypatch):
-    session_id, _ = _tool_call_reply(browser, client, runner, monkeypatch)
+def test_a_reply_of_tool_calls_shows_each_name_arguments_and_result(browser, client, runner, db):
+    session_id, _ = _tool_call_reply(browser, client, runner, db)
 
     reply = reply_of(browser.get(f"/sessions/{session_id}").data.decode())
 
@@ -138,8 +114,8 @@ def test_a_reply_of_tool_calls_shows_each_name_arguments_and_result(browser, cli
     assert 'class="result"' not in second  # no result sent back yet
 
 
-def test_the_pages_script_reads_the_tool_calls_from_the_state_twin(browser, client, runner, monkeypatch):
-    session_id, reply_id = _tool_call_reply(browser, client, runner, monkeypatch)
+def test_the_pages_script_reads_the_tool_calls_from_the_state_twin(browser, client, runner, db):
+    session_id, reply_id = _tool_call_reply(browser, client, runner, db)
 
     state = browser.get(f"/sessions/{session_id}/state").json
 
@@ -147,7 +123,6 @@ def test_the_pages_script_reads_the_tool_calls_from_the_state_twin(browser, clie
     assert state["interactions"][0]["tool_calls"] == []
 
 
-@NEEDS_TOOL_CALL_ROWS
 def test_tool_call_rows_are_shown_under_their_reply(browser, client, runner, db):
     session_id = session_id_of(new_chat(browser, "Weather in Paris?"))
     finish(client, runner, text="")
