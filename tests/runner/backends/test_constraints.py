@@ -87,7 +87,17 @@ def test_json_schema_replies_validate_against_the_schema(backend, seeds):
         result, _ = predict(backend, seed=seed, response_format=response_format)
         assert result["finish_reason"] == "stop", result
         jsonschema.validate(json.loads(result["text"]), PERSON)
-        assert " " not in result["text"].replace(json.loads(result["text"])["name"], "")  # compact JSON
+
+
+def test_json_is_compact(backend):
+    numbers = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
+                                                "c": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
+               "required": ["a", "b", "c"], "additionalProperties": False}
+    for seed in range(3):
+        result, _ = predict(backend, seed=seed, response_format={"type": "json_schema", "json_schema": {
+            "name": "numbers", "schema": numbers}})
+        jsonschema.validate(json.loads(result["text"]), numbers)
+        assert not any(c.isspace() for c in result["text"]), result["text"]
 
 
 def check_calls(result: dict[str, Any], report: FakeReport, names: set[str], task_id: int) -> None:
