@@ -182,8 +182,16 @@ class Bench:
         return max(a), max(b)
 
 
-def measure(backend: Any, quick: bool, replies: int | None = None) -> dict[str, Any]:
-    """Every figure, as a flat dict."""
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model and measure every figure (bench.all calls this with parse_args's namespace)."""
+    started = time.monotonic()
+    figures = measure_backend(load_backend(args.model), args.quick, args.replies)
+    figures["seconds"] = time.monotonic() - started
+    return figures
+
+
+def measure_backend(backend: Any, quick: bool, replies: int | None = None) -> dict[str, Any]:
+    """Every figure on a loaded backend, as a flat dict."""
     import jsonschema
 
     from runner.backends.constraints import ReplyRules, reply_grammar
@@ -257,7 +265,7 @@ def measure(backend: Any, quick: bool, replies: int | None = None) -> dict[str, 
     return figures
 
 
-def report(figures: dict[str, Any], seconds: float) -> str:
+def report(figures: dict[str, Any]) -> str:
     """The figures as text."""
     f = figures
     verdict = ("meets" if f["constrained_ratio"] >= TARGET_CONSTRAINED_RATIO else "MISSES")
@@ -265,7 +273,7 @@ def report(figures: dict[str, Any], seconds: float) -> str:
     valid = "meets" if f["constrained_valid_pct"] >= 100.0 else "MISSES"
     lines = [
         f"bench.structured: {f['model']} on CPU ({os.cpu_count()} cores), {f['slots']} slots in one batch, "
-        f"up to {f['max_new_tokens']} new tokens per row, best of {f['repeats']} runs each; {seconds:.0f}s",
+        f"up to {f['max_new_tokens']} new tokens per row, best of {f['repeats']} runs each; {f.get('seconds', 0):.0f}s",
         f"  every slot constrained (10-field schema): {f['constrained_tokens_per_s']:.1f} tokens/s "
         f"vs free {f['free_tokens_per_s']:.1f} = {f['constrained_ratio']:.2f}x "
         f"(target >= {TARGET_CONSTRAINED_RATIO}x: {verdict})",
@@ -287,10 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "torchao", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    started = time.monotonic()
-    backend = load_backend(args.model)
-    figures = measure(backend, args.quick, args.replies)
-    print(report(figures, time.monotonic() - started))
+    figures = measure(args)
+    print(report(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
