@@ -175,20 +175,25 @@ def _named_calls(items: list[Any]) -> list[tuple[str, dict[str, Any]]] | None:
 
 def tool_format(setting: str, tokenizer: Any) -> ToolFormat:
     """The layout for `setting` (hermes, mistral or auto) on this tokenizer."""
-    token = _special_token_id(tokenizer, MISTRAL_MARKER)
-    if setting == "mistral" or (setting == "auto" and token is not None):
-        return Mistral(token)
     if setting not in FORMATS:
         raise ValueError(f"tool format must be one of {', '.join(FORMATS)}, not {setting!r}")
-    return Hermes(_special_token_id(tokenizer, Hermes.marker))
+    if setting == "mistral" or (setting == "auto" and _single_token(tokenizer, MISTRAL_MARKER) is not None):
+        return Mistral(_special_token(tokenizer, MISTRAL_MARKER))
+    return Hermes(_special_token(tokenizer, Hermes.marker))
 
 
-def _special_token_id(tokenizer: Any, text: str) -> int | None:
+def _single_token(tokenizer: Any, text: str) -> int | None:
     """The id of `text` when the tokenizer holds it as one token of its own."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1 and ids[0] != tokenizer.unk_token_id and ids[0] in tokenizer.all_special_ids:
-        return int(ids[0])
-    return None
+    return int(ids[0]) if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+
+def _special_token(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` when it is one special token, which decoding drops (a grammar then names it by id)."""
+    token = _single_token(tokenizer, text)
+    if token is None or tokenizer.decode([token], skip_special_tokens=True):
+        return None
+    return token
 
 
 def read_calls(fmt: ToolFormat, text: str, task_id: int | str) -> list[ToolCall] | None:

@@ -255,3 +255,52 @@ def test_logprobs_follow_the_mask_and_are_absent_unless_asked(backend):
 def test_tool_choice_naming_an_unknown_tool_is_bad_task_input(backend):
     with pytest.raises(BadTaskInput, match="tool_choice"):
         predict(backend, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+TOOLS_TEMPLATE = (
+    "{%- if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}"
+    "{%- for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+    "{%- if m.tool_calls %}{% for c in m.tool_calls %}CALL:{{ c.function | tojson }}{% endfor %}{% endif %}\n"
+    "{%- endfor %}assistant:"
+)
+HISTORY = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": "", "tool_calls": [
+               {"id": "call_1_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris","days":1}'}}]},
+           {"role": "tool", "tool_call_id": "call_1_0", "content": "sunny"}]
+
+
+def test_the_prompt_gives_tools_to_a_template_that_takes_them(backend, monkeypatch):
+    monkeypatch.setattr(backend.tokenizer, "chat_template", TOOLS_TEMPLATE)
+    text = backend.tokenizer.decode(backend.prompt_ids(HISTORY, [WEATHER]))
+    assert text.startswith("TOOLS:[")
+    assert '"name": "get_weather"' in text
+    assert 'CALL:{"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}' in text
+    assert "tool:sunny" in text and text.endswith("assistant:")
+
+
+def test_the_prompt_lays_tools_out_itself_for_a_template_without_them(backend):
+    text = backend.tokenizer.decode(backend.prompt_ids(HISTORY, [WEATHER]), skip_special_tokens=True)
+    assert text.startswith("[INST] You may call one or more functions")
+    assert "<tools>\n" + json.dumps(WEATHER) + "\n</tools>" in text
+    assert '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","days":1}}</tool_call>' in text
+    assert "<tool_response>\nsunny\n</tool_response>" in text
+
+
+def test_a_mistral_marker_that_is_a_special_token_is_named_by_id(tiny_mistral):
+    from transformers import AutoTokenizer
+
+    from runner.backends.tool_calls import Mistral, read_calls
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mistral)
+    grammars = Grammars(tokenizer, 400, [2])
+    marker = tokenizer.convert_tokens_to_ids("<pad>")  # stands in for [TOOL_CALLS], a special token of its own
+    calls = ' [{"name":"get_time","arguments":{"zone":"UTC"}}, {"name":"get_time","arguments":{"zone":"CET"}}]'
+    ids = [marker, *tokenizer.encode(calls, add_special_tokens=False)]
+    for choice in ("required", "auto"):
+        constraint = grammars.constraint(reply_grammar(ReplyRules.from_params({"tools": TOOLS, "tool_choice": choice}),
+                                                       Mistral(marker)))
+        assert all(constraint.consume(token) for token in ids) and constraint.stopped
+    text = tokenizer.decode(ids, skip_special_tokens=False).replace("<pad>", "[TOOL_CALLS]")
+    assert [(c.name, c.arguments) for c in read_calls(Mistral(marker), text, 1)] == [
+        ("get_time", '{"zone":"UTC"}'), ("get_time", '{"zone":"CET"}')]

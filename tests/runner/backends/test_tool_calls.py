@@ -107,10 +107,13 @@ class _Tokenizer:
 
     def __init__(self, special: dict[str, int]) -> None:
         self.special = special
-        self.all_special_ids = list(special.values())
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self.special[text]] if text in self.special else [ord(c) for c in text]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        named = {v: k for k, v in self.special.items()}
+        return "".join("" if skip_special_tokens and i in named else named.get(i, chr(i)) for i in ids)
 
 
 def test_auto_picks_mistral_when_the_tokenizer_has_its_marker_token():
