@@ -1,6 +1,6 @@
 """Every benchmark of issue 12 in one run, and one table of its targets side by side (`make bench`).
 
-    .venv/bin/python -m bench.all             # dispatch, cycle, streaming, fleet, replicas, scheduling
+    .venv/bin/python -m bench.all             # dispatch, cycle, streaming, fleet, replicas, scheduling, structured
     .venv/bin/python -m bench.all --quick     # smaller counts
     .venv/bin/python -m bench.all --only dispatch,streaming
 
@@ -35,7 +35,7 @@ from bench.report import _git_revision, describe_machine  # noqa: E402
 
 logger = logging.getLogger("bench.all")
 
-PHASES = ("dispatch", "cycle", "streaming", "fleet", "replicas", "scheduling")
+PHASES = ("dispatch", "cycle", "streaming", "fleet", "replicas", "scheduling", "structured")
 # What bench.fleet.measure() and bench.replicas.measure() return, by the names this table reads
 # (the first that is present wins; a dotted name reads a nested dict), so either module can be
 # written without waiting on this one.
@@ -53,6 +53,10 @@ FIGURE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "scheduling": {key: (f"figures.{key}",) for key in (
         "warm_loads_per_100", "cold_loads_per_100", "small_fair_p50_ms", "small_alone_p50_ms", "finetune_wait_s",
         "estimate_error_pct", "cycles_on_per_s", "cycles_off_per_s")},
+    # bench.structured's flat figures (issue 25): constrained decoding on SmolLM2 on CPU.
+    "structured": {key: (key,) for key in (
+        "constrained_tokens_per_s", "free_tokens_per_s", "neighbours_mixed_tokens_per_s",
+        "neighbours_free_tokens_per_s", "constrained_valid_pct")},
 }
 
 
@@ -219,7 +223,7 @@ def run_phases(only: list[str], quick: bool) -> dict[str, Outcome]:
         "dispatch": lambda: run_dispatch(quick), "streaming": lambda: run_streaming(quick),
         "cycle": lambda: run_module("cycle", quick),
         "fleet": lambda: run_module("fleet", quick), "replicas": lambda: run_module("replicas", quick),
-        "scheduling": lambda: run_module("scheduling", quick)}
+        "scheduling": lambda: run_module("scheduling", quick), "structured": lambda: run_module("structured", quick)}
     outcomes: dict[str, Outcome] = {}
     for phase in PHASES:
         if phase not in only:

@@ -90,6 +90,13 @@ TARGETS: tuple[Target, ...] = (
     Target("scheduling: the start estimate's median error", "scheduling.estimate_error_pct", "<=", 25.0, unit="%"),
     Target("scheduling: dispatch cycles/s, rules on", "scheduling.cycles_on_per_s", ">=", ratio=0.9,
            ref="scheduling.cycles_off_per_s", unit="/s", ref_name="rules off"),
+    # Issue 25's constrained decoding (bench.structured), SmolLM2-135M on CPU, 8 slots batched.
+    Target("structured: tokens/s, every slot constrained by a 10-field schema", "structured.constrained_tokens_per_s",
+           ">=", ratio=0.8, ref="structured.free_tokens_per_s", unit="/s", ref_name="unconstrained"),
+    Target("structured: free rows' tokens/s beside constrained rows", "structured.neighbours_mixed_tokens_per_s",
+           ">=", ratio=0.95, ref="structured.neighbours_free_tokens_per_s", unit="/s", ref_name="beside free rows"),
+    Target("structured: constrained replies that parse and validate", "structured.constrained_valid_pct", ">=",
+           100.0, unit="%"),
     Target("3 replicas: tokens reach a follower on another replica", "replicas.tokens_cross", "is"),
     Target("API RSS, PostgreSQL default", "dispatch.postgres.rss_mb", "<=", 150.0,
            peer="dispatch.celery.rss_mb", unit="MB"),

@@ -95,6 +95,10 @@ class MaxParallel(click.ParamType):
 @click.option("--max-parallel-cap", envvar="HELIX_RUNNER_MAX_PARALLEL_CAP", show_envvar=True, default=DEFAULT_CAP,
               show_default=True, type=click.IntRange(1, MOST_PARALLEL),
               help="The most slots --max-parallel auto gives.")
+@click.option("--tool-format", envvar="HELIX_RUNNER_TOOL_FORMAT", show_envvar=True, default="auto",
+              show_default=True, type=click.Choice(["auto", "hermes", "mistral"], case_sensitive=False),
+              help="How the model writes tool calls: hermes (<tool_call>...</tool_call>) or mistral "
+                   "([TOOL_CALLS] [...]); auto: mistral when the tokenizer has a [TOOL_CALLS] token.")
 @click.option("--cache-dir", envvar="HELIX_RUNNER_CACHE", show_envvar=True, default=default_cache_dir,
               show_default="~/.cache/helix-runner", help="Where fetched files and adapters are kept.")
 @click.option("--metrics-port", envvar="HELIX_RUNNER_METRICS_PORT", show_envvar=True, type=click.IntRange(1, 65535),
@@ -108,7 +112,8 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
          type_: str | None, model_name: str | None, kinds: tuple[str, ...], token: str | None, runner_name: str,
          wait: float | None, max_tasks: int | None, grace: float, device: str, dtype: str,
          gpu_memory: tuple[str, ...], cpu_memory: str | None, quantize: str | None, max_parallel: int | None,
-         max_parallel_cap: int, cache_dir: str, metrics_port: int | None, metrics_host: str, log_level: str) -> None:
+         max_parallel_cap: int, tool_format: str, cache_dir: str, metrics_port: int | None, metrics_host: str,
+         log_level: str) -> None:
     """Run a Helix job runner: load a model once, then pull tasks from the API and run them."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     polled = _kinds(kinds)
@@ -134,7 +139,7 @@ def main(ctx: click.Context, backend: str, job_url: str | None, api_url: str | N
         more_kinds=tuple(polled[1:]), backend=backend, runner_name=runner_name,
         wait=wait, grace_seconds=grace, max_tasks=max_tasks, device=device, dtype=dtype,
         gpu_memory=_gpu_memory(gpu_memory), cpu_memory=cpu_memory or None, quantize=quantize,
-        max_parallel=most, parallel_auto=auto, cache_dir=cache_dir,
+        max_parallel=most, parallel_auto=auto, cache_dir=cache_dir, tool_format=tool_format.lower(),
     )
     try:
         model = load_backend(backend, config)

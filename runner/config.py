@@ -113,6 +113,9 @@ class RunnerConfig:
     # up to max_parallel; a backend with no model config to size by holds one.
     parallel_auto: bool = False
     kv_headroom: float = DEFAULT_HEADROOM  # share of that free memory the KV caches may take
+    # How the model writes tool calls (runner.backends.tool_calls): hermes, mistral, or auto (mistral when the
+    # tokenizer has a [TOOL_CALLS] token, else hermes).
+    tool_format: str = "auto"
     # Fetched files and unpacked adapters (by checksum), and scratch space for training.
     cache_dir: str = field(default_factory=default_cache_dir)
     work_dir: str = ""  # default: cache_dir/work

@@ -2,8 +2,10 @@
 
 Every row has its own sampling params, seed (a torch.Generator), stop strings, token budget, stream and
 cancellation, and leaves the batch as soon as it is done; so a request gets the same text whether it
-runs alone or beside others. Prompts are left-padded, with an attention mask and position ids that
-skip the padding, and the KV cache carries the batch from one step to the next.
+runs alone or beside others. A row may also carry a constraint (a grammar's state that masks its own
+logits before it chooses) and ask for logprobs; rows that do neither pay nothing for either.
+Prompts are left-padded, with an attention mask and position ids that skip the padding, and the KV
+cache carries the batch from one step to the next.
 
 With `max_batch` > 1 an engine thread gathers the requests that predict() threads submit (waiting a
 few milliseconds for the others in flight) and decodes them together.
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from runner.backends import params as param
 from runner.errors import BadTaskInput, TaskCancelled
@@ -61,6 +63,24 @@ class SamplingParams:
         )
 
 
+class TokenConstraint(Protocol):
+    """What the loop asks of a row's constraint (see runner.backends.constraints.RowConstraint)."""
+
+    def mask(self, logits: Any) -> Any:
+        """This row's logits (1-D) with the tokens it may not choose at -inf."""
+
+    def consume(self, token_id: int) -> bool:
+        """Follow the chosen token; False if it is refused."""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether nothing may follow: the row is complete."""
+
+    @property
+    def error(self) -> str:
+        """Why a token was refused."""
+
+
 @dataclass(eq=False)  # compared by identity: two asks for the same text are still two requests
 class GenerationRequest:
     """One prompt to continue, with callbacks into its task; the outcome is filled in when `done` is set."""
@@ -71,9 +91,15 @@ class GenerationRequest:
     cancelled: Callable[[], bool] = lambda: False
     adapter: str | None = None  # which adapter the batch must run with (None: the bare base model)
     adapter_path: str | None = None
+    # A grammar's per-row state (runner.backends.constraints.RowConstraint): it masks this row's logits only.
+    constraint: TokenConstraint | None = None
+    logprobs: bool = False  # record each token's logprob (and `top_logprobs` alternatives) in `token_logprobs`
+    top_logprobs: int = 0
+    keep_special_tokens: bool = False  # decode special tokens into the text (a call marker that is one)
     text: str = ""
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled" (or "error": the constraint refused a token)
     completion_tokens: int = 0
+    token_logprobs: list[dict[str, Any]] = field(default_factory=list)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -81,8 +107,9 @@ class GenerationRequest:
 class IncrementalDecoder:
     """Turns tokens into text pieces whose concatenation is the decoded text, whole characters only."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._ids: list[int] = []
         # Decoding a window that starts a few tokens back keeps the spacing a tokenizer derives from context.
         self._prefix = 0
@@ -99,24 +126,35 @@ class IncrementalDecoder:
 
     def _advance(self, final: bool) -> str:
         decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        before = decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
+        after = decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             self._prefix, self._read = self._read, len(self._ids)
             return after[len(before):]
         return ""
 
 
+class RowRefused(RuntimeError):
+    """A row's constraint refused its token or allows none: that row fails, the batch goes on."""
+
+
 class _Row:
     """A request's decoding state inside a batch."""
 
-    def __init__(self, request: GenerationRequest, tokenizer: Any, vocab_size: int, device: Any) -> None:
+    def __init__(self, request: GenerationRequest, tokenizer: Any, vocab_size: int, device: Any,
+                 token_text: Callable[[int], str] | None = None) -> None:
         import torch
 
         self.request = request
         self.params = request.params
         self.generator = torch.Generator(device=device).manual_seed(request.params.seed)
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=not request.keep_special_tokens)
+        self.constraint = request.constraint
+        # Rows that asked for logprobs keep (token, logprob, alternatives) per token; the others pay nothing.
+        self.top_logprobs = max(0, request.top_logprobs) if request.logprobs else None
+        self.token_text = token_text or (lambda token_id: tokenizer.decode([token_id]))
+        self._scored: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self._pending: tuple[int, float, list[tuple[int, float]]] | None = None
         self.text = ""
         self.streamed = 0  # characters of `text` already handed to on_text
         self.generated = 0
@@ -134,6 +172,32 @@ class _Row:
         if self.seen is not None:
             penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
+        if self.constraint is not None:
+            if self.constraint.error:
+                raise RowRefused(f"the reply's grammar failed: {self.constraint.error}")
+            logits = self.constraint.mask(logits)
+        token = self._pick(logits)
+        if self.top_logprobs is not None:
+            self._pending = self._score(logits, token)
+        return token
+
+    def _score(self, logits: Any, token: int) -> tuple[int, float, list[tuple[int, float]]]:
+        """The chosen token's logprob and the most likely alternatives (log_softmax before temperature)."""
+        import torch
+
+        logprobs = torch.log_softmax(logits, dim=-1)
+        alternatives: list[tuple[int, float]] = []
+        if self.top_logprobs:
+            top = torch.topk(logprobs, min(self.top_logprobs, logprobs.numel()))
+            alternatives = [(int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(),
+                                                                strict=True) if v != float("-inf")]
+        return token, float(logprobs[token]), alternatives
+
+    def _pick(self, logits: Any) -> int:
+        """Greedy or sampled, with this row's params and generator."""
+        import torch
+
+        p = self.params
         if not p.do_sample:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
@@ -157,8 +221,13 @@ class _Row:
             self.seen[token_id] = True
         if token_id in eos_ids:
             return self.finish("stop")
+        if self.constraint is not None and not self.constraint.consume(token_id):
+            raise RowRefused(f"the reply's grammar refused token {token_id}: {self.constraint.error}")
+        if self._pending is not None:
+            self._scored.append(self._pending)
+            self._pending = None
         self.text += self.decoder.push(token_id)
-        if self._cut_at_stop():
+        if self._cut_at_stop() or (self.constraint is not None and self.constraint.stopped):
             return self.finish("stop")
         if self.generated >= self.params.max_new_tokens:
             return self.finish("length")
@@ -177,7 +246,24 @@ class _Row:
         self.request.finish_reason = reason
         self.request.text = self.text[: self.streamed] if reason == "cancelled" else self.text
         self.request.completion_tokens = self.generated
+        if self.top_logprobs is not None:
+            self.request.token_logprobs = [
+                {**self._entry(token, logprob),
+                 "top_logprobs": [self._entry(other, value) for other, value in alternatives]}
+                for token, logprob, alternatives in self._scored]
         return True
+
+    def fail(self, error: BaseException) -> bool:
+        """End the row with an error of its own (the batch goes on)."""
+        self.request.error = error
+        self.request.finish_reason = "error"
+        self.request.text = self.text
+        self.request.completion_tokens = self.generated
+        return True
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _cut_at_stop(self) -> bool:
         """Cut the text at the first stop string in it; True if there was one."""
@@ -274,6 +360,14 @@ class TextGenerator:
         self._arriving_lock = threading.Lock()
         self._engine: threading.Thread | None = None
         self._closing = threading.Event()
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs show it (special tokens included), remembered once decoded."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def arriving(self) -> AbstractContextManager[None]:
         """Wrap the preparation of a request, so the engine waits for it when gathering a batch."""
@@ -352,7 +446,7 @@ class TextGenerator:
         """Run the prompts (left-padded) and choose each row's first token; the batch, or None if all are done."""
         import torch
 
-        rows = [_Row(request, self.tokenizer, self.vocab_size, self.device) for request in requests]
+        rows = [_Row(request, self.tokenizer, self.vocab_size, self.device, self.token_text) for request in requests]
         width = max(len(request.prompt_ids) for request in requests)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -376,8 +470,13 @@ class TextGenerator:
             if row.request.cancelled():
                 row.finish("cancelled")
                 continue
-            token = row.choose(logits[index])
-            if not row.accept(token, self.eos_ids):
+            try:
+                token = row.choose(logits[index])
+                finished = row.accept(token, self.eos_ids)
+            except RowRefused as exc:
+                logger.warning("a row of the batch stopped: %s", exc)
+                finished = row.fail(exc)
+            if not finished:
                 keep.append(index)
                 tokens.append(token)
         if not keep:

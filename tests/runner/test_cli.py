@@ -142,6 +142,18 @@ def test_max_parallel_takes_a_number_or_auto(monkeypatch):
     assert invoke("--max-parallel", "0").exit_code == 2
 
 
+def test_tool_format_comes_from_the_flag_or_the_environment(monkeypatch):
+    import runner.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli.Runner, "run", lambda self: seen.append(self.config) or 0)
+    assert invoke().exit_code == 0
+    assert invoke("--tool-format", "mistral").exit_code == 0
+    assert invoke(HELIX_RUNNER_TOOL_FORMAT="hermes").exit_code == 0
+    assert [config.tool_format for config in seen] == ["auto", "mistral", "hermes"]
+    assert invoke("--tool-format", "xml").exit_code == 2
+
+
 def _queries(api) -> list[list[tuple[str, str]]]:
     from urllib.parse import parse_qsl, urlsplit
 
