@@ -144,11 +144,14 @@ class MistralBackend(Backend):
         if request.finish_reason == "cancelled":
             report.check()  # raises TaskCancelled: the loop tells the API
         calls = read_calls(fmt, request.text, task.id) if rules.may_call else None
-        if hold is not None and not calls:
+        # A call cut short (by max_new_tokens) is neither calls nor text: the reply is empty, its finish_reason
+        # says why, and the raw call layout never reaches the user as content.
+        began_call = rules.forces_calls or (hold is not None and hold.decided == "call")
+        if hold is not None and not calls and not began_call:
             hold.flush()  # a text reply's last characters, held while they might have begun a call
         prompt_tokens = len(request.prompt_ids)
         result: dict[str, Any] = {
-            "text": "" if calls else request.text,
+            "text": "" if calls or began_call else request.text,
             "finish_reason": "tool_calls" if calls else request.finish_reason,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": request.completion_tokens,
                       "total_tokens": prompt_tokens + request.completion_tokens},

@@ -120,6 +120,15 @@ def test_required_tool_choice_gives_valid_calls_and_streams_nothing(backend, see
         assert len(result["tool_calls"]) == 1
 
 
+def test_a_call_cut_short_by_the_token_budget_is_an_empty_reply_not_its_layout(backend):
+    report = FakeReport()
+    task = text_task("What is the weather?", tools=TOOLS, tool_choice="required", seed=1, temperature=1.0,
+                     max_new_tokens=4)
+    result = backend.predict(task, report)
+    assert result["finish_reason"] == "length" and result["text"] == "" and "tool_calls" not in result
+    assert report.tokens == []
+
+
 @SEED_RUNS
 def test_a_named_tool_choice_calls_that_tool(backend, seeds):
     for seed in seeds:
