@@ -95,8 +95,7 @@ def check_schema(schema: Any, where: str, *, max_bytes: int, max_depth: int) -> 
     except ValueError as err:
         problem = str(err)
     if problem:
-        raise _invalid(where, f"uses what constrained decoding does not support: {problem[:_ERROR_CHARS]} "
-                              "(notes.md, 'Structured output and tool calls', lists what it supports).")
+        raise _invalid(where, f"uses what constrained decoding does not support: {problem[:_ERROR_CHARS]}")
 
 
 def _response_format(value: Any, *, max_bytes: int, max_depth: int) -> None:
@@ -146,10 +145,11 @@ def _tools(value: Any, *, max_bytes: int, max_depth: int) -> list[str]:
         _optional(function, "strict", bool, where, "true or false")
         parameters = function.get("parameters")
         if parameters is not None:
-            if isinstance(parameters, dict) and parameters.get("type", "object") != "object":
-                # Arguments are a JSON object (contract): a schema of anything else could never be met.
-                raise _invalid(f"{where}.parameters", f"must describe a JSON object (type object), not "
-                                                      f"{echo(parameters.get('type'))}.")
+            if isinstance(parameters, dict) and parameters.get("type") != "object":
+                # A call's arguments are a JSON object, as every client reads them: the schema says so at its
+                # top, or a model held to it (an anyOf of strings, say) could write arguments no client takes.
+                raise _invalid(f"{where}.parameters", f'must be the schema of a JSON object, with "type": "object" '
+                                                      f"at its top, not type {echo(parameters.get('type'))}.")
             check_schema(parameters, f"{where}.parameters", max_bytes=max_bytes, max_depth=max_depth)
     return names
 
@@ -184,6 +184,7 @@ def check(params: dict[str, Any], *, max_schema_bytes: int, max_schema_depth: in
     names = _tools(params.get("tools") or [], max_bytes=max_schema_bytes, max_depth=max_schema_depth)
     if params.get("tool_choice") is not None:
         _tool_choice(params["tool_choice"], names)
-    if params.get("top_logprobs") is not None and params.get("logprobs") is not True:
+    # 0 alternatives asks for nothing: OpenAI's clients may send it by default, with or without logprobs.
+    if params.get("top_logprobs") not in (None, 0) and params.get("logprobs") is not True:
         raise _invalid("top_logprobs", "needs 'logprobs': true (it says how many alternatives each token's "
                                        "log probability comes with).")

@@ -31,6 +31,7 @@ from helix_api.knowledge.retrieval import RetrievalSettings
 from helix_api.models import FINAL_INTERACTION_STATES, FINAL_TASK_STATUSES, File, InteractionState, Task, TaskStatus
 from helix_api.openai.model_ids import Model
 from helix_api.sessions import records as conversations
+from helix_api.sessions import tool_calls as stored_calls
 from helix_api.sessions.files import FileKind
 from helix_api.streaming import feed
 from helix_api.streaming.bus import NoBus, RedisBus
@@ -182,11 +183,8 @@ def finish_reason(result: dict[str, Any]) -> str:
 
 
 def tool_calls(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """A runner's `tool_calls` ([{"id", "name", "arguments"}]) in OpenAI's shape; [] when the reply made none."""
-    calls = result.get("tool_calls")
-    return [{"id": str(call.get("id") or ""), "type": "function",
-             "function": {"name": str(call.get("name") or ""), "arguments": str(call.get("arguments") or "{}")}}
-            for call in (calls if isinstance(calls, list) else []) if isinstance(call, dict)]
+    """A runner's `tool_calls` in OpenAI's shape, read as they are stored; [] when the reply made none."""
+    return [stored_calls.as_message(call) for call in stored_calls.of_result(result)]
 
 
 def _logprob(entry: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,8 @@ _CALL_ID_CHARS = _TABLE.c.call_id.type.length
 _NAME_CHARS = _TABLE.c.name.type.length
 
 
-def row(*, session_id: int, interaction_id: int, position: int, call_id: str, name: str, arguments: Any,
-        result: str | None, now: datetime) -> dict[str, Any]:
+def row(*, session_id: int | None, interaction_id: int | None, position: int, call_id: str, name: str,
+        arguments: Any, result: str | None, now: datetime | None) -> dict[str, Any]:
     """The values of one row; cut to the columns' sizes, as a runner's result is not checked like a request."""
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
@@ -30,8 +30,11 @@ def row(*, session_id: int, interaction_id: int, position: int, call_id: str, na
             "result": result, "created_at": now}
 
 
-def of_result(result: dict[str, Any], *, session_id: int, interaction_id: int, now: datetime) -> list[dict[str, Any]]:
-    """Rows of a runner's `result["tool_calls"]` ([{"id", "name", "arguments"}]); none when it has none."""
+def of_result(result: dict[str, Any], *, session_id: int | None = None, interaction_id: int | None = None,
+              now: datetime | None = None) -> list[dict[str, Any]]:
+    """Rows of a runner's `result["tool_calls"]` ([{"id", "name", "arguments"}]); none when it has none.
+
+    The one reading of a result's calls: what is stored and what /v1 answers are the same."""
     calls = result.get("tool_calls")
     if not isinstance(calls, list):
         return []
@@ -52,5 +55,9 @@ def as_json(call: Any) -> dict[str, Any]:
 
 
 def as_message(call: Any) -> dict[str, Any]:
-    """A stored call as an assistant message's `tool_calls` item (OpenAI's shape, the task input's too)."""
+    """A stored call (a row, or `row()`'s values) as an assistant message's `tool_calls` item (OpenAI's shape,
+    the task input's too)."""
+    if isinstance(call, dict):
+        return {"id": call["call_id"], "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}
     return {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

@@ -25,6 +25,9 @@ from helix_api.tasks import files as task_files
 from helix_api.tasks.claims import ClaimRule, Kind
 from helix_api.validation import field, json_body, parse_mode, parse_type, query, query_number, values
 
+# A completed task's result (over the app's 1 MiB cap for any other body): only runners send it.
+MAX_RESULT_BYTES = 16 * 1024 * 1024
+
 bp = Blueprint("worker", __name__, url_prefix="/api/v1/worker")
 
 MAX_EVENTS_PER_POST = schemas.MAX_EVENTS_PER_POST
@@ -212,6 +215,8 @@ def post_events_many():
 @require_runner
 def complete(task_id: int):
     """Store the result, and the events the runner had not posted yet; with `claim_next`, claim its next task."""
+    # A reply's log probabilities travel in its result: 4,096 tokens with 20 alternatives each are ~8 MB.
+    request.max_content_length = MAX_RESULT_BYTES
     body = json_body(schemas.Complete)
     claim_next = bool(body.get("claim_next"))
     claimed = services().scheduler.complete(task_id, body["lease_token"], body["result"], body.get("events") or [],

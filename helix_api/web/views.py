@@ -114,14 +114,9 @@ def new_finetune():
     return redirect(url_for("web.session_page", session_id=created["id"]))
 
 
-def _shown(session_id: int) -> dict[str, Any]:
-    """One of the caller's sessions as JSON, each interaction with its tool calls."""
-    return actions.shown(services(), g.caller.id, session_id)
-
-
 def _render_session(session_id: int, *, form: dict | None = None, errors: dict | None = None, status: int = 200):
     svc = services()
-    session = _shown(session_id)
+    session = actions.shown(services(), g.caller.id, session_id)
     last = session["interactions"][-1] if session.get("interactions") else None
     live = last if last and last["creator"] == "assistant" and last["state"] in OPEN_INTERACTION_STATES else None
     # The page replays its open reply from the start (see events.before_first).
@@ -183,7 +178,7 @@ def session_events(session_id: int):
 @signed_in_feed
 def session_state(session_id: int) -> dict[str, Any]:
     """The session as JSON, for the page's script: its place in the queue, the finished reply and its tool calls."""
-    return _shown(session_id)
+    return actions.shown(services(), g.caller.id, session_id)
 
 
 @bp.get("/sessions/<int:session_id>/files/<int:file_id>")

@@ -20,7 +20,6 @@ with plain torch ops: llguidance.torch's helper is torch.compile'd and costs ~20
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -102,17 +101,15 @@ def _json_schema(schema: Mapping[str, Any]) -> str:
     return json.dumps(shaped, ensure_ascii=False)
 
 
-def call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
-    """The schema of one call of `function`: `{"name": <its name>, "arguments": <its parameters>}`."""
-    arguments = copy.deepcopy(dict(function.get("parameters") or {"type": "object"}))
-    wrapper: dict[str, Any] = {}
-    # References such as #/$defs/x point at the root of `parameters`: hoist what they name to the call's root.
-    for key in ("$defs", "definitions"):
-        if key in arguments:
-            wrapper[key] = arguments.pop(key)
-    wrapper.update({"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": arguments},
-                    "required": ["name", "arguments"], "additionalProperties": False})
-    return wrapper
+def call_rule(function: Mapping[str, Any], rule: str) -> list[str]:
+    """Lark rules for one call of `function`: `{"name":"<its name>","arguments":<its parameters>}` (compact).
+
+    The arguments are a `%json` of their own, so `parameters` stays the root of its schema: its `$ref`s
+    (`#/$defs/...`, `#/properties/...`, `#`) mean what they mean to the API, which checks it alone.
+    """
+    arguments = dict(function.get("parameters") or {"type": "object"})
+    opening = json.dumps('{"name":' + json.dumps(function["name"]) + ',"arguments":')
+    return [f'{rule}: {opening} {rule}_arguments "}}"', f"{rule}_arguments: %json {_json_schema(arguments)}"]
 
 
 def reply_grammar(rules: ReplyRules, fmt: ToolFormat) -> str | None:
@@ -127,7 +124,8 @@ def reply_grammar(rules: ReplyRules, fmt: ToolFormat) -> str | None:
     functions = [f for f in rules.tools if rules.tool_choice != "function" or f["name"] == rules.tool_name]
     lines = [fmt.calls_rule("call", rules.parallel),
              "call: " + " | ".join(f"call_{index}" for index in range(len(functions)))]
-    lines += [f"call_{index}: %json {_json_schema(call_schema(f))}" for index, f in enumerate(functions)]
+    for index, function in enumerate(functions):
+        lines += call_rule(function, f"call_{index}")
     if rules.forces_calls:
         start = "start: calls"
     elif json_reply:

@@ -134,8 +134,10 @@ class IncrementalDecoder:
         return ""
 
 
-class RowRefused(RuntimeError):
-    """A row's constraint refused its token or allows none: that row fails, the batch goes on."""
+class RowRefused(BadTaskInput):
+    """A row's constraint refused its token or allows none: that row fails, the batch goes on.
+
+    The task's own grammar is at fault and a retry (same seed, same grammar) would fail the same way: no retry."""
 
 
 class _Row:
@@ -176,6 +178,8 @@ class _Row:
             if self.constraint.error:
                 raise RowRefused(f"the reply's grammar failed: {self.constraint.error}")
             logits = self.constraint.mask(logits)
+            if self.constraint.error:  # a matcher that failed while masking allows only the end token
+                raise RowRefused(f"the reply's grammar failed: {self.constraint.error}")
         token = self._pick(logits)
         if self.top_logprobs is not None:
             self._pending = self._score(logits, token)

@@ -17,9 +17,11 @@ that insist on alternating roles need).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "hermes", "mistral")
 MISTRAL_MARKER = "[TOOL_CALLS]"
+_ID_CHARS = string.ascii_letters + string.digits
 
 DEFAULT_INSTRUCTIONS = (
     "You may call one or more functions to assist with the user query. You are provided with function "
@@ -226,17 +229,30 @@ def _arguments(text: Any) -> Any:
     return text
 
 
+def template_id(call_id: Any) -> str:
+    """A call id as chat templates take it: 9 letters and digits, the same for the same id.
+
+    Mistral's templates refuse any other id ("Tool call IDs should be alphanumeric strings with length 9"),
+    and neither OpenAI's ids nor Helix's (`call_<task>_<n>`) are; the model never sees more than a handle.
+    """
+    digest = hashlib.sha256(str(call_id).encode()).digest()
+    return "".join(_ID_CHARS[byte % len(_ID_CHARS)] for byte in digest[:9])
+
+
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """History in transformers' chat-template shape: assistant tool_calls with arguments as objects."""
+    """History in transformers' chat-template shape: assistant tool_calls with arguments as objects, call ids
+    (and the tool messages' ids of them) as templates take them."""
     shaped = []
     for message in messages:
         message = dict(message)
         if message.get("tool_calls"):
             message["tool_calls"] = [
-                {"type": "function", "id": call.get("id"),
+                {"type": "function", "id": template_id(call.get("id")),
                  "function": {"name": call["function"]["name"],
                               "arguments": _arguments(call["function"].get("arguments", "{}"))}}
                 for call in message["tool_calls"]]
+        if message.get("tool_call_id"):
+            message["tool_call_id"] = template_id(message["tool_call_id"])
         shaped.append(message)
     return shaped
 

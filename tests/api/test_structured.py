@@ -97,6 +97,8 @@ BAD = [
     ({"tools": [{"type": "retrieval", "function": TOOL["function"]}]}, "tools[0].type"),
     (with_tool({"name": "f", "parameters": {"type": "array", "uniqueItems": True}}), "tools[0].function.parameters"),
     (with_tool({"name": "f", "parameters": {"type": "string"}}), "tools[0].function.parameters"),
+    # Arguments are an object, said at the schema's top: an anyOf of strings would let a model write others.
+    (with_tool({"name": "f", "parameters": {"anyOf": [{"type": "string"}]}}), "tools[0].function.parameters"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
@@ -171,6 +173,11 @@ def test_the_native_api_stores_the_params_and_checks_them_when_a_session_continu
     assert taken.status_code == 201, taken.json
 
 
+def test_top_logprobs_0_asks_for_nothing_with_or_without_logprobs(client, user, db):
+    for params in ({"top_logprobs": 0}, {"logprobs": False, "top_logprobs": 0}):
+        assert start(client, user, params).status_code == 201
+
+
 def test_v1_stores_the_params_as_sent(client, user, db, fake):
     body = {"response_format": SCHEMA_FORMAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {
         "name": "get_weather"}}, "parallel_tool_calls": True, "logprobs": True, "top_logprobs": 1}
@@ -212,6 +219,16 @@ def test_a_reply_that_calls_tools_is_openais_message_with_tool_calls_and_logprob
     assert [i["tool_calls"] for i in shown["interactions"]] == [[], [
         {"id": "call_1_0", "name": "get_weather", "arguments": CALL["arguments"], "result": None},
         {"id": "call_1_1", "name": "get_weather", "arguments": CALL["arguments"], "result": None}]]
+
+
+def test_a_result_with_many_logprobs_is_taken_past_the_bodies_1_mib_cap(client, user, fake):
+    # 1,200 tokens with 20 alternatives each: about 1.4 MB of JSON, over the cap of every other request body.
+    many = [{**LOGPROBS[0], "top_logprobs": LOGPROBS[0]["top_logprobs"] * 10} for _ in range(1200)]
+    with in_background(lambda: complete(fake, {"text": "Hi" * 1200, "logprobs": many})):
+        response = client.post(CHAT, headers=user, json={"model": TEXT_MODEL, "messages": HELLO, "logprobs": True,
+                                                         "top_logprobs": 20})
+    assert response.status_code == 200, response.json
+    assert len(response.json["choices"][0]["logprobs"]["content"]) == 1200
 
 
 def test_logprobs_are_null_unless_asked_and_text_with_calls_keeps_its_content(client, user, fake):

@@ -193,7 +193,8 @@ def test_a_refused_token_fails_that_row_only(backend):
     refused = GenerationRequest(prompt_ids=prompt, params=params, constraint=_Refusing())
     fine = GenerationRequest(prompt_ids=prompt, params=params)
     backend.generator.run_batch([refused, fine])
-    assert isinstance(refused.error, RuntimeError) and "refused" in str(refused.error)
+    # The task's own grammar is at fault: BadTaskInput, so the task fails once and is not retried.
+    assert isinstance(refused.error, BadTaskInput) and "refused" in str(refused.error)
     assert fine.error is None and fine.finish_reason in ("stop", "length")
 
 
@@ -313,3 +314,17 @@ def test_a_mistral_marker_that_is_a_special_token_is_named_by_id(tiny_mistral):
     text = tokenizer.decode(ids, skip_special_tokens=False).replace("<pad>", "[TOOL_CALLS]")
     assert [(c.name, c.arguments) for c in read_calls(Mistral(marker), text, 1)] == [
         ("get_time", '{"zone":"UTC"}'), ("get_time", '{"zone":"CET"}')]
+
+
+def test_a_tools_refs_resolve_against_its_own_parameters(backend):
+    # `#/properties/city` and `#` name parts of the tool's parameters, as the API checked them alone.
+    tool = {"type": "function", "function": {"name": "route", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["city", "via"],
+        "properties": {"city": {"type": "string", "maxLength": 8},
+                       "via": {"type": "array", "maxItems": 2, "items": {"$ref": "#/properties/city"}}}}}}
+    report = FakeReport()
+    task = text_task("Route me.", tools=[tool], tool_choice="required", parallel_tool_calls=False, seed=2,
+                     temperature=1.0, max_new_tokens=200)
+    result = backend.predict(task, report)
+    [call] = result["tool_calls"]
+    jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])

@@ -158,3 +158,15 @@ def test_hold_back_holds_a_marker_prefix_until_the_end_then_streams_it():
 def test_hold_back_streams_plain_text_at_once():
     _, streamed = feed(["Hello", " world"])
     assert streamed == ["Hello", " world"]
+
+
+def test_call_ids_reach_a_template_as_nine_letters_and_digits_the_same_for_call_and_result():
+    from runner.backends.tool_calls import template_messages
+
+    shaped = template_messages([
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_12_0", "type": "function",
+                                                             "function": {"name": "f", "arguments": '{"a":1}'}}]},
+        {"role": "tool", "tool_call_id": "call_12_0", "content": "done"}])
+    call_id = shaped[0]["tool_calls"][0]["id"]
+    assert len(call_id) == 9 and call_id.isalnum() and shaped[1]["tool_call_id"] == call_id
+    assert shaped[0]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
