@@ -17,11 +17,11 @@ import llguidance
 from jsonschema import Draft202012Validator, SchemaError
 
 from helix_api.errors import InvalidField, echo
+from helix_api.vocabulary import TOOL_CHOICES
 
 # The params this module checks (params.check_params hands them over once their types are right).
 NAMES = frozenset({"response_format", "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs"})
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-TOOL_CHOICES = ("none", "auto", "required")
 # OpenAI's rule for function and schema names; it also keeps a name safe inside the runner's grammars.
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # OpenAI's own cap: every tool's definition goes into the prompt, so hundreds would crowd out the chat.

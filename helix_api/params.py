@@ -19,6 +19,7 @@ from helix_api import constraints
 from helix_api.errors import InvalidField, echo
 from helix_api.models import Mode, SessionType
 from helix_api.schemas.base import INT64_MAX, json_problem
+from helix_api.vocabulary import TOOL_CHOICES
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ _RESPONSE_FORMAT = Annotated[dict[str, Any], Field(description=(
 _TOOLS = Annotated[list[dict[str, Any]], Field(description=(
     'a list of {"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}'),
     strict=True)]
-_TOOL_CHOICE = Annotated[Literal[constraints.TOOL_CHOICES] | dict[str, Any], Field(description=(
+_TOOL_CHOICE = Annotated[Literal[TOOL_CHOICES] | dict[str, Any], Field(description=(
     'none, auto, required or {"type": "function", "function": {"name": ...}}'))]
 
 

@@ -91,3 +91,5 @@ BILLED_ATTEMPT_ENDS = frozenset({AttemptEnd.COMPLETE, AttemptEnd.CANCELLED})
 
 # The `response_format` types that ask for a JSON reply (OpenAI's words; params.py checks the whole shape).
 JSON_RESPONSE_FORMATS = frozenset({"json_object", "json_schema"})
+# The words of `tool_choice` (besides naming one function), for the API's checks and `helix chat --tool-choice`.
+TOOL_CHOICES = ("none", "auto", "required")

@@ -14,9 +14,8 @@ from typing import Any
 
 import click
 
-from helix_api.vocabulary import JSON_RESPONSE_FORMATS
+from helix_api.vocabulary import JSON_RESPONSE_FORMATS, TOOL_CHOICES
 
-TOOL_CHOICES = ("none", "auto", "required")
 _TOOL_SHAPE = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'
 # OpenAI's rule for a schema's name: what a file's stem becomes once other characters are replaced.
 _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]")
@@ -101,8 +100,10 @@ def asks_for_json(params: Mapping[str, Any] | None) -> bool:
     return isinstance(response_format, Mapping) and response_format.get("type") in JSON_RESPONSE_FORMATS
 
 
-def pretty_json(text: str) -> str:
+def pretty_json(text: str | None) -> str:
     """JSON text indented for reading; text that does not parse (a reply cut short, say) as it is."""
+    if not text:
+        return text or ""
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except ValueError:

@@ -23,7 +23,7 @@ from helix_api.openai import completions, model_ids
 from helix_api.params import check_params
 from helix_api.schemas import openai as schemas
 from helix_api.services import services
-from helix_api.sessions import actions
+from helix_api.sessions import actions, tool_calls
 from helix_api.validation import field, json_body, query
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -33,8 +33,6 @@ _URL_SALT = "helix.v1.file-content"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # What a message of a role may carry beside role, content and name: an assistant's calls, a tool result's call.
 _ROLE_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}
-# tool_calls.call_id is VARCHAR(64); OpenAI's own ids are far shorter.
-_CALL_ID_CHARS = 64
 
 # Fields OpenAI's clients send that Helix cannot honour: accepted when their value asks for nothing
 # (what the clients send by default), otherwise a 400 that says so rather than silently ignored.
@@ -134,9 +132,9 @@ def _tool_calls(value: Any, where: str, seen: set[str]) -> list[dict[str, Any]]:
                 or not isinstance(call.get("function"), dict)):
             raise InvalidField(f"{at} must be {shape}.", field=at)
         call_id, function = call.get("id"), call["function"]
-        if not isinstance(call_id, str) or not 0 < len(call_id) <= _CALL_ID_CHARS or call_id in seen:
-            raise InvalidField(f"{at}.id must be a string of 1 to {_CALL_ID_CHARS} characters that no other call "
-                               f"of the chat has, not {echo(call_id)}.", field=f"{at}.id")
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= tool_calls.CALL_ID_CHARS or call_id in seen:
+            raise InvalidField(f"{at}.id must be a string of 1 to {tool_calls.CALL_ID_CHARS} characters that no "
+                               f"other call of the chat has, not {echo(call_id)}.", field=f"{at}.id")
         name = function.get("name")
         if not isinstance(name, str) or not constraints.NAME.match(name):
             raise InvalidField(f"{at}.function.name must be a function name (^[a-zA-Z0-9_-]{{1,64}}$), not "

@@ -16,7 +16,7 @@ from helix_api.models import ToolCall
 
 _TABLE = ToolCall.__table__
 _INSERT = insert(_TABLE)
-_CALL_ID_CHARS = _TABLE.c.call_id.type.length
+CALL_ID_CHARS = _TABLE.c.call_id.type.length  # the longest call id a chat may carry
 _NAME_CHARS = _TABLE.c.name.type.length
 
 
@@ -26,7 +26,7 @@ def row(*, session_id: int | None, interaction_id: int | None, position: int, ca
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
     return {"session_id": session_id, "interaction_id": interaction_id, "position": position,
-            "call_id": str(call_id)[:_CALL_ID_CHARS], "name": str(name)[:_NAME_CHARS], "arguments": arguments,
+            "call_id": str(call_id)[:CALL_ID_CHARS], "name": str(name)[:_NAME_CHARS], "arguments": arguments,
             "result": result, "created_at": now}
 
 
